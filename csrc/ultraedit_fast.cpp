@@ -392,9 +392,65 @@ void rank_update_cpu(const at::Tensor& w, const at::Tensor& a, const at::Tensor&
   });
 }
 
+// ================================================================== all_finite
+// Whether every element of w is finite: one read pass over the raw bits (an
+// all-ones exponent field is Inf or NaN), OR-reduced in a loop GCC vectorises,
+// rows in parallel.  torch.isfinite(w).all() writes a bool tensor of w's size
+// first: at 4096 x 14336 fp32 on one thread it measured 290 ms.
+template <typename U>
+UEF_CLONES int any_all_ones_exponent(const U* p, int64_t n, U mask) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= static_cast<int>((p[i] & mask) == mask);
+  return bad;
+}
+
+template <typename U>
+bool all_finite_rows(const at::Tensor& w, U mask) {
+  const auto* p = static_cast<const U*>(w.data_ptr());
+  const int64_t rows = w.dim() == 2 ? w.size(0) : 1;
+  const int64_t cols = w.dim() == 2 ? w.size(1) : w.numel();
+  const int64_t rs = w.dim() == 2 ? w.stride(0) : 0;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1));
+  const int bad = at::parallel_reduce(
+      0, rows, grain, 0,
+      [&](int64_t begin, int64_t end, int acc) {
+        for (int64_t r = begin; r < end && !acc; ++r)
+          acc |= any_all_ones_exponent<U>(p + r * rs, cols, mask);
+        return acc;
+      },
+      [](int x, int y) { return x | y; });
+  return bad == 0;
+}
+
+at::Tensor all_finite_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu(), "ultraedit_fast::all_finite: w must be a CPU tensor, got ",
+              w.device());
+  const bool flat = w.is_contiguous();
+  const bool rows = w.dim() == 2 && w.stride(1) == 1;
+  if (w.numel() == 0) return at::scalar_tensor(true, w.options().dtype(at::kBool));
+  if (!(flat || rows)) return at::isfinite(w).all();
+  const at::Tensor v = (flat && w.dim() != 2) ? w.reshape({-1}) : w;
+  bool ok;
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      ok = all_finite_rows<uint32_t>(v, 0x7F800000u);
+      break;
+    case at::kBFloat16:
+      ok = all_finite_rows<uint16_t>(v, static_cast<uint16_t>(0x7F80u));
+      break;
+    case at::kHalf:
+      ok = all_finite_rows<uint16_t>(v, static_cast<uint16_t>(0x7C00u));
+      break;
+    default:
+      return at::isfinite(w).all();
+  }
+  return at::scalar_tensor(ok, w.options().dtype(at::kBool));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ultraedit_fast, CPU, m) {
+  m.impl("all_finite", &all_finite_cpu);
   m.impl("normalizer_update_", &normalizer_update_cpu);
   m.impl("shift_values", &shift_values_cpu);
   m.impl("rank_update_", &rank_update_cpu);

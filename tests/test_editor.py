@@ -1,4 +1,6 @@
 """Behaviour of a fast turn: what it touches, what it leaves alone, and atomicity."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -159,8 +161,7 @@ def test_failure_while_writing_weights_restores_every_weight(toy_tokenizer, monk
         backend.rank_update_(w, a, k, transposed)
 
     monkeypatch.setitem(ed.backends, torch.device("cpu"),
-                        type(backend)(backend.name, backend.normalizer_update_,
-                                      backend.shift_values, flaky))
+                        dataclasses.replace(backend, rank_update_=flaky))
     with pytest.raises(RuntimeError, match="device fault"):
         ed.edit(random_requests(5, seed=4))
     assert len(calls) == 3  # two modules had been written, then restored
@@ -289,12 +290,23 @@ def test_bad_arguments_are_refused_at_construction(toy_tokenizer):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi3", "gptj", "gpt2"])
 def test_answer_logits_equal_the_full_forward_at_answer_tokens(arch, toy_tokenizer):
-    from ultraedit_fast.forward import _split, answer_logits
+    from ultraedit_fast.forward import _last_mlp, _split, answer_logits
     model, _ = make_tiny(arch)
     assert _split(model) is not None  # the rows-only path is the one tested
     batch = make_minibatches(toy_tokenizer, random_requests(6), batch_size=6)[0]
     mask = batch.labels != IGNORE
+    mlp = _last_mlp(_split(model)[0])
+    seen = []
+    h = mlp.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
     with torch.no_grad():
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[mask]
+        assert seen[-1][:2] == tuple(mask.shape)
         rows = answer_logits(model, batch.input_ids, batch.attention_mask, mask)
+        assert seen[-1][:2] == (1, int(mask.sum()))  # the last MLP ran on answer rows only
+    h.remove()
+    assert mask.sum() < mask.numel() / 2
     torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-5)
+    # the hooks are gone: a plain forward runs every row again
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks

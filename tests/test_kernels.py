@@ -465,6 +465,47 @@ def test_clear_errors(name, device):
                               [torch.ones(2, 4, **f)], [torch.ones(2, 6, **f)], 0)
 
 
+# --------------------------------------------------------------------------- all_finite
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7, 333), (4099, 576), (3, 5, 7)], ids=str)
+@pytest.mark.parametrize("name,device", BACKENDS + [_param("torch", "cpu")])
+def test_all_finite(name, device, shape, dtype):
+    be = _backend(name, device)
+    gen = _gen("all_finite", name, shape, dtype)
+    fin = torch.finfo(dtype)
+    w = _rand(shape, gen, dtype=dtype, device=device)
+    flat = w.view(-1)
+    flat[0], flat[-1] = fin.max, -fin.max  # extremes, subnormals: finite
+    if flat.numel() > 2:
+        flat[1] = fin.smallest_normal / 4
+    views = {"whole": lambda x: x}
+    if w.dim() == 2:
+        views.update(transposed=lambda x: x.t(), columns=lambda x: x[:, 1:-1],
+                     rows=lambda x: x[1:])
+    for view_name, view in views.items():
+        v = view(w)
+        assert bool(be.all_finite(v)) is True, view_name
+        n = v.numel()
+        picks = {0, n - 1} | {int(i) for i in torch.randint(0, n, (3,), generator=gen)}
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            for i in sorted(picks):
+                x = w.clone()
+                vx = view(x)
+                idx = torch.unravel_index(torch.tensor(i), vx.shape)
+                vx[idx] = bad
+                got = be.all_finite(vx)
+                assert got.dtype == torch.bool and got.dim() == 0 and got.device == w.device
+                assert bool(got) is False, (view_name, bad, i)
+    if w.dim() == 2:  # a non-finite element outside a view is not the view's
+        x = w.clone()
+        x[0, 0] = float("nan")
+        x[-1, -1] = float("inf")
+        assert bool(be.all_finite(x[1:, 1:-1])) is True
+        assert bool(be.all_finite(x)) is False
+    empty = w.new_empty((0, 5))
+    assert bool(be.all_finite(empty)) is True
+
+
 # --------------------------------------------------------------------------- op registration
 def _opcheck_args(device):
     gen = _gen("opcheck", device)
@@ -479,6 +520,7 @@ def _opcheck_args(device):
         "rank_update_": (_rand((d_out, d_in), gen, dtype=torch.bfloat16, device=device),
                          _rand((N, d_out), gen, device=device), _rand((N, d_in), gen,
                                                                       device=device), False),
+        "all_finite": (_rand((d_out, d_in), gen, dtype=torch.float16, device=device),),
     }
 
 
@@ -487,7 +529,7 @@ def _opcheck(op, device):
                           _opcheck_args(device)[op])
 
 
-@pytest.mark.parametrize("op", ops.OP_NAMES)
+@pytest.mark.parametrize("op", ops.OP_NAMES + ["all_finite"])
 def test_opcheck_cpu(op):
     """On CPU tensors opcheck exercises the C++ kernel (the default one if it is not built)."""
     _opcheck(op, "cpu")

@@ -13,8 +13,9 @@ def _rel(a, b):
 
 
 def _run_both(arch, toy_tokenizer, turns=3, backend="torch", share=True, batch_size=4, seed=0,
-              sizes=(11, 6, 17)):
-    model, modules = make_tiny(arch, seed=seed)
+              sizes=(11, 6, 17), modules=None):
+    model, default_modules = make_tiny(arch, seed=seed)
+    modules = modules or default_modules
     ref_model = clone_model(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR, batch_size=batch_size,
@@ -52,6 +53,33 @@ def _check(model, ref_model, before, modules, fast, ref, tol=1e-4):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_matches_reference_three_turns(arch, toy_tokenizer):
     _check(*_run_both(arch, toy_tokenizer))
+
+
+# Modules of the last decoder block's MLP, which the fast forward runs on answer rows only
+# (forward.rows_only_modules), with one module of a lower block.
+_LAST_BLOCK = {
+    "llama": ["model.layers.1.mlp.up_proj", "model.layers.3.mlp.up_proj",
+              "model.layers.3.mlp.down_proj"],
+    "mistral": ["model.layers.3.mlp.gate_proj", "model.layers.3.mlp.down_proj"],
+    "qwen2": ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.gate_proj",
+              "model.layers.3.mlp.up_proj"],
+    "gemma": ["model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"],
+    "phi3": ["model.layers.1.mlp.down_proj", "model.layers.3.mlp.gate_up_proj",
+             "model.layers.3.mlp.down_proj"],
+    "gptj": ["transformer.h.2.mlp.fc_out", "transformer.h.3.mlp.fc_in",
+             "transformer.h.3.mlp.fc_out"],
+    "gpt2": ["transformer.h.3.mlp.c_fc", "transformer.h.3.mlp.c_proj"],
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_matches_reference_editing_the_last_block(arch, toy_tokenizer):
+    from ultraedit_fast.forward import rows_only_modules
+    model, _ = make_tiny(arch)
+    rows_only = rows_only_modules(model)
+    inside = [n for n in _LAST_BLOCK[arch] if model.get_submodule(n) in rows_only]
+    assert inside and len(inside) >= len(_LAST_BLOCK[arch]) - 1  # the path under test runs
+    _check(*_run_both(arch, toy_tokenizer, modules=_LAST_BLOCK[arch]))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -91,7 +91,7 @@ def child_env():
 # ----------------------------------------------------------------------------- round trip
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_save_load_round_trip(arch, tmp_path):
-    model, ed = run_turns(arch, 2, undo=True)
+    model, ed = run_turns(arch, 2, undo=True, tokens_per_pass=512)
     path = ed.save(tmp_path / "ckpt")
     assert os.path.basename(path) == "manifest.json"
     files = sorted(f for f in os.listdir(tmp_path / "ckpt") if not f.startswith("."))
@@ -104,6 +104,7 @@ def test_save_load_round_trip(arch, tmp_path):
 
     ed2 = UltraEditor.load(tmp_path / "ckpt", model, ToyTokenizer())
     assert ed2.turns == 2 and ed2.lr == ed.lr and ed2.batch_size == ed.batch_size
+    assert ed2.tokens_per_pass == ed.tokens_per_pass == 512
     assert ed2.module_names == ed.module_names and ed2.undo is True
     assert_states(ed2.normalizers, ed.normalizers)
     assert ed2.undo_turns == 2
@@ -482,9 +483,9 @@ def test_checkpoint_of_another_model_is_refused(saved):
 def test_load_overrides(saved):
     model, path = saved
     ed = UltraEditor.load(path, model, ToyTokenizer(), lr=3e-4, batch_size=2, undo=False,
-                          backend="torch", transactional=False)
-    assert (ed.lr, ed.batch_size, ed.undo, ed.backend, ed.transactional) == \
-        (3e-4, 2, False, "torch", False)
+                          backend="torch", transactional=False, tokens_per_pass=0)
+    assert (ed.lr, ed.batch_size, ed.undo, ed.backend, ed.transactional, ed.tokens_per_pass) \
+        == (3e-4, 2, False, "torch", False, 0)
     assert ed.undo_turns == 0
     with pytest.raises(ValueError, match="modules: fixed by the checkpoint"):
         UltraEditor.load(path, model, ToyTokenizer(), modules=["model.layers.1.mlp.up_proj"])

@@ -22,23 +22,25 @@ ENV_VAR = "ULTRAEDIT_FAST_BACKEND"
 
 @dataclass(frozen=True)
 class Backend:
-    """Kernels for the three hot steps; signatures as in :mod:`ultraedit_fast.ops`."""
+    """Kernels for the three hot steps, and the finiteness check of shifted weights;
+    signatures as in :mod:`ultraedit_fast.ops`."""
 
     name: str
     normalizer_update_: Callable
     shift_values: Callable
     rank_update_: Callable
+    all_finite: Callable
 
 
 def _torch_backend() -> Backend:
     return Backend("torch", ops.normalizer_update_default, ops.shift_values_default,
-                   ops.rank_update_default)
+                   ops.rank_update_default, ops.all_finite_default)
 
 
 def _compiled_backend(name: str, key: str) -> Backend:
     t = torch.ops.ultraedit_fast
     return Backend(name, t.normalizer_update_.default, t.shift_values.default,
-                   t.rank_update_.default)
+                   t.rank_update_.default, t.all_finite.default)
 
 
 def _triton_available(device: torch.device) -> Optional[str]:
@@ -56,7 +58,9 @@ def _triton_available(device: torch.device) -> Optional[str]:
 
 def _triton_backend() -> Backend:
     from . import triton_kernels as tk
-    return Backend("triton", tk.normalizer_update_, tk.shift_values, tk.rank_update_)
+    # the finiteness check: torch's on CUDA (one fused reduction; bandwidth-bound)
+    return Backend("triton", tk.normalizer_update_, tk.shift_values, tk.rank_update_,
+                   ops.all_finite_default)
 
 
 def _missing(name: str, device: torch.device) -> Optional[str]:

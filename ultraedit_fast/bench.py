@@ -20,7 +20,9 @@ a machine shared with other work slows both alike):
     One turn of 100 edits end to end, split by phase (``EditReport.seconds``), beside its
     *floor*: one forward and backward of the same mini-batches where the backward stops
     at the output of the lowest edited module (made a leaf that requires grad; no
-    parameter requires grad). Every editor must at least do this; the rest is overhead.
+    parameter requires grad), through the model's own full forward. The fast editor
+    runs below it by computing less of the same passes (:mod:`ultraedit_fast.forward`:
+    the output layer and the last block's MLP at answer rows only; mini-batches packed).
 ``lifelong``
     ``T`` turns of 100 edits: per-turn time over turns (it must stay flat); the reference
     runs a few turns, and its ``T``-turn time is extrapolated from them (stated in the
@@ -966,6 +968,7 @@ class Settings:
     slow_s: float
     impl_budget_s: float
     deadline: Optional[float]
+    tokens_per_pass: Optional[int] = None  # None: the editor's default
 
     @property
     def dtype(self):
@@ -1021,11 +1024,18 @@ def case_steps(s: Settings, log=print) -> List[Dict[str, Any]]:
     return out
 
 
-def _editors(mc: ModelCase, backend: Optional[str]):
+def _supports_packing(model) -> bool:
+    from .forward import supports_packing
+    return supports_packing(model)
+
+
+def _editors(mc: ModelCase, backend: Optional[str], tokens_per_pass: Optional[int] = None):
     from .editor import UltraEditor
     from .reference import ReferenceEditor
     gc.collect()  # the previous case's editors of this model, so that only one is live
-    fast = UltraEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr, backend=backend)
+    kw = {} if tokens_per_pass is None else {"tokens_per_pass": tokens_per_pass}
+    fast = UltraEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr, backend=backend,
+                       **kw)
     ref = ReferenceEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr)
     return fast, ref
 
@@ -1050,7 +1060,7 @@ class WeightKeeper:
 
 def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print
                     ) -> Dict[str, Any]:
-    fast, ref = _editors(mc, s.backend)
+    fast, ref = _editors(mc, s.backend, s.tokens_per_pass)
     modules = list(fast.module_names)
     keeper = WeightKeeper(mc.model, modules)
     requests = mc.requests(0, n=s.edits, seed=s.seed)
@@ -1094,6 +1104,8 @@ def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, 
         "modules": modules, "lr": fast.lr, "backend": fast.backend,
         "n_requests": len(requests), "n_tokens": n_tokens,
         "transactional": fast.transactional,
+        "tokens_per_pass": fast.tokens_per_pass,
+        "packed": bool(fast.tokens_per_pass) and _supports_packing(mc.model),
         "dtype": str(next(mc.model.parameters()).dtype).replace("torch.", ""),
         "weights_bytes": mc.weights_bytes,
         "fast": summ["fast"], "reference": summ["reference"],
@@ -1248,7 +1260,7 @@ def case_lifelong(s: Settings, pool: ModelPool, log=print) -> Dict[str, Any]:
         mc = pool.get(s.lifelong_model)
     except Exception as e:  # noqa: BLE001
         return {"model": s.lifelong_model, "skipped": f"{type(e).__name__}: {e}"}
-    fast, ref = _editors(mc, s.backend)
+    fast, ref = _editors(mc, s.backend, s.tokens_per_pass)
     keeper = WeightKeeper(mc.model, fast.module_names)
     res: Dict[str, Any] = {"model": mc.name, "description": mc.description, "data": mc.data,
                            "modules": list(fast.module_names), "lr": fast.lr,
@@ -1710,7 +1722,7 @@ def settings_from_args(args) -> Settings:
                     models=models, lifelong_model=life, memory_models=memm,
                     step_shapes=list(shapes), backend=args.backend, seed=args.seed,
                     edits=args.edits_per_turn, slow_s=args.slow_s, impl_budget_s=args.impl_budget,
-                    deadline=deadline)
+                    deadline=deadline, tokens_per_pass=args.tokens_per_pass)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1744,6 +1756,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole benchmark; later cases are cut short")
     p.add_argument("--backend", default=None, help="the fast editor's backend (auto)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens-per-pass", type=int, default=None,
+                   help="the fast editor's tokens_per_pass (default: the editor's; 0: one "
+                        "padded mini-batch per pass, as the reference)")
     p.add_argument("--edits-per-turn", type=int, default=EDITS_PER_TURN, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
@@ -1789,6 +1804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "ref_turns": s.ref_turns, "models": s.models,
                      "lifelong_model": s.lifelong_model, "memory_models": s.memory_models,
                      "backend": s.backend or "auto", "seed": s.seed, "slow_s": s.slow_s,
+                     "tokens_per_pass": s.tokens_per_pass,
                      "edits_per_turn": s.edits, "threads": torch.get_num_threads(),
                      "impl_budget_s": s.impl_budget_s, "time_budget_s": args.time_budget,
                      "argv": list(argv) if argv is not None else sys.argv[1:]},

@@ -24,6 +24,11 @@ Ops (all state in float32):
     (GPT-2 ``Conv1D``, ``w``: ``d_in x d_out``); ``a``: ``N x d_out`` fp32, ``k``:
     ``N x d_in`` fp32.  Accumulates in fp32 and rounds once into ``w``'s dtype,
     tile by tile: no temporary of ``w``'s size.
+``all_finite(w) -> Tensor``
+    A 0-dim bool tensor on ``w``'s device: whether every element of ``w`` is finite
+    (the check of shifted fp16/bf16 weights in a transactional turn). The CPU kernel
+    reads ``w`` once and allocates nothing of its size; elsewhere the default,
+    ``torch.isfinite(w).all()``.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ _lib.define("normalizer_update_(Tensor(a!) mean, Tensor(b!) acc, Tensor(c!) std,
             "Tensor[] ks, Tensor[] gs, int n) -> ()")
 _lib.define("shift_values(Tensor k, Tensor g, Tensor mean, Tensor std, float lr) -> Tensor")
 _lib.define("rank_update_(Tensor(a!) w, Tensor a, Tensor k, bool transposed) -> ()")
+_lib.define("all_finite(Tensor w) -> Tensor")
 
 
 # --------------------------------------------------------------------------- default kernels
@@ -86,6 +92,13 @@ _lib.impl("shift_values", shift_values_default, "CompositeExplicitAutograd")
 _lib.impl("rank_update_", rank_update_default, "CompositeExplicitAutograd")
 
 
+def all_finite_default(w: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(w).all()
+
+
+_lib.impl("all_finite", all_finite_default, "CompositeExplicitAutograd")
+
+
 @torch.library.register_fake(f"{NAMESPACE}::normalizer_update_")
 def _(mean, acc, std, ks, gs, n):
     return None
@@ -99,6 +112,11 @@ def _(k, g, mean, std, lr):
 @torch.library.register_fake(f"{NAMESPACE}::rank_update_")
 def _(w, a, k, transposed):
     return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::all_finite")
+def _(w):
+    return w.new_empty((), dtype=torch.bool)
 
 
 # --------------------------------------------------------------------------- extension

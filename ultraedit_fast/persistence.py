@@ -13,8 +13,8 @@ A checkpoint is a **directory** holding two files that matter:
 ``manifest.json``
     written **last**: format name and version, package / torch / safetensors /
     Python versions, the turn count, the configuration (``modules``, ``lr``,
-    ``batch_size``, ``share_normalizer``, ``backend`` as requested, ``transactional``,
-    ``undo``), a fingerprint of the model (architecture class, ``model_type``, each
+    ``batch_size``, ``tokens_per_pass``, ``share_normalizer``, ``backend`` as requested,
+    ``transactional``, ``undo``), a fingerprint of the model (architecture class, ``model_type``, each
     edited module's kind, shape and dtype, every parameter's name and shape, and a
     sha256 of a strided sample of the edited weights), which state belongs to which
     normaliser key, the undo log's layout, and the name, size and sha256 of the
@@ -85,7 +85,7 @@ _SAMPLE = 4096  # elements of each edited weight hashed into the fingerprint
 # Options that a checkpoint fixes: the lifelong state depends on them.
 _FIXED = ("modules", "share_normalizer")
 # Options that ``load`` may override.
-_OVERRIDABLE = ("lr", "batch_size", "backend", "transactional", "undo")
+_OVERRIDABLE = ("lr", "batch_size", "tokens_per_pass", "backend", "transactional", "undo")
 
 
 class CheckpointWeightsWarning(UserWarning):
@@ -454,6 +454,7 @@ def save_editor(editor, path, undo_log: bool = True) -> str:
         "turns": int(editor.turns),
         "config": {"modules": list(editor.module_names), "lr": float(editor.lr),
                    "batch_size": int(editor.batch_size),
+                   "tokens_per_pass": int(editor.tokens_per_pass),
                    "share_normalizer": bool(editor.share_normalizer),
                    "backend": editor.backend_request, "transactional": bool(editor.transactional),
                    "undo": editor.undo, "preset": editor.preset},
@@ -582,6 +583,8 @@ def load_editor(cls, path, model, tokenizer, overrides: dict):
         cfg = body["config"]
         kwargs = {k: cfg[k] for k in ("modules", "lr", "batch_size", "share_normalizer",
                                       "backend", "transactional", "undo")}
+        if "tokens_per_pass" in cfg:  # absent from checkpoints of 0.1.0 (no packing then)
+            kwargs["tokens_per_pass"] = cfg["tokens_per_pass"]
         turns = int(body["turns"])
         saved_fp = body["fingerprint"]
         states_meta = body["states"]

@@ -149,6 +149,63 @@ def pad_batch(items: Sequence[TokenizedRequest], order: List[int]) -> MiniBatch:
     return MiniBatch(ids, mask, labels, order)
 
 
+@dataclass
+class PackedPass:
+    """Consecutive mini-batches run as one packed sequence: ``input_ids``,
+    ``position_ids`` and ``labels`` are ``[1, L]`` with every request's tokens one after
+    another (no padding) and positions restarting at 0 for each request.
+
+    The loss of a pass is ``sum(token_weights * cross_entropy)`` over its answer tokens,
+    where a token's weight is 1 / (answer tokens of its mini-batch): each mini-batch's
+    mean, as if it ran alone (ALGORITHM.md section 2). ``counts[b]`` is the number of
+    answer tokens of the pass's ``b``-th mini-batch, whose rows come ``b``-th in
+    row-major order.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    token_weights: torch.Tensor  # [answer tokens], float32
+    counts: List[int]
+
+    attention_mask = None  # packed sequences are told apart by their positions
+
+    def to(self, device) -> "PackedPass":
+        return PackedPass(self.input_ids.to(device), self.position_ids.to(device),
+                          self.labels.to(device), self.token_weights.to(device), self.counts)
+
+
+def _pack(batches: Sequence[MiniBatch]) -> PackedPass:
+    ids, pos, labels, weights, counts = [], [], [], [], []
+    for b in batches:
+        lengths = b.attention_mask.sum(dim=1).tolist()  # right-padded
+        n = b.n_tokens
+        counts.append(n)
+        weights.append(torch.full((n,), 1.0 / n, dtype=torch.float32))
+        for i, m in enumerate(lengths):
+            ids.append(b.input_ids[i, :m])
+            labels.append(b.labels[i, :m])
+            pos.append(torch.arange(m, dtype=torch.long))
+    return PackedPass(torch.cat(ids)[None], torch.cat(pos)[None], torch.cat(labels)[None],
+                      torch.cat(weights), counts)
+
+
+def pack_minibatches(batches: Sequence[MiniBatch], tokens_per_pass: int) -> List[PackedPass]:
+    """Group consecutive mini-batches (in order) into packed passes of at most
+    ``tokens_per_pass`` tokens; a mini-batch longer than that gets a pass of its own."""
+    passes, group, size = [], [], 0
+    for b in batches:
+        n = int(b.attention_mask.sum())
+        if group and size + n > tokens_per_pass:
+            passes.append(_pack(group))
+            group, size = [], 0
+        group.append(b)
+        size += n
+    if group:
+        passes.append(_pack(group))
+    return passes
+
+
 def context_length(model) -> Optional[int]:
     cfg = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
