@@ -9,7 +9,8 @@
 # keeps to BENCH_TOTAL_S seconds (default 540, inside the 600 s a command may run).
 #
 # What lands in $OUT (at most 8 files): run_gpu.log (everything), nvidia-smi.txt,
-# pytest-junit.xml, <gpu>-<date>.json, <gpu>-<date>.png, summary.md.
+# pytest-junit.xml, rank_vs_addmm.json (benchmarks/bench_ops.py), <gpu>-<date>.json,
+# <gpu>-<date>.png, summary.md.
 #
 # Environment: BENCH_TOTAL_S (540), PYTHON (python3), ULTRAEDIT_FAST_CUDA_ARCHS (9.0: the
 # lent kinds are Hopper), BENCH_ARGS (extra arguments for the bench), BENCH_DRY_RUN=1
@@ -94,7 +95,13 @@ else
         -x -q -p no:cacheprovider -rs --durations=5 --junitxml="$OUT/pytest-junit.xml"
 fi
 
-# 4. benchmarks: all cases; the bench stops starting new work at --time-budget -------------
+# 4. the kernels alone: the rank update against cuBLAS addmm_ (issue 3's 1.25x target), the
+#    Triton launch configurations, measured bandwidth/matmul ceilings and per-op floors ------
+if [ "$DRY" != 1 ]; then
+    stage ops 100 "$PY" benchmarks/bench_ops.py --json "$OUT/rank_vs_addmm.json"
+fi
+
+# 5. benchmarks: all cases; the bench stops starting new work at --time-budget -------------
 BUDGET=$(($(left) - 25))
 if [ "$DRY" = 1 ]; then
     BENCH=(--device cpu --tiny --edits-per-turn 20 --repeats 1 --lifelong-turns 2 --ref-turns 1)
@@ -106,8 +113,8 @@ stage bench "$BUDGET" "$PY" -m ultraedit_fast.bench "${BENCH[@]}" \
     --cases steps,turn,memory,lifelong --output-dir "$OUT" --time-budget $((BUDGET - 45)) \
     ${BENCH_ARGS:-}
 
-# 5. the chart, if the bench was cut short before drawing it; the summary --------------------
-JSON=$(ls -t "$OUT"/*.json 2>/dev/null | head -1)
+# 6. the chart, if the bench was cut short before drawing it; the summary --------------------
+JSON=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v rank_vs_addmm | head -1)
 if [ -n "$JSON" ]; then
     PNG=${JSON%.json}.png
     [ -f "$PNG" ] || stage replot 60 "$PY" -m ultraedit_fast.bench --replot "$JSON"

@@ -237,8 +237,8 @@ def test_run_save_model_then_eval(capsys, tmp_path, small_zsre, tiny_model_dir):
     rc = main(["run", "--model", str(tiny_model_dir), "--data", str(small_zsre),
                "--turns", "2", "--edits-per-turn", "2", "--output-dir", str(out_dir),
                "--modules", "model.layers.1.mlp.up_proj,model.layers.2.mlp.up_proj",
-               "--lr", "0.05", "--batch-size", "2", "--save-model", str(saved), "--no-progress",
-               "--no-plot"])
+               "--lr", "0.05", "--batch-size", "2", "--tokens-per-pass", "0",
+               "--save-model", str(saved), "--no-progress", "--no-plot"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     res = json.loads((out_dir / "lifelong.json").read_text())
@@ -246,6 +246,7 @@ def test_run_save_model_then_eval(capsys, tmp_path, small_zsre, tiny_model_dir):
     assert res["config"]["modules"] == ["model.layers.1.mlp.up_proj",
                                         "model.layers.2.mlp.up_proj"]
     assert res["config"]["lr"] == 0.05 and res["config"]["batch_size"] == 2
+    assert res["config"]["tokens_per_pass"] == 0
     assert res["metrics"]["ES"] > res["metrics_before"]["ES"]
     assert (saved / "config.json").exists() and (saved / "tokenizer.json").exists()
 

@@ -60,6 +60,7 @@ def test_run_writes_json_and_png(model, toy_tokenizer, tmp_path):
     assert (cfg["turns"], cfg["edits_per_turn"], cfg["n_edits"]) == (4, 6, 24)
     assert cfg["modules"] == MODULES and cfg["lr"] == LR and cfg["editor"] == "fast"
     assert cfg["dataset"] == "random" and cfg["note"] == 7 and cfg["eval_every"] == 2
+    assert cfg["tokens_per_pass"] == 512  # the editor's default
     env = res["environment"]
     for k in ("ultraedit_fast", "torch", "transformers", "python", "device_name"):
         assert isinstance(env[k], str) and env[k]

@@ -139,3 +139,39 @@ def test_dual_solve_is_exact_against_float64():
     err_primal = _rel(primal, exact)
     assert err_dual < 1e-5
     assert err_dual <= err_primal * 1.5 + 1e-7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tokens_per_pass", [0, 512], ids=["padded", "packed"])
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fast_on_cuda_matches_reference_on_cpu(arch, backend, tokens_per_pass, toy_tokenizer):
+    """The whole turn on the GPU (hooks, packed passes, the GPU kernels) against the
+    reference on the CPU."""
+    if backend != "auto" and available_backends("cuda")[backend] is not None:
+        pytest.skip(available_backends("cuda")[backend])
+    model, modules = make_tiny(arch)
+    ref_model = clone_model(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.cuda()
+    fast = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR, batch_size=4,
+                       backend=backend, tokens_per_pass=tokens_per_pass)
+    ref = ReferenceEditor(ref_model, toy_tokenizer, modules=modules, lr=LR, batch_size=4)
+    for t, n in enumerate((11, 6, 17)):
+        reqs = random_requests(n, seed=t)
+        fast.edit(reqs)
+        ref.edit(reqs)
+    model.cpu()
+    sd, rsd = model.state_dict(), ref_model.state_dict()
+    for name in modules:
+        key = name + ".weight"
+        shift, ref_shift = sd[key] - before[key], rsd[key] - before[key]
+        assert ref_shift.norm() > 1e-3 * before[key].norm()
+        assert _rel(shift, ref_shift) < 1e-3, name
+    for key, state in fast.normalizers.items():
+        r = ref.normalizers[key]
+        assert state.n == r.n
+        for part in ("mean", "acc", "std"):
+            torch.testing.assert_close(getattr(state, part).cpu(), getattr(r, part),
+                                       rtol=1e-4, atol=1e-6)

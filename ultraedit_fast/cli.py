@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="edit step (default: the preset's)")
         sp.add_argument("--batch-size", type=_positive_int, default=10,
                         help="requests per mini-batch (default 10)")
+        sp.add_argument("--tokens-per-pass", type=_nonneg_int, default=None,
+                        help="fast editor: mini-batches packed into passes of at most this "
+                             "many tokens (default: the editor's, 512; 0: padded, one "
+                             "mini-batch per pass)")
 
     d = sub.add_parser("demo", help="edit SmolLM2-135M-Instruct with 8 counterfactual facts "
                        "and show its answers before and after",
@@ -311,6 +315,7 @@ def cmd_run(args) -> int:
     res = run_lifelong(
         model, tok, examples, turns=args.turns, edits_per_turn=args.edits_per_turn,
         editor=args.editor, modules=args.modules, lr=args.lr, batch_size=args.batch_size,
+        tokens_per_pass=args.tokens_per_pass,
         backend=args.backend, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         progress=not args.no_progress, output_dir=args.output_dir, plot=not args.no_plot,
         config_extra={"model_name": name, "model": args.model,

@@ -157,6 +157,7 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
                  edits_per_turn: int, editor: str = "fast",
                  modules: Optional[Sequence[str]] = None, lr: Optional[float] = None,
                  batch_size: int = 10, backend: Optional[str] = None,
+                 tokens_per_pass: Optional[int] = None,
                  eval_every: Optional[int] = None, eval_batch_size: int = 16,
                  eval_before: bool = True, base_predictions=None, progress: bool = True,
                  output_dir: Optional[str] = None, plot: bool = True,
@@ -170,6 +171,7 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         editor: ``"fast"`` (:class:`UltraEditor`) or ``"reference"`` (:class:`ReferenceEditor`,
             which has no ``backend`` and reports no per-phase times).
         modules, lr, batch_size, backend: the editor's (``None``: the model's preset).
+        tokens_per_pass: the fast editor's (``None``: its default).
         eval_every: also score every this many turns, on what was edited so far.
         eval_batch_size: sequences per forward pass when scoring.
         eval_before: score the unedited model on all the requests first (``metrics_before``).
@@ -190,6 +192,9 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         raise ValueError(f"editor: expected one of {EDITORS}, got {editor!r}")
     if editor == "reference" and backend not in (None, "auto", "torch"):
         raise ValueError(f"backend: the reference editor has no backends, got {backend!r}")
+    if editor == "reference" and tokens_per_pass:
+        raise ValueError("tokens_per_pass: the reference editor runs padded mini-batches, "
+                         f"got {tokens_per_pass!r}")
     config_extra = dict(config_extra or {})
     n_total = turns * edits_per_turn
 
@@ -203,7 +208,8 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     seconds_load = time.perf_counter() - t_load
 
     if editor == "fast":
-        ed = UltraEditor(model, tokenizer, modules, lr, batch_size, backend=backend)
+        kw = {} if tokens_per_pass is None else {"tokens_per_pass": tokens_per_pass}
+        ed = UltraEditor(model, tokenizer, modules, lr, batch_size, backend=backend, **kw)
         backend_name, preset = ed.backend, ed.preset
     else:
         ed = ReferenceEditor(model, tokenizer, modules, lr, batch_size)
@@ -215,6 +221,7 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         "turns": turns, "edits_per_turn": edits_per_turn, "n_edits": n_total,
         "editor": editor, "modules": list(ed.module_names), "lr": float(ed.lr),
         "preset": preset, "batch_size": batch_size, "backend": backend_name,
+        "tokens_per_pass": getattr(ed, "tokens_per_pass", 0),
         "eval_every": eval_every, "eval_batch_size": eval_batch_size,
         "model_name": _model_label(model, config_extra),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
