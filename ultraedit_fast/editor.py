@@ -123,6 +123,7 @@ class _Capture:
         # their inputs and outputs are [1, n, d], every row an answer token's
         self.rows_only = rows_only
         self.mask: Optional[torch.Tensor] = None
+        self.n_rows = 0  # mask.sum(), read once per pass
         self.keys: Dict[str, torch.Tensor] = {}
         self.outputs: Dict[str, torch.Tensor] = {}
         self._by_input: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -150,9 +151,8 @@ class _Capture:
         if module not in self.rows_only:
             return x[self.mask]
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] != int(self.mask.sum()):
-            raise RuntimeError(f"expected {int(self.mask.sum())} answer rows, got "
-                               f"{tuple(x.shape)}")
+        if rows.shape[0] != self.n_rows:
+            raise RuntimeError(f"expected {self.n_rows} answer rows, got {tuple(x.shape)}")
         return rows
 
     def _hook(self, name: str):
@@ -364,7 +364,7 @@ class UltraEditor:
             for batch in passes:
                 batch = batch.to(device)
                 mask = batch.labels != IGNORE
-                cap.mask = mask
+                cap.mask, cap.n_rows = mask, int(mask.sum())
                 packed = isinstance(batch, PackedPass)
                 logits = answer_logits(model, batch.input_ids, batch.attention_mask, mask,
                                        batch.position_ids if packed else None)
@@ -378,7 +378,7 @@ class UltraEditor:
                 if missing:
                     raise RuntimeError(f"modules {missing} did not run in the forward pass")
                 gouts = torch.autograd.grad(loss, outs)
-                counts = batch.counts if packed else [int(mask.sum())]
+                counts = batch.counts if packed else [cap.n_rows]
                 split: Dict[int, Tuple[torch.Tensor, ...]] = {}
                 for t, g in zip(self.targets, gouts):
                     k = cap.keys[t.name]  # one tensor for modules fed the same input
@@ -386,7 +386,7 @@ class UltraEditor:
                         split[id(k)] = k.split(counts)
                     keys[t.name].extend(split[id(k)])  # one block per mini-batch
                     grads[t.name].extend(cap.rows(t.module, g).split(counts))
-                n_tokens += int(mask.sum())
+                n_tokens += cap.n_rows
                 del logits, loss, outs, gouts, split
                 cap.reset()
         self._sync(device)
