@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import Backend, resolve_backend
-from .forward import answer_logits, rows_only_modules, supports_packing
+from .forward import answer_logits, on_device, rows_only_modules, supports_packing
 from .presets import module_kind, resolve_edit_config
 from .report import PHASES, EditReport, PeakMemory, preserved_model_state
 from .requests import (IGNORE, PackedPass, as_requests, context_length, make_minibatches,
@@ -149,7 +149,7 @@ class _Capture:
     def rows(self, module, x: torch.Tensor) -> torch.Tensor:
         """``x``'s rows at answer tokens, row-major (batch, then position)."""
         if module not in self.rows_only:
-            return x[self.mask]
+            return x[on_device(self.mask, x)]
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] != self.n_rows:
             raise RuntimeError(f"expected {self.n_rows} answer rows, got {tuple(x.shape)}")
@@ -368,11 +368,12 @@ class UltraEditor:
                 packed = isinstance(batch, PackedPass)
                 logits = answer_logits(model, batch.input_ids, batch.attention_mask, mask,
                                        batch.position_ids if packed else None)
+                labels = batch.labels[mask].to(logits.device)
                 if packed:  # each mini-batch's mean, summed (ALGORITHM.md section 2)
-                    loss = (F.cross_entropy(logits.float(), batch.labels[mask], reduction="none")
-                            * batch.token_weights).sum()
+                    loss = (F.cross_entropy(logits.float(), labels, reduction="none")
+                            * batch.token_weights.to(logits.device)).sum()
                 else:
-                    loss = F.cross_entropy(logits.float(), batch.labels[mask])
+                    loss = F.cross_entropy(logits.float(), labels)
                 outs = [cap.outputs[t.name] for t in self.targets]
                 missing = [t.name for t in self.targets if t.name not in cap.outputs]
                 if missing:

@@ -66,6 +66,11 @@ def rows_only_modules(model) -> Set[torch.nn.Module]:
     return set(mlp.modules()) if mlp is not None else set()
 
 
+def on_device(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``mask`` on ``x``'s device (a model split over devices runs its layers on several)."""
+    return mask if mask.device == x.device else mask.to(x.device)
+
+
 @contextmanager
 def _mlp_on_rows(mlp: Optional[torch.nn.Module], mask: torch.Tensor):
     if mlp is None:
@@ -78,11 +83,11 @@ def _mlp_on_rows(mlp: Optional[torch.nn.Module], mask: torch.Tensor):
         if x.shape[:-1] != mask.shape:
             raise RuntimeError(f"the last block's MLP got input {tuple(x.shape)}, expected "
                                f"[{mask.shape[0]}, {mask.shape[1]}, hidden]")
-        return (x[mask].unsqueeze(0), *args[1:]), kwargs
+        return (x[on_device(mask, x)].unsqueeze(0), *args[1:]), kwargs
 
     def post(module, args, kwargs, out):
         full = out.new_zeros(*mask.shape, out.shape[-1])
-        return full.index_put((mask,), out.reshape(n, out.shape[-1]))
+        return full.index_put((on_device(mask, out),), out.reshape(n, out.shape[-1]))
 
     handles = [mlp.register_forward_pre_hook(pre, with_kwargs=True),
                mlp.register_forward_hook(post, with_kwargs=True)]
@@ -145,13 +150,14 @@ def answer_logits(model, input_ids: torch.Tensor, attention_mask: Optional[torch
     split = _split(model)
     kw = {} if position_ids is None else {"position_ids": position_ids}
     if split is None:
-        return model(input_ids=input_ids, attention_mask=attention_mask,
-                     use_cache=False, **kw).logits[mask]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False, **kw).logits
+        return logits[on_device(mask, logits)]
     base, head, softcap = split
     with _mlp_on_rows(_last_mlp(base), mask):
         hidden = base(input_ids=input_ids, attention_mask=attention_mask,
                       use_cache=False, **kw).last_hidden_state
-    logits = head(hidden[mask])
+    logits = head(hidden[on_device(mask, hidden)])
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
