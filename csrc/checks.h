@@ -120,6 +120,12 @@ inline RankSizes check_rank_update_args(const at::Tensor& w, const at::Tensor& a
               k.scalar_type());
   TORCH_CHECK(at::has_internal_overlap(w) != at::MemOverlap::Yes, op,
               ": w has overlapping memory (e.g. an expanded view); it cannot be updated in place");
+  for (const at::Tensor* t : {&a, &k}) {
+    const at::MemOverlapStatus o = at::get_overlap_status(w, *t);
+    TORCH_CHECK(o != at::MemOverlapStatus::Full && o != at::MemOverlapStatus::Partial, op,
+                ": w shares memory with ", t == &a ? "a" : "k",
+                "; the update would read what it writes");
+  }
   return s;
 }
 

@@ -436,6 +436,24 @@ def test_rank_update_rejects_overlapping_w(name, device):
         be.rank_update_(w, torch.ones(2, 4, device=device), torch.ones(2, 8, device=device), False)
 
 
+@pytest.mark.parametrize("name,device", BACKENDS + [_param("torch", "cpu")])
+def test_rank_update_rejects_w_sharing_memory_with_a_or_k(name, device):
+    be = _backend(name, device)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.zeros(8, 8, device=device, dtype=dtype)
+        ones = torch.ones(2, 8, device=device)
+        with pytest.raises((RuntimeError, ValueError), match="shares memory with a"):
+            be.rank_update_(w, w[:2], ones, False)
+        with pytest.raises((RuntimeError, ValueError), match="shares memory with k"):
+            be.rank_update_(w, ones, w[2:4], False)
+        assert bool((w == 0).all())  # refused before anything was written
+        # a and k elsewhere in the same storage are fine
+        buf = torch.zeros(12, 8, device=device, dtype=dtype)
+        buf[8:10] = 1
+        be.rank_update_(buf[:8], ones, buf[8:10], False)
+        assert bool((buf[:8] == 2).all()) and bool((buf[8:10] == 1).all())
+
+
 # --------------------------------------------------------------------------- input validation
 @pytest.mark.parametrize("name,device", BACKENDS)
 def test_clear_errors(name, device):

@@ -65,8 +65,31 @@ def shift_values_default(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor,
     return reference.shift_values(k, g, mean, std, lr)
 
 
+def shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the address ranges of ``x`` and ``y`` intersect (conservative: two
+    interleaved views that touch no common element count as sharing)."""
+    if x.device != y.device or x.numel() == 0 or y.numel() == 0:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return lo, lo + (last + 1) * t.element_size()
+
+    (x0, x1), (y0, y1) = span(x), span(y)
+    return x0 < y1 and y0 < x1
+
+
+def check_no_alias(op: str, w: torch.Tensor, a: torch.Tensor, k: torch.Tensor) -> None:
+    for name, t in (("a", a), ("k", k)):
+        if shares_memory(w, t):
+            raise ValueError(f"{op}: w shares memory with {name}; the update would read what "
+                             "it writes")
+
+
 def rank_update_default(w: torch.Tensor, a: torch.Tensor, k: torch.Tensor,
                         transposed: bool) -> None:
+    check_no_alias("rank_update_", w, a, k)
     a = a.float()
     k = k.float()
     if w.dtype == torch.float32 and w.is_contiguous():

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ops import EPS
+from .ops import EPS, check_no_alias
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -367,6 +367,7 @@ def rank_update_(w: torch.Tensor, a: torch.Tensor, k: torch.Tensor, transposed: 
     if _has_overlap(w):
         raise ValueError(f"{op}: w has overlapping memory (e.g. an expanded view); "
                          "it cannot be updated in place")
+    check_no_alias(op, w, a, k)
     dev = _check_device(op, w, a, k)
     if N == 0 or w.numel() == 0:
         return

@@ -100,8 +100,8 @@ template <typename T>
 __global__ void __launch_bounds__(kCols * kRowLanes)
     normalizer_kernel(const NormBlocks blocks, int64_t width, int64_t n0, float* __restrict__ mean,
                       float* __restrict__ acc, float* __restrict__ stdv) {
-  __shared__ float sh1[kRowLanes][kCols];
-  __shared__ float sh2[kRowLanes][kCols];
+  __shared__ double sh1[kRowLanes][kCols];
+  __shared__ double sh2[kRowLanes][kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + tx;
   const bool valid = col < width;
@@ -116,14 +116,17 @@ __global__ void __launch_bounds__(kCols * kRowLanes)
     const int64_t m = blocks.rows[b];
     if (m == 0) continue;  // uniform over the CTA: no divergence around __syncthreads
     const T* x = static_cast<const T*>(blocks.ptr[b]);
-    float s1 = 0.f, s2 = 0.f;
-    float x0 = 0.f;
+    // Sums in float64, as the CPU kernel's: S2 - S1 * S1 / m cancels, and float32
+    // partial sums lost up to a few times the default kernel's accuracy when the
+    // block's first row is far from its mean (found by emulating this loop on the CPU).
+    double s1 = 0.0, s2 = 0.0;
+    double x0 = 0.0;
     if (valid) {
-      x0 = ld_f(x + col);
+      x0 = static_cast<double>(ld_f(x + col));
       for (int64_t r = 1 + ty; r < m; r += kRowLanes) {
-        const float d = ld_f(x + r * width + col) - x0;
+        const double d = static_cast<double>(ld_f(x + r * width + col)) - x0;
         s1 += d;
-        s2 = fmaf(d, d, s2);
+        s2 = fma(d, d, s2);
       }
     }
     sh1[ty][tx] = s1;
@@ -614,6 +617,10 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       *p = static_cast<T>(ld_f(p) + Cs[r * kTcLd + c]);
     }
   }
+#else
+  // Built without sm_80+ code (a TORCH_CUDA_ARCH_LIST below 8.0) yet launched on an
+  // sm_80+ device through PTX JIT: fail loudly rather than leave w unchanged.
+  __trap();
 #endif
 }
 
