@@ -113,13 +113,13 @@ def _normalizer_kernel(x_ptr, offs_ptr, nblocks, mean_ptr, acc_ptr, std_ptr, wid
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * width + cols[None, :], mask=msk,
                         other=0.0).to(tl.float32)
             c = tl.sum(rmask.to(tl.float32), axis=0)
-            cmean = tl.sum(x, axis=0) / c
+            cmean = tl.div_rn(tl.sum(x, axis=0), c)
             dev = tl.where(msk, x - cmean[None, :], 0.0)
             cm2 = tl.sum(dev * dev, axis=0)
             tot = cnt + c
             d = cmean - bmean
-            bmean = bmean + d * (c / tot)
-            bm2 = bm2 + cm2 + d * d * (cnt * c / tot)
+            bmean = bmean + d * tl.div_rn(c, tot)
+            bm2 = bm2 + cm2 + d * d * tl.div_rn(cnt * c, tot)
             cnt = tot
         n = s0.to(tl.float64)
         m = (s1 - s0).to(tl.float64)
@@ -136,7 +136,7 @@ def _normalizer_kernel(x_ptr, offs_ptr, nblocks, mean_ptr, acc_ptr, std_ptr, wid
     denom = (n_end - 1.0 + eps).to(tl.float32)
     tl.store(mean_ptr + cols, mean, mask=cmask)
     tl.store(acc_ptr + cols, acc, mask=cmask)
-    tl.store(std_ptr + cols, tl.sqrt(acc / denom), mask=cmask)
+    tl.store(std_ptr + cols, tl.sqrt_rn(tl.div_rn(acc, denom)), mask=cmask)
 
 
 def _stacked_rows(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -217,7 +217,7 @@ def _shift_values_kernel(k_ptr, g_ptr, mean_ptr, std_ptr, v_ptr, d_in, d_out, ne
         x = tl.load(k_ptr + r * d_in + j, mask=msk, other=0.0).to(tl.float32)
         mu = tl.load(mean_ptr + j, mask=msk, other=0.0)
         sd = tl.load(std_ptr + j, mask=msk, other=1.0)
-        z = tl.where(msk, (x - mu) / (sd + eps), 0.0)
+        z = tl.where(msk, tl.div_rn(x - mu, sd + eps), 0.0)
         s += z * z
     scale = neg_lr * tl.sum(s, axis=0)
     for j0 in range(0, d_out, BLOCK):
@@ -226,7 +226,7 @@ def _shift_values_kernel(k_ptr, g_ptr, mean_ptr, std_ptr, v_ptr, d_in, d_out, ne
         x = tl.load(g_ptr + r * d_out + j, mask=msk, other=0.0).to(tl.float32)
         mu = tl.load(mean_ptr + d_in + j, mask=msk, other=0.0)
         sd = tl.load(std_ptr + d_in + j, mask=msk, other=1.0)
-        tl.store(v_ptr + r * d_out + j, scale * ((x - mu) / (sd + eps)), mask=msk)
+        tl.store(v_ptr + r * d_out + j, scale * tl.div_rn(x - mu, sd + eps), mask=msk)
 
 
 def shift_values(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
