@@ -176,6 +176,14 @@ def _check_rank(name, w, w0, a, k, transposed, what):
 
 
 # --------------------------------------------------------------------------- normalizer_update_
+def _case_sizes(name, device, wide, N):
+    """(N, d_in, d_out) of a shift-values or rank-update case: odd widths, smaller when
+    interpreted."""
+    if _small(name, device):
+        return (min(N, 33), *[(33, 100), (257, 33)][wide])
+    return (N, *[(576, 1000), (4099, 33)][wide])
+
+
 def _norm_cases(small):
     widths = [(33, 100), (257, 33)] if small else [(576, 1000), (4099, 33)]
     ms = (7, 1, 33) if small else (7, 1, 333)
@@ -241,10 +249,7 @@ def test_normalizer_update_nothing_to_merge(name, device):
 @pytest.mark.parametrize("name,device", BACKENDS)
 def test_shift_values(name, device, wide, N, dtype):
     be = _backend(name, device)
-    small = _small(name, device)
-    if small and N > 33:
-        N = 33
-    d_in, d_out = ([(33, 100), (257, 33)] if small else [(576, 1000), (4099, 33)])[wide]
+    N, d_in, d_out = _case_sizes(name, device, wide, N)
     gen = _gen("shift", name, wide, N, str(dtype))
     k = _rand((N, d_in), gen, 3.0, 0.5, dtype, device)
     g = _rand((N, d_out), gen, -1.0, 0.5, dtype, device)
@@ -265,10 +270,7 @@ def test_shift_values(name, device, wide, N, dtype):
 @pytest.mark.parametrize("name,device", BACKENDS)
 def test_rank_update(name, device, wide, N, transposed, dtype):
     be = _backend(name, device)
-    small = _small(name, device)
-    if small and N > 33:
-        N = 33
-    d_in, d_out = ([(33, 100), (257, 33)] if small else [(576, 1000), (4099, 33)])[wide]
+    N, d_in, d_out = _case_sizes(name, device, wide, N)
     gen = _gen("rank", name, wide, N, transposed, str(dtype))
     shape = (d_in, d_out) if transposed else (d_out, d_in)
     w0 = _rand(shape, gen, 0.0, 1.0, dtype, device)
@@ -402,10 +404,7 @@ def test_rank_update_tensor_core_ulps(name, device, wide, N, transposed, dtype):
     3 times as many, bf16 operands 7 to 9 times).  Updates as large as w flip many
     more roundings and cancel; test_rank_update holds those to the TF32 error bound."""
     be = _backend(name, device)
-    small = _small(name, device)
-    if small and N > 33:
-        N = 33
-    d_in, d_out = ([(33, 100), (257, 33)] if small else [(576, 1000), (4099, 33)])[wide]
+    N, d_in, d_out = _case_sizes(name, device, wide, N)
     gen = _gen("tc-ulps", name, wide, N, transposed, str(dtype))
     shape = (d_in, d_out) if transposed else (d_out, d_in)
     sign = torch.randint(0, 2, shape, generator=gen).double() * 2 - 1

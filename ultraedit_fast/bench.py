@@ -1024,11 +1024,6 @@ def case_steps(s: Settings, log=print) -> List[Dict[str, Any]]:
     return out
 
 
-def _supports_packing(model) -> bool:
-    from .forward import supports_packing
-    return supports_packing(model)
-
-
 def _editors(mc: ModelCase, backend: Optional[str], tokens_per_pass: Optional[int] = None):
     from .editor import UltraEditor
     from .reference import ReferenceEditor
@@ -1060,6 +1055,7 @@ class WeightKeeper:
 
 def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print
                     ) -> Dict[str, Any]:
+    from .forward import supports_packing
     fast, ref = _editors(mc, s.backend, s.tokens_per_pass)
     modules = list(fast.module_names)
     keeper = WeightKeeper(mc.model, modules)
@@ -1105,7 +1101,7 @@ def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, 
         "n_requests": len(requests), "n_tokens": n_tokens,
         "transactional": fast.transactional,
         "tokens_per_pass": fast.tokens_per_pass,
-        "packed": bool(fast.tokens_per_pass) and _supports_packing(mc.model),
+        "packed": bool(fast.tokens_per_pass) and supports_packing(mc.model),
         "dtype": str(next(mc.model.parameters()).dtype).replace("torch.", ""),
         "weights_bytes": mc.weights_bytes,
         "fast": summ["fast"], "reference": summ["reference"],

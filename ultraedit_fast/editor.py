@@ -41,8 +41,7 @@ from .backends import Backend, resolve_backend
 from .forward import answer_logits, on_device, rows_only_modules, supports_packing
 from .presets import module_kind, resolve_edit_config
 from .report import PHASES, EditReport, PeakMemory, preserved_model_state
-from .requests import (IGNORE, PackedPass, as_requests, context_length, make_minibatches,
-                       pack_minibatches)
+from .requests import IGNORE, as_requests, context_length, make_minibatches, pack_minibatches
 from .solve import ShiftSolver, SolveError
 from . import persistence
 from .persistence import UndoLog
@@ -348,48 +347,15 @@ class UltraEditor:
         # 1. capture ------------------------------------------------------------
         keys: Dict[str, List[torch.Tensor]] = {t.name: [] for t in self.targets}
         grads: Dict[str, List[torch.Tensor]] = {t.name: [] for t in self.targets}
-        n_tokens = 0
-        rows_only = rows_only_modules(model)
-        passes = batches
-        if self.tokens_per_pass:
-            with preserved_model_state(model):
-                model.eval()
-                if supports_packing(model):  # a probe, once per model (no hooks yet)
-                    passes = pack_minibatches(batches, self.tokens_per_pass)
-        with preserved_model_state(model), _Capture(self.targets, rows_only) as cap, \
-                torch.enable_grad():
+        with preserved_model_state(model), torch.enable_grad():
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
-            for batch in passes:
-                batch = batch.to(device)
-                mask = batch.labels != IGNORE
-                cap.mask, cap.n_rows = mask, int(mask.sum())
-                packed = isinstance(batch, PackedPass)
-                logits = answer_logits(model, batch.input_ids, batch.attention_mask, mask,
-                                       batch.position_ids if packed else None)
-                labels = batch.labels[mask].to(logits.device)
-                if packed:  # each mini-batch's mean, summed (ALGORITHM.md section 2)
-                    loss = (F.cross_entropy(logits.float(), labels, reduction="none")
-                            * batch.token_weights.to(logits.device)).sum()
-                else:
-                    loss = F.cross_entropy(logits.float(), labels)
-                outs = [cap.outputs[t.name] for t in self.targets]
-                missing = [t.name for t in self.targets if t.name not in cap.outputs]
-                if missing:
-                    raise RuntimeError(f"modules {missing} did not run in the forward pass")
-                gouts = torch.autograd.grad(loss, outs)
-                counts = batch.counts if packed else [cap.n_rows]
-                split: Dict[int, Tuple[torch.Tensor, ...]] = {}
-                for t, g in zip(self.targets, gouts):
-                    k = cap.keys[t.name]  # one tensor for modules fed the same input
-                    if id(k) not in split:
-                        split[id(k)] = k.split(counts)
-                    keys[t.name].extend(split[id(k)])  # one block per mini-batch
-                    grads[t.name].extend(cap.rows(t.module, g).split(counts))
-                n_tokens += cap.n_rows
-                del logits, loss, outs, gouts, split
-                cap.reset()
+            passes = batches  # the probe runs once per model, before any hook is in place
+            if self.tokens_per_pass and supports_packing(model):
+                passes = pack_minibatches(batches, self.tokens_per_pass)
+            with _Capture(self.targets, rows_only_modules(model)) as cap:
+                n_tokens = self._capture(passes, cap, device, keys, grads)
         self._sync(device)
         t1 = time.perf_counter()
         seconds["capture"] = t1 - t_start
@@ -457,6 +423,40 @@ class UltraEditor:
                           backend=self.backend, device=str(device), seconds=seconds,
                           total_seconds=t4 - t_start, peak_memory_bytes=peak.read(),
                           peak_memory_kind=peak.kind, modules=list(self.module_names))
+
+    def _capture(self, passes, cap: _Capture, device, keys, grads) -> int:
+        """Forward and backward of each pass (a padded mini-batch or a packed run of
+        them); appends one key and one gradient block per (mini-batch, module) to
+        ``keys``/``grads``. Returns the number of answer tokens."""
+        model, n_tokens = self.model, 0
+        for batch in passes:
+            batch = batch.to(device)
+            mask = batch.labels != IGNORE
+            cap.mask, cap.n_rows = mask, int(mask.sum())
+            logits = answer_logits(model, batch.input_ids, batch.attention_mask, mask,
+                                   batch.position_ids)
+            labels = batch.labels[mask].to(logits.device)
+            if batch.token_weights is None:  # one mini-batch: its mean
+                loss = F.cross_entropy(logits.float(), labels)
+            else:  # packed: each mini-batch's mean, summed (ALGORITHM.md section 2)
+                loss = (F.cross_entropy(logits.float(), labels, reduction="none")
+                        * batch.token_weights.to(logits.device)).sum()
+            missing = [t.name for t in self.targets if t.name not in cap.outputs]
+            if missing:
+                raise RuntimeError(f"modules {missing} did not run in the forward pass")
+            gouts = torch.autograd.grad(loss, [cap.outputs[t.name] for t in self.targets])
+            counts = batch.counts or [cap.n_rows]  # answer tokens per mini-batch
+            split: Dict[int, Tuple[torch.Tensor, ...]] = {}
+            for t, g in zip(self.targets, gouts):
+                k = cap.keys[t.name]  # one tensor for modules fed the same input
+                if id(k) not in split:
+                    split[id(k)] = k.split(counts)
+                keys[t.name].extend(split[id(k)])  # one block per mini-batch
+                grads[t.name].extend(cap.rows(t.module, g).split(counts))
+            n_tokens += cap.n_rows
+            del logits, loss, gouts, split
+            cap.reset()
+        return n_tokens
 
     def _snapshot(self, t: _Target) -> torch.Tensor:
         """Copy ``t``'s weight into its host buffer, allocated once and reused every turn

@@ -76,7 +76,6 @@ def _mlp_on_rows(mlp: Optional[torch.nn.Module], mask: torch.Tensor):
     if mlp is None:
         yield
         return
-    n = int(mask.sum())
 
     def pre(module, args, kwargs):
         x = args[0]
@@ -87,7 +86,7 @@ def _mlp_on_rows(mlp: Optional[torch.nn.Module], mask: torch.Tensor):
 
     def post(module, args, kwargs, out):
         full = out.new_zeros(*mask.shape, out.shape[-1])
-        return full.index_put((on_device(mask, out),), out.reshape(n, out.shape[-1]))
+        return full.index_put((on_device(mask, out),), out[0])  # out: [1, n, d]
 
     handles = [mlp.register_forward_pre_hook(pre, with_kwargs=True),
                mlp.register_forward_hook(post, with_kwargs=True)]

@@ -122,6 +122,11 @@ class MiniBatch:
     labels: torch.Tensor
     order: List[int]  # indices into the turn's request list
 
+    # what a PackedPass sets; a mini-batch run alone has none of them:
+    position_ids = None  # the model's own positions
+    token_weights = None  # the loss is the plain mean over the answer tokens
+    counts = None  # one block of answer tokens
+
     @property
     def answer_mask(self) -> torch.Tensor:
         return self.labels != IGNORE
