@@ -27,6 +27,28 @@ def test_measure_cpu_reports_time_cpu_and_peak_rss():
     assert "cuda_peak_allocated_bytes" not in m and "nvml" not in m
 
 
+def test_cpu_alloc_peak_counts_the_calls_live_tensors():
+    MB = 10 ** 6
+    kept, peak = bench.cpu_alloc_peak(lambda: torch.empty(10 * MB // 4))  # 10 MB, kept alive
+    assert peak == 10 * MB
+
+    def two_then_free():
+        a = torch.empty(8 * MB // 4)
+        b = torch.empty(4 * MB // 4)  # peak: 12 MB live
+        del a, b
+        return torch.empty(2 * MB // 4)
+
+    # the 10 MB still held from the first call must not count in this one
+    out, peak = bench.cpu_alloc_peak(two_then_free)
+    assert peak == 12 * MB and out.numel() == 2 * MB // 4
+    del kept  # freed outside any tracked call: the profiler never sees it
+    _, peak = bench.cpu_alloc_peak(lambda: torch.empty(3 * MB // 4).sum())
+    assert 3 * MB <= peak < 3 * MB + 4096  # the sum's scalar on top
+    assert bench.cpu_alloc_peak(lambda: 7) == (7, None)
+    _, m = bench.measure(lambda: torch.empty(5 * MB // 4), "cpu", track_alloc=True)
+    assert m["cpu_peak_alloc_increase_bytes"] == 5 * MB
+
+
 def test_nvml_sampler_degrades_without_nvml_or_gpu():
     sampler = bench.NvmlSampler(0, interval=0.001).start()
     out = sampler.stop()
@@ -129,6 +151,68 @@ def test_paper_configs_match_presets_and_shapes():
         assert 2 * n < bench.MEMORY_TARGET_BYTES  # bf16 weights leave room under 20 GiB
 
 
+def _deep_tiny_case(seed=0):
+    import transformers as T
+    cfg = T.LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=160,
+                        num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=256, tie_word_embeddings=False)
+    model = bench.random_model(cfg, "cpu", torch.float32, seed)
+    return bench.ModelCase("deep-tiny", model, bench.SyntheticTokenizer(211),
+                           ["model.layers.3.mlp.up_proj", "model.layers.4.mlp.down_proj"],
+                           1e-3, "synthetic", "5-layer tiny Llama")
+
+
+def test_tying_layers_below_the_edited_ones_leaves_the_turns_allocations_unchanged():
+    """The memory case's stand-in for 7B models on a small host: layers 1..2 share layer
+    0's weights, the weights are still counted untied, and a turn allocates exactly what
+    it allocates on the untied model (those layers run without autograd)."""
+    reqs = bench.synthetic_requests(30, seed=3)
+    peaks = []
+    for tie in (False, True):
+        mc = _deep_tiny_case()
+        full = mc.weights_bytes
+        layers = mc.model.model.layers
+        if tie:
+            assert bench.tie_layers_below_edited(mc) == 2
+            assert layers[2].mlp.down_proj.weight is layers[0].mlp.down_proj.weight
+            assert layers[1].self_attn.q_proj.weight is layers[0].self_attn.q_proj.weight
+            assert layers[3].mlp.up_proj.weight is not layers[0].mlp.up_proj.weight
+            distinct = {id(p): p.numel() * 4 for p in mc.model.parameters()}
+            per_layer = sum(p.numel() * 4 for p in layers[0].parameters())
+            assert sum(distinct.values()) == full - 2 * per_layer
+            assert mc.weights_bytes == full and mc.tied_layers == 2
+        ed = UltraEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr)
+        ed.edit(reqs)  # warm-up: the packing probe, the normaliser's state
+        peaks.append(bench.cpu_alloc_peak(lambda: ed.edit(reqs))[1])
+        del ed
+    assert peaks[0] > 100_000 and peaks[0] == peaks[1]
+
+
+def test_memory_case_frees_each_model_before_building_the_next(monkeypatch):
+    """Two 7B models do not fit a host that holds one: the case's own variables must not
+    keep the previous model alive while the pool builds the next."""
+    import weakref
+    built, alive_at_build = [], []
+    real = bench.build_model
+
+    def build(name, device, seed=0):
+        alive_at_build.append([w() is not None for w in built])
+        mc = real("tiny", device, seed)
+        mc.name = name
+        built.append(weakref.ref(mc.model))
+        return mc
+
+    monkeypatch.setattr(bench, "build_model", build)
+    s = bench.settings_from_args(bench.build_parser().parse_args(
+        ["--device", "cpu", "--tiny", "--cases", "memory", "--edits-per-turn", "12"]))
+    s.memory_models = ["a", "b", "c"]
+    pool = bench.ModelPool(s.device, s.seed)
+    turns, mems = bench.case_turn_and_memory(s, pool, log=lambda *a: None)
+    assert [m["model"] for m in mems] == ["a", "b", "c"] and not turns
+    assert all(m["fast_turn_alloc_peak_bytes"] > 0 for m in mems)
+    assert alive_at_build == [[], [False], [False, False]]
+
+
 def test_bench_main_tiny_writes_json_table_and_chart(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
@@ -193,3 +277,5 @@ def test_bad_arguments_are_reported():
     if not HAS_CUDA:
         with pytest.raises(SystemExit, match="CUDA"):
             bench.main(["--device", "cuda"])
+    with pytest.raises(SystemExit, match="memory alone"):
+        bench.main(["--device", "cpu", "--cases", "turn,memory", "--tie-below-edited"])

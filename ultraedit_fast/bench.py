@@ -32,7 +32,9 @@ a machine shared with other work slows both alike):
     included) on randomly initialised bf16 models of the real shapes of Mistral-7B-v0.3,
     LLaMA-3-8B, Qwen2.5-7B and GPT-J-6B, full depth, with the paper's edited layers, against
     a 24 GB card's budget (target: at most 20 GiB). On the CPU: peak RSS above the RSS
-    before the turn. Taken from the ``turn`` case's runs when that case ran.
+    before the turn when taken from the ``turn`` case's runs; a ``memory``-only run
+    instead counts the weights plus the peak of the turn's own live allocations through
+    torch's CPU allocator (:func:`cpu_alloc_peak`), the CPU's stand-in for CUDA's number.
 
 Instrumentation (:func:`measure`): wall time, process CPU time, peak RSS (reset through
 ``/proc/self/clear_refs``), CUDA peak allocated/reserved, and an NVML sampler thread
@@ -271,6 +273,39 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def cpu_alloc_peak(fn: Callable[[], Any]) -> Tuple[Any, Optional[int]]:
+    """Run ``fn()`` under torch's profiler with ``profile_memory`` and return ``(its value,
+    the peak of the bytes it allocated through torch's CPU allocator and had not yet freed)``.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated`` minus what was live before:
+    every tensor the call creates (activations, autograd's saved tensors, temporaries of
+    any op) counts while it lives; memory that libraries take outside torch's allocator
+    (oneDNN scratch, like cuBLAS workspaces on CUDA) does not. The profiler's running total
+    also counts blocks left over from earlier profiled calls and never sees frees of blocks
+    allocated before the call, so the peak is taken above the total at the call's first
+    event: a call that frees older tensors reads high, never low. ``None`` when the call
+    allocated nothing through torch."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        value = fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    mem = sorted((e for e in events if e.get("name") == "[memory]"
+                  and e.get("args", {}).get("Device Type") == 0), key=lambda e: e["ts"])
+    if not mem:
+        return value, None
+    first = mem[0]["args"]
+    base = first["Total Allocated"] - first["Bytes"]
+    return value, max(0, max(e["args"]["Total Allocated"] for e in mem) - base)
+
+
 class NvmlSampler:
     """Samples device memory used, GPU/memory utilisation and power of one GPU every
     ``interval`` seconds in a background thread, and reads the energy counter at start and
@@ -354,7 +389,8 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device, nvml_sampling: bool = True) -> Tuple[Any, Dict]:
+def measure(fn: Callable[[], Any], device, nvml_sampling: bool = True,
+            track_alloc: bool = False) -> Tuple[Any, Dict]:
     """Run ``fn()`` once and return ``(its value, metrics)``.
 
     Metrics: ``wall_s``; ``cpu_s`` (process CPU time, all threads) and ``cpu_util``
@@ -362,7 +398,9 @@ def measure(fn: Callable[[], Any], device, nvml_sampling: bool = True) -> Tuple[
     ``peak_rss_increase_bytes``; on CUDA ``cuda_peak_allocated_bytes``,
     ``cuda_peak_reserved_bytes``, ``cuda_allocated_before_bytes`` and the NVML sampler's
     ``nvml`` dict. Peaks are reset at the start; an editor's turn resets them again when it
-    starts (after tokenising), so they are the peak of the turn proper."""
+    starts (after tokenising), so they are the peak of the turn proper. On the CPU with
+    ``track_alloc``: ``cpu_peak_alloc_increase_bytes`` (:func:`cpu_alloc_peak`; the profiler
+    it runs under slows the call a little)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     sync(device)
@@ -379,7 +417,10 @@ def measure(fn: Callable[[], Any], device, nvml_sampling: bool = True) -> Tuple[
     c0 = time.process_time()
     t0 = time.perf_counter()
     try:
-        value = fn()
+        if track_alloc and not cuda:
+            value, m["cpu_peak_alloc_increase_bytes"] = cpu_alloc_peak(fn)
+        else:
+            value = fn()
         sync(device)
     finally:
         t1 = time.perf_counter()
@@ -425,7 +466,7 @@ def summarize(runs: List[Dict[str, Any]], seconds: Optional[List[float]] = None)
                            "cpu_s_median": quantile([r["cpu_s"] for r in runs], 0.5),
                            "cpu_util_median": quantile([r["cpu_util"] or 0 for r in runs], 0.5)}
     for k in ("peak_rss_bytes", "peak_rss_increase_bytes", "cuda_peak_allocated_bytes",
-              "cuda_peak_reserved_bytes"):
+              "cuda_peak_reserved_bytes", "cpu_peak_alloc_increase_bytes"):
         vals = [r[k] for r in runs if r.get(k) is not None]
         if vals:
             out[k] = max(vals)
@@ -481,8 +522,8 @@ def _oom(e: BaseException) -> bool:
 
 def run_interleaved(impls: Dict[str, Impl], device, *, repeats: int, warmup: bool = True,
                     slow_s: float = 10.0, impl_budget_s: float = 120.0,
-                    nvml_sampling: bool = True, deadline: Optional[float] = None
-                    ) -> Dict[str, Series]:
+                    nvml_sampling: bool = True, deadline: Optional[float] = None,
+                    track_alloc: bool = False) -> Dict[str, Series]:
     """Time several implementations of the same work, alternating them run by run.
 
     The first run of each is a warm-up (one-time costs: kernel compilation, allocator
@@ -497,7 +538,7 @@ def run_interleaved(impls: Dict[str, Impl], device, *, repeats: int, warmup: boo
     def one(name: str) -> None:
         impl, ser = impls[name], out[name]
         try:
-            value, m = measure(impl.fn, device, nvml_sampling)
+            value, m = measure(impl.fn, device, nvml_sampling, track_alloc)
         except Exception as e:  # noqa: BLE001 - recorded, the others go on
             ser.error = (f"out of memory: {e}" if _oom(e) else
                          f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
@@ -617,6 +658,8 @@ class ModelCase:
     data: str  # "zsre" or "synthetic (zsRE token profile)"
     description: str
     requests_pool: Optional[list] = None  # zsRE records; None: synthetic
+    tied_layers: int = 0  # layers below the edited ones sharing one set of weights
+    full_weights_bytes: Optional[int] = None  # the weights before that tying
 
     def requests(self, turn: int, n: int = EDITS_PER_TURN, seed: int = 0):
         """Requests of turn ``turn`` (0-based): consecutive zsRE records, wrapping around
@@ -628,6 +671,9 @@ class ModelCase:
 
     @property
     def weights_bytes(self) -> int:
+        """Bytes of the model's weights (of the untied model, if layers were tied)."""
+        if self.full_weights_bytes is not None:
+            return self.full_weights_bytes
         seen, total = set(), 0
         for p in self.model.parameters():
             if id(p) not in seen:
@@ -784,12 +830,46 @@ def build_model(name: str, device, seed: int = 0) -> ModelCase:
                      f"got {name!r}")
 
 
-class ModelPool:
-    """Holds one built model at a time (a 7B model is freed before the next is built)."""
+def tie_layers_below_edited(mc: ModelCase) -> int:
+    """Make every decoder layer below the lowest edited one share layer 0's weights, and
+    return how many layers now do. For measuring a turn's memory on a host too small for
+    the whole model: a turn runs those layers without autograd (the backward stops at the
+    lowest edited module's output), so what the turn allocates is unchanged, and only the
+    weights shrink; ``mc.weights_bytes`` keeps counting the untied model's."""
+    from .presets import decoder_layers_prefix, resolve_edit_config
+    model = mc.model
+    prefix = decoder_layers_prefix(model)
+    if prefix is None:
+        raise ValueError(f"{mc.name}: no decoder layers found to tie")
+    modules = resolve_edit_config(model, mc.modules, mc.lr).modules
+    lowest = min(int(n[len(prefix) + 1:].split(".")[0]) for n in modules)
+    layers = model.get_submodule(prefix)
+    full = mc.weights_bytes
+    src = dict(layers[0].named_parameters())
+    for i in range(1, lowest):
+        for name, p in list(layers[i].named_parameters()):
+            q = src.get(name)
+            if q is None or q.shape != p.shape or q.dtype != p.dtype:
+                raise ValueError(f"{mc.name}: layer {i}'s {name} differs from layer 0's")
+            owner, _, attr = name.rpartition(".")
+            setattr(layers[i].get_submodule(owner) if owner else layers[i], attr, q)
+    gc.collect()
+    mc.full_weights_bytes = full
+    mc.tied_layers = max(0, lowest - 1)
+    mc.description += (f"; layers 1..{lowest - 1} share layer 0's weights (run without "
+                       "autograd; the weights counted are the untied model's)"
+                       if lowest > 1 else "")
+    return mc.tied_layers
 
-    def __init__(self, device, seed: int = 0):
+
+class ModelPool:
+    """Holds one built model at a time (a 7B model is freed before the next is built).
+    ``tie_below_edited``: :func:`tie_layers_below_edited` on the paper's 7B shapes."""
+
+    def __init__(self, device, seed: int = 0, tie_below_edited: bool = False):
         self.device = torch.device(device)
         self.seed = seed
+        self.tie_below_edited = tie_below_edited
         self.cases: Dict[str, ModelCase] = {}
         self.build_seconds: Dict[str, float] = {}
 
@@ -800,6 +880,8 @@ class ModelPool:
                     self.drop(other)
             t0 = time.perf_counter()
             self.cases[name] = build_model(name, self.device, self.seed)
+            if self.tie_below_edited and name in PAPER_LABELS:
+                tie_layers_below_edited(self.cases[name])
             sync(self.device)
             self.build_seconds[name] = time.perf_counter() - t0
         return self.cases[name]
@@ -969,6 +1051,7 @@ class Settings:
     impl_budget_s: float
     deadline: Optional[float]
     tokens_per_pass: Optional[int] = None  # None: the editor's default
+    tie_below_edited: bool = False  # tie_layers_below_edited on the 7B shapes (memory case)
 
     @property
     def dtype(self):
@@ -1053,19 +1136,23 @@ class WeightKeeper:
         return [p.detach().float().cpu() - s.float() for p, s in zip(self.params, self.saved)]
 
 
-def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print
-                    ) -> Dict[str, Any]:
+def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print,
+                    track_alloc: bool = False) -> Dict[str, Any]:
     from .forward import supports_packing
     fast, ref = _editors(mc, s.backend, s.tokens_per_pass)
     modules = list(fast.module_names)
     keeper = WeightKeeper(mc.model, modules)
     requests = mc.requests(0, n=s.edits, seed=s.seed)
     shifts: Dict[str, List[torch.Tensor]] = {}
+    # Comparing the two editors' shifts holds two fp32 copies of every edited weight on the
+    # host: fine beside a GPU, too much beside a 7B model in a small machine's memory.
+    shift_bytes = 2 * 4 * sum(p.numel() for p in keeper.params)
+    compare_shifts = s.device.type == "cuda" or shift_bytes <= 2 * GIB
 
     def after(tag):
         def f(_):
-            if tag not in shifts:  # the first run of each editor starts from the same model
-                shifts[tag] = keeper.rel_shift()
+            if compare_shifts and tag not in shifts:  # the first run of each editor
+                shifts[tag] = keeper.rel_shift()      # starts from the same model
             keeper.restore()
         return f
 
@@ -1078,7 +1165,8 @@ def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, 
     impls["fast"] = Impl(lambda: fast.edit(requests), total, after("fast"), keep=True)
     impls["reference"] = Impl(lambda: ref.edit(requests), total, after("reference"), keep=True)
     res = run_interleaved(impls, s.device, repeats=repeats, slow_s=s.slow_s,
-                          impl_budget_s=s.impl_budget_s, deadline=s.deadline)
+                          impl_budget_s=s.impl_budget_s, deadline=s.deadline,
+                          track_alloc=track_alloc)
     summ = {k: v.summary() for k, v in res.items()}
     fast_reports = res["fast"].values
     phases = {}
@@ -1104,10 +1192,14 @@ def _turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, 
         "packed": bool(fast.tokens_per_pass) and supports_packing(mc.model),
         "dtype": str(next(mc.model.parameters()).dtype).replace("torch.", ""),
         "weights_bytes": mc.weights_bytes,
+        **({"tied_layers": mc.tied_layers} if mc.tied_layers else {}),
         "fast": summ["fast"], "reference": summ["reference"],
         "fast_phases_median_s": phases,
         "speedup": _speedup(r_med, f_med),
         "shift_rel_diff_fast_vs_reference": agree,
+        **({} if compare_shifts else {"shift_compare_skipped":
+                                      f"two fp32 copies of the edited weights "
+                                      f"({shift_bytes / GIB:.1f} GiB) would not fit"}),
         "seconds_note": "seconds = EditReport.total_seconds (tokenisation excluded); wall_s "
                         "includes it",
     }
@@ -1163,6 +1255,7 @@ def _memory_row(s: Settings, turn_row: Dict[str, Any], source: str) -> Dict[str,
     row = {"model": turn_row["model"], "description": turn_row["description"],
            "dtype": turn_row["dtype"], "weights_bytes": turn_row["weights_bytes"],
            "modules": turn_row["modules"], "source": source,
+           **({"tied_layers": turn_row["tied_layers"]} if "tied_layers" in turn_row else {}),
            "kind": "cuda_peak_allocated (weights included)" if cuda
            else "peak RSS increase over the RSS before the turn"}
     row["fast_peak_bytes"] = _peak(f, s.device)
@@ -1185,15 +1278,34 @@ def _memory_row(s: Settings, turn_row: Dict[str, Any], source: str) -> Dict[str,
     else:
         row["fast_peak_rss_bytes"] = f.get("peak_rss_bytes")
         row["reference_peak_rss_bytes"] = r.get("peak_rss_bytes")
+        fa, ra = f.get("cpu_peak_alloc_increase_bytes"), r.get("cpu_peak_alloc_increase_bytes")
+        if fa is not None or ra is not None:
+            # The CPU's stand-in for CUDA's peak allocated: weights plus the peak of what
+            # the turn itself allocated through torch's allocator (cpu_alloc_peak).
+            w = turn_row["weights_bytes"]
+            row["kind"] = ("weights + peak of the turn's live torch CPU allocations "
+                           "(profiler accounting; stands in for cuda_peak_allocated)")
+            row["fast_peak_rss_increase_bytes"] = row["fast_peak_bytes"]
+            row["reference_peak_rss_increase_bytes"] = row["reference_peak_bytes"]
+            row["fast_peak_bytes"] = w + fa if fa is not None else None
+            row["reference_peak_bytes"] = w + ra if ra is not None else None
+            row["fast_turn_alloc_peak_bytes"], row["reference_turn_alloc_peak_bytes"] = fa, ra
+            if turn_row["model"] in PAPER_LABELS:
+                row["target_bytes"] = MEMORY_TARGET_BYTES
+                for k in ("fast", "reference"):
+                    if row[f"{k}_peak_bytes"] is not None:
+                        row[f"{k}_within_target"] = row[f"{k}_peak_bytes"] <= MEMORY_TARGET_BYTES
     if row["fast_peak_bytes"] and row["reference_peak_bytes"]:
         row["reference_over_fast"] = row["reference_peak_bytes"] / row["fast_peak_bytes"]
     return row
 
 
-def case_turn_and_memory(s: Settings, pool: ModelPool, log=print
+def case_turn_and_memory(s: Settings, pool: ModelPool, log=print,
+                         on_model: Optional[Callable[[List[Dict], List[Dict]], None]] = None
                          ) -> Tuple[List[Dict], List[Dict]]:
     """The ``turn`` case (and ``memory``, from the same runs) per model; ``memory`` alone
-    runs one turn of each editor per model."""
+    runs one turn of each editor per model. ``on_model(turns, mems)`` after each model
+    (to save the rows so far)."""
     do_turn, do_mem = "turn" in s.cases, "memory" in s.cases
     names = s.models if do_turn else []
     names += [m for m in s.memory_models if do_mem and m not in names]
@@ -1203,6 +1315,7 @@ def case_turn_and_memory(s: Settings, pool: ModelPool, log=print
             (turns if name in s.models and do_turn else mems).append(
                 {"model": name, "skipped": "time budget"})
             continue
+        mc = None  # let the pool free the previous model before it builds this one
         try:
             mc = pool.get(name, keep_others=[s.lifelong_model] if "lifelong" in s.cases
                           and s.device.type == "cpu" else [])
@@ -1222,11 +1335,14 @@ def case_turn_and_memory(s: Settings, pool: ModelPool, log=print
                 if do_mem and name in s.memory_models:
                     mems.append(_memory_row(s, row, "the turn case's runs"))
             else:  # memory only: one run of each, after a warm-up
-                row = _turn_one_model(s, mc, 1, False, log)
+                row = _turn_one_model(s, mc, 1, False, log,
+                                      track_alloc=s.device.type == "cpu")
                 mems.append(_memory_row(s, row, "one turn of each editor"))
         except Exception as e:  # noqa: BLE001
             log(f"[turn] {name}: failed: {type(e).__name__}: {e}")
             turns.append({"model": name, "error": traceback.format_exc(limit=8)})
+        if on_model is not None:
+            on_model(turns, mems)
     return turns, mems
 
 
@@ -1448,7 +1564,9 @@ def table_rows(doc: Dict[str, Any]) -> List[Dict[str, str]]:
             note += f"; reference: {r['reference_error'][:40]}"
         add("memory", r["model"], _fmt_b(r["fast_peak_bytes"]), _fmt_b(r["reference_peak_bytes"]),
             f"{r['reference_over_fast']:.2f} (mem)" if r.get("reference_over_fast") else "-",
-            note=note + "; " + ("peak allocated" if dev == "cuda" else "peak RSS increase"))
+            note=note + "; " + ("peak allocated" if dev == "cuda" else
+                                "weights + peak CPU allocations" if "fast_turn_alloc_peak_bytes"
+                                in r else "peak RSS increase"))
     return rows
 
 
@@ -1609,14 +1727,16 @@ def plot(doc: Dict[str, Any], path: str) -> Optional[str]:
             rpk = [(r["reference_peak_bytes"] or 0) / div for r in mems]
             ax.bar([i - 0.2 for i in x], fpk, 0.4, color=C_FAST, label="fast")
             ax.bar([i + 0.2 for i in x], rpk, 0.4, color=C_REF, label="reference")
-            if dev == "cuda":
+            accounted = dev == "cuda" or all("fast_turn_alloc_peak_bytes" in r for r in mems)
+            if accounted:  # weights included: CUDA's peak allocated, or the CPU's stand-in
                 w = [r["weights_bytes"] / div for r in mems]
                 ax.bar([i - 0.2 for i in x], w, 0.4, color="none", hatch="//", edgecolor="k",
                        label="of which weights")
                 ax.bar([i + 0.2 for i in x], w, 0.4, color="none", hatch="//", edgecolor="k")
                 ax.axhline(MEMORY_TARGET_BYTES / GIB, color="k", ls="--", lw=1,
                            label="20 GiB target (24 GB card)")
-                ax.set_ylabel(f"peak allocated, {unit}")
+                ax.set_ylabel(f"peak allocated, {unit}" if dev == "cuda" else
+                              f"weights + peak CPU allocations, {unit}")
             else:
                 ax.set_ylabel(f"peak RSS above pre-turn RSS, {unit}")
             for i in x:
@@ -1626,7 +1746,9 @@ def plot(doc: Dict[str, Any], path: str) -> Optional[str]:
             ax.set_xticks(x)
             ax.set_xticklabels([r["model"] for r in mems], fontsize=8)
             ax.set_title("Peak memory of one turn", fontsize=10)
-            ax.legend(fontsize=8)
+            ax.set_ylim(0, 1.35 * max(fpk + rpk + ([MEMORY_TARGET_BYTES / div] if accounted
+                                                   else [])))  # room for the legend
+            ax.legend(fontsize=8, ncol=4, loc="upper left")
             ax.grid(axis="y", alpha=0.3)
     words, lines, line = headline(doc).split(" "), [], "ultraedit_fast bench:"
     for w in words:  # wrap the headline
@@ -1710,6 +1832,9 @@ def settings_from_args(args) -> Settings:
         memm = list(models)
     if args.lifelong_model:
         life = args.lifelong_model
+    if args.tie_below_edited and cases != ["memory"]:
+        raise SystemExit("bench: --tie-below-edited changes the models: it goes with "
+                         "--cases memory alone")
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
     return Settings(device=device, cases=cases, scale=scale,
                     repeats=args.repeats or repeats, step_repeats=args.repeats or step_repeats,
@@ -1718,7 +1843,8 @@ def settings_from_args(args) -> Settings:
                     models=models, lifelong_model=life, memory_models=memm,
                     step_shapes=list(shapes), backend=args.backend, seed=args.seed,
                     edits=args.edits_per_turn, slow_s=args.slow_s, impl_budget_s=args.impl_budget,
-                    deadline=deadline, tokens_per_pass=args.tokens_per_pass)
+                    deadline=deadline, tokens_per_pass=args.tokens_per_pass,
+                    tie_below_edited=args.tie_below_edited)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1755,6 +1881,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-pass", type=int, default=None,
                    help="the fast editor's tokens_per_pass (default: the editor's; 0: one "
                         "padded mini-batch per pass, as the reference)")
+    p.add_argument("--tie-below-edited", action="store_true",
+                   help="memory case on a host too small for a 7B model: the decoder layers "
+                        "below the lowest edited one share one set of weights (the turn runs "
+                        "them without autograd, so its allocations are unchanged; the weights "
+                        "are counted untied)")
     p.add_argument("--edits-per-turn", type=int, default=EDITS_PER_TURN, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
@@ -1801,6 +1932,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "lifelong_model": s.lifelong_model, "memory_models": s.memory_models,
                      "backend": s.backend or "auto", "seed": s.seed, "slow_s": s.slow_s,
                      "tokens_per_pass": s.tokens_per_pass,
+                     "tie_below_edited": s.tie_below_edited,
                      "edits_per_turn": s.edits, "threads": torch.get_num_threads(),
                      "impl_budget_s": s.impl_budget_s, "time_budget_s": args.time_budget,
                      "argv": list(argv) if argv is not None else sys.argv[1:]},
@@ -1819,7 +1951,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"bench: merging into {json_path} (its cases of other models/shapes are kept)")
     log(f"bench: {headline(doc)}")
     log(f"bench: writing {json_path}")
-    pool = ModelPool(s.device, s.seed)
+    pool = ModelPool(s.device, s.seed, s.tie_below_edited)
     t_start = time.perf_counter()
 
     def save():
@@ -1846,14 +1978,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         doc["cases"]["steps"] = guarded("steps", lambda: case_steps(s, log))
         save()
     if "turn" in s.cases or "memory" in s.cases:
-        res = guarded("turn", lambda: case_turn_and_memory(s, pool, log))
+        def keep(turns, mems):  # the rows so far reach the file after every model
+            if "turn" in s.cases:
+                doc["cases"]["turn"] = turns
+            if "memory" in s.cases:
+                doc["cases"]["memory"] = mems
+            save()
+
+        res = guarded("turn", lambda: case_turn_and_memory(s, pool, log, keep))
         if isinstance(res, dict):
             doc["cases"]["turn"] = [res]
         else:
-            if "turn" in s.cases:
-                doc["cases"]["turn"] = res[0]
-            if "memory" in s.cases:
-                doc["cases"]["memory"] = res[1]
+            keep(*res)
         save()
     if "lifelong" in s.cases:
         doc["cases"]["lifelong"] = guarded("lifelong", lambda: case_lifelong(s, pool, log))
