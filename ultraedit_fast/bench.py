@@ -1746,8 +1746,9 @@ def plot(doc: Dict[str, Any], path: str) -> Optional[str]:
             ax.set_xticks(x)
             ax.set_xticklabels([r["model"] for r in mems], fontsize=8)
             ax.set_title("Peak memory of one turn", fontsize=10)
-            ax.set_ylim(0, 1.35 * max(fpk + rpk + ([MEMORY_TARGET_BYTES / div] if accounted
-                                                   else [])))  # room for the legend
+            top = max(fpk + rpk + ([MEMORY_TARGET_BYTES / div] if accounted else []))
+            if top > 0:
+                ax.set_ylim(0, 1.35 * top)  # room for the legend
             ax.legend(fontsize=8, ncol=4, loc="upper left")
             ax.grid(axis="y", alpha=0.3)
     words, lines, line = headline(doc).split(" "), [], "ultraedit_fast bench:"
