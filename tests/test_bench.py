@@ -279,3 +279,6 @@ def test_bad_arguments_are_reported():
             bench.main(["--device", "cuda"])
     with pytest.raises(SystemExit, match="memory alone"):
         bench.main(["--device", "cpu", "--cases", "turn,memory", "--tie-below-edited"])
+    with pytest.raises(SystemExit, match="memory alone, on the CPU"):
+        bench.main(["--device", "cuda" if HAS_CUDA else "cpu", "--cases", "turn",
+                    "--tie-below-edited"])

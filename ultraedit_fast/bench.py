@@ -1833,9 +1833,10 @@ def settings_from_args(args) -> Settings:
         memm = list(models)
     if args.lifelong_model:
         life = args.lifelong_model
-    if args.tie_below_edited and cases != ["memory"]:
+    if args.tie_below_edited and (cases != ["memory"] or cuda):
         raise SystemExit("bench: --tie-below-edited changes the models: it goes with "
-                         "--cases memory alone")
+                         "--cases memory alone, on the CPU (CUDA's peak counts the weights "
+                         "actually held)")
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
     return Settings(device=device, cases=cases, scale=scale,
                     repeats=args.repeats or repeats, step_repeats=args.repeats or step_repeats,
