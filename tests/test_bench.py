@@ -100,6 +100,10 @@ def test_run_interleaved_warmup_slow_runs_and_errors():
     res = bench.run_interleaved({"a": bench.Impl(lambda: calls.append("s"))}, "cpu",
                                 repeats=2, slow_s=0.0, nvml_sampling=False)
     assert calls.count("s") == 2 and len(res["a"].runs) == 2 and res["a"].notes
+    # ... unless it is marked as allocating what later runs reuse: then it is a warm-up
+    res = bench.run_interleaved({"a": bench.Impl(lambda: calls.append("w"), always_warm_up=True)},
+                                "cpu", repeats=2, slow_s=0.0, nvml_sampling=False)
+    assert calls.count("w") == 3 and len(res["a"].runs) == 2 and not res["a"].notes
 
 
 def test_synthetic_requests_follow_the_zsre_profile():
