@@ -4,7 +4,7 @@ model may be given packed sequences."""
 import pytest
 import torch
 
-from conftest import ARCHS, clone_model, make_tiny, random_requests
+from conftest import ARCHS, ToyTokenizer, clone_model, make_tiny, random_requests
 from ultraedit_fast import UltraEditor
 from ultraedit_fast import forward
 from ultraedit_fast.requests import IGNORE, make_minibatches, pack_minibatches
@@ -50,19 +50,24 @@ def test_pack_minibatches_groups_in_order_within_the_budget(toy_tokenizer):
     assert [len(p.counts) for p in pack_minibatches(batches, 1)] == [1] * len(batches)
 
 
+@pytest.fixture
+def passes_seen(monkeypatch):
+    """The input shapes of the editor's forward passes, as they run."""
+    import ultraedit_fast.editor as E
+    calls, orig = [], forward.answer_logits
+    monkeypatch.setattr(E, "answer_logits",
+                        lambda *a, **k: calls.append(a[1].shape) or orig(*a, **k))
+    return calls
+
+
 def _edit(arch, tokens_per_pass, turns=2, dtype=torch.float32, modules=None):
     model, default = make_tiny(arch, seed=1, dtype=dtype)
-    ed = UltraEditor(model, toy(), modules=modules or default, lr=LR, batch_size=3,
+    ed = UltraEditor(model, ToyTokenizer(), modules=modules or default, lr=LR, batch_size=3,
                      tokens_per_pass=tokens_per_pass)
     before = {n: model.get_submodule(n).weight.detach().clone() for n in ed.module_names}
     for t in range(turns):
         ed.edit(random_requests(10 + 3 * t, seed=40 + t))
     return model, ed, before
-
-
-def toy():
-    from conftest import ToyTokenizer
-    return ToyTokenizer()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -84,21 +89,16 @@ def test_packed_turns_equal_padded_turns(arch, tokens_per_pass):
         torch.testing.assert_close(s1.acc, s0.acc, rtol=1e-5, atol=1e-7)
 
 
-def test_packed_turn_runs_fewer_passes(monkeypatch):
+def test_packed_turn_runs_fewer_passes(passes_seen):
     model, modules = make_tiny("llama", seed=1)
-    calls = []
-    orig = forward.answer_logits
-
-    def counting(*a, **k):
-        calls.append(a[1].shape)
-        return orig(*a, **k)
-    import ultraedit_fast.editor as E
-    monkeypatch.setattr(E, "answer_logits", counting)
+    calls = passes_seen
     reqs = random_requests(12, seed=3)
-    UltraEditor(model, toy(), modules=modules, lr=LR, batch_size=3, tokens_per_pass=0).edit(reqs)
+    UltraEditor(model, ToyTokenizer(), modules=modules, lr=LR, batch_size=3,
+                tokens_per_pass=0).edit(reqs)
     assert len(calls) == 4 and all(s[0] > 1 for s in calls)
     calls.clear()
-    UltraEditor(clone_model(model), toy(), modules=modules, lr=LR, batch_size=3).edit(reqs)
+    UltraEditor(clone_model(model), ToyTokenizer(), modules=modules, lr=LR,
+                batch_size=3).edit(reqs)
     assert len(calls) == 1 and calls[0][0] == 1  # one packed row
 
 
@@ -111,7 +111,8 @@ def test_bf16_packed_turn_is_close_to_padded():
         assert _rel(s1, s0) < 0.05, name
 
 
-def test_probe_refuses_packing_when_requests_would_attend_to_each_other(monkeypatch):
+def test_probe_refuses_packing_when_requests_would_attend_to_each_other(monkeypatch,
+                                                                        passes_seen):
     """Without transformers' packed-sequence masks (as in its older versions), one
     request would see the one before it: the probe must notice and the editor pad."""
     import transformers.masking_utils as mu
@@ -123,14 +124,9 @@ def test_probe_refuses_packing_when_requests_would_attend_to_each_other(monkeypa
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
     assert not forward.supports_packing(other)  # a fresh probe, on a fresh model
     assert forward.supports_packing(model)  # cached per model
-    ed = UltraEditor(other, toy(), modules=modules, lr=LR, batch_size=3)
-    calls = []
-    orig = forward.answer_logits
-    import ultraedit_fast.editor as E
-    monkeypatch.setattr(E, "answer_logits",
-                        lambda *a, **k: calls.append(a[1].shape) or orig(*a, **k))
+    ed = UltraEditor(other, ToyTokenizer(), modules=modules, lr=LR, batch_size=3)
     ed.edit(random_requests(9, seed=2))
-    assert len(calls) == 3  # padded mini-batches
+    assert len(passes_seen) == 3  # padded mini-batches
 
 
 def test_models_without_the_rows_path_do_not_pack():
@@ -143,4 +139,4 @@ def test_tokens_per_pass_is_validated():
     model, modules = make_tiny("llama")
     for bad in (-1, 1.5, True, "8"):
         with pytest.raises(ValueError, match="tokens_per_pass"):
-            UltraEditor(model, toy(), modules=modules, tokens_per_pass=bad)
+            UltraEditor(model, ToyTokenizer(), modules=modules, tokens_per_pass=bad)

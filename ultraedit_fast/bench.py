@@ -1116,9 +1116,8 @@ def _editors(mc: ModelCase, backend: Optional[str], tokens_per_pass: Optional[in
     from .editor import UltraEditor
     from .reference import ReferenceEditor
     gc.collect()  # the previous case's editors of this model, so that only one is live
-    kw = {} if tokens_per_pass is None else {"tokens_per_pass": tokens_per_pass}
     fast = UltraEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr, backend=backend,
-                       **kw)
+                       tokens_per_pass=tokens_per_pass)
     ref = ReferenceEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr)
     return fast, ref
 

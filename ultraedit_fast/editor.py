@@ -56,6 +56,7 @@ class SharedModelWarning(UserWarning):
 
 
 # One lock per model, shared by all its editors: edits of one model never interleave.
+DEFAULT_TOKENS_PER_PASS = 512  # UltraEditor(tokens_per_pass=None)
 _MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LIVE_EDITORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
@@ -189,15 +190,15 @@ class UltraEditor:
             the loss of each token (its mini-batch's mean) and the normaliser's blocks.
         tokens_per_pass: run consecutive mini-batches together, packed (no padding; each
             request in its own positions, none attending to another), in forward/backward
-            passes of at most this many tokens; each mini-batch keeps its own mean loss
+            passes of at most this many tokens (``None``: ``DEFAULT_TOKENS_PER_PASS``, 512); each mini-batch keeps its own mean loss
             and normaliser block, so the turn is the same up to float rounding (ALGORITHM.md
             section 2). Fewer, larger matrix products and no padding: on the benchmarks'
             7B-wide model (2-core CPU, 1 thread) a 100-edit turn's capture took 13.9 s at
             512 against 16.9 s at ``0``; 1024 gave 13.2-13.4 s. Each pass holds the
-            activations of the layers above the lowest edited module for its backward,
-            about 0.2 MB per token per layer at 7B width in bf16 (an estimate, not yet
-            measured on a GPU): LLaMA-3-8B's preset spans 21 layers, so 512 tokens hold
-            about 2.2 GB beside 16 GB of weights, within a 24 GB card. Applies where
+            activations of the layers above the lowest edited module for its backward:
+            at 512, a LLaMA-3-8B-shaped bf16 model's turn (preset layers, a backward over
+            21 layers) peaked at 1.79 GiB beside 14.96 GiB of weights, counted on the CPU
+            (``benchmarks/README.md``; not yet measured on a GPU). Applies where
             :func:`~ultraedit_fast.forward.supports_packing` holds (checked once per
             model); elsewhere, and with ``0``, one padded mini-batch per pass, as the
             reference runs them.
@@ -247,7 +248,7 @@ class UltraEditor:
                  lr: Optional[float] = None, batch_size: int = 10, *,
                  backend: Optional[str] = None, share_normalizer: bool = True,
                  transactional: bool = True, undo: Union[bool, int] = False,
-                 tokens_per_pass: int = 512):
+                 tokens_per_pass: Optional[int] = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if tokenizer is None or not callable(tokenizer):
@@ -266,6 +267,8 @@ class UltraEditor:
         self.lr: float = cfg.lr
         self.preset: str = cfg.preset
         self.batch_size = batch_size
+        if tokens_per_pass is None:
+            tokens_per_pass = DEFAULT_TOKENS_PER_PASS
         if isinstance(tokens_per_pass, bool) or not isinstance(tokens_per_pass, int) \
                 or tokens_per_pass < 0:
             raise ValueError("tokens_per_pass: expected an int >= 0 (0: no packing), got "
@@ -430,9 +433,10 @@ class UltraEditor:
         ``keys``/``grads``. Returns the number of answer tokens."""
         model, n_tokens = self.model, 0
         for batch in passes:
-            batch = batch.to(device)
+            counts = batch.counts or [batch.n_tokens]  # answer tokens per mini-batch, counted
+            batch = batch.to(device)                   # on the host: no device sync per pass
             mask = batch.labels != IGNORE
-            cap.mask, cap.n_rows = mask, int(mask.sum())
+            cap.mask, cap.n_rows = mask, sum(counts)
             logits = answer_logits(model, batch.input_ids, batch.attention_mask, mask,
                                    batch.position_ids)
             labels = batch.labels[mask].to(logits.device)
@@ -445,7 +449,6 @@ class UltraEditor:
             if missing:
                 raise RuntimeError(f"modules {missing} did not run in the forward pass")
             gouts = torch.autograd.grad(loss, [cap.outputs[t.name] for t in self.targets])
-            counts = batch.counts or [cap.n_rows]  # answer tokens per mini-batch
             split: Dict[int, Tuple[torch.Tensor, ...]] = {}
             for t, g in zip(self.targets, gouts):
                 k = cap.keys[t.name]  # one tensor for modules fed the same input

@@ -208,8 +208,8 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     seconds_load = time.perf_counter() - t_load
 
     if editor == "fast":
-        kw = {} if tokens_per_pass is None else {"tokens_per_pass": tokens_per_pass}
-        ed = UltraEditor(model, tokenizer, modules, lr, batch_size, backend=backend, **kw)
+        ed = UltraEditor(model, tokenizer, modules, lr, batch_size, backend=backend,
+                         tokens_per_pass=tokens_per_pass)
         backend_name, preset = ed.backend, ed.preset
     else:
         ed = ReferenceEditor(model, tokenizer, modules, lr, batch_size)
