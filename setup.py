@@ -1,6 +1,6 @@
 """Build of ultraedit_fast's compiled kernels.
 
-``pip install --no-build-isolation -e .`` builds ``ultraedit_fast._C`` against the
+``pip install --no-build-isolation -e .`` builds ``ultraedit_fast.kernels._C`` against the
 torch already installed:
 
 * a ``CUDAExtension`` (C++ CPU kernels + CUDA kernels) when torch is a CUDA build
@@ -67,7 +67,7 @@ def _extensions():
         _say(f"building C++ CPU + CUDA kernels (torch CUDA {torch.version.cuda}, "
              f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
         ext = ce.CUDAExtension(
-            "ultraedit_fast._C",
+            "ultraedit_fast.kernels._C",
             cpp_sources + cuda_sources,
             depends=headers,
             extra_compile_args={"cxx": cxx_flags + ["-DULTRAEDIT_WITH_CUDA"],
@@ -89,7 +89,7 @@ def _extensions():
             why = "nvcc was not found (set CUDA_HOME)"
         _say(f"CUDA kernels SKIPPED ({why}); building the C++ CPU kernels (OpenMP) only")
         ext = ce.CppExtension(
-            "ultraedit_fast._C",
+            "ultraedit_fast.kernels._C",
             cpp_sources,
             depends=headers,
             extra_compile_args={"cxx": cxx_flags},

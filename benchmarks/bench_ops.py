@@ -45,7 +45,7 @@ import os
 import pytest
 import torch
 
-from ultraedit_fast import backends, ops
+from ultraedit_fast.kernels import backends, ops
 
 if os.environ.get("UEF_BENCH_THREADS"):
     # e.g. 1: on a small shared machine one thread is far less disturbed by other
@@ -198,7 +198,7 @@ def rank_update_vs_addmm(reps: int = 30, configs: bool = True, shape=MISTRAL_DOW
     Inputs are random (never zeros), the (a, k) pair rotates among 3 sets (3 x 38 MB,
     more than an H100's 50 MB L2) and w (117 MB) is updated in place, as in a turn.
     Returns {"ceilings": ..., "floors_us": ..., "rows": [...]} and prints a table."""
-    from ultraedit_fast import triton_kernels as tk
+    from ultraedit_fast.kernels import triton_kernels as tk
 
     d_out, d_in, N = shape
     ceil = _ceilings()

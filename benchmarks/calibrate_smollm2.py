@@ -1,6 +1,6 @@
 """Calibrate the SmolLM2-135M-Instruct preset: sweep edited layers and ``lr``.
 
-Setting (ALGORITHM.md section 9, so that the figures can be set beside upstream's):
+Setting (docs/algorithm.md section 9, so that the figures can be set beside upstream's):
 the first 1000 records of ``../shared/data/zsre/zsre_mend_train-1k.json`` (target
 ``answers[0]``), 10 turns x 100 edits, mini-batch 10, the fast editor; scored after the
 last turn on all 1000 edited requests: ES / GS / LS as the reference scores them
@@ -49,7 +49,7 @@ def up(a, b, kinds=("up_proj",)):
     return [f"model.layers.{i}.mlp.{k}" for k in kinds for i in range(a, b + 1)]
 
 
-# name -> (modules, lr, upstream ES/GS/LS from ALGORITHM.md section 9 or None)
+# name -> (modules, lr, upstream ES/GS/LS from docs/algorithm.md section 9 or None)
 CONFIGS = {
     "down26-27@1e-4": (DOWN, 1e-4, (26.5, 25.0, 25.5)),
     "down26-27@5e-4": (DOWN, 5e-4, (39.6, 37.2, 24.7)),
@@ -122,7 +122,7 @@ def write_markdown(results: dict, path: Path) -> None:
         f"(backend `{s.get('backend', '?')}`), {s['dtype']}; scored after the last turn on all "
         f"{s['turns'] * s['edits_per_turn']} edited requests (teacher-forced token accuracy, %). "
         "LS is against the dataset's `loc_ans` (as upstream scores it), LS_unedited against "
-        "the unedited model's own predictions. Upstream ES/GS/LS: ALGORITHM.md section 9 "
+        "the unedited model's own predictions. Upstream ES/GS/LS: docs/algorithm.md section 9 "
         "(the upstream code, same model, data and setting).",
         "",
         f"Measured on: {s.get('device_name', '?').replace('1 torch threads', '1 torch thread')}"
@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     import torch
     from ultraedit_fast.data import iter_examples
     from ultraedit_fast.evaluate import capture_predictions
-    from ultraedit_fast.lifelong import environment, run_lifelong, score
+    from ultraedit_fast.environment import environment
+    from ultraedit_fast.lifelong import run_lifelong, score
     from ultraedit_fast.models import load_model
     from ultraedit_fast.presets import summarize_names
 

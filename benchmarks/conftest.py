@@ -19,6 +19,10 @@ import torch  # noqa: E402
 
 from ultraedit_fast import bench  # noqa: E402
 
+# the data beside this checkout (../shared/data), when present
+SHARED_ZSRE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           os.pardir, "shared", "data", "zsre", "zsre_mend_train-1k.json")
+
 
 def pytest_addoption(parser):
     g = parser.getgroup("ultraedit_fast benchmarks")
@@ -30,6 +34,9 @@ def pytest_addoption(parser):
                 help="comma-separated models of the turn/memory cases (bench --models)")
     g.addoption("--bench-lifelong-turns", type=int, default=None,
                 help="turns of the lifelong benchmark (bench --lifelong-turns)")
+    g.addoption("--bench-zsre", default=SHARED_ZSRE,
+                help="zsRE records for SmolLM2's turns (bench --zsre; default: the shared "
+                     "data beside this checkout, when present)")
 
 
 def _settings(config) -> bench.Settings:
@@ -41,6 +48,8 @@ def _settings(config) -> bench.Settings:
         argv += ["--models", config.getoption("--bench-models")]
     if config.getoption("--bench-lifelong-turns"):
         argv += ["--lifelong-turns", str(config.getoption("--bench-lifelong-turns"))]
+    if config.getoption("--bench-zsre") and os.path.exists(config.getoption("--bench-zsre")):
+        argv += ["--zsre", config.getoption("--bench-zsre")]
     return bench.settings_from_args(bench.build_parser().parse_args(argv))
 
 

@@ -74,7 +74,7 @@ if [ "$DRY" = 1 ]; then
 else
     export MAX_JOBS=${MAX_JOBS:-16} ULTRAEDIT_FAST_CUDA_ARCHS=${ULTRAEDIT_FAST_CUDA_ARCHS:-9.0}
     stage install 270 "$PY" -m pip install --no-build-isolation --no-deps -e .
-    if ! "$PY" -c "import torch, ultraedit_fast.ops as o, sys; sys.exit(0 if all(o.has_kernel(n, 'CUDA') for n in o.OP_NAMES) else 1)"; then
+    if ! "$PY" -c "import torch, ultraedit_fast.kernels.ops as o, sys; sys.exit(0 if all(o.has_kernel(n, 'CUDA') for n in o.OP_NAMES) else 1)"; then
         echo "=== [install] the CUDA kernels are not loadable; retrying without CUDA (cpp + triton backends)"
         stage install-cpu-only 120 env ULTRAEDIT_FAST_SKIP_CUDA=1 "$PY" -m pip install \
             --no-build-isolation --no-deps -e .

@@ -63,13 +63,13 @@ def test_step(benchmark, bench_settings, step_case):
     benchmark.extra_info.update({
         "shape": label, "d_in": d_in, "d_out": d_out, "n_tokens": bench.STEP_TOKENS, "op": op,
         "impl": impl, "dtype": str(s.dtype), **_q(benchmark),
-        "peak_bytes": bench._peak(m, s.device), "cpu_s": m["cpu_s"]})
+        "peak_bytes": bench.peak_of(m, s.device), "cpu_s": m["cpu_s"]})
 
 
 def _editors(pool, s, name):
     mc = pool.get(name)
     if _EDITORS.get("name") != name:
-        fast, ref = bench._editors(mc, s.backend)
+        fast, ref = bench.make_editors(mc, **s.editor_options)
         _EDITORS.clear()
         _EDITORS.update(name=name, fast=fast, ref=ref,
                         keeper=bench.WeightKeeper(mc.model, fast.module_names))
@@ -107,7 +107,7 @@ def test_turn(benchmark, bench_settings, model_pool, turn_case):
     ed["keeper"].restore()
     summ = bench.summarize(metrics)
     info = {"model": name, "impl": impl, "data": mc.data, "modules": ed["fast"].module_names,
-            **_q(benchmark), "peak_bytes": bench._peak(summ, s.device),
+            **_q(benchmark), "peak_bytes": bench.peak_of(summ, s.device),
             "cpu_s_median": summ["cpu_s_median"], "nvml": summ.get("nvml")}
     if impl == "floor":
         info["floor_seconds"] = [v["seconds"] for v in values]
@@ -128,7 +128,7 @@ def test_lifelong(benchmark, bench_settings, model_pool, lifelong_model):
     except RuntimeError as e:
         pytest.skip(str(e))
     _EDITORS.clear()  # one live fast editor per model
-    fast, _ = bench._editors(mc, s.backend)
+    fast, _ = bench.make_editors(mc, **s.editor_options)
     keeper = bench.WeightKeeper(mc.model, fast.module_names)
     turn = itertools.count()
     reports = []
@@ -144,7 +144,7 @@ def test_lifelong(benchmark, bench_settings, model_pool, lifelong_model):
                        iterations=1)
     keeper.restore()
     times = [r.total_seconds for r in reports]
-    drift = bench._drift(times)
+    drift = bench.drift(times)
     benchmark.extra_info.update({"model": lifelong_model, "turns": len(times),
                                  "per_turn_seconds": times, "drift": drift, **_q(benchmark)})
     if len(times) >= 11:  # must stay flat (loose: a shared CPU is noisy)
@@ -170,7 +170,7 @@ def test_memory(benchmark, bench_settings, model_pool, memory_case):
     benchmark.pedantic(measured, setup=ed["keeper"].restore, rounds=1, warmup_rounds=0,
                        iterations=1)
     ed["keeper"].restore()
-    peak = bench._peak(metrics[0], s.device)
+    peak = bench.peak_of(metrics[0], s.device)
     benchmark.extra_info.update({"model": name, "impl": impl, "peak_bytes": peak,
                                  "peak_kind": "cuda_peak_allocated (weights included)"
                                  if s.device.type == "cuda" else "peak RSS increase",

@@ -1,4 +1,4 @@
-// CPU kernels of the ultraedit_fast ops (schemas: ultraedit_fast/ops.py).
+// CPU kernels of the ultraedit_fast ops (schemas: ultraedit_fast/kernels/ops.py).
 //
 // The schemas are defined once, in Python, with torch.library before this
 // module is imported, so this file only adds CPU implementations
@@ -190,7 +190,7 @@ void merge_columns(const std::vector<BlockView>& blocks, const std::vector<int64
     });
     const double md_ = static_cast<double>(m);
     const double n_new = n + md_;
-    // m * var_rows (ALGORITHM.md section 3 keeps m, not m - 1); a single row
+    // m * var_rows (docs/algorithm.md section 3 keeps m, not m - 1); a single row
     // has no unbiased variance and is merged with var_rows = 0.
     const double var_scale = m > 1 ? md_ / (md_ - 1.0) : 0.0;
     for (int64_t j = 0; j < len; ++j) {

@@ -199,14 +199,14 @@ def test_memory_case_frees_each_model_before_building_the_next(monkeypatch):
     built, alive_at_build = [], []
     real = bench.build_model
 
-    def build(name, device, seed=0):
+    def build(name, device, seed=0, zsre_path=None):
         alive_at_build.append([w() is not None for w in built])
         mc = real("tiny", device, seed)
         mc.name = name
         built.append(weakref.ref(mc.model))
         return mc
 
-    monkeypatch.setattr(bench, "build_model", build)
+    monkeypatch.setattr(bench.workloads, "build_model", build)
     s = bench.settings_from_args(bench.build_parser().parse_args(
         ["--device", "cpu", "--tiny", "--cases", "memory", "--edits-per-turn", "12"]))
     s.memory_models = ["a", "b", "c"]

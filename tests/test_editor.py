@@ -7,7 +7,7 @@ import torch
 from conftest import clone_model, make_tiny, random_requests
 from ultraedit_fast import (EditRefused, EditReport, EditRequest, ReferenceEditor, UltraEditor,
                             fast_edit)
-from ultraedit_fast.backends import resolve_backend
+from ultraedit_fast.kernels import resolve_backend
 from ultraedit_fast.requests import IGNORE, make_minibatches, tokenize_pair
 
 

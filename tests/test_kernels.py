@@ -1,11 +1,11 @@
 """The fused kernels (C++ CPU, CUDA, Triton) against the default kernels of
-``ultraedit_fast.ops`` and a float64 reference of ALGORITHM.md.
+``ultraedit_fast.ops`` and a float64 reference of docs/algorithm.md.
 
     python -m pytest -q tests/test_kernels.py                        # cpp (+ cuda, triton on a GPU)
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py -k triton   # Triton on the CPU
 
 ``TRITON_INTERPRET`` must be in the environment of the whole pytest process:
-Triton reads it when a kernel is decorated, i.e. when ``ultraedit_fast.triton_kernels``
+Triton reads it when a kernel is decorated, i.e. when ``ultraedit_fast.kernels.triton_kernels``
 is first imported.
 
 Accuracy criterion (flash-attention's): a kernel's largest error against a float64
@@ -31,7 +31,7 @@ import zlib
 import pytest
 import torch
 
-from ultraedit_fast import backends, ops
+from ultraedit_fast.kernels import backends, ops
 
 EPS = ops.EPS
 K_TIMES = 2.0
@@ -91,7 +91,7 @@ def _assert_within(out, default_out, ref, what, k_times=K_TIMES, ulps=4.0):
 
 # --------------------------------------------------------------------------- float64 references
 def _ref_normalizer(state, calls):
-    """ALGORITHM.md section 3 in float64; ``calls``: [(ks, gs, n), ...] applied in order."""
+    """docs/algorithm.md section 3 in float64; ``calls``: [(ks, gs, n), ...] applied in order."""
     mean, acc, std = (t.double().cpu().clone() for t in state)
     for ks, gs, n in calls:
         for k, g in zip(ks, gs):

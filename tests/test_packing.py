@@ -1,5 +1,5 @@
 """Packed passes: several mini-batches in one forward/backward, each keeping its own mean
-loss and normaliser block (ALGORITHM.md section 2), and the probe that decides when a
+loss and normaliser block (docs/algorithm.md section 2), and the probe that decides when a
 model may be given packed sequences."""
 import pytest
 import torch
@@ -53,7 +53,7 @@ def test_pack_minibatches_groups_in_order_within_the_budget(toy_tokenizer):
 @pytest.fixture
 def passes_seen(monkeypatch):
     """The input shapes of the editor's forward passes, as they run."""
-    import ultraedit_fast.editor as E
+    import ultraedit_fast.capture as E
     calls, orig = [], forward.answer_logits
     monkeypatch.setattr(E, "answer_logits",
                         lambda *a, **k: calls.append(a[1].shape) or orig(*a, **k))

@@ -122,7 +122,7 @@ def test_large_turn_uses_primal_side_and_matches(toy_tokenizer):
 
 
 def test_dual_solve_is_exact_against_float64():
-    """N < d_in: the dual solve against a float64 primal solve, as ALGORITHM.md claims."""
+    """N < d_in: the dual solve against a float64 primal solve, as docs/algorithm.md says."""
     from ultraedit_fast.reference import primal_shift
     from ultraedit_fast.solve import ShiftSolver
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from conftest import ToyTokenizer, make_tiny, random_requests
-from ultraedit_fast import UltraEditor, persistence
-from ultraedit_fast.persistence import CheckpointWeightsWarning
+from ultraedit_fast import UltraEditor, checkpoint
+from ultraedit_fast.checkpoint import CheckpointWeightsWarning
 
 LR = 1e-4
 TESTS = Path(__file__).resolve().parent
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", persistence.CheckpointWeightsWarning)
+        warnings.simplefilter("ignore", checkpoint.CheckpointWeightsWarning)
         warnings.simplefilter("ignore", UserWarning)
         yield
 
@@ -422,7 +422,7 @@ def test_invalid_safetensors_with_matching_hash_is_refused(saved):
     body.pop("manifest_sha256")
     body["tensors"]["sha256"] = hashlib.sha256(garbage).hexdigest()
     body["tensors"]["bytes"] = len(garbage)
-    body["manifest_sha256"] = hashlib.sha256(persistence._canonical(body)).hexdigest()
+    body["manifest_sha256"] = hashlib.sha256(checkpoint._canonical(body)).hexdigest()
     m.write_text(json.dumps(body))
     with pytest.raises(ValueError, match=f"{f.name}.*not a valid safetensors"):
         UltraEditor.load(path, model, ToyTokenizer())

@@ -3,17 +3,16 @@ Hugging Face causal language models.
 
     from ultraedit_fast import fast_edit, UltraEditor, EditRequest, evaluate
 """
-__version__ = "0.1.0"
-
-from .backends import available_backends, resolve_backend  # noqa: E402
-from .editor import (EditRefused, NormalizerState, SharedModelWarning, UltraEditor,  # noqa: E402
-                     fast_edit)
-from .persistence import CheckpointWeightsWarning  # noqa: E402
-from .evaluate import capture_predictions, evaluate, token_accuracy  # noqa: E402
-from .ops import EXTENSION_ERROR  # noqa: E402
-from .reference import ReferenceEditor  # noqa: E402
-from .report import EditReport  # noqa: E402
-from .requests import EditRequest  # noqa: E402
+from ._version import __version__
+from .checkpoint import CheckpointWeightsWarning
+from .config import EditorConfig
+from .editor import EditRefused, SharedModelWarning, UltraEditor, fast_edit
+from .evaluate import capture_predictions, evaluate, token_accuracy
+from .kernels import EXTENSION_ERROR, available_backends, resolve_backend
+from .normalizer import NormalizerState
+from .reference import ReferenceEditor
+from .report import EditReport
+from .requests import EditRequest
 
 
 def backend_info(device="cpu") -> str:
@@ -27,5 +26,5 @@ def backend_info(device="cpu") -> str:
 
 __all__ = ["EditRequest", "UltraEditor", "ReferenceEditor", "fast_edit", "evaluate",
            "capture_predictions", "token_accuracy", "EditReport", "EditRefused",
-           "NormalizerState", "SharedModelWarning", "CheckpointWeightsWarning",
-           "available_backends", "backend_info", "__version__"]
+           "EditorConfig", "NormalizerState", "SharedModelWarning", "CheckpointWeightsWarning",
+           "available_backends", "backend_info", "EXTENSION_ERROR", "__version__"]

@@ -3,7 +3,7 @@
     ultraedit-fast demo                       # 8 counterfactual edits on SmolLM2-135M-Instruct
     ultraedit-fast run --data zsre.json --turns 10 --edits-per-turn 100 --output-dir out/
     ultraedit-fast eval --data zsre.json --limit 200 [--output scores.json]
-    ultraedit-fast bench ...                  # ultraedit_fast.bench, where installed
+    ultraedit-fast bench ...                  # ultraedit_fast.bench
 
 Mistakes a user can make (a missing file, an unknown format, a bad option or dtype,
 malformed data) end with one line on stderr and exit status 2.
@@ -19,7 +19,12 @@ import sys
 import time
 from typing import List, Optional
 
+from .config import add_cli_options, cli_int_at_least, options_from_cli
+from .display import pct
+
 PROG = "ultraedit-fast"
+# the editor options that `run` takes as flags (EditorConfig's; `demo` takes modules and lr)
+EDITOR_FLAGS = ("modules", "lr", "batch_size", "tokens_per_pass", "backend")
 EXIT_USAGE = 2
 
 
@@ -32,38 +37,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _int_at_least(low: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _positive_float(text: str) -> float:
-    import math
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def _modules(text: str) -> List[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated module names")
-    return names
+_positive_int = cli_int_at_least(1, "a positive integer")
+_nonneg_int = cli_int_at_least(0, "an integer >= 0")
 
 
 # ----------------------------------------------------------------------------- the parser
@@ -85,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="float32 (default) | bfloat16 | float16 (also fp32, bf16, fp16)")
         sp.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
         if with_backend:
-            sp.add_argument("--backend", default=None,
-                            choices=("auto", "cuda", "triton", "cpp", "torch"),
-                            help="kernels (default: $ULTRAEDIT_FAST_BACKEND or auto)")
+            add_cli_options(sp, ["backend"])
 
     def data_args(sp):
         sp.add_argument("--data", required=True, help="JSON array or JSON Lines file")
@@ -102,17 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--eval-batch-size", type=_positive_int, default=16,
                         help="sequences per forward pass when scoring (default 16)")
 
-    def edit_args(sp):
-        sp.add_argument("--modules", type=_modules, default=None,
-                        help="comma-separated names of the layers to edit (default: preset)")
-        sp.add_argument("--lr", type=_positive_float, default=None,
-                        help="edit step (default: the preset's)")
-        sp.add_argument("--batch-size", type=_positive_int, default=10,
-                        help="requests per mini-batch (default 10)")
-        sp.add_argument("--tokens-per-pass", type=_nonneg_int, default=None,
-                        help="fast editor: mini-batches packed into passes of at most this "
-                             "many tokens (default: the editor's, 512; 0: padded, one "
-                             "mini-batch per pass)")
+    def edit_args(sp):  # every editor option with a flag, but the backend (model_args')
+        add_cli_options(sp, [n for n in EDITOR_FLAGS if n != "backend"])
 
     d = sub.add_parser("demo", help="edit SmolLM2-135M-Instruct with 8 counterfactual facts "
                        "and show its answers before and after",
@@ -120,11 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "counterfactual facts in one turn, and print its greedy answers and the "
                        "scores before and after.")
     model_args(d)
-    d.add_argument("--modules", type=_modules, default=None,
-                   help="comma-separated layers to edit (default: the demo's choice, "
-                   "model.layers.26/27.mlp.down_proj for SmolLM2)")
-    d.add_argument("--lr", type=_positive_float, default=None,
-                   help="edit step (default: the demo's choice for one turn)")
+    add_cli_options(d, ["modules", "lr"], overrides={
+        "modules": {"help": "comma-separated layers to edit (default: the demo's choice, "
+                            "model.layers.26/27.mlp.down_proj for SmolLM2)"},
+        "lr": {"help": "edit step (default: the demo's choice for one turn)"}})
 
     r = sub.add_parser("run", help="lifelong editing: T turns x M edits from a dataset; "
                        "writes lifelong.json and lifelong.png",
@@ -214,7 +177,7 @@ def _reader(args, limit):
 
 
 def _pct(x) -> str:
-    return "   -" if x is None else f"{100 * x:5.1f}"
+    return pct(x, 5)
 
 
 def _metrics_line(m) -> str:
@@ -229,12 +192,10 @@ def _metrics_line(m) -> str:
 
 
 # ----------------------------------------------------------------------------- commands
-# One turn of 8 edits.  The preset is a balance over many turns (10 x 100 edits) and is
-# gentle in a single small turn: up_proj 18..22 at lr 1e-4 reaches ES 62.5 % / GS 25 % on
-# these 8 edits.  The last two MLP output layers at lr 3e-3 make all 8 take (ES 100 %,
-# GS 81 %) and leave the 8 unrelated facts as they were (LS_unedited 100 %); lr 2e-3 gave
-# ES 94 %, and 5e-3 started to change unrelated answers.  Measured on SmolLM2-135M-Instruct,
-# 2-core CPU.
+# One turn of 8 edits. The preset is a balance over many turns (10 x 100 edits) and is
+# gentle in a single small turn; the demo writes into the last two MLP output layers with a
+# step large enough for all 8 edits to take without moving the unrelated facts (the sweep
+# behind this choice: benchmarks/README.md, "The demo's setting").
 DEMO_MODULES = ["model.layers.26.mlp.down_proj", "model.layers.27.mlp.down_proj"]
 DEMO_LR = 3e-3
 DEMO_NEW_TOKENS = 7
@@ -249,7 +210,7 @@ def cmd_demo(args) -> int:
     from . import UltraEditor, backend_info, capture_predictions, evaluate
     from .demo_data import demo_requests
     from .models import DEFAULT_MODEL, generate_answer
-    from .presets import summarize_names
+    from .targets import summarize_names
 
     t_start = time.perf_counter()
     device = _check_device(args.device)
@@ -296,7 +257,7 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     from .lifelong import run_lifelong
-    from .presets import summarize_names
+    from .targets import summarize_names
 
     _check_device(args.device)
     reader = _reader(args, args.turns * args.edits_per_turn)  # checks file/format first
@@ -314,15 +275,14 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     res = run_lifelong(
         model, tok, examples, turns=args.turns, edits_per_turn=args.edits_per_turn,
-        editor=args.editor, modules=args.modules, lr=args.lr, batch_size=args.batch_size,
-        tokens_per_pass=args.tokens_per_pass,
-        backend=args.backend, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        editor=args.editor, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         progress=not args.no_progress, output_dir=args.output_dir, plot=not args.no_plot,
         config_extra={"model_name": name, "model": args.model,
                       "dataset": os.path.basename(args.data), "data": os.path.abspath(args.data),
                       "format": reader.stats.format, "target": args.target,
                       "offset": args.offset, "skipped_records": reader.stats.skipped,
-                      "dtype": args.dtype or "float32"})
+                      "dtype": args.dtype or "float32"},
+        **options_from_cli(args))
     cfg, tim = res["config"], res["timing"]
     print(f"{cfg['n_edits']} edits ({args.turns} turns x {args.edits_per_turn}) on {name}: "
           f"{summarize_names(cfg['modules'])}, lr {cfg['lr']:g}, {cfg['editor']} editor, "
@@ -347,7 +307,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .lifelong import environment, score
+    from .environment import environment
+    from .lifelong import score
 
     reader = _reader(args, args.limit)
     _check_device(args.device)

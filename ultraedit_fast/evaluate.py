@@ -1,4 +1,4 @@
-"""Scoring edits as the UltraEdit reference does (ALGORITHM.md section 7).
+"""Scoring edits as the UltraEdit reference does (``docs/algorithm.md`` section 7).
 
 Every score is teacher-forced token accuracy: the fraction of answer tokens where
 ``argmax(logits) == label``, with prompts and answers tokenised as for editing,
@@ -19,8 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .forward import answer_logits
-from .report import preserved_model_state
+from .forward import answer_logits, preserved_model_state
 from .requests import IGNORE, as_requests, context_length, pad_batch, tokenize_pair
 
 
@@ -55,8 +54,9 @@ def _argmax_at_answers(model, tokenizer, pairs: Sequence[Tuple[str, str]],
     return out  # type: ignore[return-value]
 
 
-def _mean(xs: List[float]) -> Optional[float]:
-    return sum(xs) / len(xs) if xs else None
+def mean(xs: Sequence[float]) -> Optional[float]:
+    """The mean of ``xs`` (``None`` when empty)."""
+    return float(sum(xs) / len(xs)) if xs else None
 
 
 def token_accuracy(model, tokenizer, pairs: Sequence[Tuple[str, str]],
@@ -111,8 +111,8 @@ def evaluate(model, tokenizer, requests, *, base_predictions=None, batch_size: i
                                  "locality prompt; capture it with capture_predictions() on "
                                  "the same requests")
             ls_u.append(sum(p == b for p, b in zip(pr, base)) / len(pr))
-    out: Dict[str, object] = {"ES": _mean(es), "GS": _mean(gs), "LS": _mean(ls),
-                              "LS_unedited": _mean(ls_u), "n": len(requests)}
+    out: Dict[str, object] = {"ES": mean(es), "GS": mean(gs), "LS": mean(ls),
+                              "LS_unedited": mean(ls_u), "n": len(requests)}
     if per_request:
         rows = [{"ES": e} for e in es]
         for i, v in zip(gi, gs):

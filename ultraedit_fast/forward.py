@@ -23,6 +23,7 @@ has checked that the model keeps the requests apart.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from contextlib import contextmanager
 from typing import Optional, Set
@@ -64,6 +65,21 @@ def rows_only_modules(model) -> Set[torch.nn.Module]:
     split = _split(model)
     mlp = _last_mlp(split[0]) if split is not None else None
     return set(mlp.modules()) if mlp is not None else set()
+
+
+@contextlib.contextmanager
+def preserved_model_state(model):
+    """Restore every parameter's ``requires_grad`` and every module's training mode on
+    exit, whatever happens inside."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        for m, t in modes:
+            m.training = t
 
 
 def on_device(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ What a run does:
 3. edits them turn by turn with :class:`~ultraedit_fast.UltraEditor` (``editor="fast"``)
    or :class:`~ultraedit_fast.ReferenceEditor` (``editor="reference"``);
 4. every ``eval_every`` turns scores the model on everything edited so far, and after the
-   last turn on everything edited: ``ES``, ``GS``, ``LS``, ``LS_unedited`` (ALGORITHM.md
+   last turn on everything edited: ``ES``, ``GS``, ``LS``, ``LS_unedited`` (``docs/algorithm.md``
    section 7) and, where ``Example.extras`` carry them (WikiBigEdit), ``personas`` (token
    accuracy of the edit target after each persona prompt, averaged over all
    (request, persona) pairs) and ``mhop`` (token accuracy of ``mhop_ans`` after ``mhop``).
@@ -31,65 +31,29 @@ import datetime as _dt
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
-from . import __version__
+from .config import EditorConfig
+from .display import PHASE_COLOURS, fmt_bytes, pct, pyplot, save_figure
 from .editor import EditRefused, UltraEditor
-from .evaluate import capture_predictions, evaluate, token_accuracy
-from .presets import resolve_edit_config, summarize_names
+from .environment import environment, peak_rss
+from .evaluate import capture_predictions, evaluate, mean, token_accuracy
 from .reference import ReferenceEditor
-from .report import PHASES, _vm_hwm
+from .report import PHASES
 from .requests import EditRequest, as_requests
+from .targets import summarize_names
 
-__all__ = ["run_lifelong", "score", "plot_results", "device_name", "environment",
-           "RESULTS_JSON", "RESULTS_PNG", "SCHEMA"]
+__all__ = ["run_lifelong", "score", "plot_results", "RESULTS_JSON", "RESULTS_PNG", "SCHEMA"]
 
 SCHEMA = "ultraedit_fast.lifelong/1"
 RESULTS_JSON = "lifelong.json"
 RESULTS_PNG = "lifelong.png"
 EDITORS = ("fast", "reference")
 METRICS = ("ES", "GS", "LS", "LS_unedited", "personas", "mhop")
-
-
-# ----------------------------------------------------------------------------- environment
-def device_name(device) -> str:
-    """A readable name of ``device``: the GPU's name, or the CPU model from /proc/cpuinfo."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            return torch.cuda.get_device_name(device)
-        except Exception:  # pragma: no cover - no driver
-            return "cuda"
-    name = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or "cpu"
-    n = torch.get_num_threads()
-    return f"{name} ({os.cpu_count()} logical CPUs, {n} torch thread{'s' if n != 1 else ''})"
-
-
-def environment(device) -> Dict[str, Any]:
-    import transformers
-    return {
-        "ultraedit_fast": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": device_name(device),
-    }
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -110,10 +74,6 @@ def _split(items: Sequence[Any]):
     return as_requests(requests, "examples_or_requests"), extras
 
 
-def _mean(xs: Sequence[float]) -> Optional[float]:
-    return float(sum(xs) / len(xs)) if xs else None
-
-
 def score(model, tokenizer, requests, extras: Optional[Sequence[Mapping]] = None, *,
           base_predictions=None, batch_size: int = 16) -> Dict[str, Any]:
     """``evaluate`` plus the WikiBigEdit scores: ``{"ES", "GS", "LS", "LS_unedited", "n",
@@ -126,10 +86,10 @@ def score(model, tokenizer, requests, extras: Optional[Sequence[Mapping]] = None
                      for p in (x.get("personas") or []) if isinstance(p, str) and p.strip()]
     mhop_pairs = [(x["mhop"], x["mhop_ans"]) for x in extras
                   if x.get("mhop") and x.get("mhop_ans")]
-    out["personas"] = _mean(token_accuracy(model, tokenizer, persona_pairs, batch_size)
+    out["personas"] = mean(token_accuracy(model, tokenizer, persona_pairs, batch_size)
                             if persona_pairs else [])
     out["n_personas"] = len(persona_pairs)
-    out["mhop"] = _mean(token_accuracy(model, tokenizer, mhop_pairs, batch_size)
+    out["mhop"] = mean(token_accuracy(model, tokenizer, mhop_pairs, batch_size)
                         if mhop_pairs else [])
     out["n_mhop"] = len(mhop_pairs)
     return out
@@ -155,13 +115,11 @@ def _model_label(model, config_extra: Mapping) -> str:
 
 def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns: int,
                  edits_per_turn: int, editor: str = "fast",
-                 modules: Optional[Sequence[str]] = None, lr: Optional[float] = None,
-                 batch_size: int = 10, backend: Optional[str] = None,
-                 tokens_per_pass: Optional[int] = None,
                  eval_every: Optional[int] = None, eval_batch_size: int = 16,
                  eval_before: bool = True, base_predictions=None, progress: bool = True,
                  output_dir: Optional[str] = None, plot: bool = True,
-                 config_extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                 config_extra: Optional[Mapping[str, Any]] = None,
+                 **options) -> Dict[str, Any]:
     """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it.
 
     Args:
@@ -170,8 +128,8 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
             ``turns * edits_per_turn`` items are used (``ValueError`` if it has fewer).
         editor: ``"fast"`` (:class:`UltraEditor`) or ``"reference"`` (:class:`ReferenceEditor`,
             which has no ``backend`` and reports no per-phase times).
-        modules, lr, batch_size, backend: the editor's (``None``: the model's preset).
-        tokens_per_pass: the fast editor's (``None``: its default).
+        options: the editor's (:class:`~ultraedit_fast.config.EditorConfig`: ``modules``,
+            ``lr``, ``batch_size``, ...; the reference editor takes a subset).
         eval_every: also score every this many turns, on what was edited so far.
         eval_batch_size: sequences per forward pass when scoring.
         eval_before: score the unedited model on all the requests first (``metrics_before``).
@@ -190,11 +148,19 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     _check_pos_int("eval_batch_size", eval_batch_size)
     if editor not in EDITORS:
         raise ValueError(f"editor: expected one of {EDITORS}, got {editor!r}")
-    if editor == "reference" and backend not in (None, "auto", "torch"):
-        raise ValueError(f"backend: the reference editor has no backends, got {backend!r}")
-    if editor == "reference" and tokens_per_pass:
-        raise ValueError("tokens_per_pass: the reference editor runs padded mini-batches, "
-                         f"got {tokens_per_pass!r}")
+    cfg = EditorConfig.from_call((), options, owner="run_lifelong")
+    if editor == "reference":
+        if cfg.backend not in (None, "auto", "torch"):
+            raise ValueError(f"backend: the reference editor has no backends, got "
+                             f"{cfg.backend!r}")
+        if options.get("tokens_per_pass"):
+            raise ValueError("tokens_per_pass: the reference editor runs padded mini-batches, "
+                             f"got {options['tokens_per_pass']!r}")
+        extra = set(cfg.options(only_set=True)) - set(cfg.options(reference=True))
+        extra -= {"backend", "tokens_per_pass"}
+        if extra:
+            raise ValueError(f"{sorted(extra)[0]}: not an option of the reference editor "
+                             f"(it takes {sorted(cfg.options(reference=True))})")
     config_extra = dict(config_extra or {})
     n_total = turns * edits_per_turn
 
@@ -208,19 +174,18 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     seconds_load = time.perf_counter() - t_load
 
     if editor == "fast":
-        ed = UltraEditor(model, tokenizer, modules, lr, batch_size, backend=backend,
-                         tokens_per_pass=tokens_per_pass)
-        backend_name, preset = ed.backend, ed.preset
+        ed = UltraEditor(model, tokenizer, **cfg.options())
+        backend_name = ed.backend
     else:
-        ed = ReferenceEditor(model, tokenizer, modules, lr, batch_size)
+        ed = ReferenceEditor(model, tokenizer, **cfg.options(reference=True))
         backend_name = "reference"
-        preset = resolve_edit_config(model, modules, lr, batch_size).preset
+    preset = ed.preset
     device = model.get_input_embeddings().weight.device
 
     config = {
         "turns": turns, "edits_per_turn": edits_per_turn, "n_edits": n_total,
         "editor": editor, "modules": list(ed.module_names), "lr": float(ed.lr),
-        "preset": preset, "batch_size": batch_size, "backend": backend_name,
+        "preset": preset, "batch_size": ed.batch_size, "backend": backend_name,
         "tokens_per_pass": getattr(ed, "tokens_per_pass", 0),
         "eval_every": eval_every, "eval_batch_size": eval_batch_size,
         "model_name": _model_label(model, config_extra),
@@ -295,8 +260,8 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
                 history.append({"turn": t + 1, "n_edits": n_done, "seconds": dt, "metrics": m})
                 if bar is not None:
                     bar.unpause()  # the bar's rate counts editing time, not scoring time
-                    bar.set_postfix_str(f"turn {t + 1}: ES {_pct(m['ES'])} GS {_pct(m['GS'])} "
-                                        f"LS {_pct(m['LS'])}", refresh=True)
+                    bar.set_postfix_str(f"turn {t + 1}: ES {pct(m['ES'])} GS {pct(m['GS'])} "
+                                        f"LS {pct(m['LS'])}", refresh=True)
     finally:
         if bar is not None:
             bar.close()
@@ -317,7 +282,7 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         "phase_seconds": phase_totals if editor == "fast" else None,
         "peak_memory_bytes": max(peaks) if peaks else None,
         "peak_memory_kind": done[0]["peak_memory_kind"] if done else None,
-        "process_peak_rss_bytes": _vm_hwm(),
+        "process_peak_rss_bytes": peak_rss(),
         "load_seconds": seconds_load,
         "base_predictions_seconds": seconds_base,
         "eval_before_seconds": seconds_eval_before,
@@ -349,13 +314,7 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 # ----------------------------------------------------------------------------- the plot
-_PHASE_COLOURS = {"capture": "#4C72B0", "statistics": "#DD8452", "solve": "#55A868",
-                  "apply": "#C44E52", "total": "#8172B3"}
 _METRIC_STYLE = {
     "ES": ("#1f77b4", "o", "ES - efficacy (edit prompt)"),
     "GS": ("#ff7f0e", "s", "GS - generalisation (paraphrase)"),
@@ -366,18 +325,13 @@ _METRIC_STYLE = {
 }
 
 
-def _fmt_bytes(b) -> str:
-    if b is None:
-        return "-"
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
-
-
-def plot_results(results: Mapping[str, Any], path: str) -> str:
+def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
     """Draw ``results`` (from :func:`run_lifelong`) into a PNG at ``path``: per-turn
-    edit time stacked by phase, and the scores over turns."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    edit time stacked by phase, and the scores over turns. ``None`` (with a warning)
+    without matplotlib."""
+    plt = pyplot(f"the plot {path}")
+    if plt is None:
+        return None
 
     cfg = results["config"]
     env = results.get("environment", {})
@@ -400,7 +354,7 @@ def plot_results(results: Mapping[str, Any], path: str) -> str:
         vals = per_phase[p]
         share = 100 * sum(vals) / grand
         label = p if p == "total" else f"{p} ({share:.1f} %)" if share >= 0.1 else f"{p} (<0.1 %)"
-        ax_t.bar(x, vals, width, bottom=bottom, label=label, color=_PHASE_COLOURS[p],
+        ax_t.bar(x, vals, width, bottom=bottom, label=label, color=PHASE_COLOURS[p],
                  edgecolor="white" if len(x) <= 60 else "none", linewidth=0.5)
         bottom = [b + v for b, v in zip(bottom, vals)]
     refused = [r for r in rows if r["refused"] is not None]
@@ -418,7 +372,7 @@ def plot_results(results: Mapping[str, Any], path: str) -> str:
     ax_t.set_title(f"Edit time per turn ({cfg['edits_per_turn']} edits each)\n"
                    f"mean {timing['mean_turn_seconds']:.2f} s/turn"
                    + (f", {eps:.0f} edits/s" if eps else "")
-                   + (f"; peak memory {_fmt_bytes(peak)} ({kind})" if peak else ""),
+                   + (f"; peak memory {fmt_bytes(peak)} ({kind})" if peak else ""),
                    fontsize=11)
     ax_t.set_ylim(0, max(bottom + [1e-9]) * 1.08)
     ax_t.grid(axis="y", alpha=0.3)
@@ -480,6 +434,4 @@ def plot_results(results: Mapping[str, Any], path: str) -> str:
         parts.append(str(results["date"])[:10])
     fig.text(0.5, 0.925, " | ".join(parts), ha="center", fontsize=8.5, color="#555")
     fig.tight_layout(rect=(0, 0, 1, 0.925))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)

@@ -1,23 +1,25 @@
 """Which layers to edit, and with which ``lr``, for a given model.
 
-The paper's six models get the paper's layers and ``lr = 1e-6`` (ALGORITHM.md
-section 6).  SmolLM2-135M-Instruct, the embedded default, gets the layers and
-``lr`` calibrated on it (``model.layers.18..22.mlp.up_proj``, ``lr = 1e-4``:
-ES 56.1 / GS 50.1 / LS 27.8 over 10 turns x 100 zsRE edits, the best efficacy
-among settings that keep LS at or above the unedited model's 25.3; the README
-has the sweep).  Other Llama / Mistral / Qwen2 / GPT-J / GPT-2 / Phi-3 / Gemma
-models get a recipe scaled by shape: the MLP input projection of the five layers
-around 53% of the depth (upstream's calibrated choice on SmolLM2, 14..18), with ``lr = 1e-4 * 576 / d_in`` since the effect of a shift
-scales with ``lr * d_in``.
+The paper's six models get the paper's layers and ``lr = 1e-6`` (``docs/algorithm.md``
+section 6). SmolLM2-135M-Instruct, the embedded default, gets the layers and ``lr``
+calibrated on it (``model.layers.18..22.mlp.up_proj``, ``lr = 1e-4``: the best efficacy over
+10 turns x 100 zsRE edits among settings that keep LS at or above the unedited model's; the
+sweep and its scores are in ``benchmarks/README.md``). Other Llama / Mistral / Qwen2 / GPT-J /
+GPT-2 / Phi-3 / Gemma models get a recipe scaled by shape: the MLP input projection of the
+five layers around 53% of the depth (upstream's calibrated choice on SmolLM2, 14..18), with
+``lr = 1e-4 * 576 / d_in`` since the effect of a shift scales with ``lr * d_in``.
 """
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from .targets import editable_modules, resolve_target, summarize_names
+
+__all__ = ["Preset", "PRESETS", "EditConfig", "find_preset", "resolve_edit_config",
+           "decoder_layers_prefix", "summarize_names"]
 
 
 @dataclass(frozen=True)
@@ -86,49 +88,6 @@ class EditConfig:
     preset: str  # name of the preset used, "generic:<model_type>", or "user"
 
 
-def editable_modules(model) -> List[str]:
-    """Names of all ``nn.Linear`` and GPT-2 ``Conv1D`` modules of ``model``."""
-    return [n for n, m in model.named_modules() if _is_editable(m)]
-
-
-def _is_editable(m) -> bool:
-    if isinstance(m, torch.nn.Linear):
-        return True
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
-
-
-def module_kind(model, name: str):
-    """``(module, transposed)``: ``transposed`` when the weight is stored ``d_in x d_out``
-    (GPT-2 ``Conv1D``). Raises ``ValueError``/``TypeError`` naming the module."""
-    try:
-        m = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"modules: {name!r} is not a module of this model; "
-                         f"editable modules are {summarize_names(editable_modules(model))}") from None
-    if isinstance(m, torch.nn.Linear):
-        return m, False
-    if _is_editable(m):
-        return m, True
-    raise TypeError(f"modules: {name!r} is a {type(m).__name__}; expected nn.Linear or Conv1D")
-
-
-def summarize_names(names: Sequence[str], limit: int = 40) -> str:
-    """Collapse layer indices: ``model.layers.{0..29}.mlp.up_proj``."""
-    groups: Dict[str, List[int]] = {}
-    plain: List[str] = []
-    for n in names:
-        m = re.match(r"^(.*?)\.(\d+)\.(.*)$", n)
-        if m:
-            groups.setdefault(f"{m.group(1)}.{{}}.{m.group(3)}", []).append(int(m.group(2)))
-        else:
-            plain.append(n)
-    items = plain + [p.format(f"{min(ix)}..{max(ix)}" if len(ix) > 1 else ix[0])
-                     for p, ix in groups.items()]
-    if len(items) > limit:
-        items = items[:limit] + [f"... ({len(items) - limit} more)"]
-    return ", ".join(items)
-
-
 def decoder_layers_prefix(model) -> Optional[str]:
     """The dotted name of the model's list of decoder layers (``model.layers``,
     ``transformer.h``, ``model.language_model.layers``, ...)."""
@@ -174,26 +133,14 @@ def _generic(model) -> Optional[EditConfig]:
     centre = min(n_layers - 1, int(n_layers * 16 / 30))
     start = max(0, min(centre - n // 2, n_layers - n))
     modules = _expand(model, {suffix: range(start, start + n)})
-    m, transposed = module_kind(model, modules[0])
-    d_in = m.weight.shape[0] if transposed else m.weight.shape[1]
+    d_in, _ = resolve_target(model, modules[0]).shape
     return EditConfig(modules, _CALIBRATED_LR_X_DIN / d_in, f"generic:{mtype}")
 
 
-def _check_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise TypeError(f"lr: expected a positive finite float, got {type(lr).__name__}")
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr: expected a positive finite float, got {lr!r}")
-    return float(lr)
-
-
-def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[float],
-                        batch_size: int = 10) -> EditConfig:
-    """Validate the editor's arguments and fill ``modules``/``lr`` from the model's preset."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    if lr is not None:
-        lr = _check_lr(lr)
+def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[float]
+                        ) -> EditConfig:
+    """Fill ``modules``/``lr`` (already checked by :class:`~ultraedit_fast.config.EditorConfig`)
+    from the model's preset, and check that every module can be edited."""
     source = "user"
     if modules is None:
         preset = find_preset(model)
@@ -209,26 +156,14 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
         modules, source = cfg.modules, cfg.preset
         if lr is None:
             lr = cfg.lr
-    else:
-        if isinstance(modules, str):
-            modules = [modules]
-        modules = list(modules)
-        if not modules:
-            raise ValueError("modules: expected at least one module name, got an empty list")
-        for name in modules:
-            if not isinstance(name, str):
-                raise TypeError(f"modules: expected module names (str), got {type(name).__name__}")
-        if len(set(modules)) != len(modules):
-            raise ValueError(f"modules: duplicate names in {modules}")
-        if lr is None:
-            preset = find_preset(model)
-            generic = None if preset is not None else _generic(model)
-            if preset is None and generic is None:
-                raise ValueError("lr: no preset for this model; pass lr= explicitly")
-            lr = preset.lr if preset is not None else generic.lr
+    elif lr is None:
+        preset = find_preset(model)
+        generic = None if preset is not None else _generic(model)
+        if preset is None and generic is None:
+            raise ValueError("lr: no preset for this model; pass lr= explicitly")
+        lr = preset.lr if preset is not None else generic.lr
     for name in modules:
-        m, _ = module_kind(model, name)
-        if m.weight.is_meta:
+        if resolve_target(model, name).weight.is_meta:
             raise ValueError(f"modules: {name!r} has its weight on the meta device; "
                              "load the model's weights before editing")
     return EditConfig(list(modules), float(lr), source)

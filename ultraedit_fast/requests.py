@@ -1,4 +1,4 @@
-"""Edit requests and their tokenisation (ALGORITHM.md section 1).
+"""Edit requests and their tokenisation (``docs/algorithm.md`` section 1).
 
 A request is a prompt and a target answer.  ``tokenize_request`` turns it into
 ``input_ids`` / ``labels`` aligned so that the logits at position ``t`` predict
@@ -162,7 +162,7 @@ class PackedPass:
 
     The loss of a pass is ``sum(token_weights * cross_entropy)`` over its answer tokens,
     where a token's weight is 1 / (answer tokens of its mini-batch): each mini-batch's
-    mean, as if it ran alone (ALGORITHM.md section 2). ``counts[b]`` is the number of
+    mean, as if it ran alone (``docs/algorithm.md`` section 2). ``counts[b]`` is the number of
     answer tokens of the pass's ``b``-th mini-batch, whose rows come ``b``-th in
     row-major order.
     """
@@ -223,7 +223,7 @@ def context_length(model) -> Optional[int]:
 def make_minibatches(tokenizer, requests: Sequence[EditRequest], batch_size: int,
                      max_length: Optional[int] = None) -> List[MiniBatch]:
     """Tokenise the edit prompts/targets, sort longest first (stable) and cut into
-    right-padded mini-batches of ``batch_size`` (ALGORITHM.md section 1)."""
+    right-padded mini-batches of ``batch_size`` (``docs/algorithm.md`` section 1)."""
     toks = [tokenize_pair(tokenizer, r.prompt, r.target, max_length, where=f"requests[{i}]")
             for i, r in enumerate(requests)]
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))  # stable

@@ -1,8 +1,8 @@
-"""The UltraEdit solve on the smaller side (ALGORITHM.md section 4).
+"""The UltraEdit solve on the smaller side (``docs/algorithm.md`` section 4).
 
 ``Delta = (K^T K + I)^-1 K^T V = K^T (K K^T + I)^-1 V``. The weight update
 ``Delta^T`` is written as a low-rank product ``a^T kk`` that
-:func:`ultraedit_fast.ops.rank_update_` adds into the weight in place:
+:func:`ultraedit_fast.kernels.ops` ``rank_update_`` adds into the weight in place:
 
 * ``N <= d_in`` (the usual case: a few hundred answer tokens, thousands of input
   features): the dual ``N x N`` Cholesky solve, ``a = (K K^T + I)^-1 V`` and

@@ -1,4 +1,4 @@
-// CUDA kernels of the ultraedit_fast ops (schemas: ultraedit_fast/ops.py).
+// CUDA kernels of the ultraedit_fast ops (schemas: ultraedit_fast/kernels/ops.py).
 //
 // Only TORCH_LIBRARY_IMPL(ultraedit_fast, CUDA, ...) here: the schemas are
 // defined in Python before ultraedit_fast._C is imported.

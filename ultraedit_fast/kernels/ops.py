@@ -5,8 +5,8 @@ extension.  Each op has a pure-PyTorch default kernel (registered under
 ``CompositeExplicitAutograd``; it is the oracle of the kernel tests); the C++
 extension (``ultraedit_fast._C``) adds ``CPU`` and ``CUDA`` kernels with
 ``TORCH_LIBRARY_IMPL``, which the dispatcher prefers for tensors on those
-devices.  Triton kernels live in ``ultraedit_fast.triton_kernels``.  Which one
-a turn uses is decided in one place: :mod:`ultraedit_fast.backends`.
+devices.  Triton kernels live in :mod:`ultraedit_fast.kernels.triton_kernels`.  Which one
+a turn uses is decided in one place: :mod:`ultraedit_fast.kernels.backends`.
 
 Ops (all state in float32):
 
@@ -14,7 +14,7 @@ Ops (all state in float32):
     Merge the row blocks ``[ks[i], gs[i]]`` (each ``m_i x d_in`` / ``m_i x d_out``,
     fp32/bf16/fp16) one after another into the normaliser state ``mean``, ``acc``,
     ``std`` (each ``d_in + d_out``, fp32) whose row count before the call is ``n``
-    (ALGORITHM.md section 3).  A block of one row has no unbiased variance; it is
+    (``docs/algorithm.md`` section 3).  A block of one row has no unbiased variance; it is
     merged with ``var_rows = 0`` (the Welford/Chan update of a single sample).
 ``shift_values(k, g, mean, std, lr) -> V``
     ``V = -lr * rowsum(k_hat**2)[:, None] * g_hat`` (``N x d_out`` fp32), with
@@ -36,9 +36,8 @@ from typing import List, Sequence
 
 import torch
 
-from . import reference
-
-EPS = reference.EPS
+from . import formulas
+from .formulas import EPS
 NAMESPACE = "ultraedit_fast"
 # Rows of ``w`` handled per step by the default rank update: bounds the fp32
 # temporary to TILE x d_in elements whatever the size of ``w``.
@@ -57,12 +56,12 @@ def normalizer_update_default(mean: torch.Tensor, acc: torch.Tensor, std: torch.
                               ks: Sequence[torch.Tensor], gs: Sequence[torch.Tensor],
                               n: int) -> None:
     for k, g in zip(ks, gs):
-        n = reference.normalizer_merge(mean, acc, std, n, torch.cat([k.float(), g.float()], 1))
+        n = formulas.normalizer_merge(mean, acc, std, n, torch.cat([k.float(), g.float()], 1))
 
 
 def shift_values_default(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor,
                          std: torch.Tensor, lr: float) -> torch.Tensor:
-    return reference.shift_values(k, g, mean, std, lr)
+    return formulas.shift_values(k, g, mean, std, lr)
 
 
 def shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -146,12 +145,12 @@ def _(w):
 def _load_extension():
     import importlib.util
     if importlib.util.find_spec(f"{__package__}._C") is None:
-        return None, "ultraedit_fast._C is not built"
+        return None, f"{__package__}._C is not built"
     try:
         from . import _C  # noqa: F401  (registers CPU/CUDA kernels on import)
         return _C, None
     except (ImportError, OSError) as e:  # built against another torch, say
-        return None, f"ultraedit_fast._C failed to load: {e}"
+        return None, f"{__package__}._C failed to load: {e}"
 
 
 _C, EXTENSION_ERROR = _load_extension()

@@ -1,7 +1,6 @@
-"""The editor's state that outlives a turn: checkpoints on disk and the undo log.
+"""The on-disk format of an editor's lifelong state (:meth:`UltraEditor.save` /
+:meth:`UltraEditor.load`).
 
-Checkpoint format (:meth:`UltraEditor.save` / :meth:`UltraEditor.load`)
-------------------------------------------------------------------------
 A checkpoint is a **directory** holding two files that matter:
 
 ``state-<first 16 hex digits of its sha256>.safetensors``
@@ -36,28 +35,6 @@ parses it. One writer per directory at a time: ``save`` holds an exclusive
 temporary files of writers that died (their pid is gone). A ``load`` that races a
 ``save`` and finds its tensor file already replaced reads the new manifest again.
 
-Undo log (``UltraEditor(..., undo=...)``, :meth:`UltraEditor.rollback`)
------------------------------------------------------------------------
-The log keeps, on the host,
-
-* each edited weight as it was before the first logged turn, once (the *base*),
-* each logged turn's factors ``(a, kk)`` with ``Delta W = a^T kk``, fp32, with ``kk``
-  stored once per distinct key matrix (``gate_proj`` and ``up_proj`` of one layer
-  share theirs) and not at all when it is the identity (the primal solve),
-* each logged turn's normaliser states before the turn (references: the editor
-  never changes a committed state in place, so these cost nothing extra but the
-  ``3 (d_in + d_out)`` floats per key and turn that the next turn would free).
-
-``rollback(k)`` copies the base back into the edited weights and replays the
-kept turns' factors with the same ``rank_update_`` kernel that applied them: on
-the CPU, and on a GPU whose kernels are deterministic, the weights come back bit
-for bit. When the log holds more than ``max_turns`` turns the oldest is folded
-into the base (the same kernel, on the weight's device).
-
-Memory: the base is the edited weights once (``sum d_out x d_in x itemsize``); a
-turn of ``N`` answer tokens costs ``sum over modules of N x d_out x 4`` bytes for
-``a`` plus ``sum over distinct key matrices of N x d_in x 4`` for ``kk`` (primal
-turns, ``N > d_in``: ``d_in x d_out x 4`` per module and no ``kk``).
 """
 from __future__ import annotations
 
@@ -68,11 +45,14 @@ import re
 import secrets
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+
+from ._version import __version__
+from .config import EditorConfig
+from .normalizer import NormalizerState
 
 FORMAT = "ultraedit_fast.editor-checkpoint"
 FORMAT_VERSION = 1
@@ -82,158 +62,13 @@ _TENSOR_FILE = re.compile(r"^state-[0-9a-f]{16}\.safetensors$")
 _TMP_FILE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
 _MAX_MANIFEST_BYTES = 256 << 20
 _SAMPLE = 4096  # elements of each edited weight hashed into the fingerprint
-# Options that a checkpoint fixes: the lifelong state depends on them.
-_FIXED = ("modules", "share_normalizer")
-# Options that ``load`` may override.
-_OVERRIDABLE = ("lr", "batch_size", "tokens_per_pass", "backend", "transactional", "undo")
 
 
 class CheckpointWeightsWarning(UserWarning):
     """The model's edited weights differ from those the checkpoint was saved with."""
 
 
-# ============================================================================ undo log
-@dataclass
-class _Turn:
-    """One logged turn: the normaliser states before it and its factors."""
-
-    states: Dict[object, object]  # key -> NormalizerState before the turn
-    a: Dict[str, torch.Tensor]  # module -> a (fp32, host)
-    kk: Dict[str, Optional[int]]  # module -> index into ``keys``; None: identity
-    keys: List[torch.Tensor] = field(default_factory=list)  # fp32, host
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self.a.values()) + self.keys)
-
-
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """A host fp32 tensor with the same values, not aliasing anything the turn may reuse."""
-    t = t.detach()
-    if t.device.type == "cpu" and t.dtype == torch.float32:
-        return t  # fresh outputs of the solve; nothing writes into them later
-    return t.to("cpu", torch.float32, copy=True)
-
-
-def _is_identity(kk: torch.Tensor) -> bool:
-    if kk.dim() != 2 or kk.shape[0] != kk.shape[1]:
-        return False
-    return bool(torch.equal(kk, torch.eye(kk.shape[0], dtype=kk.dtype, device=kk.device)))
-
-
-class UndoLog:
-    """Base copies of the edited weights plus per-turn factors; see the module docstring.
-
-    ``max_turns``: ``None`` keeps every turn; an int keeps the last ``max_turns``.
-    """
-
-    def __init__(self, max_turns: Optional[int]):
-        self.max_turns = max_turns
-        self.base: Optional[Dict[str, torch.Tensor]] = None
-        self.turns: List[_Turn] = []
-
-    def __len__(self) -> int:
-        return len(self.turns)
-
-    # ---------------------------------------------------------------- recording
-    def prepare(self, editor, plan, pre_states) -> Tuple[_Turn, Optional[Dict[str, torch.Tensor]]]:
-        """Called after the finiteness check and before any weight is written: copies the
-        factors to the host and, for the first logged turn, the weights. Nothing is
-        committed until :meth:`push`."""
-        base = None
-        if self.base is None:
-            base = {t.name: t.weight.detach().to("cpu", copy=True) for t, _, _ in plan}
-        rec = _Turn(dict(pre_states), {}, {})
-        seen: Dict[int, Optional[int]] = {}
-        for t, a, kk in plan:
-            rec.a[t.name] = _host(a)
-            if id(kk) not in seen:
-                if _is_identity(kk):
-                    seen[id(kk)] = None
-                else:
-                    seen[id(kk)] = len(rec.keys)
-                    rec.keys.append(_host(kk))
-            rec.kk[t.name] = seen[id(kk)]
-        return rec, base
-
-    def push(self, editor, prepared) -> None:
-        """Commit a turn that was applied; fold the oldest turns beyond ``max_turns``.
-        The turn itself is committed already: a failure here (out of memory while
-        folding) clears the log with a warning rather than failing the turn."""
-        rec, base = prepared
-        if self.base is None:
-            self.base = base
-        self.turns.append(rec)
-        try:
-            self.trim(editor)
-        except Exception as e:  # pragma: no cover - needs an allocation failure
-            self.base, self.turns = None, []
-            warnings.warn(f"undo: the undo log was cleared, folding its oldest turn failed "
-                          f"({e})", RuntimeWarning, stacklevel=3)
-
-    def trim(self, editor, max_turns: Optional[int] = -1) -> None:
-        limit = self.max_turns if max_turns == -1 else max_turns
-        while limit is not None and len(self.turns) > limit:
-            self._fold_oldest(editor)
-
-    def _factors(self, rec: _Turn, target, device):
-        a = rec.a[target.name].to(device)
-        i = rec.kk[target.name]
-        if i is None:
-            d_in = target.shape[0]
-            kk = torch.eye(d_in, dtype=torch.float32, device=device)
-        else:
-            kk = rec.keys[i].to(device)
-        return a, kk
-
-    def _fold_oldest(self, editor) -> None:
-        """base += the oldest turn's update, computed on the weight's device with the
-        weight's strides and the same kernel as the live update (so the result is the
-        live weight after that turn, bit for bit); all-or-nothing."""
-        rec = self.turns[0]
-        new: Dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for t in editor.targets:
-                w = t.weight
-                tmp = torch.empty_strided(w.size(), w.stride(), dtype=w.dtype, device=w.device)
-                tmp.copy_(self.base[t.name])
-                editor._backend(w.device).rank_update_(tmp, *self._factors(rec, t, w.device),
-                                                       t.transposed)
-                new[t.name] = tmp.to("cpu")
-        self.base = new
-        self.turns.pop(0)
-        if not self.turns:
-            self.base = None
-
-    # ---------------------------------------------------------------- rollback
-    def rollback(self, editor, turns: int) -> None:
-        n = len(self.turns)
-        keep = self.turns[: n - turns]
-        with torch.no_grad():
-            for t in editor.targets:
-                w = t.weight
-                w.data.copy_(self.base[t.name])
-                for rec in keep:
-                    editor._backend(w.device).rank_update_(
-                        w.data, *self._factors(rec, t, w.device), t.transposed)
-        editor.normalizers = dict(self.turns[n - turns].states)
-        editor.turns -= turns
-        self.turns = keep
-        if not keep:
-            self.base = None
-
-    # ---------------------------------------------------------------- accounting
-    def memory_bytes(self) -> Dict[str, object]:
-        base = 0 if self.base is None else sum(
-            t.numel() * t.element_size() for t in self.base.values())
-        per_turn = [r.nbytes() for r in self.turns]
-        return {"base": base, "turns": per_turn, "total": base + sum(per_turn)}
-
-
 # ============================================================================ fingerprint
-def _kind(target) -> str:
-    return "Conv1D" if target.transposed else "Linear"
-
-
 def weights_digest(targets) -> str:
     """sha256 of a strided sample of each edited weight (fp32 values): cheap, and the same
     on any device."""
@@ -249,18 +84,21 @@ def weights_digest(targets) -> str:
 
 
 def fingerprint(model, targets) -> dict:
+    """Architecture class and ``model_type``, each edited module's kind, shape and dtype,
+    and every parameter's name and shape: what must match for a checkpoint to apply."""
     config = getattr(model, "config", None)
     return {
         "class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
-        "modules": {t.name: {"kind": _kind(t), "shape": list(t.weight.shape),
+        "modules": {t.name: {"kind": t.kind, "shape": list(t.weight.shape),
                              "dtype": str(t.weight.dtype).replace("torch.", "")}
                     for t in targets},
         "parameters": [[n, list(p.shape)] for n, p in model.named_parameters()],
     }
 
 
-def _fingerprint_diff(saved: dict, current: dict) -> List[str]:
+def fingerprint_diff(saved: dict, current: dict) -> List[str]:
+    """What differs between two fingerprints, one line per difference."""
     diffs = []
     for k in ("class", "model_type"):
         if saved.get(k) != current.get(k):
@@ -396,14 +234,20 @@ def _path(path, argument: str = "path") -> str:
     return os.fspath(path)
 
 
+
+
 # ============================================================================ save
-def save_editor(editor, path, undo_log: bool = True) -> str:
-    """Write ``editor``'s lifelong state to the directory ``path`` (created if missing).
-    Returns the path of the manifest. The caller holds the editor's lock."""
+def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], turns: int,
+                     normalizers: Mapping[object, NormalizerState], fingerprint: dict,
+                     weights_sample_sha256: str, undo: Optional[dict] = None) -> str:
+    """Write a checkpoint to the directory ``path`` (created if missing), atomically.
+
+    ``config``: the editor's options (:meth:`EditorConfig.to_dict`), ``normalizers``:
+    normaliser key -> state, ``undo``: :meth:`UndoLog.export`'s data or ``None``.
+    Returns the path of the manifest. One writer per directory: the caller's process
+    holds the directory's lock while this runs."""
     from safetensors.torch import save_file
     import safetensors
-
-    from . import __version__
 
     directory = _path(path)
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -425,24 +269,22 @@ def save_editor(editor, path, undo_log: bool = True) -> str:
                     "cpu", torch.float32).contiguous()
         return j
 
-    normalizers = [{"key": _encode_key(k), "state": put_state(s)}
-                   for k, s in editor.normalizers.items()]
+    entries = [{"key": _encode_key(k), "state": put_state(s)} for k, s in normalizers.items()]
     log_meta = None
-    log = editor._undo
-    if undo_log and log is not None and len(log):
+    if undo:
         records = []
-        for name, w in log.base.items():
+        for name, w in undo["base"].items():
             tensors[f"undo.base.{name}"] = w.detach().to("cpu").contiguous()
-        for r, rec in enumerate(log.turns):
-            for name, a in rec.a.items():
+        for r, rec in enumerate(undo["turns"]):
+            for name, a in rec["a"].items():
                 tensors[f"undo.{r}.a.{name}"] = a.contiguous()
-            for i, kk in enumerate(rec.keys):
+            for i, kk in enumerate(rec["keys"]):
                 tensors[f"undo.{r}.kk.{i}"] = kk.contiguous()
             records.append({
                 "normalizers": [{"key": _encode_key(k), "state": put_state(s)}
-                                for k, s in rec.states.items()],
-                "kk": dict(rec.kk), "n_keys": len(rec.keys)})
-        log_meta = {"base": list(log.base), "turns": records}
+                                for k, s in rec["states"].items()],
+                "kk": dict(rec["kk"]), "n_keys": len(rec["keys"])})
+        log_meta = {"base": list(undo["base"]), "turns": records}
 
     body = {
         "format": FORMAT,
@@ -451,17 +293,12 @@ def save_editor(editor, path, undo_log: bool = True) -> str:
         "versions": {"ultraedit_fast": __version__, "torch": torch.__version__,
                      "safetensors": getattr(safetensors, "__version__", None),
                      "python": sys.version.split()[0]},
-        "turns": int(editor.turns),
-        "config": {"modules": list(editor.module_names), "lr": float(editor.lr),
-                   "batch_size": int(editor.batch_size),
-                   "tokens_per_pass": int(editor.tokens_per_pass),
-                   "share_normalizer": bool(editor.share_normalizer),
-                   "backend": editor.backend_request, "transactional": bool(editor.transactional),
-                   "undo": editor.undo, "preset": editor.preset},
-        "fingerprint": fingerprint(editor.model, editor.targets),
-        "weights_sample_sha256": weights_digest(editor.targets),
+        "turns": int(turns),
+        "config": {**dict(config), "preset": preset},
+        "fingerprint": fingerprint,
+        "weights_sample_sha256": weights_sample_sha256,
         "states": states_meta,
-        "normalizers": normalizers,
+        "normalizers": entries,
         "undo_log": log_meta,
     }
 
@@ -567,127 +404,118 @@ def read_checkpoint(path) -> Tuple[dict, Dict[str, torch.Tensor], str]:
     return body, tensors, directory
 
 
-def load_editor(cls, path, model, tokenizer, overrides: dict):
-    from .editor import NormalizerState
+@dataclass
+class Checkpoint:
+    """A verified checkpoint, read by :func:`load_checkpoint`; its states and undo log are
+    decoded against the editor that continues it (:meth:`normalizers`, :meth:`undo`)."""
 
-    for k in overrides:
-        if k in _FIXED:
-            raise ValueError(f"{k}: fixed by the checkpoint (its lifelong state depends on it) "
-                             "and cannot be overridden on load")
-        if k not in _OVERRIDABLE:
-            raise TypeError(f"load() got an unexpected option {k!r}; options that may be "
-                            f"overridden: {list(_OVERRIDABLE)}")
-    body, tensors, directory = read_checkpoint(path)
-    mpath = os.path.join(directory, MANIFEST)
-    try:
-        cfg = body["config"]
-        kwargs = {k: cfg[k] for k in ("modules", "lr", "batch_size", "share_normalizer",
-                                      "backend", "transactional", "undo")}
-        if "tokens_per_pass" in cfg:  # absent from checkpoints of 0.1.0 (no packing then)
-            kwargs["tokens_per_pass"] = cfg["tokens_per_pass"]
-        turns = int(body["turns"])
-        saved_fp = body["fingerprint"]
-        states_meta = body["states"]
-        normalizers = body["normalizers"]
-        log_meta = body.get("undo_log")
-    except (KeyError, TypeError, ValueError) as e:
-        raise _bad(mpath, f"incomplete manifest ({e!r})") from None
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    manifest_path: str
+    config: EditorConfig  # the editor's options as saved (modules and lr resolved)
+    preset: Optional[str]
+    turns: int
+    fingerprint: dict
+    weights_sample_sha256: Optional[str]
+    _body: dict
+    _tensors: Dict[str, torch.Tensor]
 
-    # the model must be the checkpoint's: compare before building anything on it
-    from .presets import module_kind
+    def __post_init__(self):
+        self._pool: Dict[int, NormalizerState] = {}
 
-    class _T:  # a light stand-in for editor targets, to fingerprint the model
-        def __init__(self, name, module, transposed):
-            self.name, self.module, self.transposed = name, module, transposed
-            self.weight = module.weight
-
-    current_targets = []
-    for name in kwargs["modules"]:
-        try:
-            current_targets.append(_T(name, *module_kind(model, name)))
-        except (ValueError, TypeError):
-            pass  # reported by the fingerprint diff
-    diffs = _fingerprint_diff(saved_fp, fingerprint(model, current_targets))
-    if diffs:
-        raise ValueError(f"model: it is not the model the checkpoint {mpath} was saved from: "
-                         + "; ".join(diffs))
-
-    kwargs.update(overrides)
-    editor = cls(model, tokenizer, **kwargs)
-    if isinstance(cfg.get("preset"), str):
-        editor.preset = cfg["preset"]
-    if body.get("weights_sample_sha256") != weights_digest(editor.targets):
-        warnings.warn(
-            f"model: the weights of the edited modules differ from those the checkpoint "
-            f"{mpath} was saved with; load the edited model's weights before the editor "
-            "(the lifelong statistics continue from the saved model)",
-            CheckpointWeightsWarning, stacklevel=3)
-
-    def tensor(name, shape, dtype=torch.float32):
-        t = tensors.get(name)
+    def _tensor(self, name, shape, dtype=torch.float32):
+        t = self._tensors.get(name)
         if t is None:
-            raise _bad(mpath, f"tensor {name!r} is missing from {body['tensors']['file']}")
+            raise _bad(self.manifest_path, f"tensor {name!r} is missing from "
+                       f"{self._body['tensors']['file']}")
         if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
-            raise _bad(mpath, f"tensor {name!r} has shape {tuple(t.shape)} and dtype {t.dtype}, "
-                       f"expected {tuple(shape)} and {dtype}")
+            raise _bad(self.manifest_path, f"tensor {name!r} has shape {tuple(t.shape)} and "
+                       f"dtype {t.dtype}, expected {tuple(shape)} and {dtype}")
         return t
 
-    devices = {editor.normalizer_key(t): t.weight.device for t in reversed(editor.targets)}
-    shapes = {editor.normalizer_key(t): t.shape for t in editor.targets}
-    pool: Dict[int, object] = {}
-
-    def get_state(j, key):
+    def _state(self, j, key, shapes, devices) -> NormalizerState:
+        states_meta = self._body["states"]
         if key not in shapes:
-            raise _bad(mpath, f"normaliser key {key!r} is not one of this editor's "
-                       f"{sorted(map(str, shapes))}")
+            raise _bad(self.manifest_path, f"normaliser key {key!r} is not one of this "
+                       f"editor's {sorted(map(str, shapes))}")
         if not isinstance(j, int) or not 0 <= j < len(states_meta):
-            raise _bad(mpath, f"state index {j!r} out of range")
-        if j not in pool:
+            raise _bad(self.manifest_path, f"state index {j!r} out of range")
+        if j not in self._pool:
             m = states_meta[j]
             d_in, d_out, n = int(m["d_in"]), int(m["d_out"]), int(m["n"])
             if (d_in, d_out) != tuple(shapes[key]) or n < 0:
-                raise _bad(mpath, f"state {j} has shape {(d_in, d_out)} and n={n}, expected "
-                           f"{tuple(shapes[key])} for key {key!r}")
-            parts = [tensor(f"state.{j}.{p}", (d_in + d_out,)).to(devices[key], copy=True)
+                raise _bad(self.manifest_path, f"state {j} has shape {(d_in, d_out)} and "
+                           f"n={n}, expected {tuple(shapes[key])} for key {key!r}")
+            parts = [self._tensor(f"state.{j}.{p}", (d_in + d_out,)).to(devices[key], copy=True)
                      for p in ("mean", "acc", "std")]
-            pool[j] = NormalizerState(d_in, d_out, n, *parts)
-        return pool[j]
+            self._pool[j] = NormalizerState(d_in, d_out, n, *parts)
+        return self._pool[j]
 
-    try:
-        editor.normalizers = {_decode_key(e["key"]): get_state(e["state"], _decode_key(e["key"]))
-                              for e in normalizers}
-        editor.turns = turns
-        if log_meta and editor._undo is not None:
-            log = editor._undo
-            by_name = {t.name: t for t in editor.targets}
+    def _states(self, entries, shapes, devices) -> Dict[object, NormalizerState]:
+        return {_decode_key(e["key"]): self._state(e["state"], _decode_key(e["key"]), shapes,
+                                                   devices) for e in entries}
+
+    def normalizers(self, shapes: Mapping[object, Tuple[int, int]],
+                    devices: Mapping[object, torch.device]) -> Dict[object, NormalizerState]:
+        """The lifelong states, keyed as the editor keys them; ``shapes``/``devices``: per
+        normaliser key, the ``(d_in, d_out)`` it must have and the device it goes to."""
+        try:
+            return self._states(self._body["normalizers"], shapes, devices)
+        except (KeyError, TypeError) as e:
+            raise _bad(self.manifest_path, f"inconsistent manifest ({e!r})") from None
+
+    def undo(self, targets, shapes, devices) -> Optional[dict]:
+        """The undo log as :meth:`UndoLog.export` shaped it (``None`` when none was saved),
+        checked against ``targets``, the editor's modules."""
+        log_meta = self._body.get("undo_log")
+        if not log_meta:
+            return None
+        try:
+            by_name = {t.name: t for t in targets}
             if sorted(log_meta["base"]) != sorted(by_name):
-                raise _bad(mpath, "the undo log does not cover the edited modules")
-            log.base = {}
-            for name, t in by_name.items():
-                w = t.weight
-                log.base[name] = tensor(f"undo.base.{name}", w.shape, w.dtype)
+                raise _bad(self.manifest_path, "the undo log does not cover the edited modules")
+            base = {name: self._tensor(f"undo.base.{name}", t.weight.shape, t.weight.dtype)
+                    for name, t in by_name.items()}
+            turns = []
             for r, rm in enumerate(log_meta["turns"]):
-                rec = _Turn({_decode_key(e["key"]): get_state(e["state"], _decode_key(e["key"]))
-                             for e in rm["normalizers"]}, {}, {})
                 n_keys = int(rm["n_keys"])
-                rec.keys = [tensors[f"undo.{r}.kk.{i}"] for i in range(n_keys)]
+                keys = [self._tensors[f"undo.{r}.kk.{i}"] for i in range(n_keys)]
+                rec = {"states": self._states(rm["normalizers"], shapes, devices), "a": {},
+                       "kk": {}, "keys": keys}
                 for name, t in by_name.items():
                     i = rm["kk"][name]
                     if i is not None and not (isinstance(i, int) and 0 <= i < n_keys):
-                        raise _bad(mpath, f"undo turn {r}: bad key index {i!r}")
+                        raise _bad(self.manifest_path, f"undo turn {r}: bad key index {i!r}")
                     d_in, d_out = t.shape
-                    rows = d_in if i is None else rec.keys[i].shape[0]
-                    a = tensor(f"undo.{r}.a.{name}", (rows, d_out))
+                    rows = d_in if i is None else keys[i].shape[0]
+                    rec["a"][name] = self._tensor(f"undo.{r}.a.{name}", (rows, d_out))
                     if i is not None:
-                        tensor(f"undo.{r}.kk.{i}", (rows, d_in))
-                    rec.a[name], rec.kk[name] = a, i
-                log.turns.append(rec)
-            if len(log.turns) > turns:
-                raise _bad(mpath, f"the undo log holds {len(log.turns)} turns, more than the "
-                           f"{turns} turns made")
-            log.trim(editor)
-    except (KeyError, TypeError) as e:
-        raise _bad(mpath, f"inconsistent manifest ({e!r})") from None
-    return editor
+                        self._tensor(f"undo.{r}.kk.{i}", (rows, d_in))
+                    rec["kk"][name] = i
+                turns.append(rec)
+        except (KeyError, TypeError) as e:
+            raise _bad(self.manifest_path, f"inconsistent manifest ({e!r})") from None
+        if len(turns) > self.turns:
+            raise _bad(self.manifest_path, f"the undo log holds {len(turns)} turns, more than "
+                       f"the {self.turns} turns made")
+        return {"base": base, "turns": turns}
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read and verify the checkpoint at ``path`` (see :func:`read_checkpoint`)."""
+    body, tensors, directory = read_checkpoint(path)
+    mpath = os.path.join(directory, MANIFEST)
+    try:
+        cfg = dict(body["config"])
+        preset = cfg.pop("preset", None)
+        for k in ("modules", "lr", "batch_size", "share_normalizer"):
+            cfg[k]
+        turns = int(body["turns"])
+        saved_fp = body["fingerprint"]
+        body["states"], body["normalizers"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _bad(mpath, f"incomplete manifest ({e!r})") from None
+    try:
+        config = EditorConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise _bad(mpath, f"config: {e}") from None
+    return Checkpoint(mpath, config, preset if isinstance(preset, str) else None, turns,
+                      saved_fp, body.get("weights_sample_sha256"), body, tensors)

@@ -1,7 +1,7 @@
-"""Triton kernels for the three hot steps (semantics: :mod:`ultraedit_fast.ops`).
+"""Triton kernels for the three hot steps (semantics: :mod:`ultraedit_fast.kernels.ops`).
 
 Each op is a private ``@triton.jit`` kernel and a host launcher with the same
-signature and semantics as the default kernel in :mod:`ultraedit_fast.ops`:
+signature and semantics as the default kernel in :mod:`ultraedit_fast.kernels.ops`:
 
 ``normalizer_update_(mean, acc, std, ks, gs, n)``
     One launch for the ``k`` columns and one for the ``g`` columns, whatever the
@@ -125,7 +125,7 @@ def _normalizer_kernel(x_ptr, offs_ptr, nblocks, mean_ptr, acc_ptr, std_ptr, wid
         m = (s1 - s0).to(tl.float64)
         n_new = tl.maximum(n + m, 1.0)
         # An empty block changes nothing (f = 0); a one-row block merges with
-        # var_rows = 0 (var_scale = 0); ALGORITHM.md section 3 keeps m * var_rows.
+        # var_rows = 0 (var_scale = 0); docs/algorithm.md section 3 keeps m * var_rows.
         f = (m / n_new).to(tl.float32)
         nf = (n * m / n_new).to(tl.float32)
         var_scale = tl.where(m > 1.0, m / tl.maximum(m - 1.0, 1.0), 0.0).to(tl.float32)

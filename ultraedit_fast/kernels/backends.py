@@ -23,7 +23,7 @@ ENV_VAR = "ULTRAEDIT_FAST_BACKEND"
 @dataclass(frozen=True)
 class Backend:
     """Kernels for the three hot steps, and the finiteness check of shifted weights;
-    signatures as in :mod:`ultraedit_fast.ops`."""
+    signatures as in :mod:`ultraedit_fast.kernels.ops`."""
 
     name: str
     normalizer_update_: Callable
@@ -37,7 +37,7 @@ def _torch_backend() -> Backend:
                    ops.rank_update_default, ops.all_finite_default)
 
 
-def _compiled_backend(name: str, key: str) -> Backend:
+def _compiled_backend(name: str) -> Backend:
     t = torch.ops.ultraedit_fast
     return Backend(name, t.normalizer_update_.default, t.shift_values.default,
                    t.rank_update_.default, t.all_finite.default)
@@ -129,7 +129,7 @@ def resolve_backend(backend: Optional[str], device) -> Backend:
         return _torch_backend()
     if name == "triton":
         return _triton_backend()
-    return _compiled_backend(name, "CPU" if name == "cpp" else "CUDA")
+    return _compiled_backend(name)
 
 
 def available_backends(device="cpu") -> Dict[str, Optional[str]]:

@@ -1,0 +1,241 @@
+"""``ultraedit-fast bench`` (also ``python -m ultraedit_fast.bench``): run the cases, print
+the table, write ``<device>-<date>.json`` and ``.png``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from ..config import add_cli_options, options_from_cli
+from ..environment import device_slug, environment, loadavg
+from .cases import case_lifelong, case_turn_and_memory
+from .plot import plot
+from .report import format_table, headline, merge_results, write_json
+from .settings import CASES, EDITS_PER_TURN, SCHEMA, Settings
+from .steps import STEP_SHAPES, TINY_SHAPES, case_steps
+from .workloads import ModelPool
+
+# the fast editor's options that the benchmark takes from the command line
+EDITOR_FLAGS = ("backend", "tokens_per_pass")
+
+DEFAULT_MODELS = {"cpu": ["smollm2", "wide-shallow"],
+                  "cuda": ["llama-3-8b", "qwen2.5-7b", "gpt-j-6b", "mistral-7b"]}
+
+
+def settings_from_args(args) -> Settings:
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("bench: --device cuda but CUDA is not available to torch")
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise SystemExit(f"bench: --cases: unknown {bad}; expected some of {list(CASES)}")
+    scale = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    cuda = device.type == "cuda"
+    if scale == "tiny":
+        models, life, memm = ["tiny"], "tiny", ["tiny"]
+        shapes = TINY_SHAPES
+        repeats, step_repeats, turns, ref_turns = 2, 3, 4, 2
+    elif scale == "quick":
+        models = ["mistral-7b"] if cuda else ["smollm2"]
+        life = "mistral-7b" if cuda else "smollm2"
+        memm = ["mistral-7b", "llama-3-8b"] if cuda else models
+        shapes = [sh for sh in STEP_SHAPES if cuda or sh[2] <= 4096]
+        repeats, step_repeats, turns, ref_turns = 2, (10 if cuda else 3), (20 if cuda else 5), 2
+    else:
+        models = list(DEFAULT_MODELS[device.type])
+        life = "mistral-7b" if cuda else "smollm2"
+        memm = list(models)
+        shapes = STEP_SHAPES
+        repeats, step_repeats, turns, ref_turns = 3, (20 if cuda else 5), \
+            (200 if cuda else 20), 3
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        memm = list(models)
+    if args.lifelong_model:
+        life = args.lifelong_model
+    if args.tie_below_edited and (cases != ["memory"] or cuda):
+        raise SystemExit("bench: --tie-below-edited changes the models: it goes with "
+                         "--cases memory alone, on the CPU (CUDA's peak counts the weights "
+                         "actually held)")
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    return Settings(device=device, cases=cases, scale=scale,
+                    repeats=args.repeats or repeats, step_repeats=args.repeats or step_repeats,
+                    lifelong_turns=args.lifelong_turns or turns,
+                    ref_turns=args.ref_turns if args.ref_turns is not None else ref_turns,
+                    models=models, lifelong_model=life, memory_models=memm,
+                    step_shapes=list(shapes), seed=args.seed,
+                    edits=args.edits_per_turn, slow_s=args.slow_s, impl_budget_s=args.impl_budget,
+                    deadline=deadline, editor_options=options_from_cli(args, EDITOR_FLAGS),
+                    tie_below_edited=args.tie_below_edited, zsre_path=args.zsre)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ultraedit-fast bench",
+        description="Benchmark the fast editor against the reference: per-step kernels at "
+                    "real shapes, one turn beside its forward/backward floor, lifelong turns, "
+                    "and peak memory. Prints a table and writes <device>-<date>.json and .png.")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (default: cuda when available)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {','.join(CASES)} (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repeats, turns and shapes (a few minutes)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
+    p.add_argument("--output-dir", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--models", default=None,
+                   help="models of the turn/memory cases (default: smollm2,wide-shallow on "
+                        "the CPU; llama-3-8b,qwen2.5-7b,gpt-j-6b,mistral-7b on CUDA)")
+    p.add_argument("--lifelong-model", default=None)
+    p.add_argument("--lifelong-turns", type=int, default=None,
+                   help="turns of the lifelong case (default: 20 on the CPU, 200 on CUDA)")
+    p.add_argument("--ref-turns", type=int, default=None,
+                   help="reference turns of the lifelong case, for the extrapolation (3)")
+    p.add_argument("--repeats", type=int, default=None, help="measured runs per case")
+    p.add_argument("--slow-s", type=float, default=10.0,
+                   help="a first run longer than this is kept as the measurement (10)")
+    p.add_argument("--impl-budget", type=float, default=150.0,
+                   help="stop repeating one implementation after this many seconds (150)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole benchmark; later cases are cut short")
+    add_cli_options(p, EDITOR_FLAGS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zsre", default=os.environ.get("ULTRAEDIT_FAST_ZSRE"), metavar="JSON",
+                   help="zsRE records (MEND format) for SmolLM2's turns (default: "
+                        "$ULTRAEDIT_FAST_ZSRE; without one, synthetic requests)")
+    p.add_argument("--tie-below-edited", action="store_true",
+                   help="memory case on a host too small for a 7B model: the decoder layers "
+                        "below the lowest edited one share one set of weights (the turn runs "
+                        "them without autograd, so its allocations are unchanged; the weights "
+                        "are counted untied)")
+    p.add_argument("--edits-per-turn", type=int, default=EDITS_PER_TURN, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--tag", default=None, help="suffix of the output file names")
+    p.add_argument("--merge", action="store_true",
+                   help="merge into an existing results file of the same name: this run's "
+                        "rows replace the rows of the same model/shape, the others stay")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="redraw the chart and reprint the table of a results file, then exit")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.replot:
+        with open(args.replot) as f:
+            doc = json.load(f)
+        png = plot(doc, os.path.splitext(args.replot)[0] + ".png")
+        print(headline(doc))
+        print(format_table(doc))
+        print(f"chart: {png}" if png else "chart: matplotlib unavailable")
+        return 0
+    s = settings_from_args(args)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    env = environment(s.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = f"{device_slug(env)}-{env['date']}"
+    if s.scale != "full":
+        stem += f"-{s.scale}"
+    if args.tag:
+        stem += f"-{args.tag}"
+    json_path = os.path.join(args.output_dir, stem + ".json")
+    png_path = os.path.join(args.output_dir, stem + ".png")
+    doc: Dict[str, Any] = {
+        "schema": SCHEMA, "env": env,
+        "settings": {"cases": s.cases, "scale": s.scale, "repeats": s.repeats,
+                     "step_repeats": s.step_repeats, "lifelong_turns": s.lifelong_turns,
+                     "ref_turns": s.ref_turns, "models": s.models,
+                     "lifelong_model": s.lifelong_model, "memory_models": s.memory_models,
+                     "backend": s.backend or "auto", "seed": s.seed, "slow_s": s.slow_s,
+                     "tokens_per_pass": s.editor_options.get("tokens_per_pass"),
+                     "editor_options": dict(s.editor_options), "zsre": s.zsre_path,
+                     "tie_below_edited": s.tie_below_edited,
+                     "edits_per_turn": s.edits, "threads": torch.get_num_threads(),
+                     "impl_budget_s": s.impl_budget_s, "time_budget_s": args.time_budget,
+                     "argv": list(argv) if argv is not None else sys.argv[1:]},
+        "notes": [
+            "fast and reference run in the same process, alternating run by run",
+            "seconds are medians of the measured runs; q20/q80 and all runs are in the JSON",
+            "a first run longer than slow_s is kept as the only/first measurement",
+            "CPU timings on a machine shared with other work are noisy: see loadavg",
+        ],
+        "cases": {},
+    }
+    prev = None
+    if args.merge and os.path.exists(json_path):
+        with open(json_path) as f:
+            prev = json.load(f)
+        log(f"bench: merging into {json_path} (its cases of other models/shapes are kept)")
+    log(f"bench: {headline(doc)}")
+    log(f"bench: writing {json_path}")
+    pool = ModelPool(s.device, s.seed, s.tie_below_edited, s.zsre_path)
+    t_start = time.perf_counter()
+
+    def save():
+        doc["elapsed_s"] = time.perf_counter() - t_start
+        doc["env"]["loadavg_at_end"] = loadavg()
+        doc["model_build_seconds"] = dict(pool.build_seconds)
+        write_json(merge_results(prev, doc) if prev else doc, json_path)
+
+    doc["loadavg_per_case"] = {}
+    doc["seconds_per_case"] = {}
+
+    def guarded(name, fn):
+        la0, t0 = loadavg(), time.perf_counter()
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - one case failing must not lose the others
+            log(f"[{name}] failed: {type(e).__name__}: {e}")
+            return {"error": traceback.format_exc(limit=10)}
+        finally:
+            doc["loadavg_per_case"][name] = {"start": la0, "end": loadavg()}
+            doc["seconds_per_case"][name] = time.perf_counter() - t0
+
+    if "steps" in s.cases:
+        doc["cases"]["steps"] = guarded("steps", lambda: case_steps(s, log))
+        save()
+    if "turn" in s.cases or "memory" in s.cases:
+        def keep(turns, mems):  # the rows so far reach the file after every model
+            if "turn" in s.cases:
+                doc["cases"]["turn"] = turns
+            if "memory" in s.cases:
+                doc["cases"]["memory"] = mems
+            save()
+
+        res = guarded("turn", lambda: case_turn_and_memory(s, pool, log, keep))
+        if isinstance(res, dict):
+            doc["cases"]["turn"] = [res]
+        else:
+            keep(*res)
+        save()
+    if "lifelong" in s.cases:
+        doc["cases"]["lifelong"] = guarded("lifelong", lambda: case_lifelong(s, pool, log))
+        save()
+    for k in ("steps", "turn", "memory"):  # a case that failed as a whole
+        if isinstance(doc["cases"].get(k), dict):
+            doc["cases"][k] = [doc["cases"][k]]
+    save()
+    if prev:
+        doc = merge_results(prev, doc)
+    png = None if args.no_plot else guarded("plot", lambda: plot(doc, png_path))
+    print()
+    print(headline(doc))
+    print(format_table(doc))
+    print(f"\nresults: {json_path}" + (f"\nchart:   {png}" if isinstance(png, str) else ""))
+    return 0

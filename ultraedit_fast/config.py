@@ -1,0 +1,306 @@
+"""Every option of an editor, declared once.
+
+:class:`EditorConfig` holds the options of an :class:`~ultraedit_fast.UltraEditor` (and the
+subset a :class:`~ultraedit_fast.ReferenceEditor` takes). Each field declares its default, its
+check (which raises ``TypeError``/``ValueError`` naming the option), what a checkpoint does
+with it on load (``fixed``: the lifelong state depends on it; ``overridable``), whether the
+reference editor takes it, and its command-line flag. The editor, the checkpoint format,
+lifelong runs, the benchmarks and the CLI all read these declarations; a new option is one
+field here plus its use.
+
+``modules`` and ``lr`` may be ``None``: the model's preset fills them
+(:mod:`ultraedit_fast.presets`); an editor's ``config`` holds the resolved values.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .kernels import BACKENDS
+
+DEFAULT_TOKENS_PER_PASS = 512
+
+FIXED = "fixed"
+OVERRIDABLE = "overridable"
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_modules(name: str, v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    try:
+        v = list(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected a list of module names, got "
+                        f"{type(v).__name__}") from None
+    if not v:
+        raise ValueError(f"{name}: expected at least one module name, got an empty list")
+    for m in v:
+        if not isinstance(m, str):
+            raise TypeError(f"{name}: expected module names (str), got {type(m).__name__}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{name}: duplicate names in {v}")
+    return tuple(v)
+
+
+def check_lr(name: str, v):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name}: expected a positive finite float, got {type(v).__name__}")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name}: expected a positive finite float, got {v!r}")
+    return float(v)
+
+
+def _check_positive_int(name: str, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return v
+
+
+def _check_backend(name: str, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in BACKENDS:
+        raise ValueError(f"{name}: expected one of {list(BACKENDS)}, got {v!r}")
+    return v.lower()
+
+
+def check_bool(name: str, v):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected True or False, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def _check_undo(name: str, v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError(f"{name}: expected True, False or a number of turns >= 0, got {v}")
+        return v if v > 0 else False
+    raise TypeError(f"{name}: expected True, False or an int number of turns, got "
+                    f"{type(v).__name__}")
+
+
+def _check_tokens_per_pass(name: str, v):
+    if v is None:
+        return DEFAULT_TOKENS_PER_PASS
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name}: expected an int >= 0 (0: no packing), got {v!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------- CLI parsers
+def _cli_modules(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated module names")
+    return names
+
+
+def cli_positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def cli_int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
+
+
+# ----------------------------------------------------------------------------- declarations
+def _option(default, check, doc: str, *, load: str = OVERRIDABLE, reference: bool = False,
+            cli: Optional[Dict[str, Any]] = None):
+    """A field of :class:`EditorConfig`: its default, check, doc and where it is used."""
+    return field(default=default, metadata={"check": check, "doc": doc, "load": load,
+                                            "reference": reference, "cli": cli})
+
+
+@dataclass(frozen=True)
+class EditorConfig:
+    """The options of an editor. Construct with keywords; every value is checked."""
+
+    modules: Optional[Tuple[str, ...]] = _option(
+        None, _check_modules,
+        "names of the nn.Linear / GPT-2 Conv1D modules to edit (None: the model's preset)",
+        load=FIXED, reference=True,
+        cli={"type": _cli_modules, "help": "comma-separated names of the layers to edit "
+             "(default: the model's preset)"})
+    lr: Optional[float] = _option(
+        None, check_lr, "the step (None: the preset's)", reference=True,
+        cli={"type": cli_positive_float, "help": "edit step (default: the preset's)"})
+    batch_size: int = _option(
+        10, _check_positive_int,
+        "requests per forward/backward mini-batch (10 in the paper); it sets the loss of "
+        "each token (its mini-batch's mean) and the normaliser's blocks", reference=True,
+        cli={"type": cli_int_at_least(1, "a positive integer"),
+             "help": "requests per mini-batch (default 10)"})
+    backend: Optional[str] = _option(
+        None, _check_backend,
+        f"kernels: one of {', '.join(BACKENDS)} (None: $ULTRAEDIT_FAST_BACKEND, else auto)",
+        cli={"choices": BACKENDS, "help": "kernels (default: $ULTRAEDIT_FAST_BACKEND or auto)"})
+    share_normalizer: bool = _option(
+        True, check_bool, "one lifelong normaliser per layer shape (the published behaviour) "
+        "rather than one per module", load=FIXED, reference=True)
+    transactional: bool = _option(
+        True, check_bool,
+        "snapshot each weight before writing it, so that a failure while writing restores "
+        "the pre-turn model; also checks the shifted weights are finite")
+    undo: Union[bool, int] = _option(
+        False, _check_undo,
+        "keep an undo log for rollback(): False (none), True (every turn) or k (the last k "
+        "turns)")
+    tokens_per_pass: int = _option(
+        None, _check_tokens_per_pass,
+        f"pack consecutive mini-batches into forward/backward passes of at most this many "
+        f"tokens (None: {DEFAULT_TOKENS_PER_PASS}; 0: one padded mini-batch per pass)",
+        cli={"type": cli_int_at_least(0, "an integer >= 0"),
+             "help": "fast editor: mini-batches packed into passes of at most this many "
+                     f"tokens (default {DEFAULT_TOKENS_PER_PASS}; 0: padded, one mini-batch "
+                     "per pass)"})
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_call(cls, args: Sequence[Any], options: Mapping[str, Any], *,
+                  owner: str = "UltraEditor", reference: bool = False) -> "EditorConfig":
+        """A config from an editor's ``*args`` (``modules``, ``lr``, ``batch_size``, in that
+        order) and ``**options``, refusing what Python would refuse: too many positional
+        arguments, unknown or repeated options."""
+        allowed = option_names(reference=reference)
+        if len(args) > len(POSITIONAL):
+            raise TypeError(f"{owner}() takes at most {len(POSITIONAL)} positional options "
+                            f"({', '.join(POSITIONAL)}), got {len(args)}")
+        kw = dict(zip(POSITIONAL, args))
+        for k, v in options.items():
+            if k in kw:
+                raise TypeError(f"{owner}() got multiple values for option {k!r}")
+            if k not in allowed:
+                raise TypeError(f"{owner}() got an unexpected option {k!r}; its options are "
+                                f"{list(allowed)}")
+            kw[k] = v
+        return cls(**kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready: tuples become lists."""
+        d = asdict(self)
+        if d["modules"] is not None:
+            d["modules"] = list(d["modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EditorConfig":
+        """The inverse of :meth:`to_dict`; unknown keys are ignored (a newer writer's)."""
+        names = option_names()
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "EditorConfig":
+        return replace(self, **changes)
+
+    def options(self, *, reference: bool = False, only_set: bool = False) -> Dict[str, Any]:
+        """The options as keywords for an editor (the reference's subset with ``reference``;
+        with ``only_set``, only those that differ from their defaults)."""
+        out = {}
+        for f in fields(self):
+            if reference and not f.metadata["reference"]:
+                continue
+            v = getattr(self, f.name)
+            if only_set and v == _default_of(f):
+                continue
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+POSITIONAL = ("modules", "lr", "batch_size")
+
+
+def _default_of(f) -> Any:
+    if f.default is MISSING:  # pragma: no cover - every option has a default
+        return None
+    return f.metadata["check"](f.name, f.default)
+
+
+def option_names(*, reference: bool = False, load: Optional[str] = None) -> Tuple[str, ...]:
+    """Names of the options (those the reference takes; those with a given load rule)."""
+    return tuple(f.name for f in fields(EditorConfig)
+                 if (not reference or f.metadata["reference"])
+                 and (load is None or f.metadata["load"] == load))
+
+
+def options_doc(*, reference: bool = False) -> str:
+    """One line per option, for docstrings and help texts."""
+    lines = []
+    for f in fields(EditorConfig):
+        if reference and not f.metadata["reference"]:
+            continue
+        lines.append(f"    {f.name} (default {_default_of(f)!r}): {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """What ``UltraEditor.load`` may change: not the options the lifelong state depends on."""
+    fixed, overridable = option_names(load=FIXED), option_names(load=OVERRIDABLE)
+    for k in overrides:
+        if k in fixed:
+            raise ValueError(f"{k}: fixed by the checkpoint (its lifelong state depends on it) "
+                             "and cannot be overridden on load")
+        if k not in overridable:
+            raise TypeError(f"load() got an unexpected option {k!r}; options that may be "
+                            f"overridden: {list(overridable)}")
+
+
+# ----------------------------------------------------------------------------- the CLI
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_cli_options(parser: argparse.ArgumentParser, names: Optional[Iterable[str]] = None,
+                    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None) -> List[str]:
+    """Add a ``--flag`` for each option that declares one (``names``: a subset;
+    ``overrides``: per-option argparse keywords, a command's own help, say). Every flag
+    defaults to ``None`` (the editor's default). Returns the options added."""
+    added = []
+    wanted = None if names is None else set(names)
+    for f in fields(EditorConfig):
+        cli = f.metadata["cli"]
+        if cli is None or (wanted is not None and f.name not in wanted):
+            continue
+        kw = {"default": None, **cli, **dict((overrides or {}).get(f.name, {}))}
+        parser.add_argument(_flag(f.name), dest=f.name, **kw)
+        added.append(f.name)
+    return added
+
+
+def options_from_cli(args: argparse.Namespace, names: Optional[Iterable[str]] = None
+                     ) -> Dict[str, Any]:
+    """The options given on the command line (those left at ``None`` are omitted, so the
+    editor's defaults apply)."""
+    out = {}
+    for f in fields(EditorConfig):
+        if f.metadata["cli"] is None or (names is not None and f.name not in set(names)):
+            continue
+        v = getattr(args, f.name, None)
+        if v is not None:
+            out[f.name] = v
+    return out
