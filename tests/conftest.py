@@ -116,6 +116,18 @@ def one_thread():
 
 
 @pytest.fixture
+def quiet_checkpoints():
+    """Checkpoint tests load onto models whose weights differ from the saved ones on purpose:
+    silence that warning (and UserWarnings), keep the rest."""
+    import warnings
+    from ultraedit_fast import checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", checkpoint.CheckpointWeightsWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+@pytest.fixture
 def toy_tokenizer():
     return ToyTokenizer()
 

@@ -13,12 +13,12 @@ from ultraedit_fast.data import (
     Example,
     LoadStats,
     RequestReader,
-    _iter_values,
     count_records,
     detect_format,
     iter_examples,
     load_requests,
 )
+from ultraedit_fast.jsonstream import iter_values as _iter_values
 from ultraedit_fast.requests import EditRequest
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

@@ -88,7 +88,8 @@ def test_backward_stops_at_the_lowest_edited_layer(toy_tokenizer):
 
 def test_report_has_counts_phases_memory_and_backend(toy_tokenizer):
     model, modules = make_tiny("gpt2")
-    ed = UltraEditor(model, toy_tokenizer, modules=modules, lr=1e-4, batch_size=3)
+    ed = UltraEditor(model, toy_tokenizer, modules=modules, lr=1e-4, batch_size=3,
+                     measure_memory=True)  # opt-in: it resets the process's peak counters
     reqs = random_requests(8)
     rep = ed.edit(reqs)
     assert isinstance(rep, EditReport)

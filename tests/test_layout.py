@@ -10,7 +10,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 FLOORS = {
     "_version": 0, "kernels": 0,
     "config": 1, "targets": 1, "report": 1, "display": 1, "requests": 1, "solve": 1,
-    "normalizer": 1, "environment": 1, "forward": 1,
+    "normalizer": 1, "environment": 1, "forward": 1, "concurrency": 1, "jsonstream": 1,
     "capture": 2, "undo": 2, "checkpoint": 2, "presets": 2, "evaluate": 2, "data": 2,
     "models": 2, "demo_data": 2,
     "editor": 3, "reference": 3,

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,9 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_checkpoints")
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", checkpoint.CheckpointWeightsWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        yield
 
 
 def bits(t):

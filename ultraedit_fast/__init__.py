@@ -5,6 +5,7 @@ Hugging Face causal language models.
 """
 from ._version import __version__
 from .checkpoint import CheckpointWeightsWarning
+from .concurrency import serving
 from .config import EditorConfig
 from .editor import EditRefused, SharedModelWarning, UltraEditor, fast_edit
 from .evaluate import capture_predictions, evaluate, token_accuracy
@@ -27,4 +28,4 @@ def backend_info(device="cpu") -> str:
 __all__ = ["EditRequest", "UltraEditor", "ReferenceEditor", "fast_edit", "evaluate",
            "capture_predictions", "token_accuracy", "EditReport", "EditRefused",
            "EditorConfig", "NormalizerState", "SharedModelWarning", "CheckpointWeightsWarning",
-           "available_backends", "backend_info", "EXTENSION_ERROR", "__version__"]
+           "available_backends", "backend_info", "serving", "EXTENSION_ERROR", "__version__"]

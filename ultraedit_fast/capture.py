@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .concurrency import ThreadOwned
 from .forward import answer_logits, on_device
 from .requests import IGNORE
 from .targets import EditTarget
@@ -21,7 +22,9 @@ from .targets import EditTarget
 
 class Capture:
     """Hooks that keep, per edited module and pass, the input rows at answer tokens and
-    the output tensor (whose gradient is taken after the forward)."""
+    the output tensor (whose gradient is taken after the forward). They act only for the
+    thread that entered the capture: other threads' forward passes through the same
+    modules (a model that keeps serving) run as if no hook were there."""
 
     def __init__(self, targets: Sequence[EditTarget], rows_only=frozenset()):
         self.targets = targets
@@ -36,6 +39,7 @@ class Capture:
         self._handles = []
 
     def __enter__(self):
+        self._thread = ThreadOwned()
         for t in self.targets:
             self._handles.append(
                 t.module.register_forward_hook(self._hook(t.name), with_kwargs=True))
@@ -62,7 +66,12 @@ class Capture:
         return rows
 
     def _hook(self, name: str):
-        def hook(module, args, kwargs, output):
+        def hook(module, args, *rest):
+            # (kwargs, output); another thread may see the hook without its kwargs flag
+            # while it is being removed, so only the owner thread reads ``rest``
+            if not self._thread.owns():
+                return None
+            kwargs, output = rest
             if name in self.outputs:
                 raise RuntimeError(f"module {name!r} ran twice in one forward pass; "
                                    "UltraEdit edits modules that run once per token")

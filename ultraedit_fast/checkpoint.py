@@ -60,6 +60,7 @@ MANIFEST = "manifest.json"
 LOCKFILE = ".lock"
 _TENSOR_FILE = re.compile(r"^state-[0-9a-f]{16}\.safetensors$")
 _TMP_FILE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
+_FOREIGN_TMP_FILE = re.compile(r"^\.tmp[A-Za-z0-9_]{6,}$")
 _MAX_MANIFEST_BYTES = 256 << 20
 _SAMPLE = 4096  # elements of each edited weight hashed into the fingerprint
 
@@ -142,22 +143,6 @@ def _fsync_dir(path: str) -> None:
 
 def _tmp_name(directory: str, name: str) -> str:
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _sha256_file(path: str, fsync: bool = False) -> Tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb+" if fsync else "rb") as f:
-        while True:
-            chunk = f.read(1 << 22)
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    return h.hexdigest(), size
 
 
 def _write_bytes_atomic(directory: str, name: str, data: bytes) -> None:
@@ -246,14 +231,10 @@ def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], 
     normaliser key -> state, ``undo``: :meth:`UndoLog.export`'s data or ``None``.
     Returns the path of the manifest. One writer per directory: the caller's process
     holds the directory's lock while this runs."""
-    from safetensors.torch import save_file
     import safetensors
+    from safetensors.torch import save as to_bytes
 
-    directory = _path(path)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"path: {directory!r} exists and is not a directory; a checkpoint is "
-                         "a directory")
-    os.makedirs(directory, exist_ok=True)
+    directory = _checked_directory(path)
 
     tensors: Dict[str, torch.Tensor] = {}
     pool: Dict[int, int] = {}
@@ -302,18 +283,16 @@ def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], 
         "undo_log": log_meta,
     }
 
+    data = to_bytes(tensors, metadata={"format": FORMAT})
+    digest, size = hashlib.sha256(data).hexdigest(), len(data)
+    tensors.clear()  # the bytes hold them now
     with _DirLock(directory):
         _remove_stale_tmp(directory)
-        tmp = _tmp_name(directory, "state.safetensors")
-        try:
-            save_file(tensors, tmp, metadata={"format": FORMAT})
-            digest, size = _sha256_file(tmp, fsync=True)
-            name = f"state-{digest[:16]}.safetensors"
-            os.replace(tmp, os.path.join(directory, name))
-        except BaseException:
-            _unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        name = f"state-{digest[:16]}.safetensors"
+        # our own temporary name (the writer's pid in it, so a dead writer's is cleaned):
+        # the file gets the umask's mode, and a kill leaves nothing we cannot find
+        _write_bytes_atomic(directory, name, data)
+        del data
         body["tensors"] = {"file": name, "sha256": digest, "bytes": size}
         body["manifest_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
         _write_bytes_atomic(directory, MANIFEST,
@@ -326,11 +305,41 @@ def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], 
 
 
 def _remove_stale_tmp(directory: str) -> None:
-    """Temporary files of writers that died (``kill -9``) mid-save."""
+    """Temporary files of writers that died (``kill -9``) mid-save: ours (their pid is gone)
+    and those safetensors' own writer left in versions that let it write the tensor file
+    (``.tmpXXXXXX``, older than a minute: the directory lock keeps writers out)."""
+    now = time.time()
     for f in os.listdir(directory):
+        full = os.path.join(directory, f)
         m = _TMP_FILE.match(f)
         if m and not _pid_alive(int(m.group(1))):
-            _unlink(os.path.join(directory, f))
+            _unlink(full)
+        elif _FOREIGN_TMP_FILE.match(f):
+            try:
+                if now - os.stat(full).st_mtime > 60:
+                    _unlink(full)
+            except OSError:
+                pass
+
+
+def _checked_directory(path) -> str:
+    """``path`` as a checkpoint directory to write into, created if missing; ``ValueError``
+    naming it when it cannot be one."""
+    directory = _path(path)
+    if os.path.lexists(directory) and not os.path.exists(directory):
+        raise ValueError(f"path: {directory!r} is a symbolic link that leads nowhere (broken, "
+                         "or a loop); a checkpoint is a directory")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"path: {directory!r} exists and is not a directory; a checkpoint is "
+                         "a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"path: cannot create the checkpoint directory {directory!r}: "
+                         f"{e.strerror or e}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"path: {directory!r}: permission denied (cannot write there)")
+    return directory
 
 
 # ============================================================================ load
@@ -338,70 +347,202 @@ def _bad(path: str, why: str) -> ValueError:
     return ValueError(f"{path}: {why}")
 
 
+def _read_bytes(path: str, limit: Optional[int] = None) -> bytes:
+    with open(path, "rb") as f:
+        return f.read() if limit is None else f.read(limit + 1)
+
+
+_RETRIES = 50  # a load that keeps racing saves tries this many times (a few seconds)
+
+
 def read_checkpoint(path) -> Tuple[dict, Dict[str, torch.Tensor], str]:
     """Parse and verify a checkpoint: ``(manifest, tensors on the CPU, directory)``.
     Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` naming
-    the file when it is not a whole, untampered checkpoint."""
-    from safetensors.torch import load_file
+    the file when it is not a whole, untampered checkpoint.
+
+    A save may replace the checkpoint while this reads it. The manifest is read whole, then
+    the tensor file it names is opened and read whole from that one open file, so its bytes
+    are checked and parsed as they were hashed; if the file is gone (the save that replaced
+    it deleted it), or does not match because a newer manifest is in place, the read starts
+    again with the new manifest."""
+    from safetensors.torch import load as from_bytes
 
     directory = _path(path)
     if os.path.isfile(directory) and os.path.basename(directory) == MANIFEST:
         directory = os.path.dirname(directory) or "."
-    if not os.path.exists(directory):
-        raise FileNotFoundError(f"path: no checkpoint at {directory!r}")
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: no checkpoint at {directory!r}") from None
+    except PermissionError:
+        raise ValueError(f"path: {directory!r}: permission denied (cannot read it)") from None
     if not os.path.isdir(directory):
         raise ValueError(f"path: {directory!r} is not a checkpoint directory written by "
                          "UltraEditor.save")
+    del st
     mpath = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise _bad(mpath, "missing; not a checkpoint written by UltraEditor.save (or its "
-                   "first save never completed)")
-    if os.path.getsize(mpath) > _MAX_MANIFEST_BYTES:
-        raise _bad(mpath, "too large to be a manifest")
-    for attempt in range(3):  # a concurrent save may replace the manifest under us
-        with open(mpath, "rb") as f:
-            raw = f.read()
+    last_error: Optional[ValueError] = None
+    for attempt in range(_RETRIES):
+        if attempt:
+            time.sleep(min(0.2, 0.005 * 2 ** min(attempt, 6)))
         try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _bad(mpath, f"not valid JSON ({e}); the manifest is truncated or "
-                       "corrupt") from None
-        if not isinstance(body, dict) or body.get("format") != FORMAT:
-            raise _bad(mpath, f"not an ultraedit_fast checkpoint manifest (format "
-                       f"{body.get('format') if isinstance(body, dict) else None!r})")
-        version = body.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise _bad(mpath, f"format version {version!r}; this ultraedit_fast reads version "
-                       f"{FORMAT_VERSION} and older: upgrade the package")
-        claimed = body.pop("manifest_sha256", None)
-        if claimed != hashlib.sha256(_canonical(body)).hexdigest():
-            raise _bad(mpath, "hash mismatch: the manifest was modified or is corrupt")
-        try:
-            info = body["tensors"]
-            fname, digest, size = info["file"], info["sha256"], info["bytes"]
-        except (KeyError, TypeError):
-            raise _bad(mpath, "names no tensor file") from None
-        if not isinstance(fname, str) or not _TENSOR_FILE.match(fname):
-            raise _bad(mpath, f"names an invalid tensor file {fname!r}")
+            raw = _read_bytes(mpath, _MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise _bad(mpath, "missing; not a checkpoint written by UltraEditor.save (or its "
+                       "first save never completed)") from None
+        except PermissionError:
+            raise _bad(mpath, "permission denied (cannot read the manifest)") from None
+        except IsADirectoryError:
+            raise _bad(mpath, "is a directory, not a manifest") from None
+        if len(raw) > _MAX_MANIFEST_BYTES:
+            raise _bad(mpath, "too large to be a manifest")
+        body = _parse_manifest(mpath, raw)
+        info = body["tensors"]
+        fname, digest, size = info["file"], info["sha256"], info["bytes"]
         tpath = os.path.join(directory, fname)
-        if not os.path.isfile(tpath):
-            with open(mpath, "rb") as f:
-                if f.read() != raw and attempt < 2:
-                    continue  # a new checkpoint replaced this one while we read it
-            raise _bad(tpath, "missing; the checkpoint is incomplete")
-        actual = os.path.getsize(tpath)
-        if actual != size:
-            raise _bad(tpath, f"{actual} bytes, the manifest says {size}: the file is truncated "
-                       "or was modified")
-        if _sha256_file(tpath)[0] != digest:
-            raise _bad(tpath, "sha256 hash mismatch with the manifest: the file was modified or "
-                       "is corrupt")
-        break
+        try:
+            data = _read_bytes(tpath)
+        except FileNotFoundError:
+            last_error = _bad(tpath, "missing; the checkpoint is incomplete")
+            if _changed(mpath, raw):
+                continue  # a new checkpoint replaced this one while we read it
+            raise last_error from None
+        except PermissionError:
+            raise _bad(tpath, "permission denied (cannot read the tensor file)") from None
+        if len(data) != size:
+            last_error = _bad(tpath, f"{len(data)} bytes, the manifest says {size}: the file is "
+                              "truncated or was modified")
+        elif hashlib.sha256(data).hexdigest() != digest:
+            last_error = _bad(tpath, "sha256 hash mismatch with the manifest: the file was "
+                              "modified or is corrupt")
+        else:
+            try:
+                tensors = from_bytes(data)
+            except Exception as e:  # safetensors header / layout errors
+                raise _bad(tpath, f"not a valid safetensors file ({e})") from None
+            return body, tensors, directory
+        if not _changed(mpath, raw):
+            raise last_error
+    raise last_error if last_error is not None else _bad(mpath, "kept changing while read")
+
+
+def _changed(mpath: str, raw: bytes) -> bool:
     try:
-        tensors = load_file(tpath, device="cpu")
-    except Exception as e:  # safetensors header / layout errors
-        raise _bad(tpath, f"not a valid safetensors file ({e})") from None
-    return body, tensors, directory
+        return _read_bytes(mpath, _MAX_MANIFEST_BYTES) != raw
+    except OSError:
+        return True
+
+
+def _parse_manifest(mpath: str, raw: bytes) -> dict:
+    """The manifest's JSON, its format, version and self-hash checked, and every field the
+    reader uses validated (one ``ValueError`` naming the file and the field)."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(mpath, f"not valid JSON ({e}); the manifest is truncated or "
+                   "corrupt") from None
+    except RecursionError:
+        raise _bad(mpath, "not a manifest: its JSON is nested too deeply") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise _bad(mpath, f"not an ultraedit_fast checkpoint manifest (format "
+                   f"{body.get('format') if isinstance(body, dict) else None!r})")
+    version = body.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _bad(mpath, f"format version {version!r}; this ultraedit_fast reads version "
+                   f"{FORMAT_VERSION} and older: upgrade the package")
+    claimed = body.pop("manifest_sha256", None)
+    if claimed != hashlib.sha256(_canonical(body)).hexdigest():
+        raise _bad(mpath, "hash mismatch: the manifest was modified or is corrupt")
+    _validate(mpath, body)
+    return body
+
+
+_MAX_COUNT = 2 ** 53  # turns and rows: more than any run makes, exact in a float
+
+
+def _field_error(mpath, name, expected, value) -> ValueError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return _bad(mpath, f"field {name!r}: expected {expected}, got {shown}")
+
+
+def _count(mpath, name, v, low=0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= _MAX_COUNT:
+        raise _field_error(mpath, name, f"an int in [{low}, 2**53]", v)
+    return v
+
+
+def _key_ok(k) -> bool:
+    return isinstance(k, str) or (isinstance(k, list) and len(k) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _MAX_COUNT for x in k))
+
+
+def _validate(mpath: str, body: dict) -> None:
+    info = body.get("tensors")
+    if not isinstance(info, dict):
+        raise _field_error(mpath, "tensors", "an object naming the tensor file", info)
+    fname = info.get("file")
+    if not isinstance(fname, str) or not _TENSOR_FILE.match(fname):
+        raise _bad(mpath, f"names an invalid tensor file {fname!r}")
+    if not isinstance(info.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}",
+                                                                    info["sha256"]):
+        raise _field_error(mpath, "tensors.sha256", "64 hex digits", info.get("sha256"))
+    _count(mpath, "tensors.bytes", info.get("bytes"))
+    turns = _count(mpath, "turns", body.get("turns"))
+    cfg = body.get("config")
+    if not isinstance(cfg, dict):
+        raise _field_error(mpath, "config", "an object", cfg)
+    fp = body.get("fingerprint")
+    if not isinstance(fp, dict) or not isinstance(fp.get("modules"), dict) or \
+            not isinstance(fp.get("parameters"), list) or \
+            not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                    and isinstance(p[1], list) for p in fp["parameters"]) or \
+            not all(isinstance(m, dict) for m in fp["modules"].values()):
+        raise _field_error(mpath, "fingerprint", "an object with 'modules' and 'parameters'",
+                           fp)
+    states = body.get("states")
+    if not isinstance(states, list):
+        raise _field_error(mpath, "states", "a list", states)
+    for j, m in enumerate(states):
+        if not isinstance(m, dict):
+            raise _field_error(mpath, f"states[{j}]", "an object", m)
+        _count(mpath, f"states[{j}].d_in", m.get("d_in"), 1)
+        _count(mpath, f"states[{j}].d_out", m.get("d_out"), 1)
+        n = _count(mpath, f"states[{j}].n", m.get("n"))
+        if turns and n < 1:
+            raise _bad(mpath, f"field 'states[{j}].n': {n} rows after {turns} turns (every "
+                       "turn adds rows to every normaliser)")
+
+    def entries(name, value):
+        if not isinstance(value, list):
+            raise _field_error(mpath, name, "a list", value)
+        for i, e in enumerate(value):
+            if not isinstance(e, dict) or not _key_ok(e.get("key")):
+                raise _field_error(mpath, f"{name}[{i}]", "an object with a normaliser key "
+                                   "(a module name or [d_in, d_out])", e)
+            st = e.get("state")
+            if isinstance(st, bool) or not isinstance(st, int) or not 0 <= st < len(states):
+                raise _field_error(mpath, f"{name}[{i}].state",
+                                   f"an index into 'states' (0..{len(states) - 1})", st)
+        return value
+
+    normalizers = entries("normalizers", body.get("normalizers"))
+    if turns and not normalizers:
+        raise _bad(mpath, f"field 'normalizers': empty after {turns} turns")
+    log = body.get("undo_log")
+    if log is not None:
+        if not isinstance(log, dict) or not isinstance(log.get("base"), list) or \
+                not isinstance(log.get("turns"), list):
+            raise _field_error(mpath, "undo_log", "null or an object with 'base' and 'turns'",
+                               log)
+        if len(log["turns"]) > turns:
+            raise _bad(mpath, f"the undo log holds {len(log['turns'])} turns, more than the "
+                       f"{turns} turns made")
+        for r, rec in enumerate(log["turns"]):
+            if not isinstance(rec, dict) or not isinstance(rec.get("kk"), dict):
+                raise _field_error(mpath, f"undo_log.turns[{r}]", "an object", rec)
+            _count(mpath, f"undo_log.turns[{r}].n_keys", rec.get("n_keys"))
+            entries(f"undo_log.turns[{r}].normalizers", rec.get("normalizers"))
 
 
 @dataclass
@@ -458,9 +599,14 @@ class Checkpoint:
         """The lifelong states, keyed as the editor keys them; ``shapes``/``devices``: per
         normaliser key, the ``(d_in, d_out)`` it must have and the device it goes to."""
         try:
-            return self._states(self._body["normalizers"], shapes, devices)
+            states = self._states(self._body["normalizers"], shapes, devices)
         except (KeyError, TypeError) as e:
             raise _bad(self.manifest_path, f"inconsistent manifest ({e!r})") from None
+        if self.turns and set(states) != set(shapes):
+            missing = sorted(map(str, set(shapes) - set(states)))
+            raise _bad(self.manifest_path, f"field 'normalizers': no state for {missing} "
+                       f"after {self.turns} turns")
+        return states
 
     def undo(self, targets, shapes, devices) -> Optional[dict]:
         """The undo log as :meth:`UndoLog.export` shaped it (``None`` when none was saved),
@@ -503,19 +649,17 @@ def load_checkpoint(path) -> Checkpoint:
     """Read and verify the checkpoint at ``path`` (see :func:`read_checkpoint`)."""
     body, tensors, directory = read_checkpoint(path)
     mpath = os.path.join(directory, MANIFEST)
-    try:
-        cfg = dict(body["config"])
-        preset = cfg.pop("preset", None)
-        for k in ("modules", "lr", "batch_size", "share_normalizer"):
-            cfg[k]
-        turns = int(body["turns"])
-        saved_fp = body["fingerprint"]
-        body["states"], body["normalizers"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise _bad(mpath, f"incomplete manifest ({e!r})") from None
+    cfg = dict(body["config"])
+    preset = cfg.pop("preset", None)
+    turns, saved_fp = body["turns"], body["fingerprint"]
+    for k in ("modules", "lr", "batch_size", "share_normalizer"):
+        if k not in cfg:
+            raise _bad(mpath, f"field 'config.{k}': missing")
     try:
         config = EditorConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:
-        raise _bad(mpath, f"config: {e}") from None
+        raise _bad(mpath, f"field 'config.{str(e).split(':')[0]}': {e}") from None
+    if config.modules is None or config.lr is None:
+        raise _bad(mpath, "field 'config': 'modules' and 'lr' must be set")
     return Checkpoint(mpath, config, preset if isinstance(preset, str) else None, turns,
                       saved_fp, body.get("weights_sample_sha256"), body, tensors)

@@ -162,6 +162,21 @@ def _load(args):
     return model, tok
 
 
+def _check_lengths(args, model, tok, examples) -> None:
+    """Every record's prompts fit the model's context (a ``ValueError`` naming the file and
+    the record otherwise), checked before the first turn."""
+    from .requests import context_length, tokenize_pair
+    limit = context_length(model)
+    for ex in examples:
+        r = ex.request
+        for field, prompt, answer in (("prompt", r.prompt, r.target),
+                                      ("rephrase", r.rephrase, r.target),
+                                      ("locality_prompt", r.locality_prompt, r.locality_answer)):
+            if prompt is not None:
+                tokenize_pair(tok, prompt, answer, limit,
+                              where=f"{args.data}: record {ex.index} ({field})")
+
+
 def _model_name(spec: str, model) -> str:
     from .models import DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
@@ -259,10 +274,14 @@ def cmd_run(args) -> int:
     from .lifelong import run_lifelong
     from .targets import summarize_names
 
+    from .lifelong import check_output_dir
+
     _check_device(args.device)
     reader = _reader(args, args.turns * args.edits_per_turn)  # checks file/format first
-    if args.save_model and os.path.isfile(args.save_model):
-        raise ValueError(f"--save-model: {args.save_model!r} is a file, expected a directory")
+    # every output path is checked before the first turn, not found unusable after the last
+    check_output_dir(args.output_dir, "--output-dir")
+    if args.save_model:
+        check_output_dir(args.save_model, "--save-model")
     n = args.turns * args.edits_per_turn
     examples = list(reader.examples())  # malformed data fails here, before the slow load
     if len(examples) < n:
@@ -271,6 +290,7 @@ def cmd_run(args) -> int:
                          + (f" ({reader.stats.skipped} malformed skipped)"
                             if reader.stats.skipped else ""))
     model, tok = _load(args)
+    _check_lengths(args, model, tok, examples)
     name = _model_name(args.model, model)
     t0 = time.perf_counter()
     res = run_lifelong(
@@ -317,6 +337,7 @@ def cmd_eval(args) -> int:
         raise ValueError(f"data: no records to score in {args.data} "
                          f"(offset {args.offset}, limit {args.limit})")
     model, tok = _load(args)
+    _check_lengths(args, model, tok, examples)
     t0 = time.perf_counter()
     m = score(model, tok, [e.request for e in examples], [e.extras for e in examples],
               batch_size=args.eval_batch_size)
@@ -348,7 +369,10 @@ def cmd_bench(argv: List[str]) -> int:
               "this installation", file=sys.stderr)
         return EXIT_USAGE
     bench = importlib.import_module("ultraedit_fast.bench")
-    rc = bench.main(argv)
+    try:
+        rc = bench.main(argv)
+    except SystemExit as e:  # its parser's --help, or its one-line usage error
+        rc = e.code
     return int(rc or 0)
 
 

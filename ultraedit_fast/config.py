@@ -177,6 +177,13 @@ class EditorConfig:
                      f"tokens (default {DEFAULT_TOKENS_PER_PASS}; 0: padded, one mini-batch "
                      "per pass)"})
 
+    measure_memory: bool = _option(
+        False, check_bool,
+        "report each turn's peak memory (EditReport.peak_memory_bytes): resets the process's "
+        "peak counters (torch.cuda.reset_peak_memory_stats, or the peak RSS through "
+        "/proc/self/clear_refs) at the start of every turn, which changes what other readers "
+        "of those counters see; off, the report's peak is None", reference=True)
+
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))

@@ -70,12 +70,11 @@ counted before ``offset`` is applied, so they are stable across runs.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+from .jsonstream import BadLine, DataFormatError, iter_values
 from .requests import EditRequest
 
 __all__ = [
@@ -111,20 +110,6 @@ _FORMATS_WITH_ALT = ("zsre", "zsre_ultraedit", "fever")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class DataFormatError(ValueError):
-    """A data file or one of its records is malformed.
-
-    ``path`` is the file, ``index`` the 0-based record index (None when unknown) and
-    ``offset`` the byte offset in the file (None when unknown)."""
-
-    def __init__(self, message: str, path: str, index: Optional[int] = None,
-                 offset: Optional[int] = None):
-        super().__init__(message)
-        self.path = path
-        self.index = index
-        self.offset = offset
-
-
 @dataclass(frozen=True)
 class Example:
     """One record: its ``EditRequest``, the fields the request cannot hold (``extras``,
@@ -158,206 +143,6 @@ class LoadStats:
         self.format = None
 
 
-# --------------------------------------------------------------------------- JSON reading
-
-_NON_WS = re.compile(r"[^ \t\n\r]")
-_NUMBER_TAIL = re.compile(r"[0-9eE.+-]*")
-
-
-class _BadLine:
-    """Sentinel value for a JSON Lines line that is not valid JSON (skippable)."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: str):
-        self.message = message
-
-
-def _open_text(path: str):
-    """Open ``path`` as UTF-8 text (BOM allowed, newlines untranslated); return
-    ``(file, bom_bytes)``."""
-    with open(path, "rb") as fb:
-        bom = 3 if fb.read(3) == b"\xef\xbb\xbf" else 0
-    return open(path, "r", encoding="utf-8-sig", newline=""), bom
-
-
-_TOKEN_PREFIX = re.compile(r"-?[0-9.eE+-]*|t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?")
-
-
-def _truncated(buf: str, e: json.JSONDecodeError) -> bool:
-    """Whether a decode error at the end of the data means the data was cut short."""
-    if e.msg.startswith("Unterminated string"):
-        return True
-    tail = buf[e.pos:]
-    if not tail.strip():
-        return True
-    if e.msg.startswith("Invalid \\uXXXX escape") and len(tail) <= 6:
-        return True
-    return _TOKEN_PREFIX.fullmatch(tail) is not None
-
-
-class _ArrayScanner:
-    """Incremental reader of the elements of one top-level JSON array."""
-
-    def __init__(self, f, path: str, chunk_size: int, bom: int):
-        self.f = f
-        self.path = path
-        self.chunk = chunk_size
-        self.buf = ""
-        self.pos = 0
-        self.eof = False
-        self.dropped_bytes = bom  # bytes of the file before buf[0]
-        self.decode = json.JSONDecoder().raw_decode
-
-    # -- buffer management
-    def fill(self, at_least: int = 0) -> bool:
-        """Drop consumed text and append at least ``max(at_least, chunk)`` characters;
-        False at end of file."""
-        if self.pos:
-            dropped = self.buf[:self.pos]
-            self.dropped_bytes += (len(dropped) if dropped.isascii()
-                                   else len(dropped.encode("utf-8", "surrogatepass")))
-            del dropped
-            self.buf = self.buf[self.pos:]
-            self.pos = 0
-        try:
-            data = self.f.read(max(at_least, self.chunk))
-        except UnicodeDecodeError as e:
-            raise DataFormatError(
-                f"{self.path}: not valid UTF-8 near byte {self.byte_offset(len(self.buf))}: {e}",
-                self.path) from None
-        if not data:
-            self.eof = True
-            return False
-        self.buf += data
-        return True
-
-    def byte_offset(self, pos: int) -> int:
-        head = self.buf[:pos]
-        return self.dropped_bytes + (len(head) if head.isascii()
-                                     else len(head.encode("utf-8", "surrogatepass")))
-
-    def skip_ws(self) -> str:
-        """Advance to the next non-whitespace character and return it ('' at EOF)."""
-        while True:
-            m = _NON_WS.search(self.buf, self.pos)
-            if m is not None:
-                self.pos = m.start()
-                return self.buf[self.pos]
-            self.pos = len(self.buf)
-            if not self.fill():
-                return ""
-
-    def error(self, message: str, index: Optional[int], pos: Optional[int] = None):
-        off = self.byte_offset(self.pos if pos is None else pos)
-        where = f"byte {off}" + (f", record {index}" if index is not None else "")
-        return DataFormatError(f"{self.path}: invalid JSON at {where}: {message}",
-                               self.path, index, off)
-
-    # -- elements
-    def value(self, index: int) -> Any:
-        """Decode the value starting at ``pos`` (which is not whitespace)."""
-        while True:
-            try:
-                value, end = self.decode(self.buf, self.pos)
-            except json.JSONDecodeError as e:
-                if self.eof:
-                    if _truncated(self.buf, e):
-                        raise self.error(f"the file ends inside record {index} "
-                                         f"(truncated file?): {e.msg}", index, e.pos) from None
-                    raise self.error(e.msg, index, e.pos) from None
-                # An error at (or just before) the end of the buffer, or an unterminated
-                # string, may just mean the element continues in the next chunk.
-                if e.pos >= len(self.buf) - 8 or e.msg.startswith("Unterminated string"):
-                    self.fill(len(self.buf) - self.pos)  # grow geometrically
-                    continue
-                raise self.error(e.msg, index, e.pos) from None
-            if (not self.eof and not isinstance(value, (dict, list, str))
-                    and _NUMBER_TAIL.match(self.buf, end).end() == len(self.buf)):
-                # a number whose text reaches the buffer end may continue ("0" of "0.5")
-                self.fill(len(self.buf) - self.pos)
-                continue
-            self.pos = end
-            return value
-
-    def elements(self) -> Iterator[Any]:
-        """Yield the elements of the array; ``pos`` must be at the opening ``[``."""
-        self.pos += 1
-        index = 0
-        c = self.skip_ws()
-        if c == "]":
-            self.pos += 1
-        else:
-            while True:
-                if c == "":
-                    raise self.error(
-                        f"the file ends before record {index} (truncated file? "
-                        "expected a value or ']')", index)
-                yield self.value(index)
-                c = self.skip_ws()
-                if c == ",":
-                    self.pos += 1
-                    c = self.skip_ws()
-                    if c == "]":
-                        raise self.error(f"trailing comma after record {index}", index)
-                    index += 1
-                    continue
-                if c == "]":
-                    self.pos += 1
-                    break
-                if c == "":
-                    raise self.error(f"the file ends after record {index} without the "
-                                     "closing ']' (truncated file?)", index)
-                raise self.error(f"expected ',' or ']' after record {index}, found {c!r}",
-                                 index)
-        c = self.skip_ws()
-        if c != "":
-            raise self.error(f"unexpected data after the closing ']': {c!r}", None)
-
-
-def _iter_values(path: str, chunk_size: int) -> Iterator[Any]:
-    """Yield the records of a JSON array or JSON Lines file, in order.  Invalid JSON Lines
-    lines come out as :class:`_BadLine`; everything else that is invalid raises."""
-    f, bom = _open_text(path)
-    with f:
-        sc = _ArrayScanner(f, path, chunk_size, bom)
-        c = sc.skip_ws()
-        if c == "[":
-            yield from sc.elements()
-            return
-        if c == "":
-            raise DataFormatError(f"{path}: the file contains no JSON data "
-                                  "(expected a JSON array or JSON Lines)", path)
-        if c != "{":
-            raise sc.error(f"expected a JSON array ('[') or JSON Lines ('{{'), found {c!r}",
-                           None)
-    # JSON Lines: read again line by line
-    f, _ = _open_text(path)
-    with f:
-        loads = json.loads
-        index = 0
-        lineno = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as e:
-                raise DataFormatError(f"{path}: not valid UTF-8 after line {lineno}: {e}",
-                                      path, index) from None
-            if not line:
-                return
-            lineno += 1
-            if not line.strip():
-                continue
-            try:
-                value = loads(line)
-            except json.JSONDecodeError as e:
-                value = _BadLine(f"line {lineno}: invalid JSON at column {e.colno}: {e.msg}"
-                                 + ("" if line.endswith(("\n", "\r")) else
-                                    " (truncated last line?)"))
-            yield value
-            index += 1
-
-
 def count_records(path: PathLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     """Number of records in ``path`` (array elements, or non-blank JSON Lines lines),
     streaming in constant memory.  Invalid JSON in an array raises ``DataFormatError``;
@@ -365,7 +150,7 @@ def count_records(path: PathLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> in
     path = _check_path(path)
     _check_chunk(chunk_size)
     n = 0
-    for _ in _iter_values(path, chunk_size):
+    for _ in iter_values(path, chunk_size):
         n += 1
     return n
 
@@ -677,12 +462,12 @@ class RequestReader:
         stats.format = fmt
         if self.limit == 0:
             return
-        for index, record in enumerate(_iter_values(path, self.chunk_size)):
+        for index, record in enumerate(iter_values(path, self.chunk_size)):
             if index < self.offset:
                 continue
             stats.records += 1
             try:
-                if isinstance(record, _BadLine):
+                if isinstance(record, BadLine):
                     raise _Bad(record.message)
                 if fmt is None:
                     try:

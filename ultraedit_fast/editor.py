@@ -35,6 +35,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .capture import Capture, capture_passes
+from .concurrency import model_locks, serving
 from .config import EditorConfig, check_overrides, options_doc
 from .environment import PeakMemory
 from .forward import preserved_model_state, rows_only_modules, supports_packing
@@ -44,7 +45,7 @@ from .presets import resolve_edit_config
 from .report import PHASES, EditReport
 from .requests import as_requests, context_length, make_minibatches, pack_minibatches
 from .solve import ShiftSolver, SolveError
-from .targets import EditTarget, resolve_target
+from .targets import EditTarget, resolve_target, resolve_targets
 from .undo import UndoLog
 
 CheckpointWeightsWarning = ckpt.CheckpointWeightsWarning
@@ -58,8 +59,6 @@ class SharedModelWarning(UserWarning):
     """A second live :class:`UltraEditor` was created on a model that already has one."""
 
 
-# One lock per model, shared by all its editors: edits of one model never interleave.
-_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LIVE_EDITORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
 
@@ -123,6 +122,10 @@ class UltraEditor:
     edits do not compose as one lifelong run. All editors of one model share one
     lock: concurrent :meth:`edit`, :meth:`rollback` and :meth:`save` calls, from any
     thread and any editor of that model, run one after another, never interleaved.
+    The model can keep serving in other threads while it is edited: the editor's hooks
+    act for its own thread only, and forward passes run inside :meth:`serving` (or
+    :func:`ultraedit_fast.serving`) see every turn whole or not at all
+    (:mod:`ultraedit_fast.concurrency`).
 
     Persistence: :meth:`save` writes the lifelong state (and the undo log) to a
     directory, atomically; :meth:`load` restores it onto the same model. The model's
@@ -148,7 +151,7 @@ class UltraEditor:
         self.tokenizer = tokenizer
         self.config: EditorConfig = cfg.replace(modules=tuple(resolved.modules), lr=resolved.lr)
         self.preset: str = resolved.preset
-        self.targets: List[EditTarget] = [resolve_target(model, n) for n in self.module_names]
+        self.targets: List[EditTarget] = resolve_targets(model, self.module_names)
         self.backends: Dict[torch.device, Backend] = {}
         for t in self.targets:  # fail now, not mid-turn, on a missing backend
             self._backend(t.weight.device)
@@ -167,9 +170,9 @@ class UltraEditor:
                     "lifelong run (their edits are serialised, never interleaved)",
                     SharedModelWarning, stacklevel=2)
             _LIVE_EDITORS[model] = weakref.ref(self)
-            self._lock = _MODEL_LOCKS.get(model)
-            if self._lock is None:
-                self._lock = _MODEL_LOCKS[model] = threading.RLock()
+        locks = model_locks(model)
+        self._lock = locks.edit  # editors of one model: one after another
+        self._weights_lock = locks.weights  # writers of its weights vs. serving()
 
     # ------------------------------------------------------------------ options
     @property
@@ -183,6 +186,7 @@ class UltraEditor:
     lr = _option_attribute("lr")
     batch_size = _option_attribute("batch_size")
     tokens_per_pass = _option_attribute("tokens_per_pass")
+    measure_memory = _option_attribute("measure_memory")
     transactional = _option_attribute("transactional")
     share_normalizer = _option_attribute("share_normalizer", settable=False)
     undo = _option_attribute("undo", settable=False)
@@ -234,7 +238,7 @@ class UltraEditor:
         batches = make_minibatches(self.tokenizer, requests, self.batch_size,
                                    context_length(model))
         seconds = dict.fromkeys(PHASES, 0.0)
-        peak = PeakMemory(device)
+        peak = PeakMemory(device, self.config.measure_memory)
         t_start = time.perf_counter()
 
         # 1. capture ------------------------------------------------------------
@@ -300,14 +304,15 @@ class UltraEditor:
 
         # 4. apply: all shifts were computed from the pre-turn model ------------------
         undo_entry = None if self._undo is None else self._undo.prepare(plan, pre_states)
-        self._apply(plan)
-        self._sync(device)
+        with self._weights_lock.writing():  # serving() sees the turn whole or not at all
+            t3 = time.perf_counter()  # waiting for readers is not the apply's time
+            self._apply(plan)
+            self._sync(device)
+            for key, state in new_states.items():  # commit
+                self.normalizers[key] = state
+            self.turns += 1
         t4 = time.perf_counter()
         seconds["apply"] = t4 - t3
-
-        for key, state in new_states.items():  # commit
-            self.normalizers[key] = state
-        self.turns += 1
         if undo_entry is not None:
             self._undo.push(undo_entry, self.targets, self._rank_update)
         return EditReport(n_requests=len(requests), n_tokens=n_tokens, turn=self.turns,
@@ -384,8 +389,9 @@ class UltraEditor:
             if turns > available:
                 raise ValueError(f"turns: {turns} turns to undo, but only {available} can be "
                                  f"(undo={self.undo!r}, {self.turns} turns made)")
-            self.normalizers = self._undo.rollback(self.targets, turns, self._rank_update)
-            self.turns -= turns
+            with self._weights_lock.writing():
+                self.normalizers = self._undo.rollback(self.targets, turns, self._rank_update)
+                self.turns -= turns
 
     # ------------------------------------------------------------------ persistence
     def save(self, path, *, undo_log: bool = True) -> str:
@@ -444,12 +450,19 @@ class UltraEditor:
                 CheckpointWeightsWarning, stacklevel=2)
         devices = {editor.normalizer_key(t): t.weight.device for t in reversed(editor.targets)}
         shapes = {editor.normalizer_key(t): t.shape for t in editor.targets}
-        editor.normalizers = saved.normalizers(shapes, devices)
-        editor.turns = saved.turns
-        if editor._undo is not None:
-            editor._undo.restore(saved.undo(editor.targets, shapes, devices), editor.targets,
-                                 editor._rank_update)
+        normalizers = saved.normalizers(shapes, devices)
+        undo = None if editor._undo is None else saved.undo(editor.targets, shapes, devices)
+        with editor._lock, editor._weights_lock.writing():
+            editor.normalizers = normalizers
+            editor.turns = saved.turns
+            if editor._undo is not None:
+                editor._undo.restore(undo, editor.targets, editor._rank_update)
         return editor
+
+    def serving(self):
+        """``with editor.serving(): ...``: hold the model's weights for reading (see
+        :func:`ultraedit_fast.serving`): forward passes inside see no turn half-applied."""
+        return serving(self.model)
 
 
 UltraEditor.__doc__ += "\n" + options_doc() + "\n"

@@ -247,17 +247,23 @@ def reset_peak_rss() -> bool:
 class PeakMemory:
     """Peak memory from construction to ``read()``: CUDA peak allocated, or the
     process's peak RSS (reset through ``/proc/self/clear_refs`` where Linux allows it,
-    otherwise the lifetime peak)."""
+    otherwise the lifetime peak). Resetting changes what every other reader of those
+    counters sees; with ``enabled=False`` nothing is reset and ``read()`` is ``None``."""
 
-    def __init__(self, device):
+    def __init__(self, device, enabled: bool = True):
         self.device = torch.device(device)
-        if self.device.type == "cuda":
+        self.enabled = enabled
+        if not enabled:
+            self.kind = "not_measured"
+        elif self.device.type == "cuda":
             self.kind = "cuda_peak_allocated"
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self.kind = "cpu_peak_rss" if reset_peak_rss() else "cpu_peak_rss_lifetime"
 
-    def read(self) -> int:
+    def read(self) -> Optional[int]:
+        if not self.enabled:
+            return None
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return peak_rss()

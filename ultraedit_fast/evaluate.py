@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .concurrency import model_locks
 from .forward import answer_logits, preserved_model_state
 from .requests import IGNORE, as_requests, context_length, pad_batch, tokenize_pair
 
@@ -29,21 +30,27 @@ def _device(model):
 
 @torch.no_grad()
 def _argmax_at_answers(model, tokenizer, pairs: Sequence[Tuple[str, str]],
-                       batch_size: int) -> List[Tuple[List[int], List[int]]]:
-    """For each (prompt, answer): (predicted ids, label ids) at the answer tokens."""
+                       batch_size: int, names: Optional[Sequence[str]] = None
+                       ) -> List[Tuple[List[int], List[int]]]:
+    """For each (prompt, answer): (predicted ids, label ids) at the answer tokens.
+    ``names``: what to call each pair in an error (default ``pairs[i]``)."""
     device = _device(model)
     limit = context_length(model)
-    toks = [tokenize_pair(tokenizer, p, a, limit, where=f"pair[{i}]")
+    toks = [tokenize_pair(tokenizer, p, a, limit,
+                          where=names[i] if names is not None else f"pairs[{i}]")
             for i, (p, a) in enumerate(pairs)]
     out: List[Optional[Tuple[List[int], List[int]]]] = [None] * len(toks)
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))
+    weights = model_locks(model).weights
     with preserved_model_state(model):
         model.eval()
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             batch = pad_batch([toks[i] for i in idx], idx).to(device)
             mask = batch.labels != IGNORE
-            pred = answer_logits(model, batch.input_ids, batch.attention_mask, mask).argmax(-1)
+            with weights.reading():  # a concurrent turn is seen whole or not at all
+                pred = answer_logits(model, batch.input_ids, batch.attention_mask,
+                                     mask).argmax(-1)
             counts = mask.sum(dim=1).tolist()
             preds = pred.tolist()
             labels = batch.labels[mask].tolist()
@@ -60,9 +67,9 @@ def mean(xs: Sequence[float]) -> Optional[float]:
 
 
 def token_accuracy(model, tokenizer, pairs: Sequence[Tuple[str, str]],
-                   batch_size: int = 16) -> List[float]:
+                   batch_size: int = 16, names: Optional[Sequence[str]] = None) -> List[float]:
     """Per pair, the fraction of answer tokens predicted exactly (teacher forced)."""
-    res = _argmax_at_answers(model, tokenizer, pairs, batch_size)
+    res = _argmax_at_answers(model, tokenizer, pairs, batch_size, names)
     return [sum(p == l for p, l in zip(pr, lb)) / len(lb) for pr, lb in res]
 
 
@@ -75,7 +82,8 @@ def capture_predictions(model, tokenizer, requests, batch_size: int = 16
     idx = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
     res = _argmax_at_answers(model, tokenizer,
                              [(requests[i].locality_prompt, requests[i].locality_answer)
-                              for i in idx], batch_size)
+                              for i in idx], batch_size,
+                             [f"requests[{i}] (locality_prompt)" for i in idx])
     out: List[Optional[List[int]]] = [None] * len(requests)
     for i, (pred, _) in zip(idx, res):
         out[i] = pred
@@ -93,14 +101,16 @@ def evaluate(model, tokenizer, requests, *, base_predictions=None, batch_size: i
     if base_predictions is not None and len(base_predictions) != len(requests):
         raise ValueError(f"base_predictions: expected {len(requests)} entries (one per request), "
                          f"got {len(base_predictions)}")
-    es = token_accuracy(model, tokenizer, [(r.prompt, r.target) for r in requests], batch_size)
+    es = token_accuracy(model, tokenizer, [(r.prompt, r.target) for r in requests], batch_size,
+                        [f"requests[{i}] (prompt)" for i in range(len(requests))])
     gi = [i for i, r in enumerate(requests) if r.rephrase is not None]
     gs = token_accuracy(model, tokenizer, [(requests[i].rephrase, requests[i].target)
-                                           for i in gi], batch_size)
+                                           for i in gi], batch_size,
+                        [f"requests[{i}] (rephrase)" for i in gi])
     li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
     loc = _argmax_at_answers(model, tokenizer, [(requests[i].locality_prompt,
                                                  requests[i].locality_answer) for i in li],
-                             batch_size)
+                             batch_size, [f"requests[{i}] (locality_prompt)" for i in li])
     ls = [sum(p == l for p, l in zip(pr, lb)) / len(lb) for pr, lb in loc]
     ls_u: List[float] = []
     if base_predictions is not None:

@@ -30,6 +30,8 @@ from typing import Optional, Set
 
 import torch
 
+from .concurrency import ThreadOwned
+
 # model_type -> the ForCausalLM forward is decoder + lm_head (+ softcap), and the last
 # decoder block ends "... + mlp(norm(h))" (GPT-J: attention and MLP in parallel) with only
 # per-position operations after its MLP; checked against transformers' sources. The
@@ -60,11 +62,14 @@ def _last_mlp(base) -> Optional[torch.nn.Module]:
 
 
 def rows_only_modules(model) -> Set[torch.nn.Module]:
-    """The modules that :func:`answer_logits` runs on answer rows only (as ``[1, n, d]``
-    tensors): those of the last decoder block's MLP. Empty for other models."""
+    """The modules that :func:`answer_logits` runs on answer rows only (their inputs and
+    outputs are ``[1, n, d]`` or ``[n, d]``, every row an answer token's): those of the last
+    decoder block's MLP, and the output layer. Empty for other models."""
     split = _split(model)
-    mlp = _last_mlp(split[0]) if split is not None else None
-    return set(mlp.modules()) if mlp is not None else set()
+    if split is None:
+        return set()
+    mlp = _last_mlp(split[0])
+    return (set(mlp.modules()) if mlp is not None else set()) | {split[1]}
 
 
 @contextlib.contextmanager
@@ -93,14 +98,22 @@ def _mlp_on_rows(mlp: Optional[torch.nn.Module], mask: torch.Tensor):
         yield
         return
 
-    def pre(module, args, kwargs):
+    thread = ThreadOwned()
+
+    def pre(module, args, *rest):  # rest: (kwargs,); other threads pass through
+        if not thread.owns():
+            return None
+        kwargs = rest[0] if rest else {}
         x = args[0]
         if x.shape[:-1] != mask.shape:
             raise RuntimeError(f"the last block's MLP got input {tuple(x.shape)}, expected "
                                f"[{mask.shape[0]}, {mask.shape[1]}, hidden]")
         return (x[on_device(mask, x)].unsqueeze(0), *args[1:]), kwargs
 
-    def post(module, args, kwargs, out):
+    def post(module, args, *rest):  # rest: (kwargs, out)
+        if not thread.owns():
+            return None
+        out = rest[-1]
         full = out.new_zeros(*mask.shape, out.shape[-1])
         return full.index_put((on_device(mask, out),), out[0])  # out: [1, n, d]
 

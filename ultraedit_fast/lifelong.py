@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 
 from .config import EditorConfig
-from .display import PHASE_COLOURS, fmt_bytes, pct, pyplot, save_figure
+from .display import PHASE_COLOURS, fmt_bytes, log, pct, pyplot, save_figure
 from .editor import EditRefused, UltraEditor
 from .environment import environment, peak_rss
 from .evaluate import capture_predictions, evaluate, mean, token_accuracy
@@ -136,7 +136,8 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         base_predictions: the unedited model's locality predictions for these requests
             (:func:`~ultraedit_fast.capture_predictions`), if already captured.
         progress: show a tqdm bar (edits/s) on stderr.
-        output_dir: write ``lifelong.json`` (and, with ``plot``, ``lifelong.png``) there.
+        output_dir: write ``lifelong.json`` (and, with ``plot``, ``lifelong.png``) there;
+            checked writable before the first turn.
         config_extra: more entries for ``config`` in the results (``model_name`` and
             ``dataset`` are used in the plot's title).
 
@@ -148,6 +149,7 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     _check_pos_int("eval_batch_size", eval_batch_size)
     if editor not in EDITORS:
         raise ValueError(f"editor: expected one of {EDITORS}, got {editor!r}")
+    options.setdefault("measure_memory", True)  # a run reports each turn's peak memory
     cfg = EditorConfig.from_call((), options, owner="run_lifelong")
     if editor == "reference":
         if cfg.backend not in (None, "auto", "torch"):
@@ -163,6 +165,8 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
                              f"(it takes {sorted(cfg.options(reference=True))})")
     config_extra = dict(config_extra or {})
     n_total = turns * edits_per_turn
+    if output_dir is not None:
+        check_output_dir(output_dir)  # before the first turn, not after the last
 
     t_load = time.perf_counter()
     items = list(itertools.islice(iter(examples_or_requests), n_total))
@@ -291,19 +295,52 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     results["refused_turns"] = [r["turn"] for r in turn_rows if r["refused"] is not None]
     results["files"] = {}
     if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
         json_path = os.path.join(output_dir, RESULTS_JSON)
         results["files"]["json"] = json_path
+        write_json(results, json_path)  # the results first: a failing plot loses nothing
         if plot:
             png_path = os.path.join(output_dir, RESULTS_PNG)
-            plot_results(results, png_path)
-            results["files"]["plot"] = png_path
-        tmp = json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, json_path)
+            try:
+                drawn = plot_results(results, png_path)
+            except Exception as e:  # noqa: BLE001 - the JSON is written; say why, go on
+                log.warning("the plot %s was not drawn: %s: %s", png_path, type(e).__name__, e)
+                drawn = None
+            if drawn:
+                results["files"]["plot"] = png_path
+                write_json(results, json_path)
     return results
+
+
+def check_output_dir(path: str, what: str = "output_dir") -> str:
+    """Create ``path`` if needed and check that files can be written there, before any
+    work is done; ``ValueError`` naming ``what`` otherwise."""
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise ValueError(f"{what}: {path!r} is a symbolic link that leads nowhere")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}: {path!r} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write into {path!r}: {e.strerror or e}") from None
+    return path
+
+
+def write_json(doc: Mapping[str, Any], path: str) -> None:
+    """Write ``doc`` to ``path`` atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _json_default(o):
@@ -411,7 +448,7 @@ def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
     ax_m.set_ylim(-3, 105)
     ax_m.set_xlabel("turn (0 = unedited model)")
     ax_m.set_ylabel("score (%)")
-    ax_m.set_title(f"Scores (teacher-forced token accuracy)\non all requests edited so far",
+    ax_m.set_title("Scores (teacher-forced token accuracy)\non all requests edited so far",
                    fontsize=11)
     ax_m.grid(alpha=0.3)
     ax_m.set_axisbelow(True)

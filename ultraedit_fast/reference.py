@@ -22,7 +22,7 @@ from .kernels.formulas import EPS, normalizer_merge, shift_values  # noqa: F401
 from .presets import resolve_edit_config
 from .report import EditReport
 from .requests import IGNORE, as_requests, context_length, make_minibatches
-from .targets import EditTarget, resolve_target
+from .targets import EditTarget, resolve_targets
 
 __all__ = ["ReferenceEditor", "primal_shift", "normalizer_merge", "shift_values", "EPS"]
 
@@ -63,8 +63,9 @@ class ReferenceEditor:
         self.preset = resolved.preset
         self.batch_size = cfg.batch_size
         self.share_normalizer = cfg.share_normalizer
-        self.targets: Dict[str, EditTarget] = {n: resolve_target(model, n)
-                                               for n in self.module_names}
+        self.measure_memory = cfg.measure_memory
+        self.targets: Dict[str, EditTarget] = {t.name: t for t in
+                                               resolve_targets(model, self.module_names)}
         self.modules = {n: t.module for n, t in self.targets.items()}
         self.normalizers: Dict[object, _ReferenceNormalizer] = {}
         self.turns = 0
@@ -87,7 +88,7 @@ class ReferenceEditor:
         batches = make_minibatches(self.tokenizer, requests, self.batch_size,
                                    context_length(model))
         t0 = time.perf_counter()
-        peak = PeakMemory(device)
+        peak = PeakMemory(device, self.measure_memory)
         inputs: Dict[str, torch.Tensor] = {}
         outputs: Dict[str, torch.Tensor] = {}
 

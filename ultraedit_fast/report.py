@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 PHASES = ("capture", "statistics", "solve", "apply")
 
@@ -15,7 +15,8 @@ class EditReport:
     ``statistics``: normaliser update; ``solve``: shift values and the N x N solve;
     ``apply``: the rank-N weight update), ``total_seconds`` the whole turn.
     ``peak_memory_bytes`` is CUDA peak allocated on a GPU, peak RSS of the process
-    during the turn on the CPU (``peak_memory_kind`` says which).
+    during the turn on the CPU (``peak_memory_kind`` says which), when the editor was
+    built with ``measure_memory=True``; ``None`` otherwise.
     """
 
     n_requests: int
@@ -25,7 +26,7 @@ class EditReport:
     device: str
     seconds: Dict[str, float]
     total_seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: Optional[int]
     peak_memory_kind: str
     modules: List[str] = field(default_factory=list)
 
@@ -35,7 +36,8 @@ class EditReport:
     def __str__(self) -> str:
         phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items()
                            if k != "total")
+        peak = ("" if self.peak_memory_bytes is None else
+                f"peak {self.peak_memory_kind} {self.peak_memory_bytes / 2**20:.0f} MiB; ")
         return (f"turn {self.turn}: {self.n_requests} requests, {self.n_tokens} answer tokens, "
                 f"{len(self.modules)} modules in {self.total_seconds:.3f} s ({phases}); "
-                f"peak {self.peak_memory_kind} {self.peak_memory_bytes / 2**20:.0f} MiB; "
-                f"backend {self.backend} on {self.device}")
+                f"{peak}backend {self.backend} on {self.device}")

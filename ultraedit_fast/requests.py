@@ -32,22 +32,48 @@ class EditRequest:
     locality_answer: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("prompt", "target"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                raise TypeError(f"EditRequest.{name}: expected str, got {type(value).__name__}")
-            if not value.strip():
-                raise ValueError(f"EditRequest.{name}: expected a non-empty string, got {value!r}")
-        for name in ("rephrase", "locality_prompt", "locality_answer"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(
-                    f"EditRequest.{name}: expected str or None, got {type(value).__name__}")
-        if (self.locality_prompt is None) != (self.locality_answer is None):
-            raise ValueError(
-                "EditRequest: locality_prompt and locality_answer must be given together")
+        check_request(self)
 
 
+def _has_lone_surrogate(text: str) -> bool:
+    # str.encode refuses lone surrogates (U+D800..U+DFFF), which no tokenizer can take
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_request(r) -> None:
+    """Check the fields of a request (``TypeError``/``ValueError`` naming the field). Run on
+    every request at the boundary, whatever built it: a subclass that skips
+    ``__post_init__``, or a frozen instance changed with ``object.__setattr__``, is caught."""
+    for name in _FIELD_NAMES:
+        if not hasattr(r, name):
+            raise TypeError(f"EditRequest.{name}: missing")
+    for name in ("prompt", "target"):
+        value = getattr(r, name)
+        if not isinstance(value, str):
+            raise TypeError(f"EditRequest.{name}: expected str, got {type(value).__name__}")
+        if not value.strip():
+            raise ValueError(f"EditRequest.{name}: expected a non-empty string, got {value!r}")
+    for name in ("rephrase", "locality_prompt", "locality_answer"):
+        value = getattr(r, name)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(
+                f"EditRequest.{name}: expected str or None, got {type(value).__name__}")
+    for name in _FIELD_NAMES:
+        value = getattr(r, name)
+        if isinstance(value, str) and _has_lone_surrogate(value):
+            raise ValueError(f"EditRequest.{name}: contains a lone surrogate code point "
+                             "(U+D800..U+DFFF), which is not text a tokenizer can read: "
+                             f"{value!r}")
+    if (r.locality_prompt is None) != (r.locality_answer is None):
+        raise ValueError(
+            "EditRequest: locality_prompt and locality_answer must be given together")
+
+
+_FIELD_NAMES = ("prompt", "target", "rephrase", "locality_prompt", "locality_answer")
 _FIELDS = tuple(f.name for f in fields(EditRequest))
 RequestLike = Union[EditRequest, Mapping[str, Any]]
 
@@ -65,6 +91,12 @@ def as_requests(requests: Any, argument: str = "requests") -> List[EditRequest]:
     out: List[EditRequest] = []
     for i, r in enumerate(requests):
         if isinstance(r, EditRequest):
+            try:
+                check_request(r)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{argument}[{i}]: {e}") from None
+            if type(r) is not EditRequest:  # a subclass: keep only the fields, checked
+                r = EditRequest(**{k: getattr(r, k) for k in _FIELD_NAMES})
             out.append(r)
         elif isinstance(r, Mapping):
             unknown = set(r) - set(_FIELDS)

@@ -80,3 +80,17 @@ def resolve_target(model, name: str) -> EditTarget:
     if is_editable(m):
         return EditTarget(name, m, True)
     raise TypeError(f"modules: {name!r} is a {type(m).__name__}; expected nn.Linear or Conv1D")
+
+
+def resolve_targets(model, names: Sequence[str]) -> List[EditTarget]:
+    """The :class:`EditTarget` of every name; ``ValueError`` when two names reach the same
+    module (``model.lm_head`` and an alias, say): it would be edited twice."""
+    targets = [resolve_target(model, n) for n in names]
+    seen: Dict[int, str] = {}
+    for t in targets:
+        first = seen.setdefault(id(t.module), t.name)
+        if first != t.name:
+            raise ValueError(f"modules: {first!r} and {t.name!r} are the same module (one "
+                             "module reachable under two names); name it once, or its shift "
+                             "would be applied twice")
+    return targets

@@ -79,8 +79,13 @@ def settings_from_args(args) -> Settings:
                     tie_below_edited=args.tie_below_edited, zsre_path=args.zsre)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ultraedit-fast bench",
         description="Benchmark the fast editor against the reference: per-step kernels at "
                     "real shapes, one turn beside its forward/backward floor, lifelong turns, "
