@@ -1,11 +1,16 @@
 """Build of ultraedit_fast's compiled kernels.
 
-``pip install --no-build-isolation -e .`` builds ``ultraedit_fast.kernels._C`` against the
-torch already installed:
+An extension that links torch must be built against the torch it runs on, so:
 
-* a ``CUDAExtension`` (C++ CPU kernels + CUDA kernels) when torch is a CUDA build
-  and ``nvcc`` is found,
-* a ``CppExtension`` (C++ CPU kernels, OpenMP) otherwise.
+* ``pip install --no-build-isolation [-e] .`` (torch importable while building) builds
+  ``ultraedit_fast.kernels._C`` against the installed torch, and stamps it with that torch's
+  version: a ``CUDAExtension`` (C++ CPU + CUDA kernels) when torch is a CUDA build and
+  ``nvcc`` is found, a ``CppExtension`` (C++ CPU kernels, OpenMP) otherwise;
+* ``pip install .`` (an isolated build environment, which has no torch) builds no extension
+  and ships the kernels' sources in the package: the kernels are compiled for the installed
+  torch the first time a backend is chosen, and cached
+  (``ultraedit_fast/kernels/extension.py``). The same happens when a wheel meets a torch it
+  was not built for.
 
 Environment switches:
 
@@ -20,6 +25,9 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+STAMP = "_build_info.json"
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,8 +44,9 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension as ce
     except ImportError:
-        _say("torch is not importable in the build environment: building no extension. "
-             "Install torch first and build with `pip install --no-build-isolation -e .`")
+        _say("torch is not importable in the build environment (an isolated build): no "
+             "extension now; the kernels are compiled for the installed torch on first use. "
+             "To build them now: `pip install --no-build-isolation .`")
         return [], {}
 
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -99,7 +108,46 @@ def _extensions():
     return [ext], {"build_ext": ce.BuildExtension}
 
 
+class BuildPyWithSources(build_py):
+    """Ship the kernels' sources (``csrc/``) inside the package (``kernels/csrc``), so that an
+    installed package can compile them for the torch it meets."""
+
+    def run(self):
+        super().run()
+        dest = os.path.join(self.build_lib, "ultraedit_fast", "kernels", "csrc")
+        for src in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True):
+            if os.path.isfile(src) and src.endswith((".cpp", ".cu", ".h", ".cuh")):
+                out = os.path.join(dest, os.path.relpath(src, os.path.join(ROOT, "csrc")))
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                shutil.copyfile(src, out)
+
+
+def _stamping(base):
+    """``build_ext`` that records, beside the built extension, the torch it was built
+    against (checked before the extension is loaded)."""
+
+    class BuildExtStamped(base):
+        def run(self):
+            super().run()
+            import json
+            import torch
+            info = {"torch": torch.__version__, "cuda": torch.version.cuda}
+            dirs = {os.path.join(self.build_lib, "ultraedit_fast", "kernels")}
+            if self.inplace:
+                dirs.add(os.path.join(ROOT, "ultraedit_fast", "kernels"))
+            for d in dirs:
+                os.makedirs(d, exist_ok=True)
+                with open(os.path.join(d, STAMP), "w") as f:
+                    json.dump(info, f)
+            _say(f"built for torch {info['torch']} (CUDA {info['cuda']})")
+
+    return BuildExtStamped
+
+
 ext_modules, cmdclass = _extensions()
+if "build_ext" in cmdclass:
+    cmdclass["build_ext"] = _stamping(cmdclass["build_ext"])
+cmdclass["build_py"] = BuildPyWithSources
 
 setup(
     ext_modules=ext_modules,

@@ -83,7 +83,7 @@ fi
 "$PY" -c "
 import torch, ultraedit_fast as u
 dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-print(u.backend_info(dev)); print('extension:', u.EXTENSION_ERROR or 'loaded')
+print(u.backend_info(dev)); print('extension:', u.extension_error() or 'loaded')
 " || echo "=== the package does not import"
 
 # 3. tests: kernels (cpp, cuda, triton), parity with the reference, bench instrumentation --
@@ -91,7 +91,7 @@ if [ "$DRY" = 1 ]; then
     stage tests 120 "$PY" -m pytest tests/test_bench.py -x -q -p no:cacheprovider \
         --junitxml="$OUT/pytest-junit.xml"
 else
-    stage tests 170 "$PY" -m pytest tests/test_kernels.py tests/test_parity.py tests/test_bench.py \
+    stage tests 170 "$PY" -m pytest tests/test_kernels.py tests/test_parity.py tests/test_bench.py tests/test_device_map.py \
         -x -q -p no:cacheprovider -rs --durations=5 --junitxml="$OUT/pytest-junit.xml"
 fi
 

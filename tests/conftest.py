@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models of every supported architecture, a toy
 tokenizer, random edit requests, and the real SmolLM2-135M-Instruct."""
 import importlib.util
+import json
 import os
 import random
 from pathlib import Path
@@ -32,6 +33,20 @@ class ToyTokenizer:
             t = torch.tensor([ids])
             return {"input_ids": t, "attention_mask": torch.ones_like(t)}
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    def decode(self, ids, skip_special_tokens=False):
+        """The inverse of the encoding on printable ASCII (other characters collide)."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i < 3:
+                if not skip_special_tokens:
+                    out.append("<s>" if i == 1 else "</s>" if i == 2 else "<pad>")
+            elif i <= 28:
+                out.append(chr(i - 3 + 98))
+            else:
+                out.append(chr(i - 3))
+        return "".join(out)
 
 
 class LossyTokenizer(ToyTokenizer):
@@ -167,4 +182,44 @@ def require_data(*parts):
     path = DATA.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"shared data {path} is absent")
+    return path
+
+
+@pytest.fixture
+def small_zsre(tmp_path):
+    """Four zsRE-format records written by the test (not from any dataset)."""
+    recs = [{"subject": f"S{i}", "src": f"What is the colour of thing {i}?", "pred": "red",
+             "rephrase": f"Thing {i} has which colour?", "alt": "blue", "answers": ["green"],
+             "loc": f"nq question: who wrote book {i}", "loc_ans": "an author", "cond": ""}
+            for i in range(4)]
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, small_zsre):
+    """A tiny random Llama and a word-level tokenizer saved as a Hugging Face directory."""
+    import torch
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({w for rec in json.loads(small_zsre.read_text())
+                    for k in ("src", "rephrase", "alt", "loc", "loc_ans")
+                    for w in (rec[k] + "?").replace("?", " ?").split()} | {"green"})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                    pad_token="<pad>", unk_token="<unk>")
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    assert len(vocab) <= cfg.vocab_size
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-llama"
+    T.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
     return path

@@ -243,7 +243,8 @@ def test_bench_main_tiny_writes_json_table_and_chart(tmp_path, capsys):
         assert r["fast"]["seconds"]["median"] > 0 and r["reference"]["seconds"]["median"] > 0
         assert r["speedup"] > 0 and "q20" in r["fast"]["seconds"]
     (turn,) = doc["cases"]["turn"]
-    assert set(turn["fast_phases_median_s"]) == {"capture", "statistics", "solve", "apply"}
+    assert set(turn["fast_phases_median_s"]) == {"capture", "statistics", "solve", "step",
+                                                 "apply"}
     assert turn["floor"]["seconds"]["median"] > 0 and turn["n_tokens"] > 20
     assert turn["reference"]["seconds"]["median"] > 0 and turn["speedup"] > 0
     assert turn["shift_rel_diff_fast_vs_reference"] < 1e-3  # the same edit, both ways

@@ -26,18 +26,6 @@ def _one_line_error(capsys, argv, *needles):
     return lines[0]
 
 
-@pytest.fixture
-def small_zsre(tmp_path):
-    """Four zsRE-format records written by the test (not from any dataset)."""
-    recs = [{"subject": f"S{i}", "src": f"What is the colour of thing {i}?", "pred": "red",
-             "rephrase": f"Thing {i} has which colour?", "alt": "blue", "answers": ["green"],
-             "loc": f"nq question: who wrote book {i}", "loc_ans": "an author", "cond": ""}
-            for i in range(4)]
-    path = tmp_path / "small.json"
-    path.write_text(json.dumps(recs))
-    return path
-
-
 def test_missing_data_file(capsys, tmp_path):
     missing = tmp_path / "nope.json"
     line = _one_line_error(capsys, ["run", "--data", str(missing), "--turns", "1",
@@ -202,34 +190,6 @@ def test_run_on_zsre(capsys, tmp_path, fresh_smollm2, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- a local model
-@pytest.fixture
-def tiny_model_dir(tmp_path, small_zsre):
-    """A tiny random Llama and a word-level tokenizer saved as a Hugging Face directory."""
-    import torch
-    import transformers as T
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    words = sorted({w for rec in json.loads(small_zsre.read_text())
-                    for k in ("src", "rephrase", "alt", "loc", "loc_ans")
-                    for w in (rec[k] + "?").replace("?", " ?").split()} | {"green"})
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                    pad_token="<pad>", unk_token="<unk>")
-    cfg = T.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72,
-                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0)
-    assert len(vocab) <= cfg.vocab_size
-    torch.manual_seed(0)
-    path = tmp_path / "tiny-llama"
-    T.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_run_save_model_then_eval(capsys, tmp_path, small_zsre, tiny_model_dir):
     """``run`` on a local directory saves the edited model; ``eval`` of the saved model on
     the same records reproduces the run's final scores."""

@@ -97,7 +97,8 @@ def test_report_has_counts_phases_memory_and_backend(toy_tokenizer):
     expected_tokens = sum(len(toy_tokenizer(" " + r.target, add_special_tokens=False)
                               ["input_ids"]) for r in reqs)
     assert rep.n_tokens == expected_tokens
-    assert set(rep.seconds) == {"capture", "statistics", "solve", "apply"}
+    assert set(rep.seconds) == {"capture", "statistics", "solve", "step", "apply"}
+    assert rep.seconds["step"] == 0.0 and rep.step_scale is None  # lr given: the paper's step
     assert all(v >= 0 for v in rep.seconds.values())
     assert rep.total_seconds >= sum(rep.seconds.values()) * 0.99
     assert rep.peak_memory_bytes > 10 * 2**20 and rep.peak_memory_kind.startswith("cpu")

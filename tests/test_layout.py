@@ -10,11 +10,11 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 FLOORS = {
     "_version": 0, "kernels": 0,
     "config": 1, "targets": 1, "report": 1, "display": 1, "requests": 1, "solve": 1,
-    "normalizer": 1, "environment": 1, "forward": 1, "concurrency": 1, "jsonstream": 1,
+    "normalizer": 1, "environment": 1, "forward": 1, "concurrency": 1, "jsonstream": 1, "distributed": 1,
     "capture": 2, "undo": 2, "checkpoint": 2, "presets": 2, "evaluate": 2, "data": 2,
-    "models": 2, "demo_data": 2,
+    "models": 2, "demo_data": 2, "generation": 2, "step": 2, "hparams": 2, "export": 2,
     "editor": 3, "reference": 3,
-    "lifelong": 4,
+    "lifelong": 4, "easyedit": 4,
     "cli": 5, "bench": 5, "__init__": 5, "__main__": 5,
 }
 

@@ -8,8 +8,9 @@ from .checkpoint import CheckpointWeightsWarning
 from .concurrency import serving
 from .config import EditorConfig
 from .editor import EditRefused, SharedModelWarning, UltraEditor, fast_edit
-from .evaluate import capture_predictions, evaluate, token_accuracy
-from .kernels import EXTENSION_ERROR, available_backends, resolve_backend
+from .export import apply_patch, load_lora
+from .evaluate import Baseline, capture_baseline, capture_predictions, evaluate, token_accuracy
+from .kernels import available_backends, extension_error, resolve_backend
 from .normalizer import NormalizerState
 from .reference import ReferenceEditor
 from .report import EditReport
@@ -26,6 +27,7 @@ def backend_info(device="cpu") -> str:
 
 
 __all__ = ["EditRequest", "UltraEditor", "ReferenceEditor", "fast_edit", "evaluate",
-           "capture_predictions", "token_accuracy", "EditReport", "EditRefused",
+           "capture_predictions", "capture_baseline", "Baseline", "token_accuracy", "EditReport", "EditRefused",
            "EditorConfig", "NormalizerState", "SharedModelWarning", "CheckpointWeightsWarning",
-           "available_backends", "backend_info", "serving", "EXTENSION_ERROR", "__version__"]
+           "available_backends", "backend_info", "serving", "apply_patch", "load_lora", "extension_error",
+           "__version__"]

@@ -224,7 +224,9 @@ def _path(path, argument: str = "path") -> str:
 # ============================================================================ save
 def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], turns: int,
                      normalizers: Mapping[object, NormalizerState], fingerprint: dict,
-                     weights_sample_sha256: str, undo: Optional[dict] = None) -> str:
+                     weights_sample_sha256: str, undo: Optional[dict] = None,
+                     base_sha256: Optional[Mapping[str, str]] = None,
+                     tensor_parallel: Optional[Mapping[str, int]] = None) -> str:
     """Write a checkpoint to the directory ``path`` (created if missing), atomically.
 
     ``config``: the editor's options (:meth:`EditorConfig.to_dict`), ``normalizers``:
@@ -278,6 +280,8 @@ def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], 
         "config": {**dict(config), "preset": preset},
         "fingerprint": fingerprint,
         "weights_sample_sha256": weights_sample_sha256,
+        "base_weights_sha256": dict(base_sha256 or {}),
+        "tensor_parallel": dict(tensor_parallel) if tensor_parallel else None,
         "states": states_meta,
         "normalizers": entries,
         "undo_log": log_meta,
@@ -526,6 +530,16 @@ def _validate(mpath: str, body: dict) -> None:
                                    f"an index into 'states' (0..{len(states) - 1})", st)
         return value
 
+    base = body.get("base_weights_sha256", {})
+    if not isinstance(base, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+            for k, v in base.items()):
+        raise _field_error(mpath, "base_weights_sha256", "an object of module -> sha256", base)
+    tp = body.get("tensor_parallel")
+    if tp is not None and not (isinstance(tp, dict) and set(tp) == {"world", "rank"} and all(
+            isinstance(tp[k], int) and not isinstance(tp[k], bool) for k in tp)
+            and 0 <= tp["rank"] < tp["world"]):
+        raise _field_error(mpath, "tensor_parallel", "null or {world, rank}", tp)
     normalizers = entries("normalizers", body.get("normalizers"))
     if turns and not normalizers:
         raise _bad(mpath, f"field 'normalizers': empty after {turns} turns")
@@ -556,6 +570,8 @@ class Checkpoint:
     turns: int
     fingerprint: dict
     weights_sample_sha256: Optional[str]
+    base_sha256: Dict[str, str]  # the edited modules' original weights (patches name them)
+    tensor_parallel: Optional[Dict[str, int]]  # {"world", "rank"} of a sharded editor
     _body: dict
     _tensors: Dict[str, torch.Tensor]
 
@@ -630,7 +646,7 @@ class Checkpoint:
                     i = rm["kk"][name]
                     if i is not None and not (isinstance(i, int) and 0 <= i < n_keys):
                         raise _bad(self.manifest_path, f"undo turn {r}: bad key index {i!r}")
-                    d_in, d_out = t.shape
+                    d_in, d_out = t.local_shape
                     rows = d_in if i is None else keys[i].shape[0]
                     rec["a"][name] = self._tensor(f"undo.{r}.a.{name}", (rows, d_out))
                     if i is not None:
@@ -662,4 +678,6 @@ def load_checkpoint(path) -> Checkpoint:
     if config.modules is None or config.lr is None:
         raise _bad(mpath, "field 'config': 'modules' and 'lr' must be set")
     return Checkpoint(mpath, config, preset if isinstance(preset, str) else None, turns,
-                      saved_fp, body.get("weights_sample_sha256"), body, tensors)
+                      saved_fp, body.get("weights_sample_sha256"),
+                      dict(body.get("base_weights_sha256") or {}),
+                      body.get("tensor_parallel"), body, tensors)

@@ -24,7 +24,8 @@ from .display import pct
 
 PROG = "ultraedit-fast"
 # the editor options that `run` takes as flags (EditorConfig's; `demo` takes modules and lr)
-EDITOR_FLAGS = ("modules", "lr", "batch_size", "tokens_per_pass", "backend")
+EDITOR_FLAGS = ("modules", "lr", "batch_size", "tokens_per_pass", "backend", "step",
+                "step_target", "locality_budget", "max_step_scale", "chat_template")
 EXIT_USAGE = 2
 
 
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default=None,
                         help="float32 (default) | bfloat16 | float16 (also fp32, bf16, fp16)")
         sp.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+        sp.add_argument("--tp-plan", default=None, choices=("auto", "none"),
+                        help="auto: load the model tensor-parallel over the ranks (the "
+                        "default under torchrun with more than one rank); none: do not")
+        sp.add_argument("--device-map", default=None, metavar="MAP",
+                        help="split the model's layers over devices, pipeline style "
+                        "(transformers' device_map: auto, balanced, sequential)")
         if with_backend:
             add_cli_options(sp, ["backend"])
 
@@ -72,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip this many records first")
         sp.add_argument("--skip-malformed", action="store_true",
                         help="skip malformed records (counted) instead of stopping")
-        sp.add_argument("--eval-batch-size", type=_positive_int, default=16,
-                        help="sequences per forward pass when scoring (default 16)")
+        sp.add_argument("--eval-batch-size", type=_positive_int, default=32,
+                        help="sequences per forward pass when scoring (default 32; greedy "
+                             "decoding takes twice as many)")
 
     def edit_args(sp):  # every editor option with a flag, but the backend (model_args')
         add_cli_options(sp, [n for n in EDITOR_FLAGS if n != "backend"])
@@ -81,13 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="edit SmolLM2-135M-Instruct with 8 counterfactual facts "
                        "and show its answers before and after",
                        description="Load the embedded SmolLM2-135M-Instruct, edit it with 8 "
-                       "counterfactual facts in one turn, and print its greedy answers and the "
-                       "scores before and after.")
+                       "counterfactual facts in one turn with the defaults, and print its "
+                       "greedy answers and the scores before and after.")
     model_args(d)
-    add_cli_options(d, ["modules", "lr"], overrides={
-        "modules": {"help": "comma-separated layers to edit (default: the demo's choice, "
-                            "model.layers.26/27.mlp.down_proj for SmolLM2)"},
-        "lr": {"help": "edit step (default: the demo's choice for one turn)"}})
+    add_cli_options(d, ["modules", "lr"])
 
     r = sub.add_parser("run", help="lifelong editing: T turns x M edits from a dataset; "
                        "writes lifelong.json and lifelong.png",
@@ -103,11 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--editor", default="fast", choices=("fast", "reference"),
                    help="the fast editor (default) or the plain reference port")
     r.add_argument("--eval-every", type=_positive_int, default=None,
-                   help="also score every K turns on what was edited so far")
+                   help="also score every K turns (checkpoints)")
+    r.add_argument("--eval-sample", type=_positive_int, default=None, metavar="N",
+                   help="checkpoints score the requests edited since the last one (at most "
+                        "N) and a fixed retention sample of N earlier ones, instead of "
+                        "everything edited so far; the final score covers every edit")
+    r.add_argument("--no-generation", action="store_true",
+                   help="teacher-forced scores only (no greedy decoding)")
     r.add_argument("--save-model", default=None, metavar="DIR",
                    help="save the edited model and tokenizer there (save_pretrained)")
+    r.add_argument("--save-editor", default=None, metavar="DIR",
+                   help="save the editor's lifelong state there (UltraEditor.load resumes it)")
+    r.add_argument("--export-patch", default=None, metavar="DIR",
+                   help="write the edited modules' weights there, as a patch for the base "
+                        "model (ultraedit_fast.apply_patch)")
+    r.add_argument("--export-lora", default=None, metavar="DIR",
+                   help="write the edits there as a PEFT LoRA adapter")
+    r.add_argument("--lora-rank", type=_positive_int, default=None,
+                   help="rank of --export-lora (default: exact)")
     r.add_argument("--no-plot", action="store_true", help="do not draw lifelong.png")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (editing, scoring, model loading)")
 
     e = sub.add_parser("eval", help="score a model on a dataset slice",
                        description="Score a model (unedited, or one saved with run "
@@ -116,7 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(e, with_backend=False)
     data_args(e)
     e.add_argument("--limit", type=_nonneg_int, default=None, help="at most this many records")
+    e.add_argument("--no-generation", action="store_true",
+                   help="teacher-forced scores only (no greedy decoding)")
+    add_cli_options(e, ["chat_template"])
     e.add_argument("--output", default=None, help="write the scores to this JSON file")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="export a saved editor's edits as a weight patch or a "
+                       "PEFT LoRA adapter",
+                       description="From an editor checkpoint (run --save-editor, or "
+                       "UltraEditor.save) and the edited model (run --save-model), write the "
+                       "edits as a weight patch (--patch) and/or a PEFT LoRA adapter (--lora).")
+    model_args(x, with_backend=False)
+    x.add_argument("--checkpoint", required=True, help="the editor's checkpoint directory")
+    x.add_argument("--patch", default=None, metavar="DIR", help="write a weight patch there")
+    x.add_argument("--lora", default=None, metavar="DIR", help="write a LoRA adapter there")
+    x.add_argument("--rank", type=_positive_int, default=None,
+                   help="rank of the LoRA adapter (default: exact)")
+    x.add_argument("--base-model", default=None,
+                   help="the unedited model, for an exact LoRA when the checkpoint holds no "
+                        "undo log of every turn")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("bench", help="benchmarks (ultraedit_fast.bench; arguments passed on)",
                    add_help=False)
@@ -141,8 +182,11 @@ def _check_model_spec(spec: str) -> None:
     from .models import DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         return
-    if spec.endswith(".gguf") or os.path.sep in spec or spec.startswith("."):
-        if not os.path.exists(spec):
+    from .models import _looks_like_path
+    # a path (absolute, ./, ../, ~, or a .gguf file) must exist; "org/name" is a hub id,
+    # which load_model hands to the hub (offline, from its cache)
+    if spec.endswith(".gguf") or _looks_like_path(spec) or os.path.isdir(spec):
+        if not os.path.exists(os.path.expanduser(spec)):
             raise FileNotFoundError(f"model: {spec!r} does not exist")
 
 
@@ -152,14 +196,60 @@ def _load(args):
     dtype = parse_dtype(args.dtype)
     device = _check_device(args.device)
     _check_model_spec(args.model)
+    if getattr(args, "no_progress", False):  # transformers' (and gguf's) loading bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    tp_plan = _tp_plan(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=dtype, device=device)
+    model, tok = load_model(args.model, dtype=dtype, device=device, tp_plan=tp_plan,
+                            device_map=getattr(args, "device_map", None))
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
         tok.pad_token = tok.eos_token
     print(f"model {args.model} loaded in {time.perf_counter() - t0:.1f} s "
+          + (f"(tensor-parallel over {_world()} ranks) " if tp_plan else "")
+          + ("(layers split over devices) " if getattr(args, "device_map", None) else "")
+          +
           f"({type(model).__name__}, {str(next(model.parameters()).dtype)[6:]}, "
-          f"{next(model.parameters()).device})", file=sys.stderr)
+          f"{next(model.parameters()).device})", file=sys.stderr if _is_rank0() else sys.stdout)
     return model, tok
+
+
+def _is_rank0() -> bool:
+    from .distributed import launched_ranks
+    return launched_ranks()[0] == 0
+
+
+def _world() -> int:
+    from .distributed import launched_ranks
+    return launched_ranks()[1]
+
+
+def _tp_plan(args) -> Optional[str]:
+    """``"auto"`` under ``torchrun`` with several ranks (unless ``--tp-plan none``)."""
+    from .distributed import launched_ranks
+    plan = getattr(args, "tp_plan", None)
+    if plan == "none":
+        return None
+    _, world = launched_ranks()
+    if plan is None and world > 1 and getattr(args, "device_map", None) is None:
+        plan = "auto"
+    if plan == "auto" and world == 1:
+        raise ValueError("--tp-plan auto: needs several ranks; launch with torchrun "
+                         "--nproc_per_node N")
+    return plan
+
+
+def _check_tensor_parallel_outputs(args) -> None:
+    """What a tensor-parallel run cannot write, refused before the slow load."""
+    if _tp_plan(args) is None:
+        return
+    for flag in ("save_model", "export_patch", "export_lora"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')}: not under tensor parallelism (each "
+                             "rank holds a shard); use --save-editor (one checkpoint per "
+                             "rank) and export from a single-process load of the model")
 
 
 def _check_lengths(args, model, tok, examples) -> None:
@@ -167,13 +257,14 @@ def _check_lengths(args, model, tok, examples) -> None:
     the record otherwise), checked before the first turn."""
     from .requests import context_length, tokenize_pair
     limit = context_length(model)
+    chat = bool(getattr(args, "chat_template", None))
     for ex in examples:
         r = ex.request
         for field, prompt, answer in (("prompt", r.prompt, r.target),
                                       ("rephrase", r.rephrase, r.target),
                                       ("locality_prompt", r.locality_prompt, r.locality_answer)):
             if prompt is not None:
-                tokenize_pair(tok, prompt, answer, limit,
+                tokenize_pair(tok, prompt, answer, limit, chat_template=chat,
                               where=f"{args.data}: record {ex.index} ({field})")
 
 
@@ -196,23 +287,26 @@ def _pct(x) -> str:
 
 
 def _metrics_line(m) -> str:
-    out = f"ES {_pct(m['ES'])}  GS {_pct(m['GS'])}  LS {_pct(m['LS'])}"
-    if "LS_unedited" in m:
-        out += f"  LS_unedited {_pct(m['LS_unedited'])}"
+    """Teacher-forced and generation-based scores side by side (%, 'gen' in brackets)."""
+    def pair(key):
+        gen = m.get(key.replace("LS_unedited", "LS_gen_unedited") if key == "LS_unedited"
+                    else f"{key}_gen")
+        return f"{key} {_pct(m.get(key))}" + (f" [gen {_pct(gen)}]" if gen is not None else "")
+
+    keys = ["ES", "GS", "LS"] + (["LS_unedited"] if "LS_unedited" in m else [])
+    out = "  ".join(pair(k) for k in keys)
     if m.get("personas") is not None:
         out += f"  personas {_pct(m['personas'])}"
     if m.get("mhop") is not None:
         out += f"  multi-hop {_pct(m['mhop'])}"
+    if m.get("drift_kl") is not None:
+        out += f"  drift KL {m['drift_kl']:.3f} (top-1 kept {_pct(m['drift_top1'])})"
+    if m.get("fluency") is not None:
+        out += f"  fluency {m['fluency']:.2f}"
     return out + f"  (n={m['n']}, %)"
 
 
 # ----------------------------------------------------------------------------- commands
-# One turn of 8 edits. The preset is a balance over many turns (10 x 100 edits) and is
-# gentle in a single small turn; the demo writes into the last two MLP output layers with a
-# step large enough for all 8 edits to take without moving the unrelated facts (the sweep
-# behind this choice: benchmarks/README.md, "The demo's setting").
-DEMO_MODULES = ["model.layers.26.mlp.down_proj", "model.layers.27.mlp.down_proj"]
-DEMO_LR = 3e-3
 DEMO_NEW_TOKENS = 7
 
 
@@ -222,9 +316,9 @@ def _clip(text: str, n: int) -> str:
 
 def cmd_demo(args) -> int:
     """One turn of 8 counterfactual edits on SmolLM2-135M-Instruct."""
-    from . import UltraEditor, backend_info, capture_predictions, evaluate
+    from . import UltraEditor, backend_info, capture_baseline, evaluate
     from .demo_data import demo_requests
-    from .models import DEFAULT_MODEL, generate_answer
+    from .models import generate_answer
     from .targets import summarize_names
 
     t_start = time.perf_counter()
@@ -232,24 +326,22 @@ def cmd_demo(args) -> int:
     print(backend_info(str(device or "cpu")))
     model, tok = _load(args)
     reqs = demo_requests()
-    modules, lr = args.modules, args.lr
-    if modules is None and args.model == DEFAULT_MODEL:
-        modules = DEMO_MODULES
-        lr = lr if lr is not None else DEMO_LR
-    editor = UltraEditor(model, tok, modules, lr, backend=args.backend)
-    print(f"editing {summarize_names(editor.module_names)} with lr {editor.lr:g}: "
-          f"{len(reqs)} counterfactual edits in one turn\n")
+    editor = UltraEditor(model, tok, **options_from_cli(args, ["modules", "lr", "backend"]))
 
     def answers():
         return [[generate_answer(model, tok, p, DEMO_NEW_TOKENS)
                  for p in (r.prompt, r.rephrase, r.locality_prompt)] for r in reqs]
 
     before = answers()
-    base = capture_predictions(model, tok, reqs)
-    m_before = evaluate(model, tok, reqs, base_predictions=base)
-    report = editor.edit(reqs)
+    base = capture_baseline(model, tok, reqs)
+    m_before = evaluate(model, tok, reqs, base=base)
+    report = editor.edit(reqs)  # the defaults: the preset's regime for a handful of facts
+    print(f"edited {summarize_names(editor.module_names)} (preset {editor.preset}, lr "
+          f"{editor.lr:g}, step {editor.config.step}"
+          + (f", x{report.step_scale:.2f} on average" if report.step_scale else "")
+          + f"): {len(reqs)} counterfactual edits in one turn\n")
     after = answers()
-    m_after = evaluate(model, tok, reqs, base_predictions=base)
+    m_after = evaluate(model, tok, reqs, base=base)
 
     for i, (r, b, a) in enumerate(zip(reqs, before, after), 1):
         print(f"[{i}/{len(reqs)}] {r.prompt} ... -> {r.target}")
@@ -264,7 +356,8 @@ def cmd_demo(args) -> int:
     print(f"scores after:  {_metrics_line(m_after)}")
     print("(teacher-forced token accuracy of ES: the new answer after the edit prompt, GS: after "
           "the paraphrase; LS: the unrelated fact's answer; LS_unedited: agreement with the "
-          "unedited model on the unrelated prompts)")
+          "unedited model on the unrelated prompts; [gen ...]: the same judged on what the "
+          "model generates by itself, greedy)")
     print(report)
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s")
     return 0
@@ -280,8 +373,10 @@ def cmd_run(args) -> int:
     reader = _reader(args, args.turns * args.edits_per_turn)  # checks file/format first
     # every output path is checked before the first turn, not found unusable after the last
     check_output_dir(args.output_dir, "--output-dir")
-    if args.save_model:
-        check_output_dir(args.save_model, "--save-model")
+    _check_tensor_parallel_outputs(args)
+    for flag in ("save_model", "save_editor", "export_patch", "export_lora"):
+        if getattr(args, flag):
+            check_output_dir(getattr(args, flag), "--" + flag.replace("_", "-"))
     n = args.turns * args.edits_per_turn
     examples = list(reader.examples())  # malformed data fails here, before the slow load
     if len(examples) < n:
@@ -295,14 +390,19 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     res = run_lifelong(
         model, tok, examples, turns=args.turns, edits_per_turn=args.edits_per_turn,
-        editor=args.editor, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-        progress=not args.no_progress, output_dir=args.output_dir, plot=not args.no_plot,
+        editor=args.editor, eval_every=args.eval_every, eval_sample=args.eval_sample,
+        eval_batch_size=args.eval_batch_size, generation=not args.no_generation,
+        progress=not args.no_progress and _is_rank0(),
+        output_dir=args.output_dir if _is_rank0() else None, plot=not args.no_plot,
         config_extra={"model_name": name, "model": args.model,
                       "dataset": os.path.basename(args.data), "data": os.path.abspath(args.data),
                       "format": reader.stats.format, "target": args.target,
                       "offset": args.offset, "skipped_records": reader.stats.skipped,
-                      "dtype": args.dtype or "float32"},
-        **options_from_cli(args))
+                      "dtype": args.dtype or "float32",
+                      "tensor_parallel": _world() if _tp_plan(args) else 1,
+                      "device_map": args.device_map},
+        export_patch=args.export_patch, export_lora=args.export_lora, lora_rank=args.lora_rank,
+        save_editor=args.save_editor, **options_from_cli(args))
     cfg, tim = res["config"], res["timing"]
     print(f"{cfg['n_edits']} edits ({args.turns} turns x {args.edits_per_turn}) on {name}: "
           f"{summarize_names(cfg['modules'])}, lr {cfg['lr']:g}, {cfg['editor']} editor, "
@@ -340,15 +440,17 @@ def cmd_eval(args) -> int:
     _check_lengths(args, model, tok, examples)
     t0 = time.perf_counter()
     m = score(model, tok, [e.request for e in examples], [e.extras for e in examples],
-              batch_size=args.eval_batch_size)
+              batch_size=args.eval_batch_size, generation=not args.no_generation,
+              chat_template=bool(args.chat_template))
     dt = time.perf_counter() - t0
-    m.pop("LS_unedited", None)  # no edited model here: it would compare the model to itself
+    for k in ("LS_unedited", "LS_gen_unedited", "drift_kl", "drift_top1"):
+        m.pop(k, None)  # no edited model here: they would compare the model to itself
     line = _metrics_line(m)
     print(f"{_model_name(args.model, model)} on {os.path.basename(args.data)} "
           f"[{args.offset}:{args.offset + len(examples)}]: {line}; {dt:.1f} s")
     if reader.stats.skipped:
         print(f"skipped {reader.stats.skipped} malformed records", file=sys.stderr)
-    if args.output:
+    if args.output and _is_rank0():
         out = {"model": args.model, "data": os.path.abspath(args.data),
                "format": reader.stats.format, "target": args.target, "offset": args.offset,
                "limit": args.limit, "skipped_records": reader.stats.skipped,
@@ -360,6 +462,40 @@ def cmd_eval(args) -> int:
             json.dump(out, f, indent=1)
             f.write("\n")
         print(f"json: {args.output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import UltraEditor
+    from .lifelong import check_output_dir
+    if not args.patch and not args.lora:
+        raise UsageError(f"{PROG} export: error: nothing to do: give --patch DIR and/or "
+                         "--lora DIR")
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint: {args.checkpoint!r} is not a directory")
+    for flag in ("patch", "lora"):
+        if getattr(args, flag):
+            check_output_dir(getattr(args, flag), "--" + flag)
+    model, tok = _load(args)
+    import warnings
+    from .checkpoint import CheckpointWeightsWarning
+    with warnings.catch_warnings():  # the edited model, or the export names the wrong weights
+        warnings.simplefilter("error", category=CheckpointWeightsWarning)
+        try:
+            editor = UltraEditor.load(args.checkpoint, model, tok)
+        except CheckpointWeightsWarning as w:
+            raise ValueError(f"--model: {w}") from None
+    if args.patch:
+        print(f"patch: {editor.export_patch(args.patch)}")
+    if args.lora:
+        base = None
+        if args.base_model:
+            from .models import load_model, parse_dtype
+            base, _ = load_model(args.base_model, dtype=parse_dtype(args.dtype))
+        rep = editor.export_lora(args.lora, args.rank, base=base)
+        worst = max(rep["relative_error"].values())
+        print(f"lora: {args.lora} (rank {sorted(set(rep['rank'].values()))}, "
+              f"{rep['bytes'] / 2**20:.1f} MiB, largest relative error {worst:.2e})")
     return 0
 
 
@@ -390,6 +526,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from .data import DataFormatError
 
+    if not _is_rank0():  # under torchrun, rank 0 reports; the others work silently
+        sys.stdout = open(os.devnull, "w")
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])
@@ -401,7 +539,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval}[args.command](args)
+        from .display import progress_bars
+        with progress_bars(not getattr(args, "no_progress", False)):
+            return {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval,
+                "export": cmd_export}[args.command](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE

@@ -77,6 +77,48 @@ def check_bool(name: str, v):
     return v
 
 
+STEPS = ("auto", "paper")
+REGIMES = ("stream", "facts")
+
+
+def _check_regime(name: str, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in REGIMES:
+        raise ValueError(f"{name}: expected one of {list(REGIMES)} or None, got {v!r}")
+    return v.lower()
+
+
+def _check_step(name: str, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in STEPS:
+        raise ValueError(f"{name}: expected one of {list(STEPS)} or None, got {v!r}")
+    return v.lower()
+
+
+def _check_fraction(name: str, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+    return float(v)
+
+
+def _check_scale(name: str, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
+        raise ValueError(f"{name}: expected a finite number >= 1, got {v!r}")
+    return float(v)
+
+
+def _cli_fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
 def _check_undo(name: str, v):
     if isinstance(v, bool):
         return v
@@ -177,6 +219,47 @@ class EditorConfig:
                      f"tokens (default {DEFAULT_TOKENS_PER_PASS}; 0: padded, one mini-batch "
                      "per pass)"})
 
+    regime: Optional[str] = _option(
+        None, _check_regime,
+        "which of the preset's regimes, when modules and lr come from it: 'stream' (turns "
+        "of about 100 edits, the paper's setting and layers) or 'facts' (a handful of facts "
+        "at a time: the layers measured for that where the preset has them, and step "
+        "'auto'); None: 'facts' if the first turn has at most 32 requests, else 'stream'",
+        cli={"choices": REGIMES, "help": "the preset's regime: stream (about 100 edits per "
+             "turn) or facts (a handful); default: from the first turn's size"})
+    step: Optional[str] = _option(
+        None, _check_step,
+        "the turn's step: 'auto' scales each solved turn by the smallest power of 2 (up to "
+        "max_step_scale) at which step_target of its edits take within locality_budget "
+        "(ultraedit_fast.step); 'paper' writes the published fixed step; None: 'auto' in the "
+        "facts regime, 'paper' otherwise (and whenever lr is given)",
+        cli={"choices": STEPS, "help": "auto: scale each turn until its edits take, within a "
+             "locality budget; paper: the published fixed step (default: auto in the facts "
+             "regime, paper otherwise)"})
+    step_target: float = _option(
+        0.9, _check_fraction, "step='auto': the share of a turn's edits that must take",
+        cli={"type": _cli_fraction, "help": "step auto: share of a turn's edits that must "
+             "take (default 0.9)"})
+    locality_budget: float = _option(
+        0.2, _check_fraction,
+        "step='auto': the largest share of the turn's locality prompts (or of the anchor "
+        "prompts) whose greedy answer a larger step may change",
+        cli={"type": _cli_fraction, "help": "step auto: largest share of locality prompts whose "
+             "answer may change (default 0.2)"})
+    max_step_scale: float = _option(
+        64.0, _check_scale, "step='auto': the largest scale of the published step tried",
+        cli={"type": cli_positive_float, "help": "step auto: largest scale tried (default 64)"})
+    preserve_locality: bool = _option(
+        True, check_bool,
+        "step='auto': solve the turn with the locality set's keys as extra rows of value "
+        "zero (the regularised least squares then also keeps the edited layers' outputs at "
+        "those prompts), so that larger steps leave them alone; a departure from the paper, "
+        "never made with step='paper'")
+    chat_template: bool = _option(
+        False, check_bool, "wrap every prompt in the tokenizer's chat template (as a user "
+        "turn, the assistant's answer to follow), for editing and for the step's checks",
+        cli={"action": "store_true", "help": "wrap prompts in the tokenizer's chat template "
+             "(instruct models), for editing and scoring"})
     measure_memory: bool = _option(
         False, check_bool,
         "report each turn's peak memory (EditReport.peak_memory_bytes): resets the process's "

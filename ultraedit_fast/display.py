@@ -2,14 +2,17 @@
 (matplotlib set up off-screen, the phase colours, saving)."""
 from __future__ import annotations
 
+import contextvars
 import logging
-from typing import Optional
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 GIB = 2 ** 30
 MIB = 2 ** 20
 
 PHASE_COLOURS = {"capture": "#4C72B0", "statistics": "#DD8452", "solve": "#55A868",
-                 "apply": "#C44E52", "total": "#8172B3"}
+                 "step": "#937860", "apply": "#C44E52", "total": "#8172B3"}
 
 log = logging.getLogger("ultraedit_fast")
 
@@ -72,3 +75,36 @@ def save_figure(plt, fig, path: str, dpi: int = 110) -> str:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- progress bars
+_PROGRESS = contextvars.ContextVar("ultraedit_fast_progress", default=False)
+
+
+@contextmanager
+def progress_bars(on: bool = True) -> Iterator[None]:
+    """Inside this block, long loops of the package (scoring, decoding) show tqdm bars on
+    stderr; outside it they are silent (the library default)."""
+    token = _PROGRESS.set(bool(on))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def bar(total: int, desc: str):
+    """A progress bar of ``total`` items when bars are on (:func:`progress_bars`), else a
+    do-nothing stand-in; close it when done."""
+    if not _PROGRESS.get() or total <= 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="seq", file=sys.stderr, leave=False,
+                dynamic_ncols=True)

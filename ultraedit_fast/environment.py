@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ._version import __version__
-from .kernels import EXTENSION_ERROR, available_backends, resolve_backend
+from .kernels import available_backends, extension_error, resolve_backend
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,7 +179,7 @@ def environment(device) -> Dict[str, Any]:
         "cpu": {"model": cpu_model(), "logical_cores": os.cpu_count(),
                 "usable_cores": usable_cores(), "torch_threads": torch.get_num_threads(),
                 "memory_bytes": memory_total(), "loadavg_at_start": loadavg()},
-        "extension": EXTENSION_ERROR or "loaded",
+        "extension": extension_error() or "loaded",
     }
     try:
         env["backend"] = resolve_backend("auto", device).name

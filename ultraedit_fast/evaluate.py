@@ -1,50 +1,69 @@
-"""Scoring edits as the UltraEdit reference does (``docs/algorithm.md`` section 7).
+"""Scoring edits: teacher-forced token accuracy as the UltraEdit reference scores it
+(``docs/algorithm.md`` section 7), and beside it what the model generates on its own
+(:mod:`ultraedit_fast.generation`).
 
-Every score is teacher-forced token accuracy: the fraction of answer tokens where
-``argmax(logits) == label``, with prompts and answers tokenised as for editing,
-averaged over requests.
+Teacher forced: the fraction of answer tokens where ``argmax(logits) == label``, with
+prompts and answers tokenised as for editing, averaged over requests.
 
 - ``ES`` (efficacy): edit prompt, edit target.
 - ``GS`` (generalisation): the paraphrase, edit target.
 - ``LS`` (specificity): the locality prompt, its dataset answer.
 - ``LS_unedited`` (stricter, as MEMIT/EasyEdit): the locality prompt, agreement with
-  the unedited model's own predictions, when ``base_predictions`` from
-  :func:`capture_predictions` (taken before editing) are given.
+  the unedited model's own predictions, when a baseline captured before editing is given.
 
-Scores are fractions in [0, 1]; ``None`` when no request has the needed field.
+Generation based (``generation=True``, the default): ``ES_gen``, ``GS_gen``, ``LS_gen``,
+``LS_gen_unedited``, ``fluency``, ``drift_kl``, ``drift_top1`` (defined in
+:mod:`ultraedit_fast.generation`). Their baseline parts come from :func:`capture_baseline`.
+
+Scores are fractions in [0, 1] (``fluency``: bits; ``drift_kl``: nats); ``None`` when no
+request has the needed field or no baseline was given.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import generation as G
 from .concurrency import model_locks
+from .display import bar
 from .forward import answer_logits, preserved_model_state
-from .requests import IGNORE, as_requests, context_length, pad_batch, tokenize_pair
+from .requests import (IGNORE, TokenizedRequest, as_requests, context_length, pad_batch,
+                       tokenize_pair)
 
 
 def _device(model):
     return model.get_input_embeddings().weight.device
 
 
-@torch.no_grad()
 def _argmax_at_answers(model, tokenizer, pairs: Sequence[Tuple[str, str]],
-                       batch_size: int, names: Optional[Sequence[str]] = None
-                       ) -> List[Tuple[List[int], List[int]]]:
+                       batch_size: int, names: Optional[Sequence[str]] = None,
+                       chat_template: bool = False) -> List[Tuple[List[int], List[int]]]:
     """For each (prompt, answer): (predicted ids, label ids) at the answer tokens.
     ``names``: what to call each pair in an error (default ``pairs[i]``)."""
-    device = _device(model)
     limit = context_length(model)
     toks = [tokenize_pair(tokenizer, p, a, limit,
-                          where=names[i] if names is not None else f"pairs[{i}]")
+                          where=names[i] if names is not None else f"pairs[{i}]",
+                          chat_template=chat_template)
             for i, (p, a) in enumerate(pairs)]
+    return predictions_at_labels(model, toks, batch_size)
+
+
+@torch.no_grad()
+def predictions_at_labels(model, toks: Sequence[TokenizedRequest], batch_size: int = 16
+                          ) -> List[Tuple[List[int], List[int]]]:
+    """For each tokenised request: (argmax ids, label ids) at its labelled positions, with
+    teacher forcing, in batches of similar length."""
+    device = _device(model)
     out: List[Optional[Tuple[List[int], List[int]]]] = [None] * len(toks)
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))
     weights = model_locks(model).weights
+    progress = bar(len(order), "scoring (teacher forced)")
     with preserved_model_state(model):
         model.eval()
         for s in range(0, len(order), batch_size):
+            progress.update(len(order[s:s + batch_size]))
             idx = order[s:s + batch_size]
             batch = pad_batch([toks[i] for i in idx], idx).to(device)
             mask = batch.labels != IGNORE
@@ -58,6 +77,7 @@ def _argmax_at_answers(model, tokenizer, pairs: Sequence[Tuple[str, str]],
             for i, c in zip(idx, counts):  # rows of the mask are row-major
                 out[i] = (preds[start:start + c], labels[start:start + c])
                 start += c
+    progress.close()
     return out  # type: ignore[return-value]
 
 
@@ -67,69 +87,186 @@ def mean(xs: Sequence[float]) -> Optional[float]:
 
 
 def token_accuracy(model, tokenizer, pairs: Sequence[Tuple[str, str]],
-                   batch_size: int = 16, names: Optional[Sequence[str]] = None) -> List[float]:
+                   batch_size: int = 16, names: Optional[Sequence[str]] = None,
+                   chat_template: bool = False) -> List[float]:
     """Per pair, the fraction of answer tokens predicted exactly (teacher forced)."""
-    res = _argmax_at_answers(model, tokenizer, pairs, batch_size, names)
+    res = _argmax_at_answers(model, tokenizer, pairs, batch_size, names, chat_template)
     return [sum(p == l for p, l in zip(pr, lb)) / len(lb) for pr, lb in res]
 
 
-def capture_predictions(model, tokenizer, requests, batch_size: int = 16
-                        ) -> List[Optional[List[int]]]:
+def capture_predictions(model, tokenizer, requests, batch_size: int = 16,
+                        chat_template: bool = False) -> List[Optional[List[int]]]:
     """The model's own argmax predictions at the locality answer tokens of each request
     (``None`` where a request has no locality prompt). Call before editing, pass the
-    result to :func:`evaluate` as ``base_predictions``."""
+    result to :func:`evaluate` as ``base_predictions`` (or use :func:`capture_baseline`,
+    which also captures what the generation-based scores need)."""
     requests = as_requests(requests)
     idx = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
     res = _argmax_at_answers(model, tokenizer,
                              [(requests[i].locality_prompt, requests[i].locality_answer)
                               for i in idx], batch_size,
-                             [f"requests[{i}] (locality_prompt)" for i in idx])
+                             [f"requests[{i}] (locality_prompt)" for i in idx], chat_template)
     out: List[Optional[List[int]]] = [None] * len(requests)
     for i, (pred, _) in zip(idx, res):
         out[i] = pred
     return out
 
 
-def evaluate(model, tokenizer, requests, *, base_predictions=None, batch_size: int = 16,
-             per_request: bool = False) -> Dict[str, object]:
-    """ES, GS, LS (and ``LS_unedited`` given ``base_predictions``) of ``model`` on ``requests``.
+@dataclass
+class Baseline:
+    """The unedited model's answers, captured before editing with :func:`capture_baseline`:
+    its teacher-forced locality predictions (for ``LS_unedited``) and, with ``generation``,
+    its greedy locality continuations and next-token distributions (for
+    ``LS_gen_unedited`` and the drift)."""
 
-    Returns ``{"ES", "GS", "LS", "LS_unedited", "n"}`` (fractions in [0, 1] or ``None``), plus
-    ``"per_request"`` (a list of dicts) when asked.
+    predictions: List[Optional[List[int]]]
+    generation: Optional[G.GenerationBaseline] = None
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def subset(self, idx: Sequence[int]) -> "Baseline":
+        """The baseline of ``[requests[i] for i in idx]`` (the drift prompts are kept)."""
+        gen = self.generation
+        if gen is not None:
+            gen = G.GenerationBaseline([gen.locality[i] for i in idx], gen.drift_prompts,
+                                       gen.drift_logprobs)
+        return Baseline([self.predictions[i] for i in idx], gen)
+
+
+def capture_baseline(model, tokenizer, requests, *, generation: bool = True,
+                     batch_size: int = 32, chat_template: bool = False,
+                     drift_prompts: Optional[Sequence[str]] = None) -> Baseline:
+    """What the unedited model answers on ``requests``; call before editing and pass it to
+    :func:`evaluate` as ``base``. ``drift_prompts``: the unrelated prompts of the drift
+    score (default: a fixed sample of the requests' locality prompts)."""
+    requests = as_requests(requests)
+    preds = capture_predictions(model, tokenizer, requests, batch_size, chat_template)
+    if not generation:
+        return Baseline(preds)
+    li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
+    texts = G.continuations(model, tokenizer, [requests[i].locality_prompt for i in li],
+                            [requests[i].locality_answer for i in li], 2 * batch_size,
+                            chat_template)
+    loc: List[Optional[str]] = [None] * len(requests)
+    for i, t in zip(li, texts):
+        loc[i] = t
+    prompts = list(drift_prompts) if drift_prompts is not None else G.drift_sample(requests)
+    lp = (G.next_token_logprobs(model, tokenizer, prompts, 2 * batch_size, chat_template)
+          if prompts else None)
+    return Baseline(preds, G.GenerationBaseline(loc, prompts, lp))
+
+
+def _generation_scores(model, tokenizer, requests, base: Optional[Baseline], batch_size,
+                       chat_template, rows) -> Dict[str, object]:
+    n = len(requests)
+    gi = [i for i, r in enumerate(requests) if r.rephrase is not None]
+    li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
+    prompts = ([r.prompt for r in requests] + [requests[i].rephrase for i in gi]
+               + [requests[i].locality_prompt for i in li])
+    answers = ([r.target for r in requests] + [requests[i].target for i in gi]
+               + [requests[i].locality_answer for i in li])
+    gen_batch = 2 * batch_size  # one token a step: larger batches keep the matmuls busy
+    texts = G.continuations(model, tokenizer, prompts, answers, gen_batch, chat_template)
+    es = [float(G.starts_with_answer(t, a)) for t, a in zip(texts[:n], answers[:n])]
+    gs = [float(G.starts_with_answer(t, a)) for t, a in
+          zip(texts[n:n + len(gi)], answers[n:n + len(gi)])]
+    loc = texts[n + len(gi):]
+    ls = [float(G.starts_with_answer(t, requests[i].locality_answer)) for i, t in zip(li, loc)]
+    out: Dict[str, object] = {"ES_gen": mean(es), "GS_gen": mean(gs), "LS_gen": mean(ls),
+                              "LS_gen_unedited": None, "drift_kl": None, "drift_top1": None}
+    gen = base.generation if base is not None else None
+    ls_u: List[float] = []
+    if gen is not None:
+        for i, t in zip(li, loc):
+            b = gen.locality[i]
+            if b is None:
+                raise ValueError(f"base: no unedited continuation for request {i}'s locality "
+                                 "prompt; capture the baseline on the same requests")
+            ls_u.append(float(G.normalize_text(t) == G.normalize_text(b)))
+        out["LS_gen_unedited"] = mean(ls_u)
+        if gen.drift_prompts and gen.drift_logprobs is not None:
+            out.update(G.drift(gen.drift_logprobs, G.next_token_logprobs(
+                model, tokenizer, gen.drift_prompts, gen_batch, chat_template)))
+    out["fluency"] = G.fluency(model, tokenizer,
+                               G.spread([r.prompt for r in requests], G.FLUENCY_PROMPTS),
+                               batch_size=gen_batch, chat_template=chat_template)
+    if rows is not None:
+        _put(rows, range(n), "ES_gen", es)
+        _put(rows, range(n), "ES_gen_text", texts[:n])
+        _put(rows, gi, "GS_gen", gs)
+        _put(rows, li, "LS_gen", ls)
+        _put(rows, li, "LS_gen_unedited", ls_u)
+    return out
+
+
+def _put(rows: List[dict], idx, key: str, values) -> None:
+    """``rows[i][key] = v`` for the requests ``idx`` and their ``values``."""
+    for i, v in zip(idx, values):
+        rows[i][key] = v
+
+
+def evaluate(model, tokenizer, requests, *, base=None, base_predictions=None,
+             generation: bool = True, batch_size: int = 32, chat_template: bool = False,
+             per_request: bool = False) -> Dict[str, object]:
+    """Teacher-forced and generation-based scores of ``model`` on ``requests``.
+
+    ``base``: a :class:`Baseline` (:func:`capture_baseline`, before editing) for the scores
+    against the unedited model (``LS_unedited``, ``LS_gen_unedited``, the drift);
+    ``base_predictions``: the teacher-forced part alone (:func:`capture_predictions`).
+    ``generation=False`` skips the generation-based scores (they decode, and cost more).
+    ``chat_template``: wrap every prompt in the tokenizer's chat template.
+
+    Returns ``{"ES", "GS", "LS", "LS_unedited", "n"}`` and, with ``generation``, ``ES_gen``,
+    ``GS_gen``, ``LS_gen``, ``LS_gen_unedited``, ``fluency``, ``drift_kl``, ``drift_top1``
+    (``None`` where not measurable), plus ``"per_request"`` (a list of dicts) when asked.
     """
     requests = as_requests(requests)
+    if base is not None and base_predictions is not None:
+        raise ValueError("base_predictions: give either base or base_predictions, not both")
+    if isinstance(base, list):  # a capture_predictions() result passed as base
+        base_predictions, base = base, None
+    if base is not None and not isinstance(base, Baseline):
+        raise TypeError(f"base: expected a Baseline from capture_baseline(), got "
+                        f"{type(base).__name__}")
+    if base is not None:
+        base_predictions = base.predictions
     if base_predictions is not None and len(base_predictions) != len(requests):
         raise ValueError(f"base_predictions: expected {len(requests)} entries (one per request), "
                          f"got {len(base_predictions)}")
-    es = token_accuracy(model, tokenizer, [(r.prompt, r.target) for r in requests], batch_size,
-                        [f"requests[{i}] (prompt)" for i in range(len(requests))])
+    kw = dict(batch_size=batch_size, chat_template=chat_template)
+    es = token_accuracy(model, tokenizer, [(r.prompt, r.target) for r in requests],
+                        names=[f"requests[{i}] (prompt)" for i in range(len(requests))], **kw)
     gi = [i for i, r in enumerate(requests) if r.rephrase is not None]
     gs = token_accuracy(model, tokenizer, [(requests[i].rephrase, requests[i].target)
-                                           for i in gi], batch_size,
-                        [f"requests[{i}] (rephrase)" for i in gi])
+                                           for i in gi],
+                        names=[f"requests[{i}] (rephrase)" for i in gi], **kw)
     li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
     loc = _argmax_at_answers(model, tokenizer, [(requests[i].locality_prompt,
                                                  requests[i].locality_answer) for i in li],
-                             batch_size, [f"requests[{i}] (locality_prompt)" for i in li])
+                             batch_size, [f"requests[{i}] (locality_prompt)" for i in li],
+                             chat_template)
     ls = [sum(p == l for p, l in zip(pr, lb)) / len(lb) for pr, lb in loc]
     ls_u: List[float] = []
     if base_predictions is not None:
         for i, (pr, _) in zip(li, loc):
-            base = base_predictions[i]
-            if base is None or len(base) != len(pr):
+            b = base_predictions[i]
+            if b is None or len(b) != len(pr):
                 raise ValueError(f"base_predictions[{i}]: does not match request {i}'s "
                                  "locality prompt; capture it with capture_predictions() on "
                                  "the same requests")
-            ls_u.append(sum(p == b for p, b in zip(pr, base)) / len(pr))
+            ls_u.append(sum(p == q for p, q in zip(pr, b)) / len(pr))
     out: Dict[str, object] = {"ES": mean(es), "GS": mean(gs), "LS": mean(ls),
                               "LS_unedited": mean(ls_u), "n": len(requests)}
+    rows = None
     if per_request:
         rows = [{"ES": e} for e in es]
-        for i, v in zip(gi, gs):
-            rows[i]["GS"] = v
-        for i, v in zip(li, ls):
-            rows[i]["LS"] = v
-        for i, v in zip(li, ls_u):
-            rows[i]["LS_unedited"] = v
+        _put(rows, gi, "GS", gs)
+        _put(rows, li, "LS", ls)
+        _put(rows, li, "LS_unedited", ls_u)
+    if generation:
+        out.update(_generation_scores(model, tokenizer, requests, base, batch_size,
+                                      chat_template, rows))
+    if per_request:
         out["per_request"] = rows
     return out

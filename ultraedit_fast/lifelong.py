@@ -41,7 +41,8 @@ from .config import EditorConfig
 from .display import PHASE_COLOURS, fmt_bytes, log, pct, pyplot, save_figure
 from .editor import EditRefused, UltraEditor
 from .environment import environment, peak_rss
-from .evaluate import capture_predictions, evaluate, mean, token_accuracy
+from .evaluate import capture_baseline, evaluate, mean, token_accuracy
+from .generation import spread
 from .reference import ReferenceEditor
 from .report import PHASES
 from .requests import EditRequest, as_requests
@@ -75,12 +76,15 @@ def _split(items: Sequence[Any]):
 
 
 def score(model, tokenizer, requests, extras: Optional[Sequence[Mapping]] = None, *,
-          base_predictions=None, batch_size: int = 16) -> Dict[str, Any]:
-    """``evaluate`` plus the WikiBigEdit scores: ``{"ES", "GS", "LS", "LS_unedited", "n",
-    "personas", "n_personas", "mhop", "n_mhop"}`` (fractions, ``None`` when absent)."""
+          base=None, base_predictions=None, generation: bool = True, batch_size: int = 32,
+          chat_template: bool = False) -> Dict[str, Any]:
+    """:func:`~ultraedit_fast.evaluate` (teacher-forced and, with ``generation``,
+    generation-based scores) plus the WikiBigEdit scores: ``personas``, ``n_personas``,
+    ``mhop``, ``n_mhop`` (fractions, ``None`` when absent)."""
     requests = as_requests(requests)
-    out = dict(evaluate(model, tokenizer, requests, base_predictions=base_predictions,
-                        batch_size=batch_size))
+    out = dict(evaluate(model, tokenizer, requests, base=base, base_predictions=base_predictions,
+                        generation=generation, batch_size=batch_size,
+                        chat_template=chat_template))
     extras = list(extras) if extras is not None else [{}] * len(requests)
     persona_pairs = [(p, r.target) for r, x in zip(requests, extras)
                      for p in (x.get("personas") or []) if isinstance(p, str) and p.strip()]
@@ -115,10 +119,13 @@ def _model_label(model, config_extra: Mapping) -> str:
 
 def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns: int,
                  edits_per_turn: int, editor: str = "fast",
-                 eval_every: Optional[int] = None, eval_batch_size: int = 16,
-                 eval_before: bool = True, base_predictions=None, progress: bool = True,
-                 output_dir: Optional[str] = None, plot: bool = True,
+                 eval_every: Optional[int] = None, eval_sample: Optional[int] = None,
+                 eval_batch_size: int = 32, generation: bool = True,
+                 eval_before: bool = True, base=None, base_predictions=None,
+                 progress: bool = True, output_dir: Optional[str] = None, plot: bool = True,
                  config_extra: Optional[Mapping[str, Any]] = None,
+                 export_patch: Optional[str] = None, export_lora: Optional[str] = None,
+                 lora_rank: Optional[int] = None, save_editor: Optional[str] = None,
                  **options) -> Dict[str, Any]:
     """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it.
 
@@ -130,22 +137,34 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
             which has no ``backend`` and reports no per-phase times).
         options: the editor's (:class:`~ultraedit_fast.config.EditorConfig`: ``modules``,
             ``lr``, ``batch_size``, ...; the reference editor takes a subset).
-        eval_every: also score every this many turns, on what was edited so far.
+        eval_every: also score every this many turns (checkpoints).
+        eval_sample: ``None``: a checkpoint scores everything edited so far; ``S``: it scores
+            the requests edited since the previous checkpoint (``recent``, at most ``S``,
+            spread evenly) and a fixed sample of ``S`` requests drawn once from the whole
+            stream, those of it edited before them (``retention``). The final score always
+            covers every edit.
         eval_batch_size: sequences per forward pass when scoring.
+        generation: the generation-based scores beside the teacher-forced ones.
         eval_before: score the unedited model on all the requests first (``metrics_before``).
-        base_predictions: the unedited model's locality predictions for these requests
-            (:func:`~ultraedit_fast.capture_predictions`), if already captured.
+        base: the unedited model's answers on these requests
+            (:func:`~ultraedit_fast.capture_baseline`), if already captured;
+            ``base_predictions``: its teacher-forced part alone (older callers).
         progress: show a tqdm bar (edits/s) on stderr.
         output_dir: write ``lifelong.json`` (and, with ``plot``, ``lifelong.png``) there;
             checked writable before the first turn.
         config_extra: more entries for ``config`` in the results (``model_name`` and
             ``dataset`` are used in the plot's title).
+        export_patch, export_lora: directories to write the edits to after the last turn, as
+            a weight patch and as a PEFT LoRA adapter (``lora_rank``: its rank; ``None``:
+            exact); :mod:`ultraedit_fast.export`. ``save_editor``: a directory to save the
+            editor's lifelong state to (:meth:`UltraEditor.save`).
 
     Returns the results dict (the JSON's content); ``results["files"]`` has the paths written.
     """
     _check_pos_int("turns", turns)
     _check_pos_int("edits_per_turn", edits_per_turn)
     _check_pos_int("eval_every", eval_every, allow_none=True)
+    _check_pos_int("eval_sample", eval_sample, allow_none=True)
     _check_pos_int("eval_batch_size", eval_batch_size)
     if editor not in EDITORS:
         raise ValueError(f"editor: expected one of {EDITORS}, got {editor!r}")
@@ -165,6 +184,15 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
                              f"(it takes {sorted(cfg.options(reference=True))})")
     config_extra = dict(config_extra or {})
     n_total = turns * edits_per_turn
+    if editor == "reference" and (export_patch or export_lora):
+        raise ValueError("export_patch, export_lora: the reference editor has no exports; "
+                         "use editor='fast'")
+    if editor == "reference" and save_editor:
+        raise ValueError("save_editor: the reference editor has no checkpoint; use editor='fast'")
+    for what, d in (("export_patch", export_patch), ("export_lora", export_lora),
+                    ("save_editor", save_editor)):
+        if d is not None:
+            check_output_dir(d, what)
     if output_dir is not None:
         check_output_dir(output_dir)  # before the first turn, not after the last
 
@@ -184,6 +212,11 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         ed = ReferenceEditor(model, tokenizer, **cfg.options(reference=True))
         backend_name = "reference"
     preset = ed.preset
+    originals = None
+    if export_lora is not None:  # the base of the LoRA's shift: host copies, before any turn
+        ed._settle_regime(edits_per_turn)  # the modules the turns will edit
+        originals = {f"{t.name}.weight": t.weight.detach().to("cpu", copy=True)
+                     for t in ed.targets}
     device = model.get_input_embeddings().weight.device
 
     config = {
@@ -191,7 +224,8 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         "editor": editor, "modules": list(ed.module_names), "lr": float(ed.lr),
         "preset": preset, "batch_size": ed.batch_size, "backend": backend_name,
         "tokens_per_pass": getattr(ed, "tokens_per_pass", 0),
-        "eval_every": eval_every, "eval_batch_size": eval_batch_size,
+        "eval_every": eval_every, "eval_sample": eval_sample,
+        "eval_batch_size": eval_batch_size, "generation": generation,
         "model_name": _model_label(model, config_extra),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         **{k: v for k, v in config_extra.items() if k != "model_name"},
@@ -208,20 +242,31 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         print(f"scoring the unedited model on the {n_total} requests to edit ...",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    if base_predictions is None:
-        base_predictions = capture_predictions(model, tokenizer, requests,
-                                               batch_size=eval_batch_size)
-    elif len(base_predictions) != n_total:
+    chat = cfg.chat_template
+    if base_predictions is not None and len(base_predictions) != n_total:
         raise ValueError(f"base_predictions: expected {n_total} entries, got "
                          f"{len(base_predictions)}")
+    if base is None:
+        base = capture_baseline(model, tokenizer, requests, generation=generation,
+                                batch_size=eval_batch_size, chat_template=chat)
+        if base_predictions is not None:  # the caller's teacher-forced part
+            base.predictions = list(base_predictions)
+    if len(base) != n_total:
+        raise ValueError(f"base: expected {n_total} entries, got {len(base)}")
     seconds_base = time.perf_counter() - t0
+
+    def score_at(idx):
+        return score(model, tokenizer, [requests[i] for i in idx], [extras[i] for i in idx],
+                     base=base.subset(idx), generation=generation,
+                     batch_size=eval_batch_size, chat_template=chat)
+
     metrics_before = None
     seconds_eval_before = 0.0
     if eval_before:
         t0 = time.perf_counter()
-        metrics_before = score(model, tokenizer, requests, extras,
-                               base_predictions=base_predictions, batch_size=eval_batch_size)
+        metrics_before = score_at(range(n_total))
         seconds_eval_before = time.perf_counter() - t0
+    retention_pool = spread(range(n_total), eval_sample) if eval_sample else []
 
     # the turns ---------------------------------------------------------------------------
     bar = None
@@ -232,6 +277,7 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     turn_rows: List[Dict[str, Any]] = []
     history: List[Dict[str, Any]] = []
     seconds_eval = 0.0
+    last_checkpoint = 0  # edits made at the previous checkpoint
     try:
         for t in range(turns):
             chunk = requests[t * edits_per_turn:(t + 1) * edits_per_turn]
@@ -254,18 +300,25 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
             if last or (eval_every is not None and (t + 1) % eval_every == 0):
                 n_done = (t + 1) * edits_per_turn
                 if bar is not None:
-                    bar.set_postfix_str(f"turn {t + 1}: scoring {n_done} edits ...", refresh=True)
+                    bar.set_postfix_str(f"turn {t + 1}: scoring ...", refresh=True)
                 t0 = time.perf_counter()
-                m = score(model, tokenizer, requests[:n_done], extras[:n_done],
-                          base_predictions=base_predictions[:n_done],
-                          batch_size=eval_batch_size)
-                dt = time.perf_counter() - t0
+                entry: Dict[str, Any] = {"turn": t + 1, "n_edits": n_done}
+                if last or not eval_sample:  # everything edited so far
+                    entry["metrics"] = m = score_at(range(n_done))
+                else:
+                    recent = spread(range(last_checkpoint, n_done), eval_sample)
+                    older = [i for i in retention_pool if i < last_checkpoint]
+                    entry["recent"] = m = score_at(recent)
+                    entry["retention"] = score_at(older) if older else None
+                entry["seconds"] = dt = time.perf_counter() - t0
                 seconds_eval += dt
-                history.append({"turn": t + 1, "n_edits": n_done, "seconds": dt, "metrics": m})
+                history.append(entry)
+                last_checkpoint = n_done
                 if bar is not None:
                     bar.unpause()  # the bar's rate counts editing time, not scoring time
+                    gen = f" ES_gen {pct(m.get('ES_gen'))}" if generation else ""
                     bar.set_postfix_str(f"turn {t + 1}: ES {pct(m['ES'])} GS {pct(m['GS'])} "
-                                        f"LS {pct(m['LS'])}", refresh=True)
+                                        f"LS {pct(m['LS'])}{gen}", refresh=True)
     finally:
         if bar is not None:
             bar.close()
@@ -291,9 +344,22 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         "base_predictions_seconds": seconds_base,
         "eval_before_seconds": seconds_eval_before,
         "eval_seconds": seconds_eval,
+        # flatness over the run (turn 1 carries one-time costs): least-squares slopes
+        "turn_seconds_slope": _slope([(r["turn"], r["total_seconds"]) for r in done[1:]]),
+        "peak_memory_slope_bytes": _slope([(r["turn"], r["peak_memory_bytes"])
+                                           for r in done[1:]
+                                           if r["peak_memory_bytes"] is not None]),
     }
     results["refused_turns"] = [r["turn"] for r in turn_rows if r["refused"] is not None]
     results["files"] = {}
+    if save_editor is not None:
+        results["files"]["editor"] = ed.save(save_editor)
+    if export_patch is not None:
+        results["files"]["patch"] = ed.export_patch(export_patch)
+    if export_lora is not None:
+        lora = ed.export_lora(export_lora, lora_rank, base=originals)
+        results["lora"] = {k: v for k, v in lora.items() if k != "files"}
+        results["files"]["lora"] = export_lora
     if output_dir is not None:
         json_path = os.path.join(output_dir, RESULTS_JSON)
         results["files"]["json"] = json_path
@@ -309,6 +375,16 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
                 results["files"]["plot"] = png_path
                 write_json(results, json_path)
     return results
+
+
+def _slope(points) -> Optional[float]:
+    """Least-squares slope of ``[(x, y)]`` (``None`` with fewer than 3 points)."""
+    if len(points) < 3:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
 
 
 def check_output_dir(path: str, what: str = "output_dir") -> str:
@@ -360,6 +436,64 @@ _METRIC_STYLE = {
     "personas": ("#9467bd", "v", "personas"),
     "mhop": ("#8c564b", "P", "multi-hop"),
 }
+_GEN_STYLE = {
+    "ES_gen": ("#1f77b4", "o", "ES_gen - target generated after the edit prompt"),
+    "GS_gen": ("#ff7f0e", "s", "GS_gen - ... after the paraphrase"),
+    "LS_gen": ("#2ca02c", "^", "LS_gen - locality answer generated"),
+    "LS_gen_unedited": ("#7f7f7f", "D", "LS_gen_unedited - same text as unedited"),
+    "drift_top1": ("#9467bd", "v", "drift_top1 - unrelated next token unchanged"),
+}
+_SELF = ("LS_unedited", "LS_gen_unedited", "drift_top1")  # 1.0 for the unedited model
+
+
+def _score_panel(ax, results, style, title):
+    """One panel of scores over turns: at each checkpoint the requests it scored (all edited
+    so far, or those since the previous checkpoint: solid) and the retention sample
+    (dashed, hollow); turn 0 is the unedited model."""
+    cfg = results["config"]
+    hist = list(results.get("eval_history", []))
+    before = results.get("metrics_before")
+    ends, drew_retention = [], False
+    for key, (colour, marker, label) in style.items():
+        main = [(h["turn"], (h.get("metrics") or h.get("recent") or {}).get(key)) for h in hist]
+        main = [(x, y) for x, y in main if y is not None]
+        if not main:
+            continue
+        if key in _SELF:
+            main = [(0, 1.0)] + main
+        elif before is not None and before.get(key) is not None:
+            main = [(0, before[key])] + main
+        xs, ys = zip(*main)
+        ax.plot(xs, [100 * y for y in ys], marker=marker, color=colour, label=label,
+                linewidth=2, markersize=5)
+        ret = [(h["turn"], h["retention"].get(key)) for h in hist if h.get("retention")]
+        ret = [(x, y) for x, y in ret if y is not None]
+        if ret:
+            drew_retention = True
+            rx, ry = zip(*ret)
+            ax.plot(rx, [100 * y for y in ry], marker=marker, color=colour, linestyle="--",
+                    markerfacecolor="none", linewidth=1.3, markersize=5)
+        ends.append([100 * ys[-1], 100 * ys[-1], xs[-1], colour])
+    ends.sort()  # final values, spread so that their labels do not overlap
+    for i in range(1, len(ends)):
+        ends[i][1] = max(ends[i][1], ends[i - 1][1] + 4.5)
+    for y, y_label, x_end, colour in ends:
+        ax.annotate(f"{y:.1f}", (x_end, y), xytext=(x_end + 0.03 * cfg["turns"] + 0.1, y_label),
+                    textcoords="data", va="center", fontsize=9, color=colour,
+                    fontweight="bold")
+    ax.set_xlim(-0.03 * cfg["turns"] - 0.2, cfg["turns"] * 1.13 + 0.6)
+    ax.set_ylim(-3, 105)
+    ax.set_xlabel("turn (0 = unedited model)")
+    ax.set_ylabel("score (%)")
+    sub = ("on the requests since the last checkpoint (solid) and a retention sample "
+           "(dashed); last: all edits" if drew_retention else "on all requests edited so far")
+    ax.set_title(f"{title}\n{sub}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, fontsize=8.5,
+              frameon=False)
+    if cfg["turns"] <= 20:
+        ax.set_xticks(range(0, cfg["turns"] + 1))
 
 
 def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
@@ -374,8 +508,15 @@ def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
     env = results.get("environment", {})
     rows = results["turns"]
     timing = results["timing"]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 6.2),
-                                     gridspec_kw={"width_ratios": [1.15, 1]})
+    generated = any("ES_gen" in (h.get("metrics") or h.get("recent") or {})
+                    for h in results.get("eval_history", []))
+    if generated:
+        fig, (ax_t, ax_m, ax_g) = plt.subplots(1, 3, figsize=(19, 6.8),
+                                               gridspec_kw={"width_ratios": [1.15, 1, 1]})
+    else:
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 6.2),
+                                         gridspec_kw={"width_ratios": [1.15, 1]})
+        ax_g = None
 
     # per-turn time, stacked by phase -----------------------------------------------------
     x = [r["turn"] for r in rows]
@@ -420,42 +561,9 @@ def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
         ax_t.set_xticks(x)
 
     # scores over turns --------------------------------------------------------------------
-    hist = list(results.get("eval_history", []))
-    before = results.get("metrics_before")
-    ends = []
-    for key, (colour, marker, label) in _METRIC_STYLE.items():
-        pts = [(h["turn"], h["metrics"].get(key)) for h in hist
-               if h["metrics"].get(key) is not None]
-        if key == "LS_unedited":
-            if pts:
-                pts = [(0, 1.0)] + pts  # the unedited model agrees with itself
-        elif before is not None and before.get(key) is not None:
-            pts = [(0, before[key])] + pts
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        ax_m.plot(xs, [100 * y for y in ys], marker=marker, color=colour, label=label,
-                  linewidth=2, markersize=6, linestyle="--" if key == "LS_unedited" else "-")
-        ends.append([100 * ys[-1], 100 * ys[-1], xs[-1], colour])
-    ends.sort()  # final values, spread so that their labels do not overlap
-    for i in range(1, len(ends)):
-        ends[i][1] = max(ends[i][1], ends[i - 1][1] + 4.5)
-    for y, y_label, x_end, colour in ends:
-        ax_m.annotate(f"{y:.1f}", (x_end, y), xytext=(x_end + 0.03 * cfg["turns"] + 0.1, y_label),
-                      textcoords="data", va="center", fontsize=9, color=colour,
-                      fontweight="bold")
-    ax_m.set_xlim(-0.03 * cfg["turns"] - 0.2, cfg["turns"] * 1.13 + 0.6)
-    ax_m.set_ylim(-3, 105)
-    ax_m.set_xlabel("turn (0 = unedited model)")
-    ax_m.set_ylabel("score (%)")
-    ax_m.set_title("Scores (teacher-forced token accuracy)\non all requests edited so far",
-                   fontsize=11)
-    ax_m.grid(alpha=0.3)
-    ax_m.set_axisbelow(True)
-    ax_m.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=9,
-                frameon=False)
-    if cfg["turns"] <= 20:
-        ax_m.set_xticks(range(0, cfg["turns"] + 1))
+    _score_panel(ax_m, results, _METRIC_STYLE, "Teacher-forced token accuracy")
+    if ax_g is not None:
+        _score_panel(ax_g, results, _GEN_STYLE, "Generation-based (greedy decoding)")
 
     dataset = cfg.get("dataset") or "requests"
     fig.suptitle(f"UltraEdit lifelong editing: {cfg.get('model_name', 'model')} on {dataset}, "

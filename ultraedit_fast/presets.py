@@ -16,18 +16,31 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .config import REGIMES
 from .targets import editable_modules, resolve_target, summarize_names
 
 __all__ = ["Preset", "PRESETS", "EditConfig", "find_preset", "resolve_edit_config",
-           "decoder_layers_prefix", "summarize_names"]
+           "decoder_layers_prefix", "summarize_names", "REGIMES", "FACTS_TURN_MAX"]
+
+
+# A first turn of at most this many requests, with the preset's modules and lr, takes the
+# "facts" regime (UltraEditor(regime=None)).
+FACTS_TURN_MAX = 32
 
 
 @dataclass(frozen=True)
 class Preset:
+    """Where and how hard to edit one model. ``layers``/``lr``: the lifelong-stream regime
+    (turns of about 100 edits, the paper's setting). ``facts_layers``/``facts_lr``: the
+    regime of a handful of facts at a time, where it was measured (``None``: the stream's
+    layers, with the step searched: ``step="auto"``)."""
+
     name: str
     match: Callable[[object], bool]  # on model.config
     layers: Dict[str, Sequence[int]]  # module suffix inside a decoder layer -> layer indices
     lr: float
+    facts_layers: Optional[Dict[str, Sequence[int]]] = None
+    facts_lr: Optional[float] = None
 
 
 def _cfg(config, *names, default=None):
@@ -68,7 +81,8 @@ PRESETS: List[Preset] = [
            {"mlp.gate_proj": range(52, 61), "mlp.up_proj": range(52, 61)}, 1e-6),
     Preset("SmolLM2-135M-Instruct",
            lambda c: _shape(c) == ("llama", 576, 30),
-           {"mlp.up_proj": range(18, 23)}, 1e-4),
+           {"mlp.up_proj": range(18, 23)}, 1e-4,
+           facts_layers={"mlp.down_proj": [26, 27]}, facts_lr=3e-4),
 ]
 
 # The MLP input projection of each supported family, for the generic recipe.
@@ -86,6 +100,7 @@ class EditConfig:
     modules: List[str]
     lr: float
     preset: str  # name of the preset used, "generic:<model_type>", or "user"
+    regime: str = "stream"  # which of the preset's regimes (REGIMES)
 
 
 def decoder_layers_prefix(model) -> Optional[str]:
@@ -137,15 +152,22 @@ def _generic(model) -> Optional[EditConfig]:
     return EditConfig(modules, _CALIBRATED_LR_X_DIN / d_in, f"generic:{mtype}")
 
 
-def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[float]
-                        ) -> EditConfig:
+def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[float],
+                        regime: str = "stream") -> EditConfig:
     """Fill ``modules``/``lr`` (already checked by :class:`~ultraedit_fast.config.EditorConfig`)
-    from the model's preset, and check that every module can be edited."""
+    from the model's preset for ``regime`` ("stream" or "facts"), and check that every
+    module can be edited."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime: expected one of {list(REGIMES)}, got {regime!r}")
     source = "user"
+    preset = find_preset(model)
     if modules is None:
-        preset = find_preset(model)
         if preset is not None:
-            cfg = EditConfig(_expand(model, preset.layers), preset.lr, preset.name)
+            if regime == "facts" and preset.facts_layers is not None:
+                cfg = EditConfig(_expand(model, preset.facts_layers), preset.facts_lr,
+                                 f"{preset.name} (facts)", "facts")
+            else:
+                cfg = EditConfig(_expand(model, preset.layers), preset.lr, preset.name, regime)
         else:
             cfg = _generic(model)
             if cfg is None:
@@ -153,11 +175,11 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
                 raise ValueError(
                     f"modules: no preset for this model (model_type {mtype!r}); pass modules= "
                     f"with names from {summarize_names(editable_modules(model))}")
+            cfg = EditConfig(cfg.modules, cfg.lr, cfg.preset, regime)
         modules, source = cfg.modules, cfg.preset
         if lr is None:
             lr = cfg.lr
     elif lr is None:
-        preset = find_preset(model)
         generic = None if preset is not None else _generic(model)
         if preset is None and generic is None:
             raise ValueError("lr: no preset for this model; pass lr= explicitly")
@@ -166,4 +188,4 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
         if resolve_target(model, name).weight.is_meta:
             raise ValueError(f"modules: {name!r} has its weight on the meta device; "
                              "load the model's weights before editing")
-    return EditConfig(list(modules), float(lr), source)
+    return EditConfig(list(modules), float(lr), source, regime)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-PHASES = ("capture", "statistics", "solve", "apply")
+PHASES = ("capture", "statistics", "solve", "step", "apply")
 
 
 @dataclass
@@ -13,7 +13,10 @@ class EditReport:
 
     ``seconds`` holds the time of each phase (``capture``: forward/backward with hooks;
     ``statistics``: normaliser update; ``solve``: shift values and the N x N solve;
-    ``apply``: the rank-N weight update), ``total_seconds`` the whole turn.
+    ``step``: the search of ``step="auto"``, 0 with ``step="paper"``; ``apply``: the rank-N
+    weight update), ``total_seconds`` the whole turn (their sum). ``step_scale``: the
+    scale of the published step the turn wrote (``None`` with ``step="paper"``), ``step``:
+    the search's trials.
     ``peak_memory_bytes`` is CUDA peak allocated on a GPU, peak RSS of the process
     during the turn on the CPU (``peak_memory_kind`` says which), when the editor was
     built with ``measure_memory=True``; ``None`` otherwise.
@@ -29,6 +32,9 @@ class EditReport:
     peak_memory_bytes: Optional[int]
     peak_memory_kind: str
     modules: List[str] = field(default_factory=list)
+    step_scale: Optional[float] = None
+    step: Optional[dict] = None
+    comm_bytes: Optional[int] = None  # a tensor-parallel turn: bytes this rank all-reduced
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,6 +44,7 @@ class EditReport:
                            if k != "total")
         peak = ("" if self.peak_memory_bytes is None else
                 f"peak {self.peak_memory_kind} {self.peak_memory_bytes / 2**20:.0f} MiB; ")
+        scale = "" if self.step_scale is None else f"step x{self.step_scale:g}; "
         return (f"turn {self.turn}: {self.n_requests} requests, {self.n_tokens} answer tokens, "
                 f"{len(self.modules)} modules in {self.total_seconds:.3f} s ({phases}); "
-                f"{peak}backend {self.backend} on {self.device}")
+                f"{scale}{peak}backend {self.backend} on {self.device}")

@@ -124,11 +124,28 @@ class TokenizedRequest:
     labels: List[int]
 
 
+def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> List[int]:
+    """The token ids of a prompt: ``tok(prompt)`` with special tokens or, with
+    ``chat_template``, the prompt as a user turn in the tokenizer's chat template, followed
+    by the start of the assistant's turn (what an instruct model answers after)."""
+    if not chat_template:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if getattr(tokenizer, "chat_template", None) is None or \
+            not hasattr(tokenizer, "apply_chat_template"):
+        raise ValueError("chat_template: the tokenizer has no chat template")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer versions
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
 def tokenize_pair(tokenizer, prompt: str, answer: str, max_length: Optional[int] = None,
-                  where: str = "request") -> TokenizedRequest:
-    """``P = tok(prompt)`` with special tokens, ``A = tok(" " + answer)`` without;
+                  where: str = "request", chat_template: bool = False) -> TokenizedRequest:
+    """``P = tok(prompt)`` with special tokens (or the prompt in the chat template, see
+    :func:`prompt_ids`), ``A = tok(" " + answer)`` without;
     ``input_ids = P ++ A[:-1]``, ``labels = [-100] * (len(P) - 1) ++ A``."""
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    p = prompt_ids(tokenizer, prompt, chat_template)
     a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     if len(a) == 0:
         raise ValueError(f"{where}: the target {answer!r} tokenises to no tokens; expected "
@@ -253,10 +270,12 @@ def context_length(model) -> Optional[int]:
 
 
 def make_minibatches(tokenizer, requests: Sequence[EditRequest], batch_size: int,
-                     max_length: Optional[int] = None) -> List[MiniBatch]:
+                     max_length: Optional[int] = None,
+                     chat_template: bool = False) -> List[MiniBatch]:
     """Tokenise the edit prompts/targets, sort longest first (stable) and cut into
     right-padded mini-batches of ``batch_size`` (``docs/algorithm.md`` section 1)."""
-    toks = [tokenize_pair(tokenizer, r.prompt, r.target, max_length, where=f"requests[{i}]")
+    toks = [tokenize_pair(tokenizer, r.prompt, r.target, max_length, where=f"requests[{i}]",
+                          chat_template=chat_template)
             for i, r in enumerate(requests)]
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))  # stable
     batches = []

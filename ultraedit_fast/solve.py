@@ -18,7 +18,7 @@ beats them.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -39,13 +39,21 @@ def _cholesky_plus_identity(gram: torch.Tensor) -> torch.Tensor:
 class ShiftSolver:
     """Factorises once per key matrix ``k`` (``N x d_in`` fp32); :meth:`factors` then
     gives, for each value matrix ``v`` (``N x d_out`` fp32), ``(a, kk)`` with
-    ``Delta^T = a^T kk``."""
+    ``Delta^T = a^T kk``.
 
-    def __init__(self, k: torch.Tensor):
+    ``reduce``: for keys split by columns over the ranks of a tensor-parallel model (each
+    rank holds ``K_r``), the in-place sum over the ranks; ``K K^T`` is then the sum of the
+    ranks' ``K_r K_r^T``, and only the dual system is used (the primal one would be split)."""
+
+    def __init__(self, k: torch.Tensor, reduce: Optional[Callable] = None):
         self.k = k
+        self.reduce = reduce
         n, d_in = k.shape
-        self.dual = n <= d_in
-        self.factor = _cholesky_plus_identity(k @ k.t() if self.dual else k.t() @ k)
+        self.dual = n <= d_in or reduce is not None
+        gram = k @ k.t() if self.dual else k.t() @ k
+        if reduce is not None:
+            reduce(gram)
+        self.factor = _cholesky_plus_identity(gram)
         self._eye = None
 
     def factors(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

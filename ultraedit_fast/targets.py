@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .distributed import TensorParallel, local, tensor_parallel
 
 
 def is_editable(m) -> bool:
@@ -45,21 +47,30 @@ def summarize_names(names: Sequence[str], limit: int = 40) -> str:
 
 @dataclass
 class EditTarget:
-    """One edited module: its name, the module, and whether its weight is stored
-    ``d_in x d_out`` (``transposed``, GPT-2 ``Conv1D``)."""
+    """One edited module: its name, the module, whether its weight is stored
+    ``d_in x d_out`` (``transposed``, GPT-2 ``Conv1D``), and how it is sharded in a
+    tensor-parallel model (``tp``; ``None`` for a plain weight)."""
 
     name: str
     module: torch.nn.Module
     transposed: bool
+    tp: Optional[TensorParallel] = None
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        """The weight this process holds and writes: the local shard of a sharded one."""
+        return local(self.module.weight)
 
     @property
     def shape(self) -> Tuple[int, int]:
-        """``(d_in, d_out)``, whatever the layout of the weight."""
+        """``(d_in, d_out)`` of the whole weight, whatever its layout or sharding."""
         w = self.module.weight
+        return (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+
+    @property
+    def local_shape(self) -> Tuple[int, int]:
+        """``(d_in, d_out)`` of the part this process holds (its normaliser's widths)."""
+        w = self.weight
         return (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
 
     @property
@@ -76,9 +87,9 @@ def resolve_target(model, name: str) -> EditTarget:
         raise ValueError(f"modules: {name!r} is not a module of this model; editable modules "
                          f"are {summarize_names(editable_modules(model))}") from None
     if isinstance(m, torch.nn.Linear):
-        return EditTarget(name, m, False)
+        return EditTarget(name, m, False, tensor_parallel(name, m.weight, False))
     if is_editable(m):
-        return EditTarget(name, m, True)
+        return EditTarget(name, m, True, tensor_parallel(name, m.weight, True))
     raise TypeError(f"modules: {name!r} is a {type(m).__name__}; expected nn.Linear or Conv1D")
 
 

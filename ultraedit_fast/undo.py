@@ -122,7 +122,7 @@ class UndoLog:
         a = rec.a[target.name].to(device)
         i = rec.kk[target.name]
         if i is None:
-            d_in = target.shape[0]
+            d_in = target.local_shape[0]
             kk = torch.eye(d_in, dtype=torch.float32, device=device)
         else:
             kk = rec.keys[i].to(device)

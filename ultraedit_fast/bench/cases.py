@@ -68,8 +68,10 @@ def floor_pass(model, tokenizer, requests, modules: Sequence[str], batch_size: i
 
 
 def make_editors(mc: ModelCase, **options):
-    """The fast editor (with the run's ``options``) and the reference on ``mc``'s model, its
-    modules and lr."""
+    """The fast editor (with the run's ``options``; the published step unless they say
+    otherwise, so that both editors do the same work) and the reference on ``mc``'s model,
+    its modules and lr."""
+    options.setdefault("step", "paper")
     gc.collect()  # the previous case's editors of this model, so that only one is live
     fast = UltraEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr, **options)
     ref = ReferenceEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=mc.lr)

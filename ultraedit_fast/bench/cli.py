@@ -22,7 +22,7 @@ from .steps import STEP_SHAPES, TINY_SHAPES, case_steps
 from .workloads import ModelPool
 
 # the fast editor's options that the benchmark takes from the command line
-EDITOR_FLAGS = ("backend", "tokens_per_pass")
+EDITOR_FLAGS = ("backend", "tokens_per_pass", "step")
 
 DEFAULT_MODELS = {"cpu": ["smollm2", "wide-shallow"],
                   "cuda": ["llama-3-8b", "qwen2.5-7b", "gpt-j-6b", "mistral-7b"]}

@@ -8,6 +8,7 @@ when that is ``None``, the environment variable ``ULTRAEDIT_FAST_BACKEND``.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -15,6 +16,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import ops
+
+log = logging.getLogger("ultraedit_fast")
 
 BACKENDS = ("auto", "cuda", "triton", "cpp", "torch")
 ENV_VAR = "ULTRAEDIT_FAST_BACKEND"
@@ -71,16 +74,15 @@ def _missing(name: str, device: torch.device) -> Optional[str]:
         if device.type != "cpu":
             return f"the 'cpp' backend runs on the CPU, not on {device.type}"
         if not all(ops.has_kernel(o, "CPU") for o in ops.OP_NAMES):
-            return (f"the compiled CPU kernels are missing ({ops.EXTENSION_ERROR}); "
-                    "build them with `pip install --no-build-isolation -e .`")
+            return f"the compiled CPU kernels are missing ({ops.extension_error()})"
         return None
     if name == "cuda":
         if device.type != "cuda":
             return f"the 'cuda' backend runs on CUDA devices, not on {device.type}"
         if not all(ops.has_kernel(o, "CUDA") for o in ops.OP_NAMES):
-            return ("the CUDA kernels are not built; install a CUDA build of torch and nvcc, then "
-                    "reinstall with `pip install --no-build-isolation -e .` "
-                    "(and without ULTRAEDIT_FAST_SKIP_CUDA=1)")
+            why = ops.extension_error() or "the kernels were compiled without CUDA"
+            return (f"the CUDA kernels are not available ({why}); they need a CUDA build of "
+                    "torch and nvcc (and no ULTRAEDIT_FAST_SKIP_CUDA=1)")
         return None
     if name == "triton":
         reason = _triton_available(device)
@@ -115,12 +117,16 @@ def resolve_backend(backend: Optional[str], device) -> Backend:
     device = torch.device(device)
     name = requested_backend(backend)
     if name == "auto":
+        skipped = []
         for cand in _AUTO_ORDER.get(device.type, ["torch"]):
-            if _missing(cand, device) is None:
+            reason = _missing(cand, device)
+            if reason is None:
                 name = cand
                 break
+            skipped.append(f"{cand}: {reason}")
         else:
             name = "torch"
+        _log_choice(device, name, skipped)
     else:
         reason = _missing(name, device)
         if reason is not None:
@@ -130,6 +136,18 @@ def resolve_backend(backend: Optional[str], device) -> Backend:
     if name == "triton":
         return _triton_backend()
     return _compiled_backend(name)
+
+
+_LOGGED = set()
+
+
+def _log_choice(device, name: str, skipped: List[str]) -> None:
+    key = (str(device), name)
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    log.info("ultraedit_fast: backend %r on %s%s", name, device,
+             f" (not taken: {'; '.join(skipped)})" if skipped else "")
 
 
 def available_backends(device="cpu") -> Dict[str, Optional[str]]:

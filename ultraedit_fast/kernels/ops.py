@@ -32,7 +32,7 @@ Ops (all state in float32):
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -142,22 +142,17 @@ def _(w):
 
 
 # --------------------------------------------------------------------------- extension
-def _load_extension():
-    import importlib.util
-    if importlib.util.find_spec(f"{__package__}._C") is None:
-        return None, f"{__package__}._C is not built"
-    try:
-        from . import _C  # noqa: F401  (registers CPU/CUDA kernels on import)
-        return _C, None
-    except (ImportError, OSError) as e:  # built against another torch, say
-        return None, f"{__package__}._C failed to load: {e}"
-
-
-_C, EXTENSION_ERROR = _load_extension()
+def extension_error() -> Optional[str]:
+    """``None`` when the compiled kernels are loaded, else why not (loads them on first call:
+    :mod:`ultraedit_fast.kernels.extension`)."""
+    from . import extension
+    return extension.ensure()
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether a compiled kernel for ``ultraedit_fast::op`` is registered for a device key."""
+    """Whether a compiled kernel for ``ultraedit_fast::op`` is registered for a device key
+    (loading the compiled kernels first, once)."""
+    extension_error()
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", dispatch_key)
 
 

@@ -1,0 +1,148 @@
+"""For people coming from EasyEdit: its UltraEdit hparams and its ``batch_edit`` call, on this
+package's editor, with metrics in EasyEdit's shape.
+
+    from ultraedit_fast.easyedit import BaseEditor
+    editor = BaseEditor.from_hparams("hparams/ULTRAEDIT/llama3-8b.yaml", model, tokenizer)
+    metrics, edited_model, _ = editor.batch_edit(
+        prompts=prompts, target_new=targets, rephrase_prompts=rephrases,
+        locality_inputs={"neighborhood": {"prompt": loc_prompts, "ground_truth": loc_answers}},
+        sequential_edit=True)
+    metrics[0]["post"]["rewrite_acc"], metrics[0]["post"]["locality"]["neighborhood_acc"]
+
+What maps from the hparams: :mod:`ultraedit_fast.hparams`. ``batch_edit``:
+
+- requests are cut into turns of the hparams' ``batch_size`` edits (all in one turn without
+  it); ``sequential_edit=True``: one lifelong editor over all turns, every request scored
+  after the last one (a lifelong run); ``False``: each turn edits the original model and is
+  scored right after it, and the weights are then put back (EasyEdit's non-sequential mode);
+- per request, ``pre`` (before editing) and ``post`` hold ``rewrite_acc`` and
+  ``rephrase_acc`` (teacher-forced token accuracy, a one-element list as EasyEdit has it),
+  and ``locality[<key>_acc]``: the agreement, token by token, of the locality prompt's
+  predictions at its ground-truth answer with the unedited model's (EasyEdit's locality);
+  ``post`` also holds the generation-based ``rewrite_gen`` / ``rephrase_gen`` (0 or 1);
+- returns ``(metrics, model, editor)`` (EasyEdit's third value is a copy of the original
+  weights; here it is the :class:`~ultraedit_fast.UltraEditor`, whose undo log can put them
+  back).
+
+Where EasyEdit's port of UltraEdit differs from the paper (and this package follows the
+paper): EasyEdit's ``token`` switch can take keys at other positions than the answer tokens
+(this package refuses any value but ``ans``); ``max_length`` truncates long prompts (this
+package refuses a request longer than the context instead of editing a truncated one).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from . import hparams as H
+from .editor import UltraEditor
+from .evaluate import capture_predictions, evaluate
+from .requests import EditRequest
+
+
+def _listify(name, v, n) -> Optional[List[str]]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    v = list(v)
+    if len(v) != n:
+        raise ValueError(f"{name}: expected {n} entries (one per prompt), got {len(v)}")
+    return v
+
+
+class BaseEditor:
+    """EasyEdit's ``BaseEditor`` for UltraEdit: ``from_hparams`` then ``batch_edit``."""
+
+    def __init__(self, model, tokenizer, options: Mapping[str, Any],
+                 edits_per_turn: Optional[int] = None):
+        if model is None or tokenizer is None:
+            raise TypeError("model, tokenizer: pass the loaded model and its tokenizer "
+                            "(ultraedit_fast.models.load_model loads them)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = dict(options)
+        self.edits_per_turn = edits_per_turn
+
+    @classmethod
+    def from_hparams(cls, hparams, model, tokenizer) -> "BaseEditor":
+        options, settings = H.to_options(hparams)
+        return cls(model, tokenizer, options, settings["edits_per_turn"])
+
+    def batch_edit(self, prompts: Sequence[str], target_new: Sequence[str],
+                   ground_truth: Optional[Sequence[str]] = None,
+                   rephrase_prompts: Optional[Sequence[str]] = None,
+                   locality_inputs: Optional[Mapping[str, Mapping[str, Sequence[str]]]] = None,
+                   sequential_edit: bool = False, **unused):
+        """Edit ``prompts`` -> ``target_new`` and score them, as EasyEdit's ``batch_edit``
+        does (see the module docstring). ``ground_truth`` is accepted and not used (the
+        paper's scores do not read it)."""
+        if unused:
+            raise TypeError(f"batch_edit() got arguments this adapter does not take: "
+                            f"{sorted(unused)}")
+        prompts = _listify("prompts", prompts, len(prompts) if prompts is not None else 0)
+        n = len(prompts)
+        targets = _listify("target_new", target_new, n)
+        rephrases = _listify("rephrase_prompts", rephrase_prompts, n)
+        _listify("ground_truth", ground_truth, n)
+        loc: Dict[str, Dict[str, List[str]]] = {}
+        for key, entry in (locality_inputs or {}).items():
+            if not isinstance(entry, Mapping) or "prompt" not in entry or \
+                    "ground_truth" not in entry:
+                raise ValueError(f"locality_inputs[{key!r}]: expected {{'prompt': [...], "
+                                 f"'ground_truth': [...]}}")
+            loc[key] = {"prompt": _listify(f"locality_inputs[{key!r}]['prompt']",
+                                           entry["prompt"], n),
+                        "ground_truth": _listify(f"locality_inputs[{key!r}]['ground_truth']",
+                                                 entry["ground_truth"], n)}
+        requests = [EditRequest(p, t, rephrase=rephrases[i] if rephrases else None)
+                    for i, (p, t) in enumerate(zip(prompts, targets))]
+        per_turn = self.edits_per_turn or n
+        turns = [list(range(s, min(n, s + per_turn))) for s in range(0, n, per_turn)]
+        pre = self._scores(requests, loc, base=None, generation=False)
+        options = dict(self.options)
+        if not sequential_edit:  # each turn from the original model: undo puts it back
+            options["undo"] = True
+        editor = UltraEditor(self.model, self.tokenizer, **options)
+        post: List[Optional[dict]] = [None] * n
+        for idx in turns:
+            editor.edit([requests[i] for i in idx])
+            if not sequential_edit:
+                scored = self._scores([requests[i] for i in idx],
+                                      {k: {f: [v[f][i] for i in idx] for f in v}
+                                       for k, v in loc.items()}, base=pre, subset=idx)
+                for j, i in enumerate(idx):
+                    post[i] = scored[j]
+                editor.rollback(editor.undo_turns)
+        if sequential_edit:
+            post = self._scores(requests, loc, base=pre)
+        metrics = [{"case_id": i,
+                    "requested_rewrite": {"prompt": prompts[i], "target_new": targets[i]},
+                    "pre": pre[i]["metrics"], "post": post[i]["metrics"]} for i in range(n)]
+        return metrics, self.model, editor
+
+    def _scores(self, requests, loc, base, generation=True, subset=None) -> List[dict]:
+        """Per request: ``{"metrics": {...}, "loc_pred": {key: predictions}}``."""
+        m = evaluate(self.model, self.tokenizer, requests, generation=generation,
+                     per_request=True)["per_request"]
+        out = []
+        for i, row in enumerate(m):
+            metrics = {"rewrite_acc": [row["ES"]]}
+            if "GS" in row:
+                metrics["rephrase_acc"] = [row["GS"]]
+            if generation:
+                metrics["rewrite_gen"] = row.get("ES_gen")
+                if "GS_gen" in row:
+                    metrics["rephrase_gen"] = row["GS_gen"]
+            out.append({"metrics": metrics, "loc_pred": {}})
+        for key, entry in loc.items():
+            reqs = [EditRequest(r.prompt, r.target, locality_prompt=p, locality_answer=a)
+                    for r, p, a in zip(requests, entry["prompt"], entry["ground_truth"])]
+            preds = capture_predictions(self.model, self.tokenizer, reqs)
+            for j, pr in enumerate(preds):
+                out[j]["loc_pred"][key] = pr
+                if base is not None:
+                    ref = base[subset[j] if subset is not None else j]["loc_pred"][key]
+                    agree = sum(a == b for a, b in zip(pr, ref)) / len(ref)
+                    out[j]["metrics"].setdefault("locality", {})[f"{key}_acc"] = [agree]
+        return out
+

@@ -1,0 +1,301 @@
+"""Edits that travel: the edited modules as a weight patch, or the accumulated shift as a PEFT
+LoRA adapter that serving stacks load.
+
+**Patch** (:func:`write_patch`, :func:`apply_patch`): ``patch.safetensors`` holds the edited
+modules' weights as they are after the edits, ``patch.json`` the base model's fingerprint
+(architecture, every parameter's name and shape, each edited module's kind, shape and dtype,
+and the sha256 of each edited module's original weight), the editor's configuration, its turn
+count and the package version. Applied to a fresh copy of the base model, the edited
+weights are copied in: bit for bit the edited model. A model that is not that base (another
+architecture or shape, or edited weights that differ from the originals) is refused, naming
+the difference.
+
+**LoRA** (:func:`write_lora`): ``adapter_config.json`` and ``adapter_model.safetensors`` in the
+format ``peft.PeftModel.from_pretrained`` and vLLM's runtime LoRA loading read. Each edited
+module ``W`` gets ``lora_B @ lora_A = Delta W`` (``lora_alpha = r``, so the scaling is 1):
+
+- exact (``rank=None``): from the turns' factors (``Delta W^T = sum_t a_t^T kk_t``, kept by
+  the undo log), or recovered from ``W_now - W_original`` with its numerical rank;
+- truncated (``rank=r``): the best rank-``r`` approximation (SVD), with each module's relative
+  error ``||Delta W - B A||_F / ||Delta W||_F`` reported.
+
+A LoRA adapter is applied beside the base weights, in the adapter's precision: the served
+logits equal the edited model's within float rounding, not bit for bit (a patch is exact).
+A module whose weight is shared with another (tied input and output embeddings) cannot be a
+LoRA target (the adapter would change one use and not the other): refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ._version import __version__
+from .checkpoint import fingerprint, fingerprint_diff
+from .concurrency import model_locks
+from .targets import EditTarget, resolve_target
+
+PATCH_FORMAT = "ultraedit_fast.patch"
+PATCH_VERSION = 1
+PATCH_TENSORS = "patch.safetensors"
+PATCH_MANIFEST = "patch.json"
+BASE_FILE = "ultraedit_fast_base.json"  # beside a LoRA adapter: the base it was made for
+
+
+def weight_sha256(w: torch.Tensor) -> str:
+    """sha256 of a weight's bytes in its own dtype, with its shape and dtype."""
+    t = w.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_json(path: str, body: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(body, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _directory(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
+    d = os.fspath(path)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"path: {d!r} exists and is not a directory")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+# ----------------------------------------------------------------------------- the patch
+def write_patch(path, model, targets: Sequence[EditTarget], base_sha256: Mapping[str, str], *,
+                config: Mapping, turns: int) -> str:
+    """Write the patch of ``targets`` (their current weights) to the directory ``path``;
+    ``base_sha256``: each target's original weight's :func:`weight_sha256`. Returns the
+    manifest's path."""
+    from safetensors.torch import save_file
+    missing = [t.name for t in targets if t.name not in base_sha256]
+    if missing:
+        raise ValueError(f"export_patch: the original weights of {missing} are unknown (an "
+                         "editor loaded from a checkpoint of an older version); a patch must "
+                         "name the base it applies to")
+    d = _directory(path)
+    with model_locks(model).weights.reading():
+        tensors = {t.name: t.weight.detach().to("cpu").contiguous().clone() for t in targets}
+    save_file(tensors, os.path.join(d, PATCH_TENSORS), metadata={"format": PATCH_FORMAT})
+    body = {"format": PATCH_FORMAT, "format_version": PATCH_VERSION,
+            "created_unix": time.time(), "ultraedit_fast": __version__,
+            "torch": torch.__version__,
+            "base": {"fingerprint": fingerprint(model, targets),
+                     "weights_sha256": {t.name: base_sha256[t.name] for t in targets}},
+            "edited_weights_sha256": {n: weight_sha256(w) for n, w in tensors.items()},
+            "config": dict(config), "turns": int(turns)}
+    mpath = os.path.join(d, PATCH_MANIFEST)
+    _write_json(mpath, body)
+    return mpath
+
+
+def read_patch(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+    d = os.fspath(path)
+    mpath = os.path.join(d, PATCH_MANIFEST)
+    if not os.path.isfile(mpath):
+        raise FileNotFoundError(f"path: no patch at {d!r} ({PATCH_MANIFEST} missing)")
+    try:
+        with open(mpath) as f:
+            body = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{mpath}: not a patch manifest ({e})") from None
+    if not isinstance(body, dict) or body.get("format") != PATCH_FORMAT:
+        raise ValueError(f"{mpath}: not an ultraedit_fast patch")
+    if not isinstance(body.get("format_version"), int) or body["format_version"] > PATCH_VERSION:
+        raise ValueError(f"{mpath}: patch format version {body.get('format_version')!r}; this "
+                         f"package reads version {PATCH_VERSION} and older")
+    tensors = load_file(os.path.join(d, PATCH_TENSORS), device="cpu")
+    for name, sha in body.get("edited_weights_sha256", {}).items():
+        if name not in tensors or weight_sha256(tensors[name]) != sha:
+            raise ValueError(f"{os.path.join(d, PATCH_TENSORS)}: tensor {name!r} is missing or "
+                             "does not match the manifest's hash (a corrupt or altered patch)")
+    return body, tensors
+
+
+def apply_patch(model, path) -> List[str]:
+    """Write the patch at ``path`` into ``model``, which must be the patch's base model
+    (unedited): ``ValueError`` naming the difference otherwise, and the model unchanged.
+    Returns the names of the patched modules."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    body, tensors = read_patch(path)
+    base = body["base"]
+    names = list(base["weights_sha256"])
+    targets = []
+    for n in names:
+        try:
+            targets.append(resolve_target(model, n))
+        except (ValueError, TypeError):
+            pass  # the fingerprint names it
+    diffs = fingerprint_diff(base["fingerprint"], fingerprint(model, targets))
+    if diffs:
+        raise ValueError(f"model: it is not the base model of the patch {path}: "
+                         + "; ".join(diffs))
+    changed = [t.name for t in targets if weight_sha256(t.weight) != base["weights_sha256"][t.name]]
+    if changed:
+        raise ValueError(f"model: the weights of {changed} are not the base model's (already "
+                         "edited, or another checkpoint of the architecture); a patch applies "
+                         "to the unedited base model")
+    with torch.no_grad(), model_locks(model).weights.writing():
+        for t in targets:
+            t.weight.data.copy_(tensors[t.name].to(t.weight.device))
+    return names
+
+
+# ----------------------------------------------------------------------------- LoRA
+def _factorise(delta_t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B @ A = delta_t`` (``d_out x d_in``) at its numerical rank."""
+    u, s, vh = torch.linalg.svd(delta_t.double(), full_matrices=False)
+    keep = int((s > s[0] * max(delta_t.shape) * torch.finfo(torch.float32).eps).sum()) \
+        if s.numel() and s[0] > 0 else 0
+    keep = max(1, keep)
+    return (u[:, :keep] * s[:keep]).float(), vh[:keep].float()
+
+
+def _truncate(b: torch.Tensor, a: torch.Tensor, rank: int
+              ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-``rank`` approximation of ``b @ a`` (kept factored: QR of both sides,
+    then the SVD of the small core), and its relative Frobenius error."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().t())
+    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    r = min(rank, s.numel())
+    total = float(s.square().sum())
+    err = (float(s[r:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    bb = (qb @ u[:, :r]) * s[:r]
+    aa = vh[:r] @ qa.t()
+    return bb.float(), aa.float(), err
+
+
+def write_lora(path, model, targets: Sequence[EditTarget],
+               factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], *,
+               rank: Optional[int] = None, base_model_name_or_path: Optional[str] = None,
+               base_sha256: Optional[Mapping[str, str]] = None) -> dict:
+    """Write a PEFT LoRA adapter whose ``lora_B @ lora_A`` is each target's shift.
+    ``factors[name] = (B, A)`` with ``B @ A = Delta W`` in the ``d_out x d_in`` layout.
+    Returns ``{"rank": {module: r}, "relative_error": {module: e}, "bytes": n, "files": [...]}``."""
+    from safetensors.torch import save_file
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank: expected None (exact) or a positive int, got {rank!r}")
+    shared = _shared_weights(model)
+    tied = [t.name for t in targets if id(t.weight) in shared]
+    if tied:
+        raise ValueError(f"export_lora: {tied} share their weight with another module (tied "
+                         "embeddings); a LoRA on one of them would not change the other as the "
+                         "edit did: export a patch instead")
+    d = _directory(path)
+    tensors, ranks, errors = {}, {}, {}
+    for t in targets:
+        b, a = factors[t.name]
+        err = 0.0
+        if rank is not None and rank < b.shape[1]:
+            b, a, err = _truncate(b, a, rank)
+        elif rank is None and b.shape[1] > min(b.shape[0], a.shape[1]):
+            # more turns' rows than the shift can have rank: the same product, at its rank
+            b, a, _ = _truncate(b, a, min(b.shape[0], a.shape[1]))
+        ranks[t.name], errors[t.name] = int(b.shape[1]), err
+        tensors[f"base_model.model.{t.name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{t.name}.lora_B.weight"] = b.contiguous()
+    r0 = max(ranks.values())
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path or getattr(
+            getattr(model, "config", None), "_name_or_path", None),
+        "r": r0, "lora_alpha": r0, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": [t.name for t in targets],
+        "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {n: r for n, r in ranks.items() if r != r0},
+        "fan_in_fan_out": any(t.transposed for t in targets),
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    if len({t.transposed for t in targets}) > 1:
+        raise ValueError("export_lora: the edited modules mix nn.Linear and Conv1D layouts; "
+                         "one adapter has one fan_in_fan_out")
+    save_file(tensors, os.path.join(d, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    _write_json(os.path.join(d, "adapter_config.json"), config)
+    _write_json(os.path.join(d, BASE_FILE), {
+        "format": "ultraedit_fast.lora-base", "ultraedit_fast": __version__,
+        "fingerprint": fingerprint(model, targets), "weights_sha256": dict(base_sha256 or {}),
+        "relative_error": errors})
+    n = sum(v.numel() * v.element_size() for v in tensors.values())
+    return {"rank": ranks, "relative_error": errors, "bytes": n,
+            "files": [os.path.join(d, "adapter_config.json"),
+                      os.path.join(d, "adapter_model.safetensors"),
+                      os.path.join(d, BASE_FILE)]}
+
+
+def load_lora(model, path):
+    """``peft.PeftModel.from_pretrained(model, path)`` after checking that ``model`` is the
+    adapter's base (the fingerprint and original weights recorded beside it): ``ValueError``
+    naming the difference otherwise. (PEFT itself loads an adapter onto any model whose module
+    names match.)"""
+    bpath = os.path.join(os.fspath(path), BASE_FILE)
+    if not os.path.isfile(bpath):
+        raise FileNotFoundError(f"path: {bpath} is missing: not an adapter written by "
+                                "export_lora")
+    with open(bpath) as f:
+        base = json.load(f)
+    names = list(base["fingerprint"]["modules"])
+    targets = []
+    for n in names:
+        try:
+            targets.append(resolve_target(model, n))
+        except (ValueError, TypeError):
+            pass
+    diffs = fingerprint_diff(base["fingerprint"], fingerprint(model, targets))
+    if diffs:
+        raise ValueError(f"model: it is not the base model of the adapter {path}: "
+                         + "; ".join(diffs))
+    changed = [t.name for t in targets if base["weights_sha256"].get(t.name) not in
+               (None, weight_sha256(t.weight))]
+    if changed:
+        raise ValueError(f"model: the weights of {changed} are not the adapter's base model's")
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, os.fspath(path))
+
+
+def _shared_weights(model) -> set:
+    """ids of parameters reachable under more than one module."""
+    seen: Dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
+
+
+def exact_factors(target: EditTarget, turns: Sequence[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B @ A = Delta W`` from the undo log's turns (``{"a", "kk", "keys"}``
+    as :meth:`UndoLog.export` gives them), concatenated: rank = the turns' rows (or ``d_in``
+    for a primal turn)."""
+    bs, as_ = [], []
+    d_in = target.shape[0]
+    for rec in turns:
+        a = rec["a"][target.name].float()  # rows x d_out
+        i = rec["kk"][target.name]
+        kk = torch.eye(d_in) if i is None else rec["keys"][i].float()  # rows x d_in
+        bs.append(a.t())
+        as_.append(kk)
+    return torch.cat(bs, 1), torch.cat(as_, 0)
+
+
+def delta_factors(target: EditTarget, original: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` of ``W_now - W_original`` at its numerical rank (``d_out x d_in`` layout)."""
+    delta = target.weight.detach().to("cpu", torch.float32) - original.to("cpu", torch.float32)
+    if target.transposed:
+        delta = delta.t()
+    return _factorise(delta)

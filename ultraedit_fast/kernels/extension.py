@@ -1,0 +1,178 @@
+"""The compiled kernels (C++ for the CPU, CUDA where there is one), for the torch at hand.
+
+An extension that links torch's C++ library must be built against the very torch it runs on.
+It is loaded on first use (when a backend is chosen), in this order:
+
+1. the extension built at install time (``pip install --no-build-isolation``, which builds
+   against the torch already installed), if the build stamp beside it names this torch;
+2. otherwise (an isolated build, whose build environment has no torch and builds nothing; a
+   wheel built against another torch; a torch upgraded since), the kernels are compiled once
+   for this torch from the sources shipped in the package, and cached
+   (``$ULTRAEDIT_FAST_CACHE``, default ``~/.cache/ultraedit_fast``), with one log line while
+   it compiles;
+3. if that cannot be done (no compiler, ``ULTRAEDIT_FAST_JIT=0``), a warning says why and
+   how to fix it, and the package runs on its pure-PyTorch default kernels.
+
+Nothing here imports the rest of the package.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import threading
+from typing import Dict, List, Optional
+
+import torch
+
+log = logging.getLogger("ultraedit_fast")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STAMP = os.path.join(HERE, "_build_info.json")
+PACKAGE = __name__.rsplit(".", 1)[0]  # ultraedit_fast.kernels
+_STATE: Dict[str, Optional[str]] = {}
+_LOCK = threading.Lock()
+
+
+def torch_build() -> Dict[str, Optional[str]]:
+    """What an extension must have been built against to load here."""
+    return {"torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def sources_dir() -> Optional[str]:
+    """The kernels' sources: shipped in the package (``kernels/csrc``), or the checkout's
+    ``csrc/`` (an editable install)."""
+    for d in (os.path.join(HERE, "csrc"), os.path.join(HERE, os.pardir, os.pardir, "csrc")):
+        if os.path.isfile(os.path.join(d, "ultraedit_fast.cpp")):
+            return os.path.abspath(d)
+    return None
+
+
+def _fix() -> str:
+    return ("install a C++ compiler (g++) and `pip install ninja`, or build at install time "
+            "with `pip install --no-build-isolation .` against the installed torch")
+
+
+def _load_prebuilt() -> Optional[str]:
+    """None when the install-time extension is loaded, else why it is not."""
+    if importlib.util.find_spec(f"{PACKAGE}._C") is None:
+        return "no extension was built at install time"
+    try:
+        with open(STAMP) as f:
+            built = json.load(f)
+    except (OSError, ValueError):
+        return "the extension has no build stamp (built by an older version?)"
+    here = torch_build()
+    if {k: built.get(k) for k in here} != here:
+        return (f"the extension was built for torch {built.get('torch')} (CUDA "
+                f"{built.get('cuda')}), this is torch {here['torch']} (CUDA {here['cuda']})")
+    try:
+        importlib.import_module(f"{PACKAGE}._C")  # registers the CPU/CUDA kernels
+    except (ImportError, OSError) as e:
+        return f"the extension failed to load: {e}"
+    return None
+
+
+def _cuda_ok() -> bool:
+    from torch.utils import cpp_extension as ce
+    nvcc = shutil.which("nvcc") or (os.path.join(ce.CUDA_HOME, "bin", "nvcc")
+                                    if ce.CUDA_HOME else None)
+    return (torch.version.cuda is not None and torch.cuda.is_available() and nvcc is not None
+            and os.path.exists(nvcc) and os.environ.get("ULTRAEDIT_FAST_SKIP_CUDA") != "1")
+
+
+def _build_here(why: str) -> Optional[str]:
+    """Compile the kernels for this torch (cached); None when loaded, else why not."""
+    src = sources_dir()
+    if src is None:
+        return f"{why}, and the kernels' sources are not in the package"
+    from torch.utils import cpp_extension as ce
+    cpp = [os.path.join(src, "ultraedit_fast.cpp")]
+    cu = [os.path.join(src, "cuda", "ultraedit_fast_cuda.cu")]
+    with_cuda = _cuda_ok() and os.path.exists(cu[0])
+    files = cpp + (cu if with_cuda else []) + [os.path.join(src, "checks.h")]
+    h = hashlib.sha256(json.dumps([torch_build(), with_cuda]).encode())
+    for p in files:
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                h.update(f.read())
+    cache = os.environ.get("ULTRAEDIT_FAST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ultraedit_fast")
+    build_dir = os.path.join(cache, f"kernels-{h.hexdigest()[:16]}")
+    os.makedirs(build_dir, exist_ok=True)
+    flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
+    if with_cuda:
+        flags.append("-DULTRAEDIT_WITH_CUDA")
+    built_before = any(f.endswith(".so") for f in os.listdir(build_dir))
+    if not built_before:
+        log.warning("ultraedit_fast: %s; compiling the C++%s kernels for torch %s once "
+                    "(about a minute), cached in %s", why, " and CUDA" if with_cuda else "",
+                    torch.__version__, build_dir)
+    else:
+        log.info("ultraedit_fast: %s; using the kernels compiled for torch %s in %s", why,
+                 torch.__version__, build_dir)
+    try:
+        ce.load(name="ultraedit_fast_kernels", sources=cpp + (cu if with_cuda else []),
+                extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                extra_cuda_cflags=["-O3", "-DULTRAEDIT_WITH_CUDA"], with_cuda=with_cuda,
+                build_directory=build_dir, is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure falls back, with the reason
+        first = str(e).strip().splitlines()
+        return f"{why}; compiling the kernels for this torch failed ({first[0] if first else e})"
+    return None
+
+
+def ensure() -> Optional[str]:
+    """Load the compiled kernels if they can be had (once per process); returns ``None``
+    when they are loaded, else why they are not (and the package runs on the defaults)."""
+    with _LOCK:
+        if "error" in _STATE:
+            return _STATE["error"]
+        err = _load_prebuilt()
+        source = "install"
+        _STATE["prebuilt"] = err  # why the install-time extension was not used, if not
+        if err is not None:
+            if os.environ.get("ULTRAEDIT_FAST_JIT", "1") == "0":
+                err = f"{err}; ULTRAEDIT_FAST_JIT=0: not compiling them"
+            else:
+                err = _build_here(err)
+                source = "compiled for this torch"
+        _STATE["error"] = err
+        _STATE["source"] = None if err else source
+        if err is not None:
+            log.warning("ultraedit_fast: the compiled kernels are not available (%s); running "
+                        "on the PyTorch default kernels. To fix: %s", err, _fix())
+        else:
+            log.info("ultraedit_fast: compiled kernels loaded (%s)", source)
+        return err
+
+
+def source() -> Optional[str]:
+    """Where the loaded kernels came from (``install`` / ``compiled for this torch``)."""
+    ensure()
+    return _STATE.get("source")
+
+
+def status() -> Dict[str, Optional[str]]:
+    """``{"source", "error", "prebuilt"}``: where the kernels came from, why they are not
+    loaded (``None``: they are), and why the install-time extension was not used."""
+    ensure()
+    return {k: _STATE.get(k) for k in ("source", "error", "prebuilt")}
+
+
+def write_stamp(directory: str) -> str:
+    """Record, beside a freshly built extension, the torch it was built against."""
+    path = os.path.join(directory, "_build_info.json")
+    with open(path, "w") as f:
+        json.dump(torch_build(), f)
+    return path
+
+
+def sources() -> List[str]:
+    src = sources_dir()
+    return [] if src is None else sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(src) for f in fs)

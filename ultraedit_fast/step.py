@@ -1,0 +1,218 @@
+"""Choosing a turn's step after it is solved: ``step="auto"``.
+
+A turn's weight shift is linear in its values ``V`` (``V = -lr ...``; the normaliser's
+statistics do not depend on ``lr``), and ``A = (K K^T + I)^-1 V`` is linear in ``V`` row by
+row, so once a turn is solved each request's part of the update can be scaled on its own,
+without capturing again and with the same factorisation. The search starts from the
+published step for every request and doubles the scale of the requests whose edit has not
+taken yet (up to ``max_step_scale``), writing each candidate into the weights, checking, and
+putting the weights back; it stops when ``step_target`` of the turn's edits take, or keeps
+the last scales that left the locality set within ``locality_budget`` (never less than the
+published step). ``step="paper"`` writes the published step and runs no search.
+
+The checks are teacher-forced forward passes that say exactly what greedy decoding would
+produce:
+
+- an edit *takes* when the argmax at every answer token of ``prompt + target`` is the target
+  token (then greedy decoding from the prompt produces the target);
+- a locality prompt *keeps its answer* when, fed the pre-turn model's own greedy
+  continuation (of ``len(answer tokens) + 3`` tokens, or 4 for an anchor), the argmax at
+  each position is that continuation's next token (then greedy decoding produces the same
+  continuation).
+
+The locality set is the turn's locality prompts, or, when the requests have none, a fixed
+set of unrelated anchor prompts (:data:`ANCHOR_PROMPTS`, minus any that is an edit prompt).
+At most :data:`CHECK_SAMPLE` of each are checked (spread evenly over the turn).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .concurrency import ThreadOwned
+from .evaluate import predictions_at_labels
+from .forward import preserved_model_state
+from .generation import EXTRA_TOKENS, greedy_decode, spread
+from .requests import IGNORE, TokenizedRequest, pad_batch, prompt_ids, tokenize_pair
+
+SCALE_FACTOR = 2.0
+ANCHOR_TOKENS = 4
+CHECK_SAMPLE = 64  # edits and locality prompts checked per candidate step, at most
+PRESERVE_GIVEN_ANSWERS = True
+
+# Prompts unrelated to any particular edit, on general knowledge and everyday language: the
+# locality set of a turn whose requests bring none.
+ANCHOR_PROMPTS = (
+    "The sun rises in the", "Water freezes at a temperature of", "A week has seven",
+    "The opposite of hot is", "Cats and dogs are popular", "The color of the sky on a clear "
+    "day is", "Two plus two equals", "The first month of the year is", "Bread is made from",
+    "A triangle has three", "The largest animal on Earth is the", "People drink coffee in the",
+    "An apple a day keeps the", "The heart pumps blood through the", "Rain falls from the",
+    "The alphabet starts with the letter", "Ice cream is usually served", "Trees produce oxygen "
+    "through", "A doctor works in a", "The Moon orbits the", "Fish live in the",
+    "A piano has black and white", "Children go to school to", "The boiling point of water is",
+)
+
+
+@dataclass
+class StepResult:
+    """What the search did: the per-request scales chosen (``None``: the published step for
+    all) and, per try, the mean scale, the share of the checked edits that took and the
+    share of locality prompts whose answer changed."""
+
+    scales: Optional[List[float]] = None
+    trials: List[Tuple[float, float, float]] = field(default_factory=list)
+    locality: str = "requests"  # "requests" or "anchors"
+
+    @property
+    def scale(self) -> float:
+        """The mean scale over the turn's requests (1.0: the published step)."""
+        return 1.0 if self.scales is None else sum(self.scales) / len(self.scales)
+
+    def to_dict(self) -> dict:
+        return {"mean_scale": self.scale, "scales": self.scales, "locality": self.locality,
+                "trials": [{"mean_scale": s, "edits_taken": e, "locality_changed": c}
+                           for s, e, c in self.trials]}
+
+
+class StepSearch:
+    """The checks of one turn, prepared on the pre-turn model (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, requests, *, batch_size: int = 16,
+                 chat_template: bool = False, max_length: Optional[int] = None):
+        self.model = model
+        self.batch_size = batch_size
+        self.n_requests = len(requests)
+        self.checked = spread(range(len(requests)), CHECK_SAMPLE)  # request indices
+        self.edits = [tokenize_pair(tokenizer, requests[i].prompt, requests[i].target,
+                                    max_length, where=f"requests[{i}]",
+                                    chat_template=chat_template) for i in self.checked]
+        given = spread([(r.locality_prompt, r.locality_answer) for r in requests
+                        if r.locality_prompt is not None], CHECK_SAMPLE)
+        if given:
+            self.locality_kind = "requests"
+            prompts = [p for p, _ in given]
+            budgets = [len(tokenizer(" " + a, add_special_tokens=False)["input_ids"])
+                       + EXTRA_TOKENS for _, a in given]
+        else:
+            self.locality_kind = "anchors"
+            edit_prompts = {r.prompt.strip() for r in requests}
+            prompts = spread([p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts],
+                             CHECK_SAMPLE)
+            budgets = [ANCHOR_TOKENS] * len(prompts)
+        ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
+        conts = greedy_decode(model, tokenizer, ids, budgets, batch_size)
+        # the keys to preserve (locality_keys): at the model's own continuation and, for the
+        # requests' locality prompts, at their given answer too
+        self.preserved: List[TokenizedRequest] = []
+        if given and PRESERVE_GIVEN_ANSWERS:
+            for (p, a) in given:
+                try:
+                    self.preserved.append(tokenize_pair(tokenizer, p, a, max_length,
+                                                        chat_template=chat_template))
+                except ValueError:  # too long for the context: not preserved
+                    pass
+        self.locality: List[TokenizedRequest] = []
+        for p, c in zip(ids, conts):
+            if not c:  # the model ends its text at once: nothing to compare
+                continue
+            if max_length is not None and len(p) + len(c) - 1 > max_length:
+                continue
+            self.locality.append(TokenizedRequest(list(p) + list(c[:-1]),
+                                                  [IGNORE] * (len(p) - 1) + list(c)))
+
+    @torch.no_grad()
+    def locality_keys(self, targets) -> Dict[str, torch.Tensor]:
+        """Each target module's input (fp32) at the labelled positions of the locality set:
+        the keys the turn's update should leave alone (see ``preserve`` in the editor)."""
+        out: Dict[str, List[torch.Tensor]] = {t.name: [] for t in targets}
+        rows = self.locality + self.preserved
+        if not rows:
+            return {}
+        thread = ThreadOwned()
+        mask_box: Dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def keep(module, args, *rest):
+                if thread.owns():
+                    x = args[0]
+                    out[name].append(x[mask_box["m"].to(x.device)].float())
+            return keep
+
+        handles = [t.module.register_forward_hook(hook(t.name)) for t in targets]
+        device = self.model.get_input_embeddings().weight.device
+        try:
+            with preserved_model_state(self.model):
+                self.model.eval()
+                for s in range(0, len(rows), self.batch_size):
+                    idx = list(range(s, min(s + self.batch_size, len(rows))))
+                    batch = pad_batch([rows[i] for i in idx], idx).to(device)
+                    mask_box["m"] = batch.labels != IGNORE
+                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: torch.cat(v) for n, v in out.items() if v}
+
+    def measure(self) -> Tuple[List[bool], float]:
+        """(whether each checked edit takes, share of locality prompts whose answer
+        changed) on the model as it is now."""
+        res = predictions_at_labels(self.model, self.edits + self.locality, self.batch_size)
+        taken = [pr == lb for pr, lb in res[:len(self.edits)]]
+        kept = [pr == lb for pr, lb in res[len(self.edits):]]
+        changed = (1.0 - sum(kept) / len(kept)) if kept else 0.0
+        return taken, changed
+
+    def run(self, write: Callable[[List[float]], None], restore: Callable[[], None], *,
+            target: float, budget: float, max_scale: float) -> StepResult:
+        """``write(scales)`` writes the turn's update with each request's part scaled by
+        ``scales[i]`` into the (pre-turn) weights, ``restore()`` puts the pre-turn weights
+        back. When a candidate spends the budget, the geometric mean of it and the last
+        good one is tried once."""
+        result = StepResult(locality=self.locality_kind)
+        n = self.n_requests
+        good = [1.0] * n
+        cand = list(good)
+        while True:
+            write(cand)
+            try:
+                taken, changed = self.measure()
+            finally:
+                restore()
+            result.trials.append((sum(cand) / n, sum(taken) / max(1, len(taken)), changed))
+            first = len(result.trials) == 1
+            if changed > budget and not first:
+                mid = [(g * c) ** 0.5 for g, c in zip(good, cand)]
+                write(mid)
+                try:
+                    taken_mid, changed_mid = self.measure()
+                finally:
+                    restore()
+                result.trials.append((sum(mid) / n, sum(taken_mid) / max(1, len(taken_mid)),
+                                      changed_mid))
+                if changed_mid <= budget:
+                    good = mid
+                break
+            good = cand
+            if changed > budget or sum(taken) >= target * len(taken):
+                break
+            grow = self._grow(cand, taken, max_scale)
+            if grow is None:
+                break
+            cand = grow
+        result.scales = None if all(g == 1.0 for g in good) else good
+        return result
+
+    def _grow(self, scales: List[float], taken: List[bool], max_scale: float):
+        """The next candidate: the scales of the checked requests whose edit has not taken
+        (and of the unchecked requests, which follow the checked ones) multiplied by
+        ``SCALE_FACTOR``, capped at ``max_scale``; ``None`` when nothing can grow."""
+        out = list(scales)
+        lagging = {i for i, ok in zip(self.checked, taken) if not ok}
+        unchecked = set(range(self.n_requests)) - set(self.checked)
+        for i in lagging | (unchecked if lagging else set()):
+            out[i] = min(max_scale, scales[i] * SCALE_FACTOR)
+        return None if out == scales else out
