@@ -60,8 +60,8 @@ def main(argv=None):
     for t in range(args.turns):
         ed.edit(reqs[100 * t:100 * (t + 1)])
     edit_s = time.perf_counter() - t0
-    rows = [{"what": "edited model", "metrics": {k: evaluate(model, tok, sample, base=base)[k]
-                                                 for k in KEYS}}]
+    m = evaluate(model, tok, sample, base=base)
+    rows = [{"what": "edited model", "metrics": {k: m[k] for k in KEYS}}]
     print(f"edited: {rows[0]['metrics']}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         ed.export_patch(os.path.join(d, "patch"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import ToyTokenizer, clone_model, make_tiny, random_requests
-from ultraedit_fast import UltraEditor, apply_patch, load_lora
+from ultraedit_fast import UltraEditor, apply_patch, evaluate, load_lora
 
 peft = pytest.importorskip("peft")
 LR = 3e-2
@@ -59,6 +59,10 @@ def test_an_exact_lora_gives_the_edited_logits(tmp_path, arch, source):
     assert (got - _logits(base)).abs().max() > 1e-3  # the adapter is not a no-op
     plain = peft.PeftModel.from_pretrained(clone_model(base), str(tmp_path / "lora"))
     assert torch.allclose(_logits(plain), got)  # PEFT reads the files as they are
+    reqs = random_requests(6, seed=1)  # and the scores read a PeftModel as they read the model
+    m_served = evaluate(served, ToyTokenizer(), reqs, generation=False)
+    m_edited = evaluate(model, ToyTokenizer(), reqs, generation=False)
+    assert m_served["ES"] == pytest.approx(m_edited["ES"], abs=1e-9)
 
 
 def test_a_rank_limited_lora_reports_its_error(tmp_path):

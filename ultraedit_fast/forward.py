@@ -41,6 +41,8 @@ _HEAD_ON_ROWS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma
 
 
 def _split(model):
+    if callable(getattr(type(model), "get_base_model", None)):  # a peft.PeftModel: its model
+        model = model.get_base_model()                         # (adapters injected in it)
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in _HEAD_ON_ROWS:
         return None

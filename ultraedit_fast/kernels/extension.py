@@ -110,8 +110,8 @@ def _build_here(why: str) -> Optional[str]:
     built_before = any(f.endswith(".so") for f in os.listdir(build_dir))
     if not built_before:
         log.warning("ultraedit_fast: %s; compiling the C++%s kernels for torch %s once "
-                    "(about a minute), cached in %s", why, " and CUDA" if with_cuda else "",
-                    torch.__version__, build_dir)
+                    "(about 20 s on 2 CPU cores; more with CUDA), cached in %s", why,
+                    " and CUDA" if with_cuda else "", torch.__version__, build_dir)
     else:
         log.info("ultraedit_fast: %s; using the kernels compiled for torch %s in %s", why,
                  torch.__version__, build_dir)
