@@ -485,8 +485,8 @@ def _score_panel(ax, results, style, title):
     ax.set_ylim(-3, 105)
     ax.set_xlabel("turn (0 = unedited model)")
     ax.set_ylabel("score (%)")
-    sub = ("on the requests since the last checkpoint (solid) and a retention sample "
-           "(dashed); last: all edits" if drew_retention else "on all requests edited so far")
+    sub = ("edited since the last checkpoint (solid), a retention\nsample (dashed); "
+           "last point: all edits" if drew_retention else "on all requests edited so far")
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.set_axisbelow(True)
