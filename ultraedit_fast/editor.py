@@ -315,7 +315,8 @@ class UltraEditor:
         seconds["statistics"] = t2 - t1
 
         # 3. solve --------------------------------------------------------------------
-        plan, values = [], []  # values: (solver, V) per target, for a rescaled step
+        search_step = self.config.step == "auto"
+        plan, values = [], []  # values: (solver, V) per target, kept for a rescaled step only
         solvers: Dict[Tuple[int, ...], ShiftSolver] = {}
         for t in self.targets:
             shared = tuple(id(k) for k in keys[t.name])  # same input tensors, same factor
@@ -338,7 +339,8 @@ class UltraEditor:
                 v = self._backend(t.weight.device).shift_values(
                     solver.k, torch.cat(grads[t.name]), mean, std, self.lr)
             plan.append((t, *solver.factors(v)))
-            values.append((solver, v))
+            if search_step:  # step="paper" frees each V here, as before the search existed
+                values.append((solver, v))
         finite = torch.stack([torch.isfinite(a).all().to(device) for _, a, _ in plan]
                              + [torch.isfinite(s.std).all().to(device)
                                 for s in new_states.values()])
@@ -353,8 +355,8 @@ class UltraEditor:
 
         # 4. step: the checks of step="auto", prepared on the pre-turn model -------------
         search = None
-        rows = _request_of_rows(batches)
-        if self.config.step == "auto":
+        if search_step:
+            rows = _request_of_rows(batches)
             search = StepSearch(model, self.tokenizer, requests, batch_size=16,
                                 chat_template=self.config.chat_template,
                                 max_length=context_length(model))
