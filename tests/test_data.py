@@ -1,4 +1,4 @@
-"""Tests for ultraedit_fast.data: streaming dataset loaders."""
+"""Tests for ultraedit_fast.data.datasets: streaming dataset loaders."""
 import json
 import os
 import time
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ultraedit_fast.data import (
+from ultraedit_fast.data.datasets import (
     FORMATS,
     DataFormatError,
     Example,
@@ -18,8 +18,8 @@ from ultraedit_fast.data import (
     iter_examples,
     load_requests,
 )
-from ultraedit_fast.jsonstream import iter_values as _iter_values
-from ultraedit_fast.requests import EditRequest
+from ultraedit_fast.data.jsonstream import iter_values as _iter_values
+from ultraedit_fast.model.requests import EditRequest
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

@@ -57,7 +57,7 @@ def _compare(split_model, tmp_path):
 
 def test_device_map_load_edits_like_a_plain_load(tmp_path):
     """``device_map="auto"`` (accelerate's dispatch; everything lands on the CPU here)."""
-    from ultraedit_fast.models import load_model
+    from ultraedit_fast.model.loading import load_model
     _save(tmp_path)
     with pytest.raises(ValueError, match="device: not with device_map"):
         load_model(str(tmp_path), device="cpu", device_map="auto")

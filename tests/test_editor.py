@@ -8,7 +8,7 @@ from conftest import clone_model, make_tiny, random_requests
 from ultraedit_fast import (EditRefused, EditReport, EditRequest, ReferenceEditor, UltraEditor,
                             fast_edit)
 from ultraedit_fast.kernels import resolve_backend
-from ultraedit_fast.requests import IGNORE, make_minibatches, tokenize_pair
+from ultraedit_fast.model.requests import IGNORE, make_minibatches, tokenize_pair
 
 
 def _params(model):
@@ -242,7 +242,7 @@ def test_presets_pick_modules_and_lr(toy_tokenizer):
 
 def test_paper_presets_match_the_real_shapes():
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
-    from ultraedit_fast.presets import find_preset, resolve_edit_config
+    from ultraedit_fast.core.presets import find_preset, resolve_edit_config
     with torch.device("meta"):
         mistral = AutoModelForCausalLM.from_config(MistralConfig(
             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -292,7 +292,7 @@ def test_bad_arguments_are_refused_at_construction(toy_tokenizer):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi3", "gptj", "gpt2"])
 def test_answer_logits_equal_the_full_forward_at_answer_tokens(arch, toy_tokenizer):
-    from ultraedit_fast.forward import _last_mlp, _split, answer_logits
+    from ultraedit_fast.model.forward import _last_mlp, _split, answer_logits
     model, _ = make_tiny(arch)
     assert _split(model) is not None  # the rows-only path is the one tested
     batch = make_minibatches(toy_tokenizer, random_requests(6), batch_size=6)[0]

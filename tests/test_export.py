@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import ToyTokenizer, clone_model, make_tiny, random_requests
-from ultraedit_fast import UltraEditor, apply_patch, evaluate, load_lora
+from ultraedit_fast import UltraEditor
+from ultraedit_fast.storage import apply_patch, load_lora
+from ultraedit_fast import evaluate
 
 peft = pytest.importorskip("peft")
 LR = 3e-2
@@ -126,7 +128,7 @@ def test_patches_survive_a_checkpoint(tmp_path):
 
 def test_the_cli_exports(tmp_path, monkeypatch, capsys):
     import json
-    from ultraedit_fast import cli
+    from ultraedit_fast.cli import main as cli
     model, modules = make_tiny("llama")
     base = clone_model(model)
     monkeypatch.setattr(cli, "_load", lambda args: (model, ToyTokenizer()))
@@ -145,7 +147,7 @@ def test_the_cli_exports(tmp_path, monkeypatch, capsys):
     res = json.loads((tmp_path / "out" / "lifelong.json").read_text())
     assert set(res["files"]) >= {"patch", "lora", "editor", "json"}
     assert max(res["lora"]["relative_error"].values()) == 0.0
-    import ultraedit_fast.models as models
+    import ultraedit_fast.model.loading as models
     monkeypatch.setattr(models, "load_model", lambda spec, **kw: (base, ToyTokenizer()))
     rc = cli.main(["export", "--checkpoint", str(tmp_path / "ed"), "--patch",
                    str(tmp_path / "p2"), "--lora", str(tmp_path / "l2"), "--rank", "3",
@@ -162,7 +164,7 @@ def test_the_cli_exports(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_an_exact_lora_on_smollm2(tmp_path, fresh_smollm2):
-    from ultraedit_fast.demo_data import demo_requests
+    from ultraedit_fast.data.demo import demo_requests
     model, tok = fresh_smollm2
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     ed = UltraEditor(model, tok, undo=True)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import ARCHS, ToyTokenizer, make_tiny, random_requests
-from ultraedit_fast import EditRequest, UltraEditor, capture_baseline, evaluate
-from ultraedit_fast import generation as G
+from ultraedit_fast import EditRequest, UltraEditor, capture_baseline
+from ultraedit_fast import evaluate
+from ultraedit_fast.scoring import generation as G
 
 
 # ----------------------------------------------------------------------------- the rules
@@ -188,7 +189,7 @@ def test_locality_against_the_unedited_model(one_thread):
 
 
 def test_chat_template_prompts(one_thread):
-    from ultraedit_fast.requests import prompt_ids, tokenize_pair
+    from ultraedit_fast.model.requests import prompt_ids, tokenize_pair
 
     class ChatTok(ToyTokenizer):
         chat_template = "{user}"

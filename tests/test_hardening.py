@@ -13,8 +13,8 @@ import pytest
 
 from conftest import ToyTokenizer, clone_model, make_tiny, random_requests
 from ultraedit_fast import EditRequest, ReferenceEditor, UltraEditor
-from ultraedit_fast.data import DataFormatError, load_requests
-from ultraedit_fast.requests import as_requests
+from ultraedit_fast.data.datasets import DataFormatError, load_requests
+from ultraedit_fast.model.requests import as_requests
 
 LR = 1e-3
 
@@ -144,7 +144,7 @@ def test_a_pipe_is_read_once(tmp_path, jsonl):
 
 
 def test_a_fifo_nobody_writes_to_is_an_error_not_a_hang(tmp_path, monkeypatch):
-    import ultraedit_fast.jsonstream as D
+    import ultraedit_fast.data.jsonstream as D
     monkeypatch.setattr(D, "_FIFO_WAIT_S", 0.5)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -199,7 +199,7 @@ def test_deeply_nested_json_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("command", ["run", "eval"])
 def test_the_cli_reports_deep_json_in_one_line(tmp_path, capsys, command):
-    from ultraedit_fast.cli import main
+    from ultraedit_fast.cli.main import main
     p = tmp_path / "deep.json"
     p.write_text("[" * 100000)
     argv = [command, "--data", str(p)]

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import ToyTokenizer, make_tiny, random_requests
-from ultraedit_fast import UltraEditor, checkpoint
+from ultraedit_fast import UltraEditor
+from ultraedit_fast.storage import checkpoint
 
 TESTS = Path(__file__).resolve().parent
 LR = 1e-4
@@ -213,7 +214,7 @@ def _zsre(tmp_path, n=4):
 
 
 def test_cli_output_paths_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    from ultraedit_fast import cli
+    from ultraedit_fast.cli import main as cli
     data = _zsre(tmp_path)
     loaded = []
     monkeypatch.setattr(cli, "_load", lambda args: loaded.append(1) or (_ for _ in ()).throw(
@@ -235,7 +236,7 @@ def test_cli_output_paths_are_checked_before_the_model_loads(tmp_path, capsys, m
 
 
 def test_results_survive_a_missing_plotting_library(tmp_path, monkeypatch, caplog):
-    from ultraedit_fast.lifelong import run_lifelong
+    from ultraedit_fast.lifelong.runner import run_lifelong
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     model, modules = make_tiny("llama")
     res = run_lifelong(model, ToyTokenizer(), random_requests(8), turns=2, edits_per_turn=4,
@@ -249,7 +250,7 @@ def test_results_survive_a_missing_plotting_library(tmp_path, monkeypatch, caplo
 
 
 def test_cli_names_the_record_that_is_too_long(tmp_path, capsys, monkeypatch):
-    from ultraedit_fast import cli
+    from ultraedit_fast.cli import main as cli
     recs = json.loads(_zsre(tmp_path, 3).read_text())
     recs[2]["rephrase"] = "word " * 400  # beyond the tiny model's 128 positions
     data = tmp_path / "long.json"
@@ -262,7 +263,7 @@ def test_cli_names_the_record_that_is_too_long(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_usage_errors_are_one_line(capsys):
-    from ultraedit_fast.cli import main
+    from ultraedit_fast.cli.main import main
     assert main(["bench", "--bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--bogus" in err[0], err
@@ -270,7 +271,7 @@ def test_bench_usage_errors_are_one_line(capsys):
 
 # ----------------------------------------------------------------------------- peak memory
 def test_an_edit_leaves_the_process_peak_counters_alone(monkeypatch):
-    import ultraedit_fast.environment as E
+    import ultraedit_fast.utils.environment as E
     resets = []
     monkeypatch.setattr(E, "reset_peak_rss", lambda: resets.append(1) or True)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: resets.append(2))

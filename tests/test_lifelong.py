@@ -1,4 +1,4 @@
-"""Lifelong runs (ultraedit_fast.lifelong) on a tiny random Llama: turns, scoring every k
+"""Lifelong runs (ultraedit_fast.lifelong.runner) on a tiny random Llama: turns, scoring every k
 turns, the JSON and the PNG, fast vs reference, WikiBigEdit extras, refused turns."""
 import copy
 import itertools
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import random_requests
-from ultraedit_fast.data import Example
-from ultraedit_fast.evaluate import token_accuracy
-from ultraedit_fast.lifelong import (RESULTS_JSON, RESULTS_PNG, SCHEMA, plot_results,
+from ultraedit_fast.data.datasets import Example
+from ultraedit_fast.scoring.metrics import token_accuracy
+from ultraedit_fast.lifelong.runner import (RESULTS_JSON, RESULTS_PNG, SCHEMA, plot_results,
                                      run_lifelong)
-from ultraedit_fast.report import PHASES
+from ultraedit_fast.core.report import PHASES
 
 MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"]
 LR = 1e-2
@@ -176,7 +176,7 @@ def test_progress_bar_shows_edits_per_second(model, toy_tokenizer, capsys):
 
 
 def test_given_base_predictions_are_used(model, toy_tokenizer):
-    from ultraedit_fast import capture_predictions
+    from ultraedit_fast.scoring.metrics import capture_predictions
     reqs = random_requests(6, seed=7)
     base = capture_predictions(model, toy_tokenizer, reqs)
     with pytest.raises(ValueError, match="base_predictions"):

@@ -6,8 +6,8 @@ import torch
 
 from conftest import ARCHS, ToyTokenizer, clone_model, make_tiny, random_requests
 from ultraedit_fast import UltraEditor
-from ultraedit_fast import forward
-from ultraedit_fast.requests import IGNORE, make_minibatches, pack_minibatches
+from ultraedit_fast.model import forward
+from ultraedit_fast.model.requests import IGNORE, make_minibatches, pack_minibatches
 
 LR = 1e-4
 
@@ -53,7 +53,7 @@ def test_pack_minibatches_groups_in_order_within_the_budget(toy_tokenizer):
 @pytest.fixture
 def passes_seen(monkeypatch):
     """The input shapes of the editor's forward passes, as they run."""
-    import ultraedit_fast.capture as E
+    import ultraedit_fast.core.capture as E
     calls, orig = [], forward.answer_logits
     monkeypatch.setattr(E, "answer_logits",
                         lambda *a, **k: calls.append(a[1].shape) or orig(*a, **k))

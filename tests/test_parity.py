@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import ARCHS, clone_model, make_tiny, random_requests
-from ultraedit_fast import ReferenceEditor, UltraEditor, available_backends
+from ultraedit_fast import ReferenceEditor, UltraEditor
+from ultraedit_fast.kernels import available_backends
 
 LR = 1e-4  # moves the tiny models' edited weights by a few percent per turn
 
@@ -74,7 +75,7 @@ _LAST_BLOCK = {
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_matches_reference_editing_the_last_block(arch, toy_tokenizer):
-    from ultraedit_fast.forward import rows_only_modules
+    from ultraedit_fast.model.forward import rows_only_modules
     model, _ = make_tiny(arch)
     rows_only = rows_only_modules(model)
     inside = [n for n in _LAST_BLOCK[arch] if model.get_submodule(n) in rows_only]
@@ -123,8 +124,8 @@ def test_large_turn_uses_primal_side_and_matches(toy_tokenizer):
 
 def test_dual_solve_is_exact_against_float64():
     """N < d_in: the dual solve against a float64 primal solve, as docs/algorithm.md says."""
-    from ultraedit_fast.reference import primal_shift
-    from ultraedit_fast.solve import ShiftSolver
+    from ultraedit_fast.editors.reference import primal_shift
+    from ultraedit_fast.core.solve import ShiftSolver
     torch.manual_seed(0)
     k = torch.randn(97, 700)
     v = torch.randn(97, 33)

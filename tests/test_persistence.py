@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from conftest import ToyTokenizer, make_tiny, random_requests
-from ultraedit_fast import UltraEditor, checkpoint
-from ultraedit_fast.checkpoint import CheckpointWeightsWarning
+from ultraedit_fast import UltraEditor
+from ultraedit_fast.storage import checkpoint
+from ultraedit_fast.storage.checkpoint import CheckpointWeightsWarning
 
 LR = 1e-4
 TESTS = Path(__file__).resolve().parent

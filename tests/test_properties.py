@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import LossyTokenizer, ToyTokenizer, make_tiny
 from ultraedit_fast import EditRequest, UltraEditor
-from ultraedit_fast.requests import as_requests, make_minibatches, IGNORE
+from ultraedit_fast.model.requests import as_requests, make_minibatches, IGNORE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

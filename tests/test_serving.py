@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import ToyTokenizer, clone_model, make_tiny, random_requests
-from ultraedit_fast import UltraEditor, evaluate, serving
-from ultraedit_fast.concurrency import ReadWriteLock
+from ultraedit_fast import UltraEditor, serving
+from ultraedit_fast import evaluate
+from ultraedit_fast.parallel.concurrency import ReadWriteLock
 
 LR = 1e-3
 
@@ -32,7 +33,7 @@ def _forward(model, ids):
 def test_another_threads_forward_during_capture_is_untouched(monkeypatch):
     """A forward pass in a second thread, run while the editor's hooks are in place (from
     inside the capture loop), gets the unhooked model's logits bit for bit."""
-    import ultraedit_fast.capture as C
+    import ultraedit_fast.core.capture as C
     model, modules = make_tiny("llama")
     ids = _ids()
     expected = _forward(model, ids)
@@ -106,7 +107,7 @@ def test_serving_sees_a_turn_whole_or_not_at_all(arch):
 
 def test_serving_while_smollm2_is_edited(fresh_smollm2):
     model, tok = fresh_smollm2
-    from ultraedit_fast.demo_data import demo_requests
+    from ultraedit_fast.data.demo import demo_requests
     reqs = demo_requests()
     ids = tok(["The capital of France is", "Water boils at a temperature of"],
               return_tensors="pt", padding=True)["input_ids"]

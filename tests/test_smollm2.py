@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import require_data
-from ultraedit_fast import (EditRequest, ReferenceEditor, UltraEditor, capture_predictions,
-                            evaluate, fast_edit)
+from ultraedit_fast import EditRequest, ReferenceEditor, UltraEditor, evaluate, fast_edit
+from ultraedit_fast.scoring.metrics import capture_predictions
 
 pytestmark = pytest.mark.slow
 

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from conftest import ToyTokenizer, clone_model, make_tiny, random_requests
-from ultraedit_fast import EditRequest, ReferenceEditor, UltraEditor, evaluate
-from ultraedit_fast.editor import _request_of_rows, _rescaled
-from ultraedit_fast.presets import FACTS_TURN_MAX
-from ultraedit_fast.requests import make_minibatches
-from ultraedit_fast.solve import ShiftSolver
-from ultraedit_fast.step import StepSearch
+from ultraedit_fast import EditRequest, ReferenceEditor, UltraEditor
+from ultraedit_fast import evaluate
+from ultraedit_fast.editors.ultraedit import _request_of_rows, _rescaled
+from ultraedit_fast.core.presets import FACTS_TURN_MAX
+from ultraedit_fast.model.requests import make_minibatches
+from ultraedit_fast.core.solve import ShiftSolver
+from ultraedit_fast.core.step import StepSearch
 
 LR = 1e-3
 

@@ -100,13 +100,13 @@ def test_two_ranks_edit_as_one_process(tmp_path, arch, mode):
 
 
 def test_unsupported_layouts_are_refused():
-    from ultraedit_fast.distributed import tensor_parallel
+    from ultraedit_fast.parallel.distributed import tensor_parallel
     assert tensor_parallel("x", torch.zeros(2, 2), False) is None
 
     class FakeMesh:
         ndim = 2
 
-    import ultraedit_fast.distributed as D
+    import ultraedit_fast.parallel.distributed as D
     orig = D.is_dtensor
     try:
         D.is_dtensor = lambda t: True
@@ -129,7 +129,7 @@ def test_a_checkpoint_of_other_ranks_is_refused(tmp_path):
     ed.edit(random_requests(4))
     ed.save(tmp_path / "ck")
     m = tmp_path / "ck" / "manifest.json"
-    from ultraedit_fast import checkpoint
+    from ultraedit_fast.storage import checkpoint
     import hashlib
     body = json.loads(m.read_text())
     body.pop("manifest_sha256")
@@ -145,7 +145,7 @@ def test_cli_runs_under_torchrun(tmp_path, small_zsre, tiny_model_dir):
     and scores (teacher-forced and generated) like a single process (the fixture's prompts
     tokenise alike, so the scores barely move; the drift shows the edit), rank 0 alone writes the
     results, and --save-editor writes one checkpoint per rank."""
-    from ultraedit_fast.cli import main
+    from ultraedit_fast.cli.main import main
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     args = ["run", "--model", str(tiny_model_dir), "--data", str(small_zsre), "--turns", "2",
             "--edits-per-turn", "2", "--modules",
@@ -179,7 +179,7 @@ def test_cli_runs_under_torchrun(tmp_path, small_zsre, tiny_model_dir):
 
 def test_cli_refuses_what_tensor_parallel_cannot_write(tmp_path, small_zsre, monkeypatch,
                                                         capsys):
-    from ultraedit_fast.cli import main
+    from ultraedit_fast.cli.main import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     rc = main(["run", "--model", "smollm2", "--data", str(small_zsre), "--turns", "1",
@@ -194,7 +194,7 @@ def test_cli_refuses_what_tensor_parallel_cannot_write(tmp_path, small_zsre, mon
 
 
 def test_load_model_refuses_mixed_placements():
-    from ultraedit_fast.models import load_model
+    from ultraedit_fast.model.loading import load_model
     with pytest.raises(ValueError, match="tp_plan and device_map"):
         load_model("smollm2", tp_plan="auto", device_map="auto")
     with pytest.raises(ValueError, match="GGUF file .* cannot be loaded tensor-parallel"):

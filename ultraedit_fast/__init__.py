@@ -1,20 +1,20 @@
 """ultraedit_fast: fast lifelong model editing (UltraEdit, arXiv 2505.14679) for
 Hugging Face causal language models.
 
-    from ultraedit_fast import fast_edit, UltraEditor, EditRequest, evaluate
+    from ultraedit_fast import EditRequest, UltraEditor, fast_edit, evaluate
+
+The top level holds what a user of the editor needs; everything else lives in the
+sub-packages, by concern: :mod:`.editors`, :mod:`.core`, :mod:`.scoring`, :mod:`.data`,
+:mod:`.model`, :mod:`.storage`, :mod:`.parallel`, :mod:`.lifelong`, :mod:`.kernels`.
 """
 from ._version import __version__
-from .checkpoint import CheckpointWeightsWarning
-from .concurrency import serving
-from .config import EditorConfig
-from .editor import EditRefused, SharedModelWarning, UltraEditor, fast_edit
-from .export import apply_patch, load_lora
-from .evaluate import Baseline, capture_baseline, capture_predictions, evaluate, token_accuracy
-from .kernels import available_backends, extension_error, resolve_backend
-from .normalizer import NormalizerState
-from .reference import ReferenceEditor
-from .report import EditReport
-from .requests import EditRequest
+from .core.config import EditorConfig
+from .core.report import EditReport
+from .editors import Editor, EditRefused, ReferenceEditor, UltraEditor, fast_edit
+from .kernels import available_backends, resolve_backend
+from .model.requests import EditRequest
+from .parallel.concurrency import serving
+from .scoring.metrics import capture_baseline, evaluate
 
 
 def backend_info(device="cpu") -> str:
@@ -26,8 +26,6 @@ def backend_info(device="cpu") -> str:
         f" (unavailable: {missing})" if missing else "")
 
 
-__all__ = ["EditRequest", "UltraEditor", "ReferenceEditor", "fast_edit", "evaluate",
-           "capture_predictions", "capture_baseline", "Baseline", "token_accuracy", "EditReport", "EditRefused",
-           "EditorConfig", "NormalizerState", "SharedModelWarning", "CheckpointWeightsWarning",
-           "available_backends", "backend_info", "serving", "apply_patch", "load_lora", "extension_error",
-           "__version__"]
+__all__ = ["EditRequest", "EditorConfig", "Editor", "UltraEditor", "ReferenceEditor",
+           "fast_edit", "EditReport", "EditRefused", "evaluate", "capture_baseline", "serving",
+           "backend_info"]

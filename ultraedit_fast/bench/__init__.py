@@ -12,8 +12,8 @@ a machine shared with other work slows both alike):
     The four steps of a turn at the real shapes of the paper's edited layers, with
     ``N = 400`` answer-token rows (100 zsRE edits give 290 to 370): lifelong normaliser
     update (10 mini-batch blocks), shift values, the solve (the reference's primal
-    ``d_in x d_in`` :func:`~ultraedit_fast.reference.primal_shift` against
-    :class:`~ultraedit_fast.solve.ShiftSolver`'s dual ``N x N`` Cholesky), and the weight
+    ``d_in x d_in`` :func:`~ultraedit_fast.editors.reference.primal_shift` against
+    :class:`~ultraedit_fast.core.solve.ShiftSolver`'s dual ``N x N`` Cholesky), and the weight
     update (the reference adds a materialised ``Delta``; the fast path
     ``rank_update_``). A run that takes longer than ``slow_s`` is measured once.
 ``turn``
@@ -21,7 +21,7 @@ a machine shared with other work slows both alike):
     *floor*: one forward and backward of the same mini-batches where the backward stops
     at the output of the lowest edited module (made a leaf that requires grad; no
     parameter requires grad), through the model's own full forward. The fast editor
-    runs below it by computing less of the same passes (:mod:`ultraedit_fast.forward`:
+    runs below it by computing less of the same passes (:mod:`ultraedit_fast.model.forward`:
     the output layer and the last block's MLP at answer rows only; mini-batches packed).
 ``lifelong``
     ``T`` turns of 100 edits: per-turn time over turns (it must stay flat); the reference
@@ -51,7 +51,7 @@ chart), :mod:`.cli` (the command line).
 """
 from __future__ import annotations
 
-from ..environment import environment, loadavg  # noqa: F401
+from ..utils.environment import environment, loadavg  # noqa: F401
 from .cases import (WeightKeeper, case_lifelong, case_turn_and_memory, drift,  # noqa: F401
                     floor_pass, make_editors)
 from .cli import build_parser, main, settings_from_args  # noqa: F401
@@ -65,4 +65,4 @@ from .steps import STEP_OPS, STEP_SHAPES, case_steps, median_s, peak_of, step_ca
 from .workloads import (ModelCase, ModelPool, SyntheticTokenizer, build_model,  # noqa: F401
                         paper_configs, random_model, synthetic_requests,
                         tie_layers_below_edited, zsre_requests)
-from ..display import GIB  # noqa: F401
+from ..utils.display import GIB  # noqa: F401

@@ -10,11 +10,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..display import GIB, fmt_ratio, fmt_seconds
-from ..editor import EditRefused, UltraEditor
-from ..forward import preserved_model_state, supports_packing
-from ..reference import ReferenceEditor
-from ..requests import IGNORE, context_length, make_minibatches
+from ..utils.display import GIB, fmt_ratio, fmt_seconds
+from ..editors.ultraedit import EditRefused, UltraEditor
+from ..model.forward import preserved_model_state, supports_packing
+from ..editors.reference import ReferenceEditor
+from ..model.requests import IGNORE, context_length, make_minibatches
 from .instrument import Impl, is_oom, measure, quantile, run_interleaved, sync, times_summary
 from .settings import CARD_USABLE_BYTES, MEMORY_TARGET_BYTES, Settings
 from .steps import median_s, peak_of, speedup

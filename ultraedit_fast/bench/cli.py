@@ -12,8 +12,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from ..config import add_cli_options, options_from_cli
-from ..environment import device_slug, environment, loadavg
+from ..core.config import add_cli_options, options_from_cli
+from ..utils.environment import device_slug, environment, loadavg
 from .cases import case_lifelong, case_turn_and_memory
 from .plot import plot
 from .report import format_table, headline, merge_results, write_json

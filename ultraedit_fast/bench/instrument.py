@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..environment import current_rss, nvml, nvml_handle, peak_rss, reset_peak_rss
+from ..utils.environment import current_rss, nvml, nvml_handle, peak_rss, reset_peak_rss
 
 
 def cpu_alloc_peak(fn: Callable[[], Any]) -> Tuple[Any, Optional[int]]:

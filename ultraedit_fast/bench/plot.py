@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from ..display import GIB, fmt_ratio, fmt_seconds, pyplot, save_figure, wrap
+from ..utils.display import GIB, fmt_ratio, fmt_seconds, pyplot, save_figure, wrap
 from .report import headline
 from .settings import MEMORY_TARGET_BYTES
 from .steps import median_s

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-from ..display import fmt_bytes, fmt_ratio, fmt_seconds
+from ..utils.display import fmt_bytes, fmt_ratio, fmt_seconds
 from .steps import median_s, peak_of
 
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..display import GIB
+from ..utils.display import GIB
 
 SCHEMA = "ultraedit_fast.bench/1"
 CASES = ("steps", "turn", "lifelong", "memory")

@@ -7,10 +7,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import reference
-from ..display import fmt_ratio, fmt_seconds
+from ..editors import reference
+from ..utils.display import fmt_ratio, fmt_seconds
 from ..kernels import resolve_backend
-from ..solve import ShiftSolver
+from ..core.solve import ShiftSolver
 from .instrument import Impl, run_interleaved
 from .settings import STEP_BLOCKS, STEP_TOKENS, Settings
 

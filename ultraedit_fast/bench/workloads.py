@@ -14,11 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..data import load_requests
-from ..models import load_model
-from ..presets import decoder_layers_prefix, find_preset, resolve_edit_config
-from ..requests import EditRequest
-from ..targets import summarize_names
+from ..data.datasets import load_requests
+from ..model.loading import load_model
+from ..core.presets import decoder_layers_prefix, find_preset, resolve_edit_config
+from ..model.requests import EditRequest
+from ..model.targets import summarize_names
 from .instrument import sync
 from .settings import EDITS_PER_TURN
 

@@ -8,7 +8,6 @@ when that is ``None``, the environment variable ``ULTRAEDIT_FAST_BACKEND``.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -17,7 +16,7 @@ import torch
 
 from . import ops
 
-log = logging.getLogger("ultraedit_fast")
+from .._log import log
 
 BACKENDS = ("auto", "cuda", "triton", "cpp", "torch")
 ENV_VAR = "ULTRAEDIT_FAST_BACKEND"

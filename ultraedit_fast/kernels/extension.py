@@ -21,7 +21,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import threading
@@ -29,7 +28,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-log = logging.getLogger("ultraedit_fast")
+from .._log import log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAMP = os.path.join(HERE, "_build_info.json")

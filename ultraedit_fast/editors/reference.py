@@ -15,14 +15,14 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from .config import EditorConfig, options_doc
-from .environment import PeakMemory
-from .forward import preserved_model_state
-from .kernels.formulas import EPS, normalizer_merge, shift_values  # noqa: F401
-from .presets import resolve_edit_config
-from .report import EditReport
-from .requests import IGNORE, as_requests, context_length, make_minibatches
-from .targets import EditTarget, resolve_targets
+from ..core.config import EditorConfig, options_doc
+from ..utils.environment import PeakMemory
+from ..model.forward import preserved_model_state
+from ..kernels.formulas import EPS, normalizer_merge, shift_values  # noqa: F401
+from ..core.presets import resolve_edit_config
+from ..core.report import EditReport
+from ..model.requests import IGNORE, as_requests, context_length, make_minibatches
+from ..model.targets import EditTarget, resolve_targets
 
 __all__ = ["ReferenceEditor", "primal_shift", "normalizer_merge", "shift_values", "EPS"]
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .distributed import TensorParallel, local, tensor_parallel
+from ..parallel.distributed import TensorParallel, local, tensor_parallel
 
 
 def is_editable(m) -> bool:

@@ -50,11 +50,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from ._version import __version__
-from .config import EditorConfig
-from .normalizer import NormalizerState
+from .._version import __version__
+from ..core.config import EditorConfig
+from ..core.normalizer import NormalizerState
 
-FORMAT = "ultraedit_fast.editor-checkpoint"
+FORMAT = "ultraedit_fast.editors.ultraedit-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCKFILE = ".lock"

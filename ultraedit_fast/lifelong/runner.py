@@ -1,15 +1,15 @@
 """Lifelong editing runs: ``T`` turns of ``M`` edits, scored at the end (and optionally
 every ``k`` turns), written to one JSON file and one PNG plot.
 
-    from ultraedit_fast.lifelong import run_lifelong
-    from ultraedit_fast.data import iter_examples
+    from ultraedit_fast.lifelong.runner import run_lifelong
+    from ultraedit_fast.data.datasets import iter_examples
     results = run_lifelong(model, tok, iter_examples("zsre.json"), turns=10,
                            edits_per_turn=100, output_dir="out/")
 
 What a run does:
 
 1. takes the first ``turns * edits_per_turn`` items of ``examples_or_requests``
-   (:class:`~ultraedit_fast.data.Example`, :class:`~ultraedit_fast.EditRequest` or dicts);
+   (:class:`~ultraedit_fast.data.datasets.Example`, :class:`~ultraedit_fast.EditRequest` or dicts);
 2. captures the *unedited* model's predictions at the locality answer tokens of all of
    them (for ``LS_unedited``) and, unless ``eval_before=False``, scores the unedited model
    on them (the baseline: ``metrics_before``);
@@ -37,20 +37,21 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
-from .config import EditorConfig
-from .display import PHASE_COLOURS, fmt_bytes, log, pct, pyplot, save_figure
-from .editor import EditRefused, UltraEditor
-from .environment import environment, peak_rss
-from .evaluate import capture_baseline, evaluate, mean, token_accuracy
-from .generation import spread
-from .reference import ReferenceEditor
-from .report import PHASES
-from .requests import EditRequest, as_requests
-from .targets import summarize_names
+from ..core.config import EditorConfig
+from ..utils.display import PHASE_COLOURS, fmt_bytes, pct, pyplot, save_figure
+from .._log import log
+from ..editors.ultraedit import EditRefused, UltraEditor
+from ..utils.environment import environment, peak_rss
+from ..scoring.metrics import capture_baseline, evaluate, mean, token_accuracy
+from ..scoring.generation import spread
+from ..editors.reference import ReferenceEditor
+from ..core.report import PHASES
+from ..model.requests import EditRequest, as_requests
+from ..model.targets import summarize_names
 
 __all__ = ["run_lifelong", "score", "plot_results", "RESULTS_JSON", "RESULTS_PNG", "SCHEMA"]
 
-SCHEMA = "ultraedit_fast.lifelong/1"
+SCHEMA = "ultraedit_fast.lifelong.runner/1"
 RESULTS_JSON = "lifelong.json"
 RESULTS_PNG = "lifelong.png"
 EDITORS = ("fast", "reference")
@@ -78,7 +79,7 @@ def _split(items: Sequence[Any]):
 def score(model, tokenizer, requests, extras: Optional[Sequence[Mapping]] = None, *,
           base=None, base_predictions=None, generation: bool = True, batch_size: int = 32,
           chat_template: bool = False) -> Dict[str, Any]:
-    """:func:`~ultraedit_fast.evaluate` (teacher-forced and, with ``generation``,
+    """:func:`~ultraedit_fast.scoring.metrics` (teacher-forced and, with ``generation``,
     generation-based scores) plus the WikiBigEdit scores: ``personas``, ``n_personas``,
     ``mhop``, ``n_mhop`` (fractions, ``None`` when absent)."""
     requests = as_requests(requests)
@@ -131,11 +132,11 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
 
     Args:
         examples_or_requests: an iterable (a stream is fine) of
-            :class:`~ultraedit_fast.data.Example`, ``EditRequest`` or dicts; its first
+            :class:`~ultraedit_fast.data.datasets.Example`, ``EditRequest`` or dicts; its first
             ``turns * edits_per_turn`` items are used (``ValueError`` if it has fewer).
         editor: ``"fast"`` (:class:`UltraEditor`) or ``"reference"`` (:class:`ReferenceEditor`,
             which has no ``backend`` and reports no per-phase times).
-        options: the editor's (:class:`~ultraedit_fast.config.EditorConfig`: ``modules``,
+        options: the editor's (:class:`~ultraedit_fast.core.config.EditorConfig`: ``modules``,
             ``lr``, ``batch_size``, ...; the reference editor takes a subset).
         eval_every: also score every this many turns (checkpoints).
         eval_sample: ``None``: a checkpoint scores everything edited so far; ``S``: it scores
@@ -156,7 +157,7 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
             ``dataset`` are used in the plot's title).
         export_patch, export_lora: directories to write the edits to after the last turn, as
             a weight patch and as a PEFT LoRA adapter (``lora_rank``: its rank; ``None``:
-            exact); :mod:`ultraedit_fast.export`. ``save_editor``: a directory to save the
+            exact); :mod:`ultraedit_fast.storage.export`. ``save_editor``: a directory to save the
             editor's lifelong state to (:meth:`UltraEditor.save`).
 
     Returns the results dict (the JSON's content); ``results["files"]`` has the paths written.

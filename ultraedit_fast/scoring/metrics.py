@@ -1,6 +1,6 @@
 """Scoring edits: teacher-forced token accuracy as the UltraEdit reference scores it
 (``docs/algorithm.md`` section 7), and beside it what the model generates on its own
-(:mod:`ultraedit_fast.generation`).
+(:mod:`ultraedit_fast.scoring.generation`).
 
 Teacher forced: the fraction of answer tokens where ``argmax(logits) == label``, with
 prompts and answers tokenised as for editing, averaged over requests.
@@ -13,7 +13,7 @@ prompts and answers tokenised as for editing, averaged over requests.
 
 Generation based (``generation=True``, the default): ``ES_gen``, ``GS_gen``, ``LS_gen``,
 ``LS_gen_unedited``, ``fluency``, ``drift_kl``, ``drift_top1`` (defined in
-:mod:`ultraedit_fast.generation`). Their baseline parts come from :func:`capture_baseline`.
+:mod:`ultraedit_fast.scoring.generation`). Their baseline parts come from :func:`capture_baseline`.
 
 Scores are fractions in [0, 1] (``fluency``: bits; ``drift_kl``: nats); ``None`` when no
 request has the needed field or no baseline was given.
@@ -26,10 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import generation as G
-from .concurrency import model_locks
-from .display import bar
-from .forward import answer_logits, preserved_model_state
-from .requests import (IGNORE, TokenizedRequest, as_requests, context_length, pad_batch,
+from ..parallel.concurrency import model_locks
+from ..utils.display import bar
+from ..model.forward import answer_logits, preserved_model_state
+from ..model.requests import (IGNORE, TokenizedRequest, as_requests, context_length, pad_batch,
                        tokenize_pair)
 
 

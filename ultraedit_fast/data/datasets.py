@@ -1,5 +1,5 @@
 """Streaming loaders for model-editing datasets (zsRE, CounterFact, FEVER, WikiBigEdit,
-UltraEditBench) that yield :class:`~ultraedit_fast.requests.EditRequest` objects.
+UltraEditBench) that yield :class:`~ultraedit_fast.model.requests.EditRequest` objects.
 
 Files
 -----
@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .jsonstream import BadLine, DataFormatError, iter_values
-from .requests import EditRequest
+from ..model.requests import EditRequest
 
 __all__ = [
     "FORMATS",

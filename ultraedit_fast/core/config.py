@@ -9,7 +9,7 @@ lifelong runs, the benchmarks and the CLI all read these declarations; a new opt
 field here plus its use.
 
 ``modules`` and ``lr`` may be ``None``: the model's preset fills them
-(:mod:`ultraedit_fast.presets`); an editor's ``config`` holds the resolved values.
+(:mod:`ultraedit_fast.core.presets`); an editor's ``config`` holds the resolved values.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .kernels import BACKENDS
+from ..kernels import BACKENDS
 
 DEFAULT_TOKENS_PER_PASS = 512
 
@@ -231,7 +231,7 @@ class EditorConfig:
         None, _check_step,
         "the turn's step: 'auto' scales each solved turn by the smallest power of 2 (up to "
         "max_step_scale) at which step_target of its edits take within locality_budget "
-        "(ultraedit_fast.step); 'paper' writes the published fixed step; None: 'auto' in the "
+        "(ultraedit_fast.core.step); 'paper' writes the published fixed step; None: 'auto' in the "
         "facts regime, 'paper' otherwise (and whenever lr is given)",
         cli={"choices": STEPS, "help": "auto: scale each turn until its edits take, within a "
              "locality budget; paper: the published fixed step (default: auto in the facts "

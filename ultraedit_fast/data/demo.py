@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .requests import EditRequest
+from ..model.requests import EditRequest
 
 # (prompt, new target, paraphrase, locality prompt, locality answer)
 _FACTS = [

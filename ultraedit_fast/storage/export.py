@@ -34,10 +34,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ._version import __version__
+from .._version import __version__
 from .checkpoint import fingerprint, fingerprint_diff
-from .concurrency import model_locks
-from .targets import EditTarget, resolve_target
+from ..parallel.concurrency import model_locks
+from ..model.targets import EditTarget, resolve_target
 
 PATCH_FORMAT = "ultraedit_fast.patch"
 PATCH_VERSION = 1

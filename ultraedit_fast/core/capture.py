@@ -1,6 +1,6 @@
 """Step 1 of a turn: the keys and value gradients of the edited modules at answer tokens.
 
-Per pass (a padded mini-batch or a packed run of them, :mod:`ultraedit_fast.requests`): one
+Per pass (a padded mini-batch or a packed run of them, :mod:`ultraedit_fast.model.requests`): one
 forward with hooks on the edited modules (:class:`Capture`), then ``torch.autograd.grad`` of
 the loss with respect to their outputs only. No parameter requires grad during the pass, and
 the output of the lowest edited module is made a leaf, so backward stops there and no weight
@@ -14,10 +14,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .concurrency import ThreadOwned
-from .forward import answer_logits, on_device
-from .requests import IGNORE
-from .targets import EditTarget
+from ..parallel.concurrency import ThreadOwned
+from ..model.forward import answer_logits, on_device
+from ..model.requests import IGNORE
+from ..model.targets import EditTarget
 
 
 class Capture:

@@ -21,7 +21,7 @@ turn of ``N`` answer tokens costs ``sum over modules of N x d_out x 4`` bytes fo
 ``a`` plus ``sum over distinct key matrices of N x d_in x 4`` for ``kk`` (primal
 turns, ``N > d_in``: ``d_in x d_out x 4`` per module and no ``kk``).
 
-The log is handed what it needs: the edited modules (:class:`~ultraedit_fast.targets.EditTarget`)
+The log is handed what it needs: the edited modules (:class:`~ultraedit_fast.model.targets.EditTarget`)
 and a ``rank_update(w, a, kk, transposed)`` callable (the kernel that applies a turn).
 """
 from __future__ import annotations

@@ -34,10 +34,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .concurrency import model_locks
-from .display import bar
-from .forward import preserved_model_state
-from .requests import prompt_ids
+from ..parallel.concurrency import model_locks
+from ..utils.display import bar
+from ..model.forward import preserved_model_state
+from ..model.requests import prompt_ids
 
 EXTRA_TOKENS = 3  # new tokens beyond the target's length
 FLUENCY_PROMPTS = 32

@@ -30,7 +30,7 @@ from typing import Optional, Set
 
 import torch
 
-from .concurrency import ThreadOwned
+from ..parallel.concurrency import ThreadOwned
 
 # model_type -> the ForCausalLM forward is decoder + lm_head (+ softcap), and the last
 # decoder block ends "... + mlp(norm(h))" (GPT-J: attention and MLP in parallel) with only
@@ -175,7 +175,7 @@ def answer_logits(model, input_ids: torch.Tensor, attention_mask: Optional[torch
                   ) -> torch.Tensor:
     """Logits at the positions where ``mask`` (``[B, T]`` bool) is set, row-major:
     ``[mask.sum(), vocab]`` in the model's dtype. ``position_ids`` (with
-    ``attention_mask=None``): a packed pass (:class:`~ultraedit_fast.requests.PackedPass`),
+    ``attention_mask=None``): a packed pass (:class:`~ultraedit_fast.model.requests.PackedPass`),
     for models where :func:`supports_packing` holds."""
     split = _split(model)
     kw = {} if position_ids is None else {"position_ids": position_ids}

@@ -9,7 +9,7 @@ What maps (EasyEdit's field -> ours):
                    (``model.layers.29.mlp.down_proj.weight`` -> ``model.layers.29.mlp.down_proj``)
 ``lr``             ``lr``
 ``batch_size_once``  ``batch_size`` (requests per forward/backward mini-batch)
-``batch_size``     the edits per turn of :mod:`ultraedit_fast.easyedit`'s ``batch_edit``
+``batch_size``     the edits per turn of :mod:`ultraedit_fast.integrations.easyedit`'s ``batch_edit``
                    (EasyEdit cuts a request list into chunks of it)
 ``token``          ``ans`` (keys and gradients at the answer tokens: the paper's protocol) is
                    the only value taken; any other (``mask``, ...) is refused: this package
@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Mapping, Tuple
 
-from .display import log
+from .._log import log
 
 IGNORED = ("model_name", "model_class", "tokenizer_class", "tokenizer_name", "device", "alg",
            "dropout", "no_grad_layers", "editor_batch_size", "silent", "max_length",

@@ -2,13 +2,13 @@
 
 One turn (:meth:`UltraEditor.edit`):
 
-1. **capture** (:mod:`ultraedit_fast.capture`) - per pass, one forward with hooks on the
+1. **capture** (:mod:`ultraedit_fast.core.capture`) - per pass, one forward with hooks on the
    edited modules and ``torch.autograd.grad`` of the loss with respect to their outputs
    only: no weight gradient. The output layer and the last block's MLP run on answer rows
-   only (:mod:`ultraedit_fast.forward`).
-2. **statistics** (:mod:`ultraedit_fast.normalizer`) - the lifelong normaliser merges every
+   only (:mod:`ultraedit_fast.model.forward`).
+2. **statistics** (:mod:`ultraedit_fast.core.normalizer`) - the lifelong normaliser merges every
    (mini-batch, module) block in the reference's order, on a copy of its state.
-3. **solve** (:mod:`ultraedit_fast.solve`) - shift values and a Cholesky solve in fp32 on
+3. **solve** (:mod:`ultraedit_fast.core.solve`) - shift values and a Cholesky solve in fp32 on
    the smaller side: the dual ``N x N`` system, or the primal ``d_in x d_in`` one when
    ``N > d_in``.
 4. **apply** - the low-rank update ``W += a^T kk`` in place, fp32 accumulation, one
@@ -20,8 +20,8 @@ raises while weights are written, the weights already written are restored from 
 (``transactional=True``) and the normaliser keeps its pre-turn state.
 
 Beyond a turn: :meth:`UltraEditor.rollback` undoes turns from an undo log
-(:mod:`ultraedit_fast.undo`), :meth:`UltraEditor.save` / :meth:`UltraEditor.load` checkpoint
-the lifelong state atomically (:mod:`ultraedit_fast.checkpoint`).
+(:mod:`ultraedit_fast.core.undo`), :meth:`UltraEditor.save` / :meth:`UltraEditor.load` checkpoint
+the lifelong state atomically (:mod:`ultraedit_fast.storage.checkpoint`).
 """
 from __future__ import annotations
 
@@ -34,25 +34,25 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import checkpoint as ckpt
-from .capture import Capture, capture_passes
-from .concurrency import model_locks, serving
-from .config import EditorConfig, check_overrides, options_doc
-from .display import log
-from .environment import PeakMemory
-from .forward import preserved_model_state, rows_only_modules, supports_packing
-from .distributed import COUNTER, all_true, row_shift_values
-from .export import delta_factors, exact_factors, weight_sha256, write_lora, write_patch
-from .hparams import to_options
-from .kernels import Backend, resolve_backend
-from .normalizer import NormalizerState
-from .presets import FACTS_TURN_MAX, resolve_edit_config
-from .report import PHASES, EditReport
-from .requests import as_requests, context_length, make_minibatches, pack_minibatches
-from .solve import ShiftSolver, SolveError
-from .step import StepSearch
-from .targets import EditTarget, resolve_target, resolve_targets, summarize_names
-from .undo import UndoLog
+from ..storage import checkpoint as ckpt
+from ..core.capture import Capture, capture_passes
+from ..parallel.concurrency import model_locks, serving
+from ..core.config import EditorConfig, check_overrides, options_doc
+from .._log import log
+from ..utils.environment import PeakMemory
+from ..model.forward import preserved_model_state, rows_only_modules, supports_packing
+from ..parallel.distributed import COUNTER, all_true, row_shift_values
+from ..storage.export import delta_factors, exact_factors, weight_sha256, write_lora, write_patch
+from ..core.hparams import to_options
+from ..kernels import Backend, resolve_backend
+from ..core.normalizer import NormalizerState
+from ..core.presets import FACTS_TURN_MAX, resolve_edit_config
+from ..core.report import PHASES, EditReport
+from ..model.requests import as_requests, context_length, make_minibatches, pack_minibatches
+from ..core.solve import ShiftSolver, SolveError
+from ..core.step import StepSearch
+from ..model.targets import EditTarget, resolve_target, resolve_targets, summarize_names
+from ..core.undo import UndoLog
 
 CheckpointWeightsWarning = ckpt.CheckpointWeightsWarning
 
@@ -80,7 +80,7 @@ def _option_attribute(name: str, settable: bool = True):
             self.config = self.config.replace(**{name: value})
 
     return property(get, set_ if settable else None,
-                    doc=f"The ``{name}`` option (:class:`~ultraedit_fast.config.EditorConfig`)"
+                    doc=f"The ``{name}`` option (:class:`~ultraedit_fast.core.config.EditorConfig`)"
                         + ("; settable between turns." if settable else "."))
 
 
@@ -92,16 +92,16 @@ class UltraEditor:
     Args:
         model: the model to edit in place (any device and dtype: fp32, bf16, fp16).
         tokenizer: its tokenizer.
-        modules, lr, batch_size and the other options: :class:`~ultraedit_fast.config.EditorConfig`
+        modules, lr, batch_size and the other options: :class:`~ultraedit_fast.core.config.EditorConfig`
             (listed below). ``modules=None``/``lr=None`` take the model's preset
-            (:mod:`ultraedit_fast.presets`).
+            (:mod:`ultraedit_fast.core.presets`).
 
     Costs of the options, in memory:
 
     - ``tokens_per_pass``: each pass holds the activations of the layers above the lowest
       edited module for its backward; larger passes are fewer, larger matrix products
       (measurements: ``benchmarks/README.md``). Packing applies where
-      :func:`~ultraedit_fast.forward.supports_packing` holds (checked once per model);
+      :func:`~ultraedit_fast.model.forward.supports_packing` holds (checked once per model);
       elsewhere, and with ``0``, one padded mini-batch per pass, as the reference runs them.
     - ``transactional``: one host buffer the size of the edited weights, allocated at the
       first turn and kept (pinned for CUDA weights), and one copy into it per turn. Shifts
@@ -131,7 +131,7 @@ class UltraEditor:
     The model can keep serving in other threads while it is edited: the editor's hooks
     act for its own thread only, and forward passes run inside :meth:`serving` (or
     :func:`ultraedit_fast.serving`) see every turn whole or not at all
-    (:mod:`ultraedit_fast.concurrency`).
+    (:mod:`ultraedit_fast.parallel.concurrency`).
 
     Persistence: :meth:`save` writes the lifelong state (and the undo log) to a
     directory, atomically; :meth:`load` restores it onto the same model. The model's
@@ -426,7 +426,7 @@ class UltraEditor:
 
     def _search_step(self, plan, values, rows, search: StepSearch):
         """step="auto": try per-request scales of the turn's update on the pre-turn weights
-        (which the host snapshot puts back after each try); see :mod:`ultraedit_fast.step`."""
+        (which the host snapshot puts back after each try); see :mod:`ultraedit_fast.core.step`."""
         with torch.no_grad():
             saved = [(t.weight, self._snapshot(t)) for t, _, _ in plan]
 
@@ -523,7 +523,7 @@ class UltraEditor:
         atomically: a crash at any moment leaves the previous checkpoint loadable.
         Returns the manifest's path. The model's weights are not saved: save them too
         (``safetensors.torch.save_model(model, ...)``). Format:
-        :mod:`ultraedit_fast.checkpoint`."""
+        :mod:`ultraedit_fast.storage.checkpoint`."""
         with self._lock:
             return ckpt.write_checkpoint(
                 _rank_path(path, self._tp), config=self.config.to_dict(), preset=self.preset,
@@ -538,7 +538,7 @@ class UltraEditor:
     def load(cls, path, model, tokenizer, **overrides) -> "UltraEditor":
         """An editor that continues the lifelong state saved at ``path`` on ``model``
         (whose weights should be those saved with it: a mismatch warns with
-        :class:`~ultraedit_fast.checkpoint.CheckpointWeightsWarning`). ``overrides`` may
+        :class:`~ultraedit_fast.storage.checkpoint.CheckpointWeightsWarning`). ``overrides`` may
         change the options that do not shape the lifelong state (``lr``, ``batch_size``,
         ``backend``, ``transactional``, ``undo``, ...); ``modules`` and
         ``share_normalizer`` are fixed by the checkpoint. Continuing with the saved
@@ -598,7 +598,7 @@ class UltraEditor:
 
     def export_patch(self, path) -> str:
         """Write the edited modules' weights and a manifest naming their base model to the
-        directory ``path`` (:mod:`ultraedit_fast.export`); :func:`ultraedit_fast.apply_patch`
+        directory ``path`` (:mod:`ultraedit_fast.storage.export`); :func:`ultraedit_fast.storage.apply_patch`
         writes them into a fresh copy of the base model, bit for bit. Returns the manifest's
         path."""
         with self._lock:
@@ -643,7 +643,7 @@ class UltraEditor:
     @classmethod
     def from_hparams(cls, hparams, model, tokenizer, **options) -> "UltraEditor":
         """An editor from EasyEdit's UltraEdit hparams (a YAML path or a dict; what maps:
-        :mod:`ultraedit_fast.hparams`); ``options`` override them."""
+        :mod:`ultraedit_fast.core.hparams`); ``options`` override them."""
         mapped, _ = to_options(hparams)
         return cls(model, tokenizer, **{**mapped, **options})
 
@@ -671,7 +671,7 @@ def _tp_record(tp):
 
 def _model_tensor_parallel(model):
     """The tensor-parallel group of a model's sharded linear weights (``None``: none)."""
-    from .distributed import is_dtensor, tensor_parallel
+    from ..parallel.distributed import is_dtensor, tensor_parallel
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
         if isinstance(m, torch.nn.Linear) and is_dtensor(w):

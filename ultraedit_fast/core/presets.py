@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .config import REGIMES
-from .targets import editable_modules, resolve_target, summarize_names
+from ..model.targets import editable_modules, resolve_target, summarize_names
 
 __all__ = ["Preset", "PRESETS", "EditConfig", "find_preset", "resolve_edit_config",
            "decoder_layers_prefix", "summarize_names", "REGIMES", "FACTS_TURN_MAX"]
@@ -154,7 +154,7 @@ def _generic(model) -> Optional[EditConfig]:
 
 def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[float],
                         regime: str = "stream") -> EditConfig:
-    """Fill ``modules``/``lr`` (already checked by :class:`~ultraedit_fast.config.EditorConfig`)
+    """Fill ``modules``/``lr`` (already checked by :class:`~ultraedit_fast.core.config.EditorConfig`)
     from the model's preset for ``regime`` ("stream" or "facts"), and check that every
     module can be edited."""
     if regime not in REGIMES:

@@ -1,7 +1,7 @@
 """For people coming from EasyEdit: its UltraEdit hparams and its ``batch_edit`` call, on this
 package's editor, with metrics in EasyEdit's shape.
 
-    from ultraedit_fast.easyedit import BaseEditor
+    from ultraedit_fast.integrations.easyedit import BaseEditor
     editor = BaseEditor.from_hparams("hparams/ULTRAEDIT/llama3-8b.yaml", model, tokenizer)
     metrics, edited_model, _ = editor.batch_edit(
         prompts=prompts, target_new=targets, rephrase_prompts=rephrases,
@@ -9,7 +9,7 @@ package's editor, with metrics in EasyEdit's shape.
         sequential_edit=True)
     metrics[0]["post"]["rewrite_acc"], metrics[0]["post"]["locality"]["neighborhood_acc"]
 
-What maps from the hparams: :mod:`ultraedit_fast.hparams`. ``batch_edit``:
+What maps from the hparams: :mod:`ultraedit_fast.core.hparams`. ``batch_edit``:
 
 - requests are cut into turns of the hparams' ``batch_size`` edits (all in one turn without
   it); ``sequential_edit=True``: one lifelong editor over all turns, every request scored
@@ -33,10 +33,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from . import hparams as H
-from .editor import UltraEditor
-from .evaluate import capture_predictions, evaluate
-from .requests import EditRequest
+from ..core import hparams as H
+from ..editors.ultraedit import UltraEditor
+from ..scoring.metrics import capture_predictions, evaluate
+from ..model.requests import EditRequest
 
 
 def _listify(name, v, n) -> Optional[List[str]]:
@@ -57,7 +57,7 @@ class BaseEditor:
                  edits_per_turn: Optional[int] = None):
         if model is None or tokenizer is None:
             raise TypeError("model, tokenizer: pass the loaded model and its tokenizer "
-                            "(ultraedit_fast.models.load_model loads them)")
+                            "(ultraedit_fast.model.loading.load_model loads them)")
         self.model = model
         self.tokenizer = tokenizer
         self.options = dict(options)

@@ -31,11 +31,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .concurrency import ThreadOwned
-from .evaluate import predictions_at_labels
-from .forward import preserved_model_state
-from .generation import EXTRA_TOKENS, greedy_decode, spread
-from .requests import IGNORE, TokenizedRequest, pad_batch, prompt_ids, tokenize_pair
+from ..parallel.concurrency import ThreadOwned
+from ..scoring.metrics import predictions_at_labels
+from ..model.forward import preserved_model_state
+from ..scoring.generation import EXTRA_TOKENS, greedy_decode, spread
+from ..model.requests import IGNORE, TokenizedRequest, pad_batch, prompt_ids, tokenize_pair
 
 SCALE_FACTOR = 2.0
 ANCHOR_TOKENS = 4

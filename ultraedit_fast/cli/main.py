@@ -19,8 +19,8 @@ import sys
 import time
 from typing import List, Optional
 
-from .config import add_cli_options, cli_int_at_least, options_from_cli
-from .display import pct
+from ..core.config import add_cli_options, cli_int_at_least, options_from_cli
+from ..utils.display import pct
 
 PROG = "ultraedit-fast"
 # the editor options that `run` takes as flags (EditorConfig's; `demo` takes modules and lr)
@@ -44,8 +44,8 @@ _nonneg_int = cli_int_at_least(0, "an integer >= 0")
 
 # ----------------------------------------------------------------------------- the parser
 def build_parser() -> argparse.ArgumentParser:
-    from .data import FORMATS, TARGETS
-    from .models import DEFAULT_MODEL
+    from ..data.datasets import FORMATS, TARGETS
+    from ..model.loading import DEFAULT_MODEL
 
     p = _Parser(prog=PROG, description="Fast lifelong model editing (UltraEdit, "
                 "arXiv 2505.14679) for Hugging Face causal language models.")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the editor's lifelong state there (UltraEditor.load resumes it)")
     r.add_argument("--export-patch", default=None, metavar="DIR",
                    help="write the edited modules' weights there, as a patch for the base "
-                        "model (ultraedit_fast.apply_patch)")
+                        "model (ultraedit_fast.storage.apply_patch)")
     r.add_argument("--export-lora", default=None, metavar="DIR",
                    help="write the edits there as a PEFT LoRA adapter")
     r.add_argument("--lora-rank", type=_positive_int, default=None,
@@ -179,10 +179,10 @@ def _check_device(device: Optional[str]):
 
 
 def _check_model_spec(spec: str) -> None:
-    from .models import DEFAULT_MODEL
+    from ..model.loading import DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         return
-    from .models import _looks_like_path
+    from ..model.loading import _looks_like_path
     # a path (absolute, ./, ../, ~, or a .gguf file) must exist; "org/name" is a hub id,
     # which load_model hands to the hub (offline, from its cache)
     if spec.endswith(".gguf") or _looks_like_path(spec) or os.path.isdir(spec):
@@ -192,7 +192,7 @@ def _check_model_spec(spec: str) -> None:
 
 def _load(args):
     """Validate the cheap arguments, then load the model (slow)."""
-    from .models import load_model, parse_dtype
+    from ..model.loading import load_model, parse_dtype
     dtype = parse_dtype(args.dtype)
     device = _check_device(args.device)
     _check_model_spec(args.model)
@@ -217,18 +217,18 @@ def _load(args):
 
 
 def _is_rank0() -> bool:
-    from .distributed import launched_ranks
+    from ..parallel.distributed import launched_ranks
     return launched_ranks()[0] == 0
 
 
 def _world() -> int:
-    from .distributed import launched_ranks
+    from ..parallel.distributed import launched_ranks
     return launched_ranks()[1]
 
 
 def _tp_plan(args) -> Optional[str]:
     """``"auto"`` under ``torchrun`` with several ranks (unless ``--tp-plan none``)."""
-    from .distributed import launched_ranks
+    from ..parallel.distributed import launched_ranks
     plan = getattr(args, "tp_plan", None)
     if plan == "none":
         return None
@@ -255,7 +255,7 @@ def _check_tensor_parallel_outputs(args) -> None:
 def _check_lengths(args, model, tok, examples) -> None:
     """Every record's prompts fit the model's context (a ``ValueError`` naming the file and
     the record otherwise), checked before the first turn."""
-    from .requests import context_length, tokenize_pair
+    from ..model.requests import context_length, tokenize_pair
     limit = context_length(model)
     chat = bool(getattr(args, "chat_template", None))
     for ex in examples:
@@ -269,14 +269,14 @@ def _check_lengths(args, model, tok, examples) -> None:
 
 
 def _model_name(spec: str, model) -> str:
-    from .models import DEFAULT_MODEL
+    from ..model.loading import DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         return "SmolLM2-135M-Instruct"
     return os.path.basename(spec.rstrip("/")) or spec
 
 
 def _reader(args, limit):
-    from .data import RequestReader
+    from ..data.datasets import RequestReader
     return RequestReader(args.data, args.format, target=args.target, limit=limit,
                          offset=args.offset,
                          on_error="skip" if args.skip_malformed else "raise")
@@ -317,9 +317,9 @@ def _clip(text: str, n: int) -> str:
 def cmd_demo(args) -> int:
     """One turn of 8 counterfactual edits on SmolLM2-135M-Instruct."""
     from . import UltraEditor, backend_info, capture_baseline, evaluate
-    from .demo_data import demo_requests
-    from .models import generate_answer
-    from .targets import summarize_names
+    from ..data.demo import demo_requests
+    from ..model.loading import generate_answer
+    from ..model.targets import summarize_names
 
     t_start = time.perf_counter()
     device = _check_device(args.device)
@@ -364,10 +364,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .lifelong import run_lifelong
-    from .targets import summarize_names
+    from ..lifelong.runner import run_lifelong
+    from ..model.targets import summarize_names
 
-    from .lifelong import check_output_dir
+    from ..lifelong.runner import check_output_dir
 
     _check_device(args.device)
     reader = _reader(args, args.turns * args.edits_per_turn)  # checks file/format first
@@ -427,8 +427,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .environment import environment
-    from .lifelong import score
+    from ..utils.environment import environment
+    from ..lifelong.runner import score
 
     reader = _reader(args, args.limit)
     _check_device(args.device)
@@ -467,7 +467,7 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from . import UltraEditor
-    from .lifelong import check_output_dir
+    from ..lifelong.runner import check_output_dir
     if not args.patch and not args.lora:
         raise UsageError(f"{PROG} export: error: nothing to do: give --patch DIR and/or "
                          "--lora DIR")
@@ -478,7 +478,7 @@ def cmd_export(args) -> int:
             check_output_dir(getattr(args, flag), "--" + flag)
     model, tok = _load(args)
     import warnings
-    from .checkpoint import CheckpointWeightsWarning
+    from ..storage.checkpoint import CheckpointWeightsWarning
     with warnings.catch_warnings():  # the edited model, or the export names the wrong weights
         warnings.simplefilter("error", category=CheckpointWeightsWarning)
         try:
@@ -490,7 +490,7 @@ def cmd_export(args) -> int:
     if args.lora:
         base = None
         if args.base_model:
-            from .models import load_model, parse_dtype
+            from ..model.loading import load_model, parse_dtype
             base, _ = load_model(args.base_model, dtype=parse_dtype(args.dtype))
         rep = editor.export_lora(args.lora, args.rank, base=base)
         worst = max(rep["relative_error"].values())
@@ -524,7 +524,7 @@ def _one_line(e: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from .data import DataFormatError
+    from ..data.datasets import DataFormatError
 
     if not _is_rank0():  # under torchrun, rank 0 reports; the others work silently
         sys.stdout = open(os.devnull, "w")
@@ -539,7 +539,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        from .display import progress_bars
+        from ..utils.display import progress_bars
         with progress_bars(not getattr(args, "no_progress", False)):
             return {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval,
                 "export": cmd_export}[args.command](args)

@@ -6,7 +6,7 @@
 - :func:`current_rss`, :func:`peak_rss`, :func:`reset_peak_rss`: the process's resident
   memory (Linux ``/proc``; ``getrusage`` elsewhere).
 - :func:`nvml`, :func:`nvml_handle`: NVML (``nvidia-ml-py``), when present.
-- :class:`PeakMemory`: the peak memory of one turn, for :class:`~ultraedit_fast.report.EditReport`.
+- :class:`PeakMemory`: the peak memory of one turn, for :class:`~ultraedit_fast.core.report.EditReport`.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ._version import __version__
-from .kernels import available_backends, extension_error, resolve_backend
+from .._version import __version__
+from ..kernels import available_backends, extension_error, resolve_backend
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
