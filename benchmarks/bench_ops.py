@@ -45,7 +45,7 @@ import os
 import pytest
 import torch
 
-from ultraedit_fast.kernels import backends, ops
+from ultraedit_fast.kernels import backends
 
 if os.environ.get("UEF_BENCH_THREADS"):
     # e.g. 1: on a small shared machine one thread is far less disturbed by other
@@ -171,7 +171,7 @@ def _ceilings(reps: int = 20) -> dict:
     bytes read + written) and the bf16 and TF32 matmul rates (8192^3 through cuBLAS)."""
     x = torch.empty(2 ** 28, dtype=torch.float32, device="cuda").normal_()
     y = torch.empty_like(x)
-    ms = _median_ms(lambda i: y.copy_(x), reps)
+    ms = _median_ms(lambda i: y.copy_(x), reps)  # noqa: F821 (deleted after the call)
     out = {"copy_GBs": 2 * x.numel() * 4 / (ms * 1e-3) / 1e9}
     del x, y
     n = 8192
@@ -182,7 +182,7 @@ def _ceilings(reps: int = 20) -> dict:
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            ms = _median_ms(lambda i: torch.mm(a, b, out=c), reps)
+            ms = _median_ms(lambda i: torch.mm(a, b, out=c), reps)  # noqa: F821 (deleted after the call)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         out[f"mm_{name}_TFLOPs"] = 2 * n ** 3 / (ms * 1e-3) / 1e12

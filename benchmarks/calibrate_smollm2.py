@@ -249,7 +249,7 @@ def main(argv=None) -> int:
               flush=True)
     if "unedited" not in results:
         t0 = time.perf_counter()
-        m = score(model, tok, requests, base_predictions=base, batch_size=args.eval_batch_size)
+        m = score(model, tok, requests, base=base, batch_size=args.eval_batch_size)
         results["unedited"] = {"metrics": m, "eval_seconds": time.perf_counter() - t0}
         _atomic_write(jpath, json.dumps(results, indent=1) + "\n")
     print("unedited:", {k: results["unedited"]["metrics"][k] for k in ("ES", "GS", "LS")},
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         r = run_lifelong(model, tok, examples, turns=args.turns,
                          edits_per_turn=args.edits_per_turn, modules=modules, lr=lr,
                          batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                         eval_before=False, base_predictions=base, progress=False)
+                         eval_before=False, progress=False)
         m = r["metrics"]
         results["setting"]["backend"] = r["config"]["backend"]
         results["configs"][name] = {

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from facts import HELD_OUT_FACTS, TUNING_FACTS, requests  # noqa: E402
 from ultraedit_fast import UltraEditor, capture_baseline, evaluate, fast_edit  # noqa: E402
 from ultraedit_fast import generation as G  # noqa: E402
-from ultraedit_fast.core.step import ANCHOR_PROMPTS  # noqa: E402
+from ultraedit_fast.core.step_search import ANCHOR_PROMPTS  # noqa: E402
 from ultraedit_fast.data.demo import demo_requests  # noqa: E402
 from ultraedit_fast.utils.environment import environment  # noqa: E402
 from ultraedit_fast.model.loading import load_model  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None):
         with open(args.output, "w") as f:
             json.dump({"schema": "ultraedit_fast.defaults/1", "environment": environment("cpu"),
                        "rows": rows, "unseen_prompts": "other sets' locality prompts + "
-                       "ultraedit_fast.core.step.ANCHOR_PROMPTS"}, f, indent=1)
+                       "ultraedit_fast.core.step_search.ANCHOR_PROMPTS"}, f, indent=1)
             f.write("\n")
         print(f"json: {args.output}")
     return 0

@@ -274,7 +274,7 @@ def test_non_finite_turn_is_refused_and_nothing_changes(tiny, how):
     reqs = random_requests(6, seed=11)
     handle = None
     if how == "lr_overflow":
-        ed.lr = 1e38
+        ed.configure(lr=1e38)
     elif how == "nan_weight_above":  # the head, above every edited layer
         with torch.no_grad():
             model.lm_head.weight[5, 3] = float("nan")

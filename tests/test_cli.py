@@ -8,8 +8,8 @@ import types
 import pytest
 
 from conftest import require_data, smollm2_available
-from ultraedit_fast.cli import main as cli
-from ultraedit_fast.cli.main import main
+from ultraedit_fast.cli import commands as cli
+from ultraedit_fast.cli import main
 
 ZSRE = ("zsre", "zsre_mend_train-1k.json")
 

@@ -45,7 +45,7 @@ def test_backend_choice_and_presets_are_logged(caplog):
 
 
 def test_cli_takes_hub_ids(monkeypatch, capsys):
-    from ultraedit_fast.cli import main as cli
+    from ultraedit_fast.cli import commands as cli
     import ultraedit_fast.model.loading as models
     seen = []
     model, _ = make_tiny("llama")

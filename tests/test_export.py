@@ -128,7 +128,7 @@ def test_patches_survive_a_checkpoint(tmp_path):
 
 def test_the_cli_exports(tmp_path, monkeypatch, capsys):
     import json
-    from ultraedit_fast.cli import main as cli
+    from ultraedit_fast.cli import commands as cli
     model, modules = make_tiny("llama")
     base = clone_model(model)
     monkeypatch.setattr(cli, "_load", lambda args: (model, ToyTokenizer()))

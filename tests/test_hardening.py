@@ -199,7 +199,7 @@ def test_deeply_nested_json_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("command", ["run", "eval"])
 def test_the_cli_reports_deep_json_in_one_line(tmp_path, capsys, command):
-    from ultraedit_fast.cli.main import main
+    from ultraedit_fast.cli import main
     p = tmp_path / "deep.json"
     p.write_text("[" * 100000)
     argv = [command, "--data", str(p)]

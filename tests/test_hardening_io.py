@@ -214,7 +214,7 @@ def _zsre(tmp_path, n=4):
 
 
 def test_cli_output_paths_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    from ultraedit_fast.cli import main as cli
+    from ultraedit_fast.cli import commands as cli
     data = _zsre(tmp_path)
     loaded = []
     monkeypatch.setattr(cli, "_load", lambda args: loaded.append(1) or (_ for _ in ()).throw(
@@ -250,7 +250,7 @@ def test_results_survive_a_missing_plotting_library(tmp_path, monkeypatch, caplo
 
 
 def test_cli_names_the_record_that_is_too_long(tmp_path, capsys, monkeypatch):
-    from ultraedit_fast.cli import main as cli
+    from ultraedit_fast.cli import commands as cli
     recs = json.loads(_zsre(tmp_path, 3).read_text())
     recs[2]["rephrase"] = "word " * 400  # beyond the tiny model's 128 positions
     data = tmp_path / "long.json"
@@ -263,7 +263,7 @@ def test_cli_names_the_record_that_is_too_long(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_usage_errors_are_one_line(capsys):
-    from ultraedit_fast.cli.main import main
+    from ultraedit_fast.cli import main
     assert main(["bench", "--bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--bogus" in err[0], err
@@ -278,6 +278,6 @@ def test_an_edit_leaves_the_process_peak_counters_alone(monkeypatch):
     model, ed = _editor(0)
     rep = ed.edit(random_requests(8))
     assert not resets and rep.peak_memory_bytes is None and "peak" not in str(rep)
-    ed.measure_memory = True  # opt in: the report then has the turn's peak
+    ed.configure(measure_memory=True)  # opt in: the report then has the turn's peak
     rep = ed.edit(random_requests(8, seed=2))
     assert resets == [1] and rep.peak_memory_bytes > 0

@@ -9,7 +9,6 @@ the package index. Compiled kernels go to a cache shared by the test's venvs."""
 import glob
 import os
 import shutil
-import site
 import subprocess
 import sys
 import sysconfig

@@ -175,15 +175,15 @@ def test_progress_bar_shows_edits_per_second(model, toy_tokenizer, capsys):
     assert "edit/s" in err and "6/6" in err
 
 
-def test_given_base_predictions_are_used(model, toy_tokenizer):
-    from ultraedit_fast.scoring.metrics import capture_predictions
+def test_a_given_baseline_is_used(model, toy_tokenizer):
+    from ultraedit_fast import capture_baseline
     reqs = random_requests(6, seed=7)
-    base = capture_predictions(model, toy_tokenizer, reqs)
-    with pytest.raises(ValueError, match="base_predictions"):
+    base = capture_baseline(model, toy_tokenizer, reqs)
+    with pytest.raises(ValueError, match="base"):
         run_lifelong(copy.deepcopy(model), toy_tokenizer, reqs, turns=1, edits_per_turn=6,
-                     modules=MODULES, lr=LR, progress=False, base_predictions=base[:3])
+                     modules=MODULES, lr=LR, progress=False, base=base.subset(range(3)))
     a = run_lifelong(copy.deepcopy(model), toy_tokenizer, reqs, turns=2, edits_per_turn=3,
-                     modules=MODULES, lr=LR, progress=False, base_predictions=base)
+                     modules=MODULES, lr=LR, progress=False, base=base)
     b = run_lifelong(copy.deepcopy(model), toy_tokenizer, reqs, turns=2, edits_per_turn=3,
                      modules=MODULES, lr=LR, progress=False)
     assert a["metrics"] == b["metrics"]

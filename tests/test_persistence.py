@@ -598,7 +598,7 @@ def test_rollback_arguments():
 def test_refused_turn_is_not_logged():
     model, ed = run_turns("llama", 1, undo=True)
     before = weights(model)
-    ed.lr = 1e38  # the shifts overflow: the turn is refused
+    ed.configure(lr=1e38)  # the shifts overflow: the turn is refused
     from ultraedit_fast import EditRefused
     with pytest.raises(EditRefused):
         ed.edit(turn_requests(1))

@@ -34,11 +34,11 @@ def test_twenty_counterfactual_edits_take(fresh_smollm2):
     model, tok = fresh_smollm2
     reqs = _zsre(20, 20)
     base = capture_predictions(model, tok, reqs)
-    before = evaluate(model, tok, reqs, base_predictions=base)
+    before = evaluate(model, tok, reqs, base=base)
     assert before["ES"] < 0.35 and before["LS_unedited"] == 1.0
     rep = fast_edit(model, tok, reqs, modules=LATE_DOWN, lr=3e-3)
     assert rep.n_requests == 20 and rep.n_tokens >= 40
-    after = evaluate(model, tok, reqs, base_predictions=base)
+    after = evaluate(model, tok, reqs, base=base)
     assert after["ES"] > 0.9, after
     assert after["GS"] > 0.6, after
     assert after["LS"] >= before["LS"] - 0.05, (before, after)
@@ -51,11 +51,11 @@ def test_preset_edits_gently_and_keeps_locality(fresh_smollm2):
     model, tok = fresh_smollm2
     reqs = _zsre(40, 20)
     base = capture_predictions(model, tok, reqs)
-    before = evaluate(model, tok, reqs, base_predictions=base)
+    before = evaluate(model, tok, reqs, base=base)
     ed = UltraEditor(model, tok)
     assert ed.preset == "SmolLM2-135M-Instruct"
     ed.edit(reqs)
-    after = evaluate(model, tok, reqs, base_predictions=base)
+    after = evaluate(model, tok, reqs, base=base)
     assert after["ES"] > before["ES"] + 0.15, (before, after)
     assert after["LS_unedited"] > 0.55, after
 

@@ -7,11 +7,11 @@ import torch
 from conftest import ToyTokenizer, clone_model, make_tiny, random_requests
 from ultraedit_fast import EditRequest, ReferenceEditor, UltraEditor
 from ultraedit_fast import evaluate
-from ultraedit_fast.editors.ultraedit import _request_of_rows, _rescaled
+from ultraedit_fast.editors.turn import Plan, request_of_rows, rescaled
 from ultraedit_fast.core.presets import FACTS_TURN_MAX
 from ultraedit_fast.model.requests import make_minibatches
 from ultraedit_fast.core.solve import ShiftSolver
-from ultraedit_fast.core.step import StepSearch
+from ultraedit_fast.core.step_search import StepSearch
 
 LR = 1e-3
 
@@ -37,7 +37,7 @@ def test_paper_step_is_the_reference(toy_tokenizer):
 def test_rows_follow_the_capture_and_rescaling_is_linear(toy_tokenizer):
     reqs = random_requests(7, seed=4)
     batches = make_minibatches(toy_tokenizer, reqs, 3)
-    rows = _request_of_rows(batches)
+    rows = request_of_rows(batches)
     counts = [len(toy_tokenizer(" " + r.target, add_special_tokens=False)["input_ids"])
               for r in reqs]
     assert rows.bincount(minlength=7).tolist() == counts
@@ -48,11 +48,11 @@ def test_rows_follow_the_capture_and_rescaling_is_linear(toy_tokenizer):
     solver = ShiftSolver(k)
     a, kk = solver.factors(v)
     plan = [("t", a, kk)]
-    ((_, a3, _),) = _rescaled(plan, [(solver, v)], rows, [3.0] * 7)
+    ((_, a3, _),) = rescaled(Plan(plan, [(solver, v)]), rows, [3.0] * 7)
     assert torch.allclose(a3, 3 * a, rtol=1e-5, atol=1e-6)
     scales = [1.0] * 7
     scales[2] = 4.0
-    ((_, a4, _),) = _rescaled(plan, [(solver, v)], rows, scales)
+    ((_, a4, _),) = rescaled(Plan(plan, [(solver, v)]), rows, scales)
     v4 = v.clone()
     v4[rows == 2] *= 4
     assert torch.allclose(a4, solver.factors(v4)[0], rtol=1e-5, atol=1e-6)
@@ -67,9 +67,9 @@ def test_auto_step_lands_more_edits_and_keeps_the_budget(toy_tokenizer):
     ed = UltraEditor(model, toy_tokenizer, modules=modules, lr=1e-4, step="auto",
                      locality_budget=0.5, max_step_scale=256.0)
     rep = ed.edit(reqs)
-    trials = rep.step["trials"]
+    trials = rep.step_search["trials"]
     assert trials[0]["mean_scale"] == 1.0  # starts at the published step
-    assert all(s >= 1.0 for s in (rep.step["scales"] or [1.0]))  # never below it
+    assert all(s >= 1.0 for s in (rep.step_search["scales"] or [1.0]))  # never below it
     chosen = [t for t in trials if abs(t["mean_scale"] - rep.step_scale) < 1e-9][-1]
     assert chosen["locality_changed"] <= 0.5 or rep.step_scale == 1.0
     assert rep.seconds["step"] > 0
@@ -97,7 +97,7 @@ def test_the_search_checks_what_greedy_decoding_produces(toy_tokenizer):
 
 def test_rescaled_with_all_ones_is_the_plan():
     plan = [("t", torch.ones(3, 2), torch.ones(3, 4))]
-    assert _rescaled(plan, [(None, None)], torch.zeros(3, dtype=torch.long), [1.0]) is plan
+    assert rescaled(Plan(plan, [(None, None)]), torch.zeros(3, dtype=torch.long), [1.0]) is plan
 
 
 @pytest.mark.slow

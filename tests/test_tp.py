@@ -145,7 +145,7 @@ def test_cli_runs_under_torchrun(tmp_path, small_zsre, tiny_model_dir):
     and scores (teacher-forced and generated) like a single process (the fixture's prompts
     tokenise alike, so the scores barely move; the drift shows the edit), rank 0 alone writes the
     results, and --save-editor writes one checkpoint per rank."""
-    from ultraedit_fast.cli.main import main
+    from ultraedit_fast.cli import main
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     args = ["run", "--model", str(tiny_model_dir), "--data", str(small_zsre), "--turns", "2",
             "--edits-per-turn", "2", "--modules",
@@ -179,7 +179,7 @@ def test_cli_runs_under_torchrun(tmp_path, small_zsre, tiny_model_dir):
 
 def test_cli_refuses_what_tensor_parallel_cannot_write(tmp_path, small_zsre, monkeypatch,
                                                         capsys):
-    from ultraedit_fast.cli.main import main
+    from ultraedit_fast.cli import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     rc = main(["run", "--model", "smollm2", "--data", str(small_zsre), "--turns", "1",

@@ -1,6 +1,6 @@
 """``python -m ultraedit_fast``: the ``ultraedit-fast`` command."""
 import sys
 
-from .cli.main import main
+from .cli import main
 
 sys.exit(main())

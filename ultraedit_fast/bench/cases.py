@@ -1,5 +1,6 @@
-"""The ``turn``, ``memory`` and ``lifelong`` cases: whole turns of the fast editor beside the
-reference and beside the turn's forward-and-backward floor."""
+"""The ``turn`` and ``memory`` cases: whole turns of the fast editor beside the reference and
+beside the turn's forward-and-backward floor (and the editors and weight keeping that the
+``lifelong`` case, :mod:`.lifelong`, shares)."""
 from __future__ import annotations
 
 import gc
@@ -11,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.display import GIB, fmt_ratio, fmt_seconds
-from ..editors.ultraedit import EditRefused, UltraEditor
-from ..model.forward import preserved_model_state, supports_packing
+from ..editors.ultraedit import UltraEditor
+from ..model.forward import input_device, preserved_model_state, supports_packing
 from ..editors.reference import ReferenceEditor
 from ..model.requests import IGNORE, context_length, make_minibatches
-from .instrument import Impl, is_oom, measure, quantile, run_interleaved, sync, times_summary
+from .instrument import Impl, is_oom, measure, quantile, run_interleaved, sync
 from .settings import CARD_USABLE_BYTES, MEMORY_TARGET_BYTES, Settings
 from .steps import median_s, peak_of, speedup
 from .workloads import PAPER_LABELS, ModelCase, ModelPool
@@ -29,7 +30,7 @@ def floor_pass(model, tokenizer, requests, modules: Sequence[str], batch_size: i
     ``torch.autograd.grad`` of the loss (the editors' loss) is taken with respect to it. No
     parameter requires grad. Returns the seconds of the passes (tokenisation excluded, as
     in ``EditReport.total_seconds``) and the answer-token count."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     batches = make_minibatches(tokenizer, requests, batch_size, context_length(model))
     state: Dict[str, Any] = {"leaf": None}
 
@@ -66,7 +67,6 @@ def floor_pass(model, tokenizer, requests, modules: Sequence[str], batch_size: i
     return {"seconds": time.perf_counter() - t0, "n_tokens": n_tokens}
 
 
-
 def make_editors(mc: ModelCase, **options):
     """The fast editor (with the run's ``options``; the published step unless they say
     otherwise, so that both editors do the same work) and the reference on ``mc``'s model,
@@ -96,56 +96,75 @@ class WeightKeeper:
         return [p.detach().float().cpu() - s.float() for p, s in zip(self.params, self.saved)]
 
 
-def turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print,
-                    track_alloc: bool = False) -> Dict[str, Any]:
-    fast, ref = make_editors(mc, **s.editor_options)
-    modules = list(fast.module_names)
-    keeper = WeightKeeper(mc.model, modules)
-    requests = mc.requests(0, n=s.edits, seed=s.seed)
-    shifts: Dict[str, List[torch.Tensor]] = {}
-    # Comparing the two editors' shifts holds two fp32 copies of every edited weight on the
-    # host: fine beside a GPU, too much beside a 7B model in a small machine's memory.
-    shift_bytes = 2 * 4 * sum(p.numel() for p in keeper.params)
-    compare_shifts = s.device.type == "cuda" or shift_bytes <= 2 * GIB
+class ShiftComparison:
+    """The weight shift of each editor's first run (both start from the same weights), to
+    check that the two make the same edit; then the weights are put back.
 
-    def after(tag):
+    Comparing the two editors' shifts holds two fp32 copies of every edited weight on the
+    host: fine beside a GPU, too much beside a 7B model in a small machine's memory."""
+
+    def __init__(self, s: Settings, keeper: WeightKeeper):
+        self.keeper = keeper
+        self.shifts: Dict[str, List[torch.Tensor]] = {}
+        self.bytes = 2 * 4 * sum(p.numel() for p in keeper.params)
+        self.enabled = s.device.type == "cuda" or self.bytes <= 2 * GIB
+
+    def after(self, tag: str) -> Callable[[Any], None]:
+        """The ``Impl.after`` of editor ``tag``: keep its first shift, restore the weights."""
         def f(_):
-            if compare_shifts and tag not in shifts:  # the first run of each editor
-                shifts[tag] = keeper.rel_shift()      # starts from the same model
-            keeper.restore()
+            if self.enabled and tag not in self.shifts:
+                self.shifts[tag] = self.keeper.rel_shift()
+            self.keeper.restore()
         return f
 
+    def max_rel_diff(self) -> Optional[float]:
+        """The largest relative difference of the two editors' shifts over the modules."""
+        if "fast" not in self.shifts or "reference" not in self.shifts:
+            return None
+        rels = []
+        for a, b in zip(self.shifts["fast"], self.shifts["reference"]):
+            nb = b.norm().item()
+            rels.append((a - b).norm().item() / nb if nb > 0 else float("nan"))
+        return max(rels) if rels else None
+
+    def skipped_note(self) -> Dict[str, str]:
+        return {} if self.enabled else {
+            "shift_compare_skipped": f"two fp32 copies of the edited weights "
+                                     f"({self.bytes / GIB:.1f} GiB) would not fit"}
+
+
+def turn_impls(mc: ModelCase, fast, ref, requests, shifts: ShiftComparison,
+               with_floor: bool, track_alloc: bool) -> Dict[str, Impl]:
+    """What a turn case times: the floor (optional), the fast editor and the reference,
+    each editor's turn scored by ``EditReport.total_seconds``."""
+    modules = list(fast.module_names)
     total = lambda rep: rep.total_seconds  # noqa: E731
     impls: Dict[str, Impl] = {}
     if with_floor:
         impls["floor"] = Impl(lambda: floor_pass(mc.model, mc.tokenizer, requests, modules,
                                                  fast.batch_size),
                               seconds_of=lambda r: r["seconds"], keep=True)
-    impls["fast"] = Impl(lambda: fast.edit(requests), total, after("fast"), keep=True,
+    impls["fast"] = Impl(lambda: fast.edit(requests), total, shifts.after("fast"), keep=True,
                          always_warm_up=track_alloc)
-    impls["reference"] = Impl(lambda: ref.edit(requests), total, after("reference"), keep=True)
-    res = run_interleaved(impls, s.device, repeats=repeats, slow_s=s.slow_s,
-                          impl_budget_s=s.impl_budget_s, deadline=s.deadline,
-                          track_alloc=track_alloc)
-    summ = {k: v.summary() for k, v in res.items()}
-    fast_reports = res["fast"].values
-    phases = {}
-    if fast_reports:
-        for ph in fast_reports[0].seconds:
-            phases[ph] = quantile([r.seconds[ph] for r in fast_reports], 0.5)
-    n_tokens = fast_reports[0].n_tokens if fast_reports else None
-    agree = None
-    if "fast" in shifts and "reference" in shifts:
-        rels = []
-        for a, b in zip(shifts["fast"], shifts["reference"]):
-            nb = b.norm().item()
-            rels.append((a - b).norm().item() / nb if nb > 0 else float("nan"))
-        agree = max(rels) if rels else None
-    f_med, r_med = median_s(summ["fast"]), median_s(summ["reference"])
-    fl_med = median_s(summ["floor"]) if "floor" in summ else None
-    row = {
+    impls["reference"] = Impl(lambda: ref.edit(requests), total, shifts.after("reference"),
+                              keep=True)
+    return impls
+
+
+def phase_medians(reports: List[Any]) -> Dict[str, float]:
+    """The median seconds of each phase over the fast editor's ``EditReport``s."""
+    if not reports:
+        return {}
+    return {ph: quantile([r.seconds[ph] for r in reports], 0.5) for ph in reports[0].seconds}
+
+
+def turn_row(mc: ModelCase, fast, requests, n_tokens: Optional[int],
+             summ: Dict[str, Dict[str, Any]], phases: Dict[str, float],
+             shifts: ShiftComparison) -> Dict[str, Any]:
+    """The turn case's row of one model, without the floor's ratios."""
+    return {
         "model": mc.name, "description": mc.description, "data": mc.data,
-        "modules": modules, "lr": fast.lr, "backend": fast.backend,
+        "modules": list(fast.module_names), "lr": fast.lr, "backend": fast.backend,
         "n_requests": len(requests), "n_tokens": n_tokens,
         "transactional": fast.transactional,
         "tokens_per_pass": fast.tokens_per_pass,
@@ -155,29 +174,51 @@ def turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, l
         **({"tied_layers": mc.tied_layers} if mc.tied_layers else {}),
         "fast": summ["fast"], "reference": summ["reference"],
         "fast_phases_median_s": phases,
-        "speedup": speedup(r_med, f_med),
-        "shift_rel_diff_fast_vs_reference": agree,
-        **({} if compare_shifts else {"shift_compare_skipped":
-                                      f"two fp32 copies of the edited weights "
-                                      f"({shift_bytes / GIB:.1f} GiB) would not fit"}),
+        "speedup": speedup(median_s(summ["reference"]), median_s(summ["fast"])),
+        "shift_rel_diff_fast_vs_reference": shifts.max_rel_diff(),
+        **shifts.skipped_note(),
         "seconds_note": "seconds = EditReport.total_seconds (tokenisation excluded); wall_s "
                         "includes it",
     }
+
+
+def add_floor_ratios(row: Dict[str, Any], floor: Dict[str, Any]) -> None:
+    """Each editor's time over the floor's, and the speedup of the time above the floor."""
+    f_med, r_med = median_s(row["fast"]), median_s(row["reference"])
+    fl_med = median_s(floor)
+    row["floor"] = floor
+    row["fast_over_floor"] = f_med / fl_med if f_med and fl_med else None
+    row["reference_over_floor"] = r_med / fl_med if r_med and fl_med else None
+    if f_med and r_med and fl_med and f_med > fl_med:
+        row["overhead_speedup"] = (r_med - fl_med) / (f_med - fl_med)
+
+
+def turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print,
+                   track_alloc: bool = False) -> Dict[str, Any]:
+    fast, ref = make_editors(mc, **s.editor_options)
+    keeper = WeightKeeper(mc.model, list(fast.module_names))
+    requests = mc.requests(0, n=s.edits, seed=s.seed)
+    shifts = ShiftComparison(s, keeper)
+    impls = turn_impls(mc, fast, ref, requests, shifts, with_floor, track_alloc)
+    res = run_interleaved(impls, s.device, repeats=repeats, slow_s=s.slow_s,
+                          impl_budget_s=s.impl_budget_s, deadline=s.deadline,
+                          track_alloc=track_alloc)
+    summ = {k: v.summary() for k, v in res.items()}
+    fast_reports = res["fast"].values
+    phases = phase_medians(fast_reports)
+    n_tokens = fast_reports[0].n_tokens if fast_reports else None
+    row = turn_row(mc, fast, requests, n_tokens, summ, phases, shifts)
     if "floor" in summ:
-        row["floor"] = summ["floor"]
-        row["fast_over_floor"] = f_med / fl_med if f_med and fl_med else None
-        row["reference_over_floor"] = r_med / fl_med if r_med and fl_med else None
-        if f_med and r_med and fl_med and f_med > fl_med:
-            row["overhead_speedup"] = (r_med - fl_med) / (f_med - fl_med)
+        add_floor_ratios(row, summ["floor"])
     if s.device.type == "cuda" and mc.name in PAPER_LABELS:
         row["fast_on_24gb_card"] = fits_card(s, fast, requests, keeper)
+    fl_med = median_s(summ["floor"]) if "floor" in summ else None
     log(f"[turn] {mc.name}: {n_tokens} answer tokens; floor {fmt_seconds(fl_med)}, fast "
-        f"{fmt_seconds(f_med)} ({', '.join(f'{k} {fmt_seconds(v)}' for k, v in phases.items())}), "
-        f"reference {fmt_seconds(r_med)}, x{fmt_ratio(row['speedup'])}")
+        f"{fmt_seconds(median_s(summ['fast']))} "
+        f"({', '.join(f'{k} {fmt_seconds(v)}' for k, v in phases.items())}), "
+        f"reference {fmt_seconds(median_s(summ['reference']))}, x{fmt_ratio(row['speedup'])}")
     keeper.restore()
     return row
-
-
 
 
 def fits_card(s: Settings, fast, requests, keeper: "WeightKeeper") -> Dict[str, Any]:
@@ -302,119 +343,3 @@ def case_turn_and_memory(s: Settings, pool: ModelPool, log=print,
         if on_model is not None:
             on_model(turns, mems)
     return turns, mems
-
-
-def drift(times: List[float]) -> Dict[str, Any]:
-    """Flatness of per-turn times: least-squares slope (s/turn and relative to the mean over
-    the whole run) and the mean of the last 5 turns over the mean of turns 2..6."""
-    out: Dict[str, Any] = {}
-    xs = list(range(1, len(times) + 1))
-    if len(times) >= 3:
-        body = times[1:]  # turn 1 carries one-time costs
-        xb = xs[1:]
-        mx, my = sum(xb) / len(xb), sum(body) / len(body)
-        sxx = sum((x - mx) ** 2 for x in xb)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xb, body)) / sxx if sxx else 0.0
-        out["slope_s_per_turn"] = slope
-        out["relative_change_over_run"] = slope * (len(times) - 1) / my if my else None
-    if len(times) >= 11:
-        first = times[1:6]
-        last = times[-5:]
-        out["last5_over_turns2to6"] = (sum(last) / 5) / (sum(first) / 5)
-    return out
-
-
-def case_lifelong(s: Settings, pool: ModelPool, log=print) -> Dict[str, Any]:
-    try:
-        mc = pool.get(s.lifelong_model)
-    except Exception as e:  # noqa: BLE001
-        return {"model": s.lifelong_model, "skipped": f"{type(e).__name__}: {e}"}
-    fast, ref = make_editors(mc, **s.editor_options)
-    keeper = WeightKeeper(mc.model, fast.module_names)
-    res: Dict[str, Any] = {"model": mc.name, "description": mc.description, "data": mc.data,
-                           "modules": list(fast.module_names), "lr": fast.lr,
-                           "backend": fast.backend, "turns_planned": s.lifelong_turns,
-                           "edits_per_turn": s.edits}
-    if mc.requests_pool:
-        res["data_note"] = (f"turn t edits zsRE records 100t..100t+99 modulo "
-                            f"{len(mc.requests_pool)}: turns past the file's end re-edit "
-                            "earlier records")
-    per_turn: List[Dict[str, Any]] = []
-    stopped = None
-    for t in range(s.lifelong_turns):
-        if s.out_of_time(margin=5):
-            stopped = f"time budget: stopped after {t} turns"
-            break
-        reqs = mc.requests(t, n=s.edits, seed=s.seed)
-        try:
-            rep, m = measure(lambda: fast.edit(reqs), s.device)
-        except EditRefused as e:
-            per_turn.append({"turn": t + 1, "refused": str(e)})
-            continue
-        entry = {"turn": t + 1, "seconds": rep.total_seconds, "wall_s": m["wall_s"],
-                 "phases": dict(rep.seconds), "n_tokens": rep.n_tokens,
-                 "peak_bytes": peak_of({"cuda_peak_allocated_bytes":
-                                      m.get("cuda_peak_allocated_bytes"),
-                                      "peak_rss_increase_bytes":
-                                      m.get("peak_rss_increase_bytes")}, s.device),
-                 "cpu_s": m["cpu_s"]}
-        if "nvml" in m:
-            entry["nvml"] = m["nvml"]
-        per_turn.append(entry)
-        if (t + 1) % max(1, s.lifelong_turns // 10) == 0:
-            log(f"[lifelong] {mc.name}: turn {t + 1}/{s.lifelong_turns}: "
-                f"{fmt_seconds(rep.total_seconds)}")
-    keeper.restore()
-    times = [e["seconds"] for e in per_turn if "seconds" in e]
-    peaks = [e["peak_bytes"] for e in per_turn if e.get("peak_bytes") is not None]
-    res["fast_peak_bytes_max"] = max(peaks) if peaks else None
-    # turn 1 carries one-time allocations (allocator growth, first use of the kernels)
-    res["fast_peak_bytes_max_after_turn1"] = max(peaks[1:]) if len(peaks) > 1 else None
-    res["fast"] = {"per_turn": per_turn, "turns_done": len(times),
-                   "seconds": times_summary(times) if times else None,
-                   "total_seconds": sum(times), "drift": drift(times)}
-    if stopped:
-        res["fast"]["stopped"] = stopped
-    # the reference: a few turns of the same sequence, from the same starting weights
-    ref_times, ref_peaks = [], []
-    ref_err = None
-    for t in range(s.ref_turns):
-        if s.out_of_time(margin=5):
-            break
-        reqs = mc.requests(t, n=s.edits, seed=s.seed)
-        try:
-            rep, m = measure(lambda: ref.edit(reqs), s.device)
-        except Exception as e:  # noqa: BLE001
-            ref_err = (f"out of memory: {e}" if is_oom(e) else f"{type(e).__name__}: {e}")
-            break
-        ref_times.append(rep.total_seconds)
-        ref_peaks.append(peak_of({"cuda_peak_allocated_bytes": m.get("cuda_peak_allocated_bytes"),
-                                "peak_rss_increase_bytes": m.get("peak_rss_increase_bytes")},
-                               s.device))
-    keeper.restore()
-    res["reference"] = {"turns_done": len(ref_times), "per_turn_seconds": ref_times,
-                        "peak_bytes": max([p for p in ref_peaks if p is not None], default=None)}
-    if ref_err:
-        res["reference"]["error"] = ref_err
-    if ref_times:
-        # turn 1 carries one-time costs: extrapolate from the later turns when there are some
-        basis = ref_times[1:] if len(ref_times) > 1 else ref_times
-        per = sum(basis) / len(basis)
-        res["reference"]["mean_seconds_per_turn"] = per
-        res["reference"]["extrapolated_total_seconds"] = per * s.lifelong_turns
-        res["reference"]["extrapolation"] = (
-            f"{len(ref_times)} reference turns measured; total for {s.lifelong_turns} turns = "
-            f"{s.lifelong_turns} x mean of turns {2 if len(ref_times) > 1 else 1}.."
-            f"{len(ref_times)} (the reference's turn cost does not grow with turns either: "
-            "its state is the same fixed-size normaliser)")
-    if times:
-        fast_per = (sum(times[1:]) / (len(times) - 1)) if len(times) > 1 else times[0]
-        res["fast"]["mean_seconds_per_turn"] = fast_per
-        res["fast"]["projected_total_seconds"] = fast_per * s.lifelong_turns
-        if ref_times:
-            res["speedup_per_turn"] = res["reference"]["mean_seconds_per_turn"] / fast_per
-    log(f"[lifelong] {mc.name}: {len(times)} fast turns, mean "
-        f"{fmt_seconds(res['fast'].get('mean_seconds_per_turn'))}/turn, drift "
-        f"{res['fast']['drift']}; reference {len(ref_times)} turns, "
-        f"{fmt_seconds(res['reference'].get('mean_seconds_per_turn'))}/turn")
-    return res

@@ -8,13 +8,15 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from ..core.config import add_cli_options, options_from_cli
 from ..utils.environment import device_slug, environment, loadavg
-from .cases import case_lifelong, case_turn_and_memory
+from .cases import case_turn_and_memory
+from .lifelong import case_lifelong
 from .plot import plot
 from .report import format_table, headline, merge_results, write_json
 from .settings import CASES, EDITS_PER_TURN, SCHEMA, Settings
@@ -136,52 +138,102 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.replot:
-        with open(args.replot) as f:
-            doc = json.load(f)
-        png = plot(doc, os.path.splitext(args.replot)[0] + ".png")
-        print(headline(doc))
-        print(format_table(doc))
-        print(f"chart: {png}" if png else "chart: matplotlib unavailable")
-        return 0
-    s = settings_from_args(args)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    env = environment(s.device)
-    os.makedirs(args.output_dir, exist_ok=True)
+NOTES = (
+    "fast and reference run in the same process, alternating run by run",
+    "seconds are medians of the measured runs; q20/q80 and all runs are in the JSON",
+    "a first run longer than slow_s is kept as the only/first measurement",
+    "CPU timings on a machine shared with other work are noisy: see loadavg",
+)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def replot(path: str) -> int:
+    """``--replot``: redraw the chart of a results file and reprint its table."""
+    with open(path) as f:
+        doc = json.load(f)
+    png = plot(doc, os.path.splitext(path)[0] + ".png")
+    print(headline(doc))
+    print(format_table(doc))
+    print(f"chart: {png}" if png else "chart: matplotlib unavailable")
+    return 0
+
+
+def output_stem(env: Dict[str, Any], s: Settings, tag: Optional[str]) -> str:
+    """``<device>-<date>[-<scale>][-<tag>]``, the name of the results files."""
     stem = f"{device_slug(env)}-{env['date']}"
     if s.scale != "full":
         stem += f"-{s.scale}"
-    if args.tag:
-        stem += f"-{args.tag}"
+    if tag:
+        stem += f"-{tag}"
+    return stem
+
+
+def settings_record(s: Settings, args, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """The run's settings as the results file records them."""
+    return {"cases": s.cases, "scale": s.scale, "repeats": s.repeats,
+            "step_repeats": s.step_repeats, "lifelong_turns": s.lifelong_turns,
+            "ref_turns": s.ref_turns, "models": s.models,
+            "lifelong_model": s.lifelong_model, "memory_models": s.memory_models,
+            "backend": s.backend or "auto", "seed": s.seed, "slow_s": s.slow_s,
+            "tokens_per_pass": s.editor_options.get("tokens_per_pass"),
+            "editor_options": dict(s.editor_options), "zsre": s.zsre_path,
+            "tie_below_edited": s.tie_below_edited,
+            "edits_per_turn": s.edits, "threads": torch.get_num_threads(),
+            "impl_budget_s": s.impl_budget_s, "time_budget_s": args.time_budget,
+            "argv": list(argv) if argv is not None else sys.argv[1:]}
+
+
+def new_document(env: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """A results document with no case run yet."""
+    return {"schema": SCHEMA, "env": env, "settings": settings, "notes": list(NOTES),
+            "cases": {}, "loadavg_per_case": {}, "seconds_per_case": {}}
+
+
+@dataclass
+class BenchRun:
+    """A run under way: its results document, where it goes, and the earlier results file
+    it merges into (``--merge``)."""
+
+    doc: Dict[str, Any]
+    json_path: str
+    png_path: str
+    prev: Optional[Dict[str, Any]]
+    pool: ModelPool
+    t_start: float
+
+    def save(self) -> None:
+        """Write the document so far (merged into ``prev``, if any)."""
+        doc = self.doc
+        doc["elapsed_s"] = time.perf_counter() - self.t_start
+        doc["env"]["loadavg_at_end"] = loadavg()
+        doc["model_build_seconds"] = dict(self.pool.build_seconds)
+        write_json(merge_results(self.prev, doc) if self.prev else doc, self.json_path)
+
+    def guarded(self, name: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, or ``{"error": traceback}`` when it fails; its load and seconds are
+        recorded under ``name``."""
+        la0, t0 = loadavg(), time.perf_counter()
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - one case failing must not lose the others
+            log(f"[{name}] failed: {type(e).__name__}: {e}")
+            return {"error": traceback.format_exc(limit=10)}
+        finally:
+            self.doc["loadavg_per_case"][name] = {"start": la0, "end": loadavg()}
+            self.doc["seconds_per_case"][name] = time.perf_counter() - t0
+
+
+def start_run(s: Settings, args, argv: Optional[Sequence[str]]) -> BenchRun:
+    """Describe the environment, name the output files, read the file to merge into."""
+    env = environment(s.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stem = output_stem(env, s, args.tag)
     json_path = os.path.join(args.output_dir, stem + ".json")
     png_path = os.path.join(args.output_dir, stem + ".png")
-    doc: Dict[str, Any] = {
-        "schema": SCHEMA, "env": env,
-        "settings": {"cases": s.cases, "scale": s.scale, "repeats": s.repeats,
-                     "step_repeats": s.step_repeats, "lifelong_turns": s.lifelong_turns,
-                     "ref_turns": s.ref_turns, "models": s.models,
-                     "lifelong_model": s.lifelong_model, "memory_models": s.memory_models,
-                     "backend": s.backend or "auto", "seed": s.seed, "slow_s": s.slow_s,
-                     "tokens_per_pass": s.editor_options.get("tokens_per_pass"),
-                     "editor_options": dict(s.editor_options), "zsre": s.zsre_path,
-                     "tie_below_edited": s.tie_below_edited,
-                     "edits_per_turn": s.edits, "threads": torch.get_num_threads(),
-                     "impl_budget_s": s.impl_budget_s, "time_budget_s": args.time_budget,
-                     "argv": list(argv) if argv is not None else sys.argv[1:]},
-        "notes": [
-            "fast and reference run in the same process, alternating run by run",
-            "seconds are medians of the measured runs; q20/q80 and all runs are in the JSON",
-            "a first run longer than slow_s is kept as the only/first measurement",
-            "CPU timings on a machine shared with other work are noisy: see loadavg",
-        ],
-        "cases": {},
-    }
+    doc = new_document(env, settings_record(s, args, argv))
     prev = None
     if args.merge and os.path.exists(json_path):
         with open(json_path) as f:
@@ -190,57 +242,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"bench: {headline(doc)}")
     log(f"bench: writing {json_path}")
     pool = ModelPool(s.device, s.seed, s.tie_below_edited, s.zsre_path)
-    t_start = time.perf_counter()
+    return BenchRun(doc, json_path, png_path, prev, pool, time.perf_counter())
 
-    def save():
-        doc["elapsed_s"] = time.perf_counter() - t_start
-        doc["env"]["loadavg_at_end"] = loadavg()
-        doc["model_build_seconds"] = dict(pool.build_seconds)
-        write_json(merge_results(prev, doc) if prev else doc, json_path)
 
-    doc["loadavg_per_case"] = {}
-    doc["seconds_per_case"] = {}
+def run_turn_and_memory(run: BenchRun, s: Settings) -> None:
+    cases = run.doc["cases"]
 
-    def guarded(name, fn):
-        la0, t0 = loadavg(), time.perf_counter()
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - one case failing must not lose the others
-            log(f"[{name}] failed: {type(e).__name__}: {e}")
-            return {"error": traceback.format_exc(limit=10)}
-        finally:
-            doc["loadavg_per_case"][name] = {"start": la0, "end": loadavg()}
-            doc["seconds_per_case"][name] = time.perf_counter() - t0
+    def keep(turns, mems):  # the rows so far reach the file after every model
+        if "turn" in s.cases:
+            cases["turn"] = turns
+        if "memory" in s.cases:
+            cases["memory"] = mems
+        run.save()
 
+    res = run.guarded("turn", lambda: case_turn_and_memory(s, run.pool, log, keep))
+    if isinstance(res, dict):
+        cases["turn"] = [res]
+    else:
+        keep(*res)
+    run.save()
+
+
+def run_cases(run: BenchRun, s: Settings) -> None:
+    """The cases asked for, in order, the file saved after each."""
+    cases = run.doc["cases"]
     if "steps" in s.cases:
-        doc["cases"]["steps"] = guarded("steps", lambda: case_steps(s, log))
-        save()
+        cases["steps"] = run.guarded("steps", lambda: case_steps(s, log))
+        run.save()
     if "turn" in s.cases or "memory" in s.cases:
-        def keep(turns, mems):  # the rows so far reach the file after every model
-            if "turn" in s.cases:
-                doc["cases"]["turn"] = turns
-            if "memory" in s.cases:
-                doc["cases"]["memory"] = mems
-            save()
-
-        res = guarded("turn", lambda: case_turn_and_memory(s, pool, log, keep))
-        if isinstance(res, dict):
-            doc["cases"]["turn"] = [res]
-        else:
-            keep(*res)
-        save()
+        run_turn_and_memory(run, s)
     if "lifelong" in s.cases:
-        doc["cases"]["lifelong"] = guarded("lifelong", lambda: case_lifelong(s, pool, log))
-        save()
+        cases["lifelong"] = run.guarded("lifelong", lambda: case_lifelong(s, run.pool, log))
+        run.save()
     for k in ("steps", "turn", "memory"):  # a case that failed as a whole
-        if isinstance(doc["cases"].get(k), dict):
-            doc["cases"][k] = [doc["cases"][k]]
-    save()
-    if prev:
-        doc = merge_results(prev, doc)
-    png = None if args.no_plot else guarded("plot", lambda: plot(doc, png_path))
+        if isinstance(cases.get(k), dict):
+            cases[k] = [cases[k]]
+    run.save()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.replot:
+        return replot(args.replot)
+    s = settings_from_args(args)
+    run = start_run(s, args, argv)
+    run_cases(run, s)
+    if run.prev:
+        run.doc = merge_results(run.prev, run.doc)
+    doc = run.doc
+    png = None if args.no_plot else run.guarded("plot", lambda: plot(doc, run.png_path))
     print()
     print(headline(doc))
     print(format_table(doc))
-    print(f"\nresults: {json_path}" + (f"\nchart:   {png}" if isinstance(png, str) else ""))
+    print(f"\nresults: {run.json_path}" + (f"\nchart:   {png}" if isinstance(png, str) else ""))
     return 0

@@ -267,6 +267,98 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+@dataclass
+class _Schedule:
+    """How :func:`run_interleaved` measures: runs per implementation, the limits that cut
+    them short, and what :func:`measure` records."""
+
+    device: torch.device
+    repeats: int
+    slow_s: float
+    impl_budget_s: float
+    nvml_sampling: bool
+    deadline: Optional[float]
+    track_alloc: bool
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+class _Interleaving:
+    """The series of each implementation, filled run by run, and the measured seconds each
+    has spent so far (against ``impl_budget_s``)."""
+
+    def __init__(self, impls: Dict[str, Impl], sched: _Schedule):
+        self.impls = impls
+        self.sched = sched
+        self.out = {name: Series() for name in impls}
+        self.spent = dict.fromkeys(impls, 0.0)
+
+    def run_once(self, name: str) -> None:
+        impl, ser, sched = self.impls[name], self.out[name], self.sched
+        try:
+            value, m = measure(impl.fn, sched.device, sched.nvml_sampling, sched.track_alloc)
+        except Exception as e:  # noqa: BLE001 - recorded, the others go on
+            ser.error = (f"out of memory: {e}" if is_oom(e) else
+                         f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
+            if sched.device.type == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+            return
+        secs = impl.seconds_of(value) if impl.seconds_of is not None else None
+        secs = m["wall_s"] if secs is None else secs
+        ser.runs.append(m)
+        ser.seconds.append(secs)
+        if impl.keep:
+            ser.values.append(value)
+        self.spent[name] += m["wall_s"]
+        if impl.after is not None:
+            impl.after(value)
+
+    def warm_up(self) -> None:
+        """One run of each; discarded unless it took more than ``slow_s`` (and the
+        implementation is not marked ``always_warm_up``)."""
+        slow_s = self.sched.slow_s
+        for name in self.impls:
+            if self.sched.past_deadline():
+                self.out[name].error = "skipped: time budget spent before its first run"
+                continue
+            self.run_once(name)
+            ser = self.out[name]
+            if ser.runs and (ser.runs[-1]["wall_s"] <= slow_s or self.impls[name].always_warm_up):
+                ser.runs.pop(), ser.seconds.pop()
+                if ser.values:
+                    ser.values.pop()
+                self.spent[name] = 0.0
+            elif ser.runs:
+                ser.notes.append(f"first run took {ser.runs[-1]['wall_s']:.1f} s > {slow_s} s: "
+                                 "kept as a measurement (no separate warm-up)")
+
+    def wants_another(self, name: str) -> bool:
+        ser = self.out[name]
+        if ser.error or len(ser.runs) >= self.sched.repeats:
+            return False
+        return not (ser.runs and (self.spent[name] > self.sched.impl_budget_s or
+                                  self.sched.past_deadline()))
+
+    def measured_rounds(self) -> None:
+        """Rounds of one run of each implementation that still wants one, until none does."""
+        for _ in range(self.sched.repeats):
+            progressed = False
+            for name in self.impls:
+                if self.wants_another(name):
+                    self.run_once(name)
+                    progressed = True
+            if not progressed:
+                break
+
+    def note_short_series(self) -> None:
+        repeats = self.sched.repeats
+        for ser in self.out.values():
+            if not ser.error and len(ser.runs) < repeats:
+                ser.notes.append(f"{len(ser.runs)} of {repeats} runs (time budget)")
+
+
 def run_interleaved(impls: Dict[str, Impl], device, *, repeats: int, warmup: bool = True,
                     slow_s: float = 10.0, impl_budget_s: float = 120.0,
                     nvml_sampling: bool = True, deadline: Optional[float] = None,
@@ -279,60 +371,12 @@ def run_interleaved(impls: Dict[str, Impl], device, *, repeats: int, warmup: boo
     fewer once its measured time passes ``impl_budget_s`` or ``deadline``
     (``time.monotonic()``) passes; it always gets at least one. An exception (a CUDA
     out-of-memory, say) ends that implementation's runs and is recorded."""
-    out = {name: Series() for name in impls}
-    spent = dict.fromkeys(impls, 0.0)
-
-    def one(name: str) -> None:
-        impl, ser = impls[name], out[name]
-        try:
-            value, m = measure(impl.fn, device, nvml_sampling, track_alloc)
-        except Exception as e:  # noqa: BLE001 - recorded, the others go on
-            ser.error = (f"out of memory: {e}" if is_oom(e) else
-                         f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
-            if device.type == "cuda":
-                gc.collect()
-                torch.cuda.empty_cache()
-            return
-        secs = impl.seconds_of(value) if impl.seconds_of is not None else None
-        secs = m["wall_s"] if secs is None else secs
-        ser.runs.append(m)
-        ser.seconds.append(secs)
-        if impl.keep:
-            ser.values.append(value)
-        spent[name] += m["wall_s"]
-        if impl.after is not None:
-            impl.after(value)
-
-    device = torch.device(device)
+    sched = _Schedule(device=torch.device(device), repeats=repeats, slow_s=slow_s,
+                      impl_budget_s=impl_budget_s, nvml_sampling=nvml_sampling,
+                      deadline=deadline, track_alloc=track_alloc)
+    runs = _Interleaving(impls, sched)
     if warmup:
-        for name in impls:
-            if deadline is not None and time.monotonic() > deadline:
-                out[name].error = "skipped: time budget spent before its first run"
-                continue
-            one(name)
-            ser = out[name]
-            if ser.runs and (ser.runs[-1]["wall_s"] <= slow_s or impls[name].always_warm_up):
-                ser.runs.pop(), ser.seconds.pop()
-                if ser.values:
-                    ser.values.pop()
-                spent[name] = 0.0
-            elif ser.runs:
-                ser.notes.append(f"first run took {ser.runs[-1]['wall_s']:.1f} s > {slow_s} s: "
-                                 "kept as a measurement (no separate warm-up)")
-    for _ in range(repeats):
-        progressed = False
-        for name in impls:
-            ser = out[name]
-            if ser.error or len(ser.runs) >= repeats:
-                continue
-            if ser.runs and (spent[name] > impl_budget_s or
-                             (deadline is not None and time.monotonic() > deadline)):
-                continue
-            one(name)
-            progressed = True
-        if not progressed:
-            break
-    for name, ser in out.items():
-        if not ser.error and len(ser.runs) < repeats:
-            ser.notes.append(f"{len(ser.runs)} of {repeats} runs (time budget)")
-    return out
+        runs.warm_up()
+    runs.measured_rounds()
+    runs.note_short_series()
+    return runs.out

@@ -3,28 +3,24 @@ its headline, and merging a run into an earlier results file."""
 from __future__ import annotations
 
 import copy
-import json
-import os
 from typing import Any, Dict, List
 
 from ..utils.display import fmt_bytes, fmt_ratio, fmt_seconds
+from ..utils.files import atomic_write_json
 from .steps import median_s, peak_of
 
 
-def table_rows(doc: Dict[str, Any]) -> List[Dict[str, str]]:
-    """Rows of the summary table: fast beside reference, with the speedup and peak memory."""
-    cases = doc.get("cases", {})
-    dev = doc.get("env", {}).get("device_type", "cpu")
-    rows: List[Dict[str, str]] = []
+def _row(case, what, fast, ref, speed, fpk=None, rpk=None, note="") -> Dict[str, str]:
+    return {"case": case, "what": what, "fast": fast, "reference": ref, "speedup": speed,
+            "fast_peak": fpk, "reference_peak": rpk, "note": note}
 
-    def add(case, what, fast, ref, speed, fpk=None, rpk=None, note=""):
-        rows.append({"case": case, "what": what, "fast": fast, "reference": ref,
-                     "speedup": speed, "fast_peak": fpk, "reference_peak": rpk, "note": note})
 
-    for r in cases.get("steps", []) or []:
+def _step_rows(steps: List[Dict[str, Any]], dev: str) -> List[Dict[str, str]]:
+    rows = []
+    for r in steps:
         if "op" not in r:
-            add("steps", r.get("label", r.get("shape")), "-", "-", "-",
-                note=r.get("skipped") or r.get("error", ""))
+            rows.append(_row("steps", r.get("label", r.get("shape")), "-", "-", "-",
+                             note=r.get("skipped") or r.get("error", "")))
             continue
         f, rf = r["fast"], r["reference"]
         note = f"N={r['n_tokens']}, {r['dtype']}"
@@ -33,13 +29,19 @@ def table_rows(doc: Dict[str, Any]) -> List[Dict[str, str]]:
             note += f"; reference {rr} run{'s' if rr != 1 else ''}"
         if "error" in rf:
             note += f"; reference: {rf['error'].splitlines()[0][:60]}"
-        add("steps", f"{r['label']} {r['op']}", fmt_seconds(median_s(f)), fmt_seconds(median_s(rf)),
-            fmt_ratio(r.get("speedup")), fmt_bytes(peak_of(f, dev)), fmt_bytes(peak_of(rf, dev)), note)
-    for r in cases.get("turn", []) or []:
+        rows.append(_row("steps", f"{r['label']} {r['op']}", fmt_seconds(median_s(f)),
+                         fmt_seconds(median_s(rf)), fmt_ratio(r.get("speedup")),
+                         fmt_bytes(peak_of(f, dev)), fmt_bytes(peak_of(rf, dev)), note))
+    return rows
+
+
+def _turn_rows(turns: List[Dict[str, Any]], dev: str) -> List[Dict[str, str]]:
+    rows = []
+    for r in turns:
         if "fast" not in r:
-            add("turn", r.get("model"), "-", "-", "-",
-                note=(r.get("skipped") or r.get("error", "")).splitlines()[0][:80]
-                if (r.get("skipped") or r.get("error")) else "")
+            why = r.get("skipped") or r.get("error")
+            rows.append(_row("turn", r.get("model"), "-", "-", "-",
+                             note=why.splitlines()[0][:80] if why else ""))
             continue
         fl = median_s(r.get("floor", {}))
         note = (f"{r['n_tokens']} tok; floor {fmt_seconds(fl)}; fast/floor "
@@ -48,33 +50,46 @@ def table_rows(doc: Dict[str, Any]) -> List[Dict[str, str]]:
             note += f"; overhead x{fmt_ratio(r['overhead_speedup'])}"
         if "error" in r["reference"]:
             note += f"; reference: {r['reference']['error'].splitlines()[0][:50]}"
-        add("turn", r["model"], fmt_seconds(median_s(r["fast"])), fmt_seconds(median_s(r["reference"])),
-            fmt_ratio(r.get("speedup")), fmt_bytes(peak_of(r["fast"], dev)),
-            fmt_bytes(peak_of(r["reference"], dev)), note)
-    lf = cases.get("lifelong")
-    if lf and "fast" in lf:
-        f, rf = lf["fast"], lf.get("reference", {})
-        d = f.get("drift", {})
-        note = (f"{f['turns_done']} turns; slope {d.get('relative_change_over_run', 0) * 100:+.0f}%"
-                f" over the run" if d.get("relative_change_over_run") is not None
-                else f"{f['turns_done']} turns")
-        if d.get("last5_over_turns2to6"):
-            note += f"; last5/turns2-6 {d['last5_over_turns2to6']:.2f}"
-        note += (f"; total {fmt_seconds(f.get('total_seconds'))} vs ref "
-                 f"~{fmt_seconds(rf.get('extrapolated_total_seconds'))} "
-                 f"(extrapolated from {rf.get('turns_done', 0)} turns)")
-        peaks = [e.get("peak_bytes") for e in f["per_turn"] if e.get("peak_bytes") is not None]
-        peak = max(peaks[1:]) if len(peaks) > 1 else (peaks[0] if peaks else None)
-        if len(peaks) > 1:
-            note += "; fast peak: max over turns 2.."
-        add("lifelong", f"{lf['model']} per turn", fmt_seconds(f.get("mean_seconds_per_turn")),
-            fmt_seconds(rf.get("mean_seconds_per_turn")), fmt_ratio(lf.get("speedup_per_turn")),
-            fmt_bytes(peak), fmt_bytes(rf.get("peak_bytes")), note)
-    elif lf:
-        add("lifelong", lf.get("model"), "-", "-", "-", note=lf.get("skipped", ""))
-    for r in cases.get("memory", []) or []:
+        rows.append(_row("turn", r["model"], fmt_seconds(median_s(r["fast"])),
+                         fmt_seconds(median_s(r["reference"])), fmt_ratio(r.get("speedup")),
+                         fmt_bytes(peak_of(r["fast"], dev)),
+                         fmt_bytes(peak_of(r["reference"], dev)), note))
+    return rows
+
+
+def _lifelong_rows(lf: Dict[str, Any]) -> List[Dict[str, str]]:
+    if not lf:
+        return []
+    if "fast" not in lf:
+        return [_row("lifelong", lf.get("model"), "-", "-", "-", note=lf.get("skipped", ""))]
+    f, rf = lf["fast"], lf.get("reference", {})
+    d = f.get("drift", {})
+    note = (f"{f['turns_done']} turns; slope {d.get('relative_change_over_run', 0) * 100:+.0f}%"
+            f" over the run" if d.get("relative_change_over_run") is not None
+            else f"{f['turns_done']} turns")
+    if d.get("last5_over_turns2to6"):
+        note += f"; last5/turns2-6 {d['last5_over_turns2to6']:.2f}"
+    note += (f"; total {fmt_seconds(f.get('total_seconds'))} vs ref "
+             f"~{fmt_seconds(rf.get('extrapolated_total_seconds'))} "
+             f"(extrapolated from {rf.get('turns_done', 0)} turns)")
+    # turn 1 carries one-time allocations: the peak shown is over the later turns
+    peaks = [e.get("peak_bytes") for e in f["per_turn"] if e.get("peak_bytes") is not None]
+    peak = max(peaks[1:]) if len(peaks) > 1 else (peaks[0] if peaks else None)
+    if len(peaks) > 1:
+        note += "; fast peak: max over turns 2.."
+    return [_row("lifelong", f"{lf['model']} per turn",
+                 fmt_seconds(f.get("mean_seconds_per_turn")),
+                 fmt_seconds(rf.get("mean_seconds_per_turn")),
+                 fmt_ratio(lf.get("speedup_per_turn")), fmt_bytes(peak),
+                 fmt_bytes(rf.get("peak_bytes")), note)]
+
+
+def _memory_rows(mems: List[Dict[str, Any]], dev: str) -> List[Dict[str, str]]:
+    rows = []
+    for r in mems:
         if "fast_peak_bytes" not in r:
-            add("memory", r.get("model"), "-", "-", "-", note=r.get("skipped", ""))
+            rows.append(_row("memory", r.get("model"), "-", "-", "-",
+                             note=r.get("skipped", "")))
             continue
         note = f"weights {fmt_bytes(r['weights_bytes'])}"
         if "target_bytes" in r:
@@ -85,12 +100,25 @@ def table_rows(doc: Dict[str, Any]) -> List[Dict[str, str]]:
                 note += f"; fast turn under a 24 GB cap: {'ran' if card['ok'] else 'FAILED'}"
         if r.get("reference_error"):
             note += f"; reference: {r['reference_error'][:40]}"
-        add("memory", r["model"], fmt_bytes(r["fast_peak_bytes"]), fmt_bytes(r["reference_peak_bytes"]),
-            f"{r['reference_over_fast']:.2f} (mem)" if r.get("reference_over_fast") else "-",
-            note=note + "; " + ("peak allocated" if dev == "cuda" else
-                                "weights + peak CPU allocations" if "fast_turn_alloc_peak_bytes"
-                                in r else "peak RSS increase"))
+        kind = ("peak allocated" if dev == "cuda" else
+                "weights + peak CPU allocations" if "fast_turn_alloc_peak_bytes" in r
+                else "peak RSS increase")
+        rows.append(_row("memory", r["model"], fmt_bytes(r["fast_peak_bytes"]),
+                         fmt_bytes(r["reference_peak_bytes"]),
+                         f"{r['reference_over_fast']:.2f} (mem)"
+                         if r.get("reference_over_fast") else "-",
+                         note=note + "; " + kind))
     return rows
+
+
+def table_rows(doc: Dict[str, Any]) -> List[Dict[str, str]]:
+    """Rows of the summary table: fast beside reference, with the speedup and peak memory."""
+    cases = doc.get("cases", {})
+    dev = doc.get("env", {}).get("device_type", "cpu")
+    return (_step_rows(cases.get("steps", []) or [], dev)
+            + _turn_rows(cases.get("turn", []) or [], dev)
+            + _lifelong_rows(cases.get("lifelong"))
+            + _memory_rows(cases.get("memory", []) or [], dev))
 
 
 def format_table(doc: Dict[str, Any], markdown: bool = False) -> str:
@@ -128,7 +156,6 @@ def headline(doc: Dict[str, Any]) -> str:
             + f"; loadavg at start {env.get('cpu', {}).get('loadavg_at_start')}")
 
 
-
 def merge_results(prev: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
     """``prev`` with ``new``'s cases laid over it: a row of ``steps``/``turn``/``memory``
     replaces the row of the same model (or shape and op), ``lifelong`` is replaced whole.
@@ -151,7 +178,5 @@ def merge_results(prev: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def write_json(doc: Dict[str, Any], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
-    os.replace(tmp, path)
+    """Write a results document atomically (values JSON cannot hold as their ``str``)."""
+    atomic_write_json(path, doc, indent=1, default=str)

@@ -23,16 +23,13 @@ from .instrument import sync
 from .settings import EDITS_PER_TURN
 
 
-# Token-length profile of zsRE (zsre_mend_train-1k.json, SmolLM2-135M-Instruct's tokenizer,
-# measured 2026-11-21): prompt tokens -> count and answer tokens -> count over 1000 records.
-# Synthetic requests for models without a tokenizer draw their lengths from it
-# (mean 11.3 prompt and 3.3 answer tokens: 330 answer tokens per 100 edits).
+# Token-length profile of zsRE (zsre_mend_train-1k.json, SmolLM2-135M-Instruct's tokenizer):
+# prompt tokens -> count and answer tokens -> count over its records. Synthetic requests
+# for models without a tokenizer draw their lengths from it.
 ZSRE_PROMPT_TOKENS = {6: 8, 7: 35, 8: 83, 9: 120, 10: 186, 11: 159, 12: 135, 13: 93, 14: 77,
                       15: 42, 16: 20, 17: 20, 18: 8, 19: 6, 20: 4, 21: 2, 22: 1, 25: 1}
 ZSRE_ANSWER_TOKENS = {1: 253, 2: 166, 3: 215, 4: 105, 5: 131, 6: 40, 7: 25, 8: 28, 9: 28,
                       10: 2, 11: 3, 12: 3, 14: 1}
-
-
 
 
 class SyntheticTokenizer:

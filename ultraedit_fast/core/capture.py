@@ -9,7 +9,7 @@ section 2), one block per (mini-batch, module).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ class Capture:
         self.keys: Dict[str, torch.Tensor] = {}
         self.outputs: Dict[str, torch.Tensor] = {}
         self._by_input: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = []
+        self._handles: List[Any] = []
 
     def __enter__(self):
         self._thread = ThreadOwned()
@@ -59,6 +59,7 @@ class Capture:
     def rows(self, module, x: torch.Tensor) -> torch.Tensor:
         """``x``'s rows at answer tokens, row-major (batch, then position)."""
         if module not in self.rows_only:
+            assert self.mask is not None, "rows() is called inside a pass"
             return x[on_device(self.mask, x)]
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] != self.n_rows:

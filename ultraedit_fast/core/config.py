@@ -14,11 +14,14 @@ field here plus its use.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
+                    TypedDict, Union)
 
 from ..kernels import BACKENDS
+from ..utils.checks import check_bool, check_positive_float, check_positive_int
 
 DEFAULT_TOKENS_PER_PASS = 512
 
@@ -48,19 +51,11 @@ def _check_modules(name: str, v):
 
 
 def check_lr(name: str, v):
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name}: expected a positive finite float, got {type(v).__name__}")
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name}: expected a positive finite float, got {v!r}")
-    return float(v)
+    return None if v is None else check_positive_float(name, v)
 
 
 def _check_positive_int(name: str, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    return v
+    return check_positive_int(name, v)
 
 
 def _check_backend(name: str, v):
@@ -69,12 +64,6 @@ def _check_backend(name: str, v):
     if not isinstance(v, str) or v.lower() not in BACKENDS:
         raise ValueError(f"{name}: expected one of {list(BACKENDS)}, got {v!r}")
     return v.lower()
-
-
-def check_bool(name: str, v):
-    if not isinstance(v, bool):
-        raise TypeError(f"{name}: expected True or False, got {v!r} ({type(v).__name__})")
-    return v
 
 
 STEPS = ("auto", "paper")
@@ -187,8 +176,10 @@ class EditorConfig:
         cli={"type": _cli_modules, "help": "comma-separated names of the layers to edit "
              "(default: the model's preset)"})
     lr: Optional[float] = _option(
-        None, check_lr, "the step (None: the preset's)", reference=True,
-        cli={"type": cli_positive_float, "help": "edit step (default: the preset's)"})
+        None, check_lr, "the learning rate, the published step size of the solve (None: the "
+        "preset's)", reference=True,
+        cli={"type": cli_positive_float, "help": "learning rate, the published step size "
+             "(default: the preset's)"})
     batch_size: int = _option(
         10, _check_positive_int,
         "requests per forward/backward mini-batch (10 in the paper); it sets the loss of "
@@ -231,7 +222,7 @@ class EditorConfig:
         None, _check_step,
         "the turn's step: 'auto' scales each solved turn by the smallest power of 2 (up to "
         "max_step_scale) at which step_target of its edits take within locality_budget "
-        "(ultraedit_fast.core.step); 'paper' writes the published fixed step; None: 'auto' in the "
+        "(ultraedit_fast.core.step_search); 'paper' writes the published fixed step; None: 'auto' in the "
         "facts regime, 'paper' otherwise (and whenever lr is given)",
         cli={"choices": STEPS, "help": "auto: scale each turn until its edits take, within a "
              "locality budget; paper: the published fixed step (default: auto in the facts "
@@ -273,24 +264,30 @@ class EditorConfig:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_call(cls, args: Sequence[Any], options: Mapping[str, Any], *,
-                  owner: str = "UltraEditor", reference: bool = False) -> "EditorConfig":
-        """A config from an editor's ``*args`` (``modules``, ``lr``, ``batch_size``, in that
-        order) and ``**options``, refusing what Python would refuse: too many positional
-        arguments, unknown or repeated options."""
+    def build(cls, config: Optional["EditorConfig"], overrides: Mapping[str, Any], *,
+              owner: str = "UltraEditor", reference: bool = False) -> "EditorConfig":
+        """The configuration an editor's ``(config, **overrides)`` ask for: ``config`` (or
+        the defaults) with ``overrides`` replaced, each checked; unknown options are
+        refused, and so (with ``reference``) are options the reference editor does not
+        take."""
+        if config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(f"config: expected an EditorConfig or None, got "
+                            f"{type(config).__name__} (pass options as keywords, e.g. "
+                            f"modules=[...], lr=...)")
         allowed = option_names(reference=reference)
-        if len(args) > len(POSITIONAL):
-            raise TypeError(f"{owner}() takes at most {len(POSITIONAL)} positional options "
-                            f"({', '.join(POSITIONAL)}), got {len(args)}")
-        kw = dict(zip(POSITIONAL, args))
-        for k, v in options.items():
-            if k in kw:
-                raise TypeError(f"{owner}() got multiple values for option {k!r}")
+        for k in overrides:
             if k not in allowed:
                 raise TypeError(f"{owner}() got an unexpected option {k!r}; its options are "
                                 f"{list(allowed)}")
-            kw[k] = v
-        return cls(**kw)
+        out = config.replace(**overrides) if overrides else config
+        if reference:
+            extra = sorted(set(out.options(only_set=True)) - set(allowed))
+            if extra:
+                raise TypeError(f"config: {extra} are not options of the reference editor "
+                                f"(it takes {list(allowed)})")
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready: tuples become lists."""
@@ -322,9 +319,6 @@ class EditorConfig:
         return out
 
 
-POSITIONAL = ("modules", "lr", "batch_size")
-
-
 def _default_of(f) -> Any:
     if f.default is MISSING:  # pragma: no cover - every option has a default
         return None
@@ -348,15 +342,16 @@ def options_doc(*, reference: bool = False) -> str:
     return "\n".join(lines)
 
 
-def check_overrides(overrides: Mapping[str, Any]) -> None:
-    """What ``UltraEditor.load`` may change: not the options the lifelong state depends on."""
+def check_overrides(overrides: Mapping[str, Any], what: str = "load") -> None:
+    """What ``UltraEditor.load`` (and ``configure``) may change: not the options the
+    lifelong state depends on."""
     fixed, overridable = option_names(load=FIXED), option_names(load=OVERRIDABLE)
     for k in overrides:
         if k in fixed:
             raise ValueError(f"{k}: fixed by the checkpoint (its lifelong state depends on it) "
-                             "and cannot be overridden on load")
+                             f"and cannot be overridden on {what}")
         if k not in overridable:
-            raise TypeError(f"load() got an unexpected option {k!r}; options that may be "
+            raise TypeError(f"{what}() got an unexpected option {k!r}; options that may be "
                             f"overridden: {list(overridable)}")
 
 
@@ -382,6 +377,11 @@ def add_cli_options(parser: argparse.ArgumentParser, names: Optional[Iterable[st
     return added
 
 
+def cli_option_names() -> Tuple[str, ...]:
+    """The options that declare a command-line flag."""
+    return tuple(f.name for f in fields(EditorConfig) if f.metadata["cli"] is not None)
+
+
 def options_from_cli(args: argparse.Namespace, names: Optional[Iterable[str]] = None
                      ) -> Dict[str, Any]:
     """The options given on the command line (those left at ``None`` are omitted, so the
@@ -394,3 +394,42 @@ def options_from_cli(args: argparse.Namespace, names: Optional[Iterable[str]] = 
         if v is not None:
             out[f.name] = v
     return out
+
+
+# ----------------------------------------------------------------------------- signatures
+class EditorOptions(TypedDict, total=False):
+    """The options as keyword arguments (``**overrides`` of an editor), for type checkers;
+    ``tests/core/test_config.py`` checks that it lists exactly :class:`EditorConfig`'s
+    fields."""
+
+    modules: Optional[Sequence[str]]
+    lr: Optional[float]
+    batch_size: int
+    backend: Optional[str]
+    share_normalizer: bool
+    transactional: bool
+    undo: Union[bool, int]
+    tokens_per_pass: Optional[int]
+    regime: Optional[str]
+    step: Optional[str]
+    step_target: float
+    locality_budget: float
+    max_step_scale: float
+    preserve_locality: bool
+    chat_template: bool
+    measure_memory: bool
+
+
+def editor_signature(*, reference: bool = False) -> inspect.Signature:
+    """``(self, model, tokenizer, config=None, *, <every option with its default>)``: what
+    ``help()`` and ``inspect.signature`` show for an editor's constructor."""
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), P("model", P.POSITIONAL_OR_KEYWORD),
+              P("tokenizer", P.POSITIONAL_OR_KEYWORD),
+              P("config", P.POSITIONAL_OR_KEYWORD, default=None,
+                annotation="Optional[EditorConfig]")]
+    for f in fields(EditorConfig):
+        if reference and not f.metadata["reference"]:
+            continue
+        params.append(P(f.name, P.KEYWORD_ONLY, default=_default_of(f), annotation=f.type))
+    return inspect.Signature(params)

@@ -12,14 +12,14 @@ five layers around 53% of the depth (upstream's calibrated choice on SmolLM2, 14
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import REGIMES
+from .config import REGIMES, EditorConfig
 from ..model.targets import editable_modules, resolve_target, summarize_names
 
-__all__ = ["Preset", "PRESETS", "EditConfig", "find_preset", "resolve_edit_config",
+__all__ = ["Preset", "PRESETS", "PresetChoice", "find_preset", "resolve_edit_config",
            "decoder_layers_prefix", "summarize_names", "REGIMES", "FACTS_TURN_MAX"]
 
 
@@ -96,7 +96,7 @@ _CALIBRATED_LR_X_DIN = 1e-4 * 576  # SmolLM2's calibrated lr times its up_proj d
 
 
 @dataclass(frozen=True)
-class EditConfig:
+class PresetChoice:
     modules: List[str]
     lr: float
     preset: str  # name of the preset used, "generic:<model_type>", or "user"
@@ -137,10 +137,10 @@ def find_preset(model) -> Optional[Preset]:
     return None
 
 
-def _generic(model) -> Optional[EditConfig]:
+def _generic(model) -> Optional[PresetChoice]:
     config = getattr(model, "config", None)
     mtype = getattr(config, "model_type", None)
-    suffix = _MLP_IN.get(mtype)
+    suffix = _MLP_IN.get(str(mtype))
     n_layers = _cfg(config, "num_hidden_layers", "n_layer") if config is not None else None
     if suffix is None or not n_layers:
         return None
@@ -149,11 +149,11 @@ def _generic(model) -> Optional[EditConfig]:
     start = max(0, min(centre - n // 2, n_layers - n))
     modules = _expand(model, {suffix: range(start, start + n)})
     d_in, _ = resolve_target(model, modules[0]).shape
-    return EditConfig(modules, _CALIBRATED_LR_X_DIN / d_in, f"generic:{mtype}")
+    return PresetChoice(modules, _CALIBRATED_LR_X_DIN / d_in, f"generic:{mtype}")
 
 
 def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[float],
-                        regime: str = "stream") -> EditConfig:
+                        regime: str = "stream") -> PresetChoice:
     """Fill ``modules``/``lr`` (already checked by :class:`~ultraedit_fast.core.config.EditorConfig`)
     from the model's preset for ``regime`` ("stream" or "facts"), and check that every
     module can be edited."""
@@ -164,18 +164,18 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
     if modules is None:
         if preset is not None:
             if regime == "facts" and preset.facts_layers is not None:
-                cfg = EditConfig(_expand(model, preset.facts_layers), preset.facts_lr,
+                cfg = PresetChoice(_expand(model, preset.facts_layers), preset.facts_lr or preset.lr,
                                  f"{preset.name} (facts)", "facts")
             else:
-                cfg = EditConfig(_expand(model, preset.layers), preset.lr, preset.name, regime)
+                cfg = PresetChoice(_expand(model, preset.layers), preset.lr, preset.name, regime)
         else:
-            cfg = _generic(model)
-            if cfg is None:
+            generic = _generic(model)
+            if generic is None:
                 mtype = getattr(getattr(model, "config", None), "model_type", None)
                 raise ValueError(
                     f"modules: no preset for this model (model_type {mtype!r}); pass modules= "
                     f"with names from {summarize_names(editable_modules(model))}")
-            cfg = EditConfig(cfg.modules, cfg.lr, cfg.preset, regime)
+            cfg = PresetChoice(generic.modules, generic.lr, generic.preset, regime)
         modules, source = cfg.modules, cfg.preset
         if lr is None:
             lr = cfg.lr
@@ -183,9 +183,41 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
         generic = None if preset is not None else _generic(model)
         if preset is None and generic is None:
             raise ValueError("lr: no preset for this model; pass lr= explicitly")
-        lr = preset.lr if preset is not None else generic.lr
+        lr = preset.lr if preset is not None else generic.lr  # type: ignore[union-attr]
     for name in modules:
         if resolve_target(model, name).weight.is_meta:
             raise ValueError(f"modules: {name!r} has its weight on the meta device; "
                              "load the model's weights before editing")
-    return EditConfig(list(modules), float(lr), source, regime)
+    return PresetChoice(list(modules), float(lr), source, regime)
+
+
+# ----------------------------------------------------------------------------- resolution
+def regime_is_open(requested: EditorConfig) -> bool:
+    """Whether the first turn's size chooses the preset's regime: nothing else fixes it."""
+    return requested.modules is None and requested.lr is None and requested.regime is None
+
+
+def choose_regime(requested: EditorConfig, first_turn_size: Optional[int] = None) -> str:
+    """The preset's regime for ``requested``: the one it names; else, when nothing fixes
+    it, ``"facts"`` for a first turn of at most :data:`FACTS_TURN_MAX` requests; else
+    ``"stream"`` (also before the first turn's size is known)."""
+    if requested.regime is not None:
+        return requested.regime
+    if (regime_is_open(requested) and first_turn_size is not None
+            and first_turn_size <= FACTS_TURN_MAX):
+        return "facts"
+    return "stream"
+
+
+def resolve_config(model, requested: EditorConfig, regime: str) -> Tuple[EditorConfig, str]:
+    """``(config, preset)``: ``requested`` with ``modules``, ``lr``, ``step`` and ``regime``
+    filled from the model's preset for ``regime``. Pure: it reads the model and changes
+    nothing. ``step`` left open is ``"auto"`` in the facts regime with the preset's lr,
+    ``"paper"`` otherwise."""
+    chosen = resolve_edit_config(model, requested.modules, requested.lr, regime)
+    step = requested.step or ("auto" if requested.lr is None and chosen.regime == "facts"
+                              else "paper")
+    from_preset = requested.lr is None or requested.modules is None
+    config = requested.replace(modules=tuple(chosen.modules), lr=chosen.lr, step=step,
+                               regime=chosen.regime if from_preset else requested.regime)
+    return config, chosen.preset

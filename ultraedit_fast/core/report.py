@@ -1,4 +1,11 @@
-"""What a turn reports."""
+"""What a turn reports.
+
+The "step" family, named apart: ``lr`` is the learning rate, the published step size of the
+solve (``V = lr * ...``); the option ``step`` is the rule that sets the size a turn writes
+(``"paper"``: ``lr`` as published; ``"auto"``: ``lr`` times a scale the step search chooses);
+``step_scale`` is that chosen scale; ``step_search`` is the search's record (its trials);
+the phase ``"step"`` of ``seconds`` is the time the search took.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -15,8 +22,8 @@ class EditReport:
     ``statistics``: normaliser update; ``solve``: shift values and the N x N solve;
     ``step``: the search of ``step="auto"``, 0 with ``step="paper"``; ``apply``: the rank-N
     weight update), ``total_seconds`` the whole turn (their sum). ``step_scale``: the
-    scale of the published step the turn wrote (``None`` with ``step="paper"``), ``step``:
-    the search's trials.
+    scale of the published step the turn wrote (``None`` with ``step="paper"``),
+    ``step_search``: the search's record (its trials).
     ``peak_memory_bytes`` is CUDA peak allocated on a GPU, peak RSS of the process
     during the turn on the CPU (``peak_memory_kind`` says which), when the editor was
     built with ``measure_memory=True``; ``None`` otherwise.
@@ -33,7 +40,7 @@ class EditReport:
     peak_memory_kind: str
     modules: List[str] = field(default_factory=list)
     step_scale: Optional[float] = None
-    step: Optional[dict] = None
+    step_search: Optional[dict] = None
     comm_bytes: Optional[int] = None  # a tensor-parallel turn: bytes this rank all-reduced
 
     def to_dict(self) -> dict:

@@ -54,7 +54,7 @@ class ShiftSolver:
         if reduce is not None:
             reduce(gram)
         self.factor = _cholesky_plus_identity(gram)
-        self._eye = None
+        self._eye: Optional[torch.Tensor] = None
 
     def factors(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.dual:

@@ -118,7 +118,12 @@ class UndoLog:
         while limit is not None and len(self.turns) > limit:
             self._fold_oldest(targets, rank_update)
 
-    def _factors(self, rec: TurnRecord, target, device):
+    def _base(self) -> Dict[str, torch.Tensor]:
+        if self.base is None:
+            raise RuntimeError("the undo log has no base copy: no turn is logged")
+        return self.base
+
+    def _factors(self, rec: TurnRecord, target, device) -> Tuple[torch.Tensor, torch.Tensor]:
         a = rec.a[target.name].to(device)
         i = rec.kk[target.name]
         if i is None:
@@ -134,11 +139,12 @@ class UndoLog:
         live weight after that turn, bit for bit); all-or-nothing."""
         rec = self.turns[0]
         new: Dict[str, torch.Tensor] = {}
+        base = self._base()
         with torch.no_grad():
             for t in targets:
                 w = t.weight
                 tmp = torch.empty_strided(w.size(), w.stride(), dtype=w.dtype, device=w.device)
-                tmp.copy_(self.base[t.name])
+                tmp.copy_(base[t.name])
                 rank_update(tmp, *self._factors(rec, t, w.device), t.transposed)
                 new[t.name] = tmp.to("cpu")
         self.base = new
@@ -152,10 +158,11 @@ class UndoLog:
         turns; returns the normaliser states of that moment (the caller restores them)."""
         n = len(self.turns)
         keep = self.turns[: n - turns]
+        base = self._base()
         with torch.no_grad():
             for t in targets:
                 w = t.weight
-                w.data.copy_(self.base[t.name])
+                w.data.copy_(base[t.name])
                 for rec in keep:
                     rank_update(w.data, *self._factors(rec, t, w.device), t.transposed)
         states = dict(self.turns[n - turns].states)
@@ -177,7 +184,7 @@ class UndoLog:
         [{"states", "a", "kk", "keys"}]}``, or ``None`` when empty."""
         if not self.turns:
             return None
-        return {"base": dict(self.base),
+        return {"base": dict(self._base()),
                 "turns": [{"states": dict(r.states), "a": dict(r.a), "kk": dict(r.kk),
                            "keys": list(r.keys)} for r in self.turns]}
 

@@ -10,14 +10,16 @@ shift formulas are :mod:`ultraedit_fast.kernels.formulas`, which the default ker
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+from typing_extensions import Unpack
 
 import torch
 import torch.nn.functional as F
 
-from ..core.config import EditorConfig, options_doc
+from ..core.config import EditorConfig, EditorOptions, editor_signature, options_doc
 from ..utils.environment import PeakMemory
-from ..model.forward import preserved_model_state
+from ..model.forward import input_device, preserved_model_state
 from ..kernels.formulas import EPS, normalizer_merge, shift_values  # noqa: F401
 from ..core.presets import resolve_edit_config
 from ..core.report import EditReport
@@ -53,9 +55,13 @@ class ReferenceEditor:
     Options:
     """
 
-    def __init__(self, model, tokenizer, *args, **options):
-        cfg = EditorConfig.from_call(args, options, owner="ReferenceEditor", reference=True)
+    name = "reference"
+
+    def __init__(self, model, tokenizer, config: Optional[EditorConfig] = None,
+                 **overrides: Unpack[EditorOptions]):
+        cfg = EditorConfig.build(config, overrides, owner="ReferenceEditor", reference=True)
         resolved = resolve_edit_config(model, cfg.modules, cfg.lr)
+        self.config = cfg.replace(modules=tuple(resolved.modules), lr=resolved.lr)
         self.model = model
         self.tokenizer = tokenizer
         self.module_names: List[str] = list(resolved.modules)
@@ -69,6 +75,13 @@ class ReferenceEditor:
         self.modules = {n: t.module for n, t in self.targets.items()}
         self.normalizers: Dict[object, _ReferenceNormalizer] = {}
         self.turns = 0
+
+    def describe(self) -> Dict[str, object]:
+        """What a results file records of this editor."""
+        return {"editor": "reference", "modules": list(self.module_names),
+                "lr": float(self.lr), "preset": self.preset, "batch_size": self.batch_size,
+                "backend": "reference", "tokens_per_pass": 0, "step": "paper",
+                "regime": None}
 
     def normalizer_key(self, name: str):
         return self.targets[name].shape if self.share_normalizer else name
@@ -84,11 +97,35 @@ class ReferenceEditor:
     def edit(self, requests):
         requests = as_requests(requests)
         model = self.model
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         batches = make_minibatches(self.tokenizer, requests, self.batch_size,
                                    context_length(model))
         t0 = time.perf_counter()
         peak = PeakMemory(device, self.measure_memory)
+        keys, grads, n_tokens = self._capture(batches, device)
+        with torch.no_grad():
+            for name in self.module_names:
+                k = torch.cat(keys[name])
+                g = torch.cat(grads[name])
+                norm = self._normalizer(name)
+                v = shift_values(k, g, norm.mean, norm.std, self.lr)
+                delta = primal_shift(k, v)
+                w = self.modules[name].weight
+                upd = delta if self.targets[name].transposed else delta.t()
+                w.copy_((w.float() + upd).to(w.dtype))
+        self.turns += 1
+        total = time.perf_counter() - t0
+        return EditReport(n_requests=len(requests), n_tokens=n_tokens, turn=self.turns,
+                          backend="reference", device=str(device),
+                          seconds={"total": total}, total_seconds=total,
+                          peak_memory_bytes=peak.read(), peak_memory_kind=peak.kind,
+                          modules=list(self.module_names))
+
+
+    def _capture(self, batches, device):
+        """Every mini-batch's forward and backward with weight gradients on, as published:
+        ``(keys, output gradients, answer tokens)``; the normaliser takes each (mini-batch,
+        module) block as it comes."""
         inputs: Dict[str, torch.Tensor] = {}
         outputs: Dict[str, torch.Tensor] = {}
 
@@ -103,54 +140,38 @@ class ReferenceEditor:
         keys: Dict[str, List[torch.Tensor]] = {n: [] for n in self.module_names}
         grads: Dict[str, List[torch.Tensor]] = {n: [] for n in self.module_names}
         n_tokens = 0
-        with preserved_model_state(model):
+        with preserved_model_state(self.model):
             try:
-                model.eval()
-                for p in model.parameters():
+                self.model.eval()
+                for p in self.model.parameters():
                     p.requires_grad_(False)
                 for m in self.modules.values():
                     m.weight.requires_grad_(True)
                 with torch.enable_grad():
                     for batch in batches:
-                        batch = batch.to(device)
-                        logits = model(input_ids=batch.input_ids,
-                                       attention_mask=batch.attention_mask).logits
-                        mask = batch.labels != IGNORE
-                        loss = F.cross_entropy(logits[mask].float(), batch.labels[mask])
-                        loss.backward()
-                        n_tokens += int(mask.sum())
-                        for name in self.module_names:
-                            k = inputs[name][mask].detach().float()
-                            g = outputs[name].grad[mask].float()
-                            keys[name].append(k)
-                            grads[name].append(g)
-                            self._normalizer(name).update(torch.cat([k, g], dim=1))
-                        for m in self.modules.values():
-                            m.weight.grad = None
-                        inputs.clear()
-                        outputs.clear()
-                deltas = {}
-                for name in self.module_names:
-                    k = torch.cat(keys[name])
-                    g = torch.cat(grads[name])
-                    norm = self._normalizer(name)
-                    v = shift_values(k, g, norm.mean, norm.std, self.lr)
-                    deltas[name] = primal_shift(k, v)
-                with torch.no_grad():
-                    for name, delta in deltas.items():
-                        w = self.modules[name].weight
-                        upd = delta if self.targets[name].transposed else delta.t()
-                        w.copy_((w.float() + upd).to(w.dtype))
+                        n_tokens += self._pass(batch.to(device), inputs, outputs, keys, grads)
             finally:
                 for h in handles:
                     h.remove()
-        self.turns += 1
-        total = time.perf_counter() - t0
-        return EditReport(n_requests=len(requests), n_tokens=n_tokens, turn=self.turns,
-                          backend="reference", device=str(device),
-                          seconds={"total": total}, total_seconds=total,
-                          peak_memory_bytes=peak.read(), peak_memory_kind=peak.kind,
-                          modules=list(self.module_names))
+        return keys, grads, n_tokens
+
+    def _pass(self, batch, inputs, outputs, keys, grads) -> int:
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        mask = batch.labels != IGNORE
+        loss = F.cross_entropy(logits[mask].float(), batch.labels[mask])
+        loss.backward()
+        for name in self.module_names:
+            k = inputs[name][mask].detach().float()
+            g = outputs[name].grad[mask].float()
+            keys[name].append(k)
+            grads[name].append(g)
+            self._normalizer(name).update(torch.cat([k, g], dim=1))
+        for m in self.modules.values():
+            m.weight.grad = None
+        inputs.clear()
+        outputs.clear()
+        return int(mask.sum())
 
 
 ReferenceEditor.__doc__ += "\n" + options_doc(reference=True) + "\n"
+ReferenceEditor.__init__.__signature__ = editor_signature(reference=True)  # type: ignore[attr-defined]

@@ -25,40 +25,33 @@ the lifelong state atomically (:mod:`ultraedit_fast.storage.checkpoint`).
 """
 from __future__ import annotations
 
-import os
 import threading
-import time
 import warnings
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
+
+from typing_extensions import Unpack
 
 import torch
 
-from ..storage import checkpoint as ckpt
-from ..core.capture import Capture, capture_passes
-from ..parallel.concurrency import model_locks, serving
-from ..core.config import EditorConfig, check_overrides, options_doc
 from .._log import log
-from ..utils.environment import PeakMemory
-from ..model.forward import preserved_model_state, rows_only_modules, supports_packing
-from ..parallel.distributed import COUNTER, all_true, row_shift_values
-from ..storage.export import delta_factors, exact_factors, weight_sha256, write_lora, write_patch
+from ..core.config import EditorConfig, EditorOptions, check_overrides, editor_signature, options_doc
 from ..core.hparams import to_options
-from ..kernels import Backend, resolve_backend
 from ..core.normalizer import NormalizerState
-from ..core.presets import FACTS_TURN_MAX, resolve_edit_config
-from ..core.report import PHASES, EditReport
-from ..model.requests import as_requests, context_length, make_minibatches, pack_minibatches
-from ..core.solve import ShiftSolver, SolveError
-from ..core.step import StepSearch
-from ..model.targets import EditTarget, resolve_target, resolve_targets, summarize_names
+from ..core.presets import choose_regime, regime_is_open, resolve_config
+from ..core.report import EditReport
 from ..core.undo import UndoLog
+from ..kernels import Backend, resolve_backend
+from ..model.requests import as_requests, context_length, make_minibatches
+from ..model.targets import EditTarget, resolve_targets, summarize_names
+from ..parallel.concurrency import model_locks, serving
+from ..parallel.distributed import COUNTER
+from ..storage.export import weight_sha256
+from ..utils.environment import PeakMemory
+from . import persistence
+from .turn import EditRefused, Setup, Turn, tensor_parallel_of
 
-CheckpointWeightsWarning = ckpt.CheckpointWeightsWarning
-
-
-class EditRefused(ValueError):
-    """The turn was refused and the model and editor state are unchanged."""
+__all__ = ["UltraEditor", "EditRefused", "SharedModelWarning", "fast_edit"]
 
 
 class SharedModelWarning(UserWarning):
@@ -69,19 +62,10 @@ _LIVE_EDITORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
 
 
-def _option_attribute(name: str, settable: bool = True):
-    """``editor.<name>``: the option's value in ``editor.config``; setting it (between
-    turns) checks the new value as the constructor would."""
-    def get(self):
-        return getattr(self.config, name)
-
-    def set_(self, value):
-        with self._lock:
-            self.config = self.config.replace(**{name: value})
-
-    return property(get, set_ if settable else None,
-                    doc=f"The ``{name}`` option (:class:`~ultraedit_fast.core.config.EditorConfig`)"
-                        + ("; settable between turns." if settable else "."))
+def _option(name: str):
+    return property(lambda self: getattr(self.config, name),
+                    doc=f"The ``{name}`` option of ``config`` (read-only; see "
+                        ":meth:`UltraEditor.configure`).")
 
 
 class UltraEditor:
@@ -140,19 +124,21 @@ class UltraEditor:
     Options:
     """
 
-    def __init__(self, model, tokenizer, *args, **options):
+    name = "ultraedit"
+
+    def __init__(self, model, tokenizer, config: Optional[EditorConfig] = None,
+                 **overrides: Unpack[EditorOptions]):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if tokenizer is None or not callable(tokenizer):
             raise TypeError("tokenizer: expected a Hugging Face tokenizer (callable), got "
                             f"{type(tokenizer).__name__}")
-        cfg = EditorConfig.from_call(args, options)
+        self.requested = EditorConfig.build(config, overrides)
         self.model = model
         self.tokenizer = tokenizer
         # the preset's regime is left to the first turn's size when nothing fixes it
-        self._regime_open = cfg.modules is None and cfg.lr is None and cfg.regime is None
-        self._requested = cfg
-        self._resolve(cfg.regime or "stream")
+        self._regime_open = regime_is_open(self.requested)
+        self._setup = self._resolve(choose_regime(self.requested))
         if getattr(model, "hf_device_map", None) is None:  # accelerate offload uses meta
             meta = [n for n, p in model.named_parameters() if p.is_meta]
             if meta:
@@ -165,64 +151,105 @@ class UltraEditor:
         self._undo: Optional[UndoLog] = None
         if self.undo:
             self._undo = UndoLog(None if self.undo is True else int(self.undo))
+        self._register()
+        locks = model_locks(model)
+        self._lock = locks.edit  # editors of one model: one after another
+        self._weights_lock = locks.weights  # writers of its weights vs. serving()
+
+    def _register(self) -> None:
         with _REGISTRY_LOCK:
-            other = _LIVE_EDITORS.get(model)
+            other = _LIVE_EDITORS.get(self.model)
             if other is not None and other() is not None:
                 warnings.warn(
                     "model: it already has a live UltraEditor; each editor keeps its own "
                     "lifelong normaliser, so edits through both do not compose as one "
                     "lifelong run (their edits are serialised, never interleaved)",
-                    SharedModelWarning, stacklevel=2)
-            _LIVE_EDITORS[model] = weakref.ref(self)
-        locks = model_locks(model)
-        self._lock = locks.edit  # editors of one model: one after another
-        self._weights_lock = locks.weights  # writers of its weights vs. serving()
+                    SharedModelWarning, stacklevel=3)
+            _LIVE_EDITORS[self.model] = weakref.ref(self)
 
-    def _settle_regime(self, first_turn_size: int) -> None:
-        """The first turn decides the preset's regime (when nothing else fixed it); a caller
-        that knows the turn size ahead (a lifelong run) may settle it before."""
-        if self._regime_open:
-            if not self.turns and first_turn_size <= FACTS_TURN_MAX:
-                self._resolve("facts")
-            self._regime_open = False
+    def _resolve(self, regime: str) -> Setup:
+        """The requested options resolved on the model for ``regime``: modules, lr, step,
+        the edited modules and the kernels of their devices (checked now, not mid-turn).
+        Changes nothing: the caller commits the result."""
+        config, preset = resolve_config(self.model, self.requested, regime)
+        if preset != "user" or self.requested.lr is None:
+            log.info("ultraedit_fast: preset %r: %s, lr %g, step %s", preset,
+                     summarize_names(config.modules), config.lr, config.step)
+        targets = resolve_targets(self.model, list(config.modules))
+        setup = Setup(config, preset, targets, tensor_parallel_of(targets))
+        for t in targets:
+            _backend_of(setup, t.weight.device)
+        return setup
 
-    def _resolve(self, regime: str) -> None:
-        """Modules, lr, step and targets from the requested options and the preset's
-        ``regime``; checks that the backend of every module's device is there."""
-        cfg = self._requested
-        resolved = resolve_edit_config(self.model, cfg.modules, cfg.lr, regime)
-        # step None: the search in the facts regime with the preset's lr, else the paper's
-        step = cfg.step or ("auto" if cfg.lr is None and resolved.regime == "facts"
-                            else "paper")
-        self.config = cfg.replace(modules=tuple(resolved.modules), lr=resolved.lr, step=step,
-                                  regime=resolved.regime if cfg.lr is None or
-                                  cfg.modules is None else cfg.regime)
-        self.preset = resolved.preset
-        if resolved.preset != "user" or cfg.lr is None:
-            log.info("ultraedit_fast: preset %r: %s, lr %g, step %s", resolved.preset,
-                     summarize_names(resolved.modules), resolved.lr, step)
-        self.targets = resolve_targets(self.model, self.module_names)
-        self._tp = _tensor_parallel_of(self.targets)
-        self.backends = {}
-        for t in self.targets:  # fail now, not mid-turn, on a missing backend
-            self._backend(t.weight.device)
+    def _setup_for(self, n_requests: int) -> Setup:
+        """The setup of the next turn: the committed one, or (first turn, regime left to
+        its size) the one its size chooses."""
+        if self._regime_open and not self.turns:
+            regime = choose_regime(self.requested, n_requests)
+            if regime != self._setup.config.regime:
+                return self._resolve(regime)
+        return self._setup
 
     # ------------------------------------------------------------------ options
+    @property
+    def config(self) -> EditorConfig:
+        """The resolved configuration (frozen). Before the first turn of an editor whose
+        regime is left to that turn's size (no ``modules``, ``lr`` or ``regime`` given),
+        it is the stream regime's; the first turn settles it, and it changes only through
+        :meth:`configure`."""
+        return self._setup.config
+
+    @property
+    def preset(self) -> str:
+        return self._setup.preset
+
+    @property
+    def targets(self) -> List[EditTarget]:
+        return self._setup.targets
+
+    @property
+    def _tp(self):
+        return self._setup.tp
+
+    @property
+    def backends(self) -> Dict[torch.device, Backend]:
+        return self._setup.backends
+
     @property
     def module_names(self) -> List[str]:
         return list(self.config.modules)
 
-    @property
-    def backend_request(self) -> Optional[str]:
-        return self.config.backend
+    lr = _option("lr")
+    batch_size = _option("batch_size")
+    tokens_per_pass = _option("tokens_per_pass")
+    measure_memory = _option("measure_memory")
+    transactional = _option("transactional")
+    share_normalizer = _option("share_normalizer")
+    undo = _option("undo")
 
-    lr = _option_attribute("lr")
-    batch_size = _option_attribute("batch_size")
-    tokens_per_pass = _option_attribute("tokens_per_pass")
-    measure_memory = _option_attribute("measure_memory")
-    transactional = _option_attribute("transactional")
-    share_normalizer = _option_attribute("share_normalizer", settable=False)
-    undo = _option_attribute("undo", settable=False)
+    def configure(self, **changes) -> EditorConfig:
+        """Change options between turns: only those that do not shape the lifelong state
+        (the ones :meth:`load` may override: ``lr``, ``batch_size``, ``transactional``,
+        ``measure_memory``, ...), checked as the constructor checks them. Returns the new
+        configuration."""
+        check_overrides(changes, what="configure")
+        if "undo" in changes:
+            raise ValueError("undo: fixed at construction (the undo log starts with the editor)")
+        with self._lock:
+            config = self.config.replace(**changes)
+            setup = Setup(config, self.preset, self.targets, self._tp)
+            for t in setup.targets:
+                _backend_of(setup, t.weight.device)
+            self._setup = setup
+            self.requested = self.requested.replace(**changes)
+            return config
+
+    def describe(self) -> Dict[str, object]:
+        """What a results file records of this editor."""
+        return {"editor": "fast", "modules": list(self.module_names), "lr": float(self.lr),
+                "preset": self.preset, "batch_size": self.batch_size, "backend": self.backend,
+                "tokens_per_pass": self.tokens_per_pass, "step": self.config.step,
+                "regime": self.config.regime}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -231,217 +258,73 @@ class UltraEditor:
         return ",".join(sorted({b.name for b in self.backends.values()}))
 
     def _backend(self, device) -> Backend:
-        device = torch.device(device)
-        if device not in self.backends:
-            self.backends[device] = resolve_backend(self.backend_request, device)
-        return self.backends[device]
+        return _backend_of(self._setup, device)
 
     def _rank_update(self, w, a, kk, transposed) -> None:
         """The rank update of the weight's device: what applied a turn, for the undo log."""
         self._backend(w.device).rank_update_(w, a, kk, transposed)
 
     def normalizer_key(self, target: EditTarget):
-        return target.shape if self.share_normalizer else target.name
+        return self._setup.normalizer_key(target)
 
-    def _state(self, target: EditTarget) -> NormalizerState:
+    def _state(self, target: EditTarget, setup: Setup) -> NormalizerState:
         # A new key's zero state is committed with the turn, not before: a refused
         # turn leaves ``normalizers`` exactly as it was.
-        state = self.normalizers.get(self.normalizer_key(target))
+        state = self.normalizers.get(setup.normalizer_key(target))
         if state is None:
             state = NormalizerState.zeros(*target.local_shape, target.weight.device)
         return state
 
-    @staticmethod
-    def _sync(device):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     # ------------------------------------------------------------------ the turn
     def edit(self, requests) -> EditReport:
         """Run one turn over ``requests`` (``EditRequest``s or dicts with the same keys),
-        in mini-batches of ``batch_size``. Returns an :class:`EditReport`."""
+        in mini-batches of ``batch_size``. Returns an :class:`EditReport`. The turn is a
+        transaction: if it raises, the model, the editor's state and its configuration
+        are as they were."""
         requests = as_requests(requests)
         with self._lock:
             return self._edit(requests)
 
     def _edit(self, requests) -> EditReport:
-        self._settle_regime(len(requests))
-        if not self.turns and not self._base_sha:  # what a patch will name as its base
+        setup = self._setup_for(len(requests))
+        cfg, model = setup.config, self.model
+        batches = make_minibatches(self.tokenizer, requests, cfg.batch_size,
+                                   context_length(model), cfg.chat_template)
+        base_sha = self._base_sha
+        if not self.turns and not base_sha:  # what a patch will name as its base
             with torch.no_grad():
-                self._base_sha = {t.name: weight_sha256(t.weight) for t in self.targets}
-        model = self.model
+                base_sha = {t.name: weight_sha256(t.weight) for t in setup.targets}
         pre_states = dict(self.normalizers)  # committed states are never changed in place
-        device = model.get_input_embeddings().weight.device
-        batches = make_minibatches(self.tokenizer, requests, self.batch_size,
-                                   context_length(model), self.config.chat_template)
-        seconds = dict.fromkeys(PHASES, 0.0)
-        peak = PeakMemory(device, self.config.measure_memory)
+        turn = Turn(model, self.tokenizer, requests, batches, setup,
+                    lambda d: _backend_of(setup, d), lambda t: self._state(t, setup))
+        peak = PeakMemory(turn.device, cfg.measure_memory)
         sent0 = COUNTER.bytes
-        t_start = time.perf_counter()
-
-        # 1. capture ------------------------------------------------------------
-        keys: Dict[str, List[torch.Tensor]] = {t.name: [] for t in self.targets}
-        grads: Dict[str, List[torch.Tensor]] = {t.name: [] for t in self.targets}
-        with preserved_model_state(model), torch.enable_grad():
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            passes = batches  # the probe runs once per model, before any hook is in place
-            if self.tokens_per_pass and supports_packing(model):
-                passes = pack_minibatches(batches, self.tokens_per_pass)
-            with Capture(self.targets, rows_only_modules(model)) as cap:
-                n_tokens = capture_passes(model, passes, cap, device, keys, grads)
-        self._sync(device)
-        t1 = time.perf_counter()
-        seconds["capture"] = t1 - t_start
-
-        # 2. statistics, on copies of the lifelong states ----------------------------
-        groups: Dict[object, List[EditTarget]] = {}
-        for t in self.targets:
-            groups.setdefault(self.normalizer_key(t), []).append(t)
-        new_states: Dict[object, NormalizerState] = {}
-        for key, members in groups.items():
-            state = self._state(members[0])
-            home = state.mean.device  # a shared state lives with its first module; under
-            ks, gs = [], []           # a device_map its other modules may sit elsewhere
-            for b in range(len(batches)):  # reference order: mini-batch, then module
-                for t in members:
-                    ks.append(keys[t.name][b].to(home, non_blocking=True))
-                    gs.append(grads[t.name][b].to(home, non_blocking=True))
-            new_states[key] = state.merged(
-                ks, gs, self._backend(state.mean.device).normalizer_update_)
-        self._sync(device)
-        t2 = time.perf_counter()
-        seconds["statistics"] = t2 - t1
-
-        # 3. solve --------------------------------------------------------------------
-        search_step = self.config.step == "auto"
-        plan, values = [], []  # values: (solver, V) per target, kept for a rescaled step only
-        solvers: Dict[Tuple[int, ...], ShiftSolver] = {}
-        for t in self.targets:
-            shared = tuple(id(k) for k in keys[t.name])  # same input tensors, same factor
-            row = t.tp is not None and t.tp.kind == "row"  # keys split over the ranks
-            if shared not in solvers:
-                try:
-                    solvers[shared] = ShiftSolver(torch.cat(keys[t.name]).to(torch.float32),
-                                                  reduce=t.tp.all_reduce_ if row else None)
-                except SolveError as e:
-                    raise EditRefused(f"{e} for module {t.name!r}; the model and the editor "
-                                      "state are unchanged") from None
-            solver = solvers[shared]
-            state = new_states[self.normalizer_key(t)]
-            mean = state.mean.to(t.weight.device, non_blocking=True)
-            std = state.std.to(t.weight.device, non_blocking=True)
-            if row:
-                v = row_shift_values(solver.k, torch.cat(grads[t.name]), mean, std, self.lr,
-                                     t.tp)
-            else:
-                v = self._backend(t.weight.device).shift_values(
-                    solver.k, torch.cat(grads[t.name]), mean, std, self.lr)
-            plan.append((t, *solver.factors(v)))
-            if search_step:  # step="paper" frees each V here, as before the search existed
-                values.append((solver, v))
-        finite = torch.stack([torch.isfinite(a).all().to(device) for _, a, _ in plan]
-                             + [torch.isfinite(s.std).all().to(device)
-                                for s in new_states.values()])
-        if not all_true(bool(finite.all()), self._tp, device):  # refused on every rank
-            bad = [t.name for t, a, _ in plan if not bool(torch.isfinite(a).all())]
-            raise EditRefused(f"the turn was refused: non-finite shift for modules {bad} "
-                              "(non-finite activations or gradients, or lr too large); "
-                              "the model and the editor state are unchanged")
-        self._sync(device)
-        t3 = time.perf_counter()
-        seconds["solve"] = t3 - t2
-
-        # 4. step: the checks of step="auto", prepared on the pre-turn model -------------
-        search = None
-        if search_step:
-            rows = _request_of_rows(batches)
-            search = StepSearch(model, self.tokenizer, requests, batch_size=16,
-                                chat_template=self.config.chat_template,
-                                max_length=context_length(model))
-            if self.config.preserve_locality:
-                plan, values, n_loc = self._preserving(plan, values, keys,
-                                                       search.locality_keys(self.targets))
-                rows = torch.cat([rows, torch.zeros(n_loc, dtype=torch.long)])
+        cap = turn.capture()
+        n_tokens = cap.n_tokens
+        new_states = turn.statistics(cap)
+        plan = turn.solve(cap, new_states)
+        plan, search, rows = turn.prepare_step(cap, plan)
+        del cap
         step = None
-        prepared = time.perf_counter() - t3
-        # 5. apply: all shifts were computed from the pre-turn model ------------------
         with self._weights_lock.writing():  # serving() sees the turn whole or not at all
-            t4 = time.perf_counter()  # waiting for readers is not the turn's time
+            turn.restart()  # waiting for readers is not the turn's time
             if search is not None:
-                step = self._search_step(plan, values, rows, search)
-                if step.scales is not None:
-                    plan = _rescaled(plan, values, rows, step.scales)
-            self._sync(device)
-            t5 = time.perf_counter()
-            seconds["step"] = prepared + (t5 - t4) if search is not None else 0.0
-            undo_entry = None if self._undo is None else self._undo.prepare(plan, pre_states)
-            self._apply(plan)
-            self._sync(device)
-            for key, state in new_states.items():  # commit
-                self.normalizers[key] = state
+                plan, step = turn.search_step(plan, search, rows, self._snapshot)
+            undo_entry = None if self._undo is None else self._undo.prepare(plan.updates,
+                                                                           pre_states)
+            turn.apply(plan.updates, self._snapshot if cfg.transactional else None)
+            self.normalizers.update(new_states)  # commit
+            self._setup, self._base_sha, self._regime_open = setup, base_sha, False
             self.turns += 1
-        t6 = time.perf_counter()
-        seconds["apply"] = t6 - t5
         if undo_entry is not None:
             self._undo.push(undo_entry, self.targets, self._rank_update)
         return EditReport(n_requests=len(requests), n_tokens=n_tokens, turn=self.turns,
-                          backend=self.backend, device=str(device), seconds=seconds,
-                          total_seconds=sum(seconds.values()), peak_memory_bytes=peak.read(),
+                          backend=self.backend, device=str(turn.device), seconds=turn.seconds,
+                          total_seconds=sum(turn.seconds.values()), peak_memory_bytes=peak.read(),
                           peak_memory_kind=peak.kind, modules=list(self.module_names),
                           step_scale=None if step is None else step.scale,
-                          step=None if step is None else step.to_dict(),
+                          step_search=None if step is None else step.to_dict(),
                           comm_bytes=None if self._tp is None else COUNTER.bytes - sent0)
-
-    def _preserving(self, plan, values, keys, loc_keys):
-        """The turn solved again with the locality set's keys as rows of value zero:
-        ``Delta = K'^T (K' K'^T + I)^-1 [V; 0]`` with ``K' = [K; K_loc]``, the regularised
-        least squares that also asks the edited layers to leave those keys' outputs alone.
-        Returns ``(plan, values, rows added)``."""
-        if not loc_keys:
-            return plan, values, 0
-        solvers: Dict[Tuple[int, ...], ShiftSolver] = {}
-        new_plan, new_values, n_loc = [], [], 0
-        for (t, _, _), (solver, v) in zip(plan, values):
-            shared = tuple(id(k) for k in keys[t.name])
-            if shared not in solvers:
-                kl = loc_keys[t.name].to(solver.k.device, torch.float32)
-                try:
-                    solvers[shared] = ShiftSolver(torch.cat([solver.k, kl]), solver.reduce)
-                except SolveError as e:
-                    raise EditRefused(f"{e} for module {t.name!r} with its locality keys; the "
-                                      "model and the editor state are unchanged") from None
-            aug = solvers[shared]
-            n_loc = aug.k.shape[0] - v.shape[0]
-            v2 = torch.cat([v, v.new_zeros(n_loc, v.shape[1])])
-            a, kk = aug.factors(v2)
-            if not all_true(bool(torch.isfinite(a).all()), self._tp, a.device):
-                raise EditRefused(f"the turn was refused: non-finite shift for module {t.name!r} "
-                                  "with its locality keys; the model and the editor state are "
-                                  "unchanged")
-            new_plan.append((t, a, kk))
-            new_values.append((aug, v2))
-        return new_plan, new_values, n_loc
-
-    def _search_step(self, plan, values, rows, search: StepSearch):
-        """step="auto": try per-request scales of the turn's update on the pre-turn weights
-        (which the host snapshot puts back after each try); see :mod:`ultraedit_fast.core.step`."""
-        with torch.no_grad():
-            saved = [(t.weight, self._snapshot(t)) for t, _, _ in plan]
-
-            def write(scales):
-                for t, a, kk in _rescaled(plan, values, rows, scales):
-                    self._backend(t.weight.device).rank_update_(t.weight.data, a, kk,
-                                                                t.transposed)
-
-            def restore():
-                for w, buf in saved:
-                    w.data.copy_(buf)
-
-            return search.run(write, restore, target=self.config.step_target,
-                              budget=self.config.locality_budget,
-                              max_scale=self.config.max_step_scale)
 
     def _snapshot(self, t: EditTarget) -> torch.Tensor:
         """Copy ``t``'s weight into its host buffer, allocated once and reused every turn
@@ -454,29 +337,6 @@ class UltraEditor:
             self._snapshot_buffers[t.name] = buf
         buf.copy_(w)
         return buf
-
-    def _apply(self, plan) -> None:
-        snapshots: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            try:
-                for t, a, kk in plan:
-                    w = t.weight
-                    if self.transactional:
-                        snapshots.append((w, self._snapshot(t)))
-                    self._backend(w.device).rank_update_(w.data, a, kk, t.transposed)
-                if self.transactional:  # a finite shift can still overflow fp16/bf16
-                    ok = torch.stack([self._backend(t.weight.device).all_finite(
-                        t.weight.detach()).to("cpu") for t, _, _ in plan])
-                    bad = [t.name for (t, _, _), f in zip(plan, ok.tolist()) if not f]
-                    if not all_true(not bad, self._tp, plan[0][0].weight.device):
-                        raise EditRefused(
-                            f"the turn was refused: the shifted weights of modules {bad} are "
-                            "not finite (overflow of their dtype: lr too large); the model and "
-                            "the editor state are unchanged")
-            except BaseException:
-                for w, saved in snapshots:
-                    w.data.copy_(saved)
-                raise
 
     # ------------------------------------------------------------------ undo
     @property
@@ -525,20 +385,13 @@ class UltraEditor:
         (``safetensors.torch.save_model(model, ...)``). Format:
         :mod:`ultraedit_fast.storage.checkpoint`."""
         with self._lock:
-            return ckpt.write_checkpoint(
-                _rank_path(path, self._tp), config=self.config.to_dict(), preset=self.preset,
-                turns=self.turns, tensor_parallel=_tp_record(self._tp),
-                normalizers=self.normalizers,
-                fingerprint=ckpt.fingerprint(self.model, self.targets),
-                weights_sample_sha256=ckpt.weights_digest(self.targets),
-                undo=self._undo.export() if undo_log and self._undo is not None else None,
-                base_sha256=self._base_sha)
+            return persistence.save(self, path, undo_log)
 
     @classmethod
     def load(cls, path, model, tokenizer, **overrides) -> "UltraEditor":
         """An editor that continues the lifelong state saved at ``path`` on ``model``
         (whose weights should be those saved with it: a mismatch warns with
-        :class:`~ultraedit_fast.storage.checkpoint.CheckpointWeightsWarning`). ``overrides`` may
+        :class:`~ultraedit_fast.storage.CheckpointWeightsWarning`). ``overrides`` may
         change the options that do not shape the lifelong state (``lr``, ``batch_size``,
         ``backend``, ``transactional``, ``undo``, ...); ``modules`` and
         ``share_normalizer`` are fixed by the checkpoint. Continuing with the saved
@@ -549,64 +402,33 @@ class UltraEditor:
         parameter names and shapes), and naming the file when the checkpoint is
         truncated, tampered with or not one; ``FileNotFoundError`` when ``path`` does
         not exist. Reads JSON and safetensors only: loading never runs code."""
-        check_overrides(overrides)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        tp = _model_tensor_parallel(model)
-        saved = ckpt.load_checkpoint(_rank_path(path, tp))
-        if saved.tensor_parallel != _tp_record(tp):
-            raise ValueError(f"model: the checkpoint {saved.manifest_path} was saved by rank "
-                             f"{saved.tensor_parallel} of a tensor-parallel model, this is "
-                             f"{_tp_record(tp)}: load it with the same ranks and layout")
-        # the model must be the checkpoint's: compare before building anything on it
-        current = []
-        for name in saved.config.modules:
-            try:
-                current.append(resolve_target(model, name))
-            except (ValueError, TypeError):
-                pass  # reported by the fingerprint diff
-        diffs = ckpt.fingerprint_diff(saved.fingerprint, ckpt.fingerprint(model, current))
-        if diffs:
-            raise ValueError(f"model: it is not the model the checkpoint "
-                             f"{saved.manifest_path} was saved from: " + "; ".join(diffs))
-        editor = cls(model, tokenizer, **saved.config.replace(**overrides).options())
+        return persistence.load(cls, path, model, tokenizer, overrides)
+
+    def _restore(self, saved) -> None:
+        """Take the lifelong state of a loaded checkpoint (``load``'s last step)."""
         if saved.preset is not None:
-            editor.preset = saved.preset
-        if saved.weights_sample_sha256 != ckpt.weights_digest(editor.targets):
-            warnings.warn(
-                f"model: the weights of the edited modules differ from those the checkpoint "
-                f"{saved.manifest_path} was saved with; load the edited model's weights before "
-                "the editor (the lifelong statistics continue from the saved model)",
-                CheckpointWeightsWarning, stacklevel=2)
-        devices = {editor.normalizer_key(t): t.weight.device for t in reversed(editor.targets)}
-        shapes = {editor.normalizer_key(t): t.local_shape for t in editor.targets}
+            self._setup = Setup(self.config, saved.preset, self.targets, self._tp,
+                                self.backends)
+        devices = {self.normalizer_key(t): t.weight.device for t in reversed(self.targets)}
+        shapes = {self.normalizer_key(t): t.local_shape for t in self.targets}
         normalizers = saved.normalizers(shapes, devices)
-        undo = None if editor._undo is None else saved.undo(editor.targets, shapes, devices)
-        with editor._lock, editor._weights_lock.writing():
-            editor.normalizers = normalizers
-            editor.turns = saved.turns
-            editor._base_sha = dict(saved.base_sha256)
-            if editor._undo is not None:
-                editor._undo.restore(undo, editor.targets, editor._rank_update)
-        return editor
+        undo = None if self._undo is None else saved.undo(self.targets, shapes, devices)
+        with self._lock, self._weights_lock.writing():
+            self.normalizers = normalizers
+            self.turns = saved.turns
+            self._base_sha = dict(saved.base_sha256)
+            self._regime_open = False
+            if self._undo is not None:
+                self._undo.restore(undo, self.targets, self._rank_update)
 
     # ------------------------------------------------------------------ export
-    def _no_tp(self, what: str) -> None:
-        if self._tp is not None:
-            raise ValueError(f"{what}: the model is tensor parallel; export from a model "
-                             "gathered into one process (its edited weights whole)")
-
     def export_patch(self, path) -> str:
         """Write the edited modules' weights and a manifest naming their base model to the
-        directory ``path`` (:mod:`ultraedit_fast.storage.export`); :func:`ultraedit_fast.storage.apply_patch`
-        writes them into a fresh copy of the base model, bit for bit. Returns the manifest's
-        path."""
+        directory ``path`` (:mod:`ultraedit_fast.storage.export`);
+        :func:`ultraedit_fast.storage.apply_patch` writes them into a fresh copy of the base
+        model, bit for bit. Returns the manifest's path."""
         with self._lock:
-            self._no_tp("export_patch")
-            if not self.turns:
-                raise ValueError("export_patch: no turn was made; there is nothing to export")
-            return write_patch(path, self.model, self.targets, self._base_sha,
-                               config=self.config.to_dict(), turns=self.turns)
+            return persistence.export_patch(self, path)
 
     def export_lora(self, path, rank: Optional[int] = None, *, base=None) -> dict:
         """Write a PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``)
@@ -616,29 +438,7 @@ class UltraEditor:
         its state dict); ``rank=r``: the best rank-``r`` approximation. Returns
         ``{"rank", "relative_error", "bytes", "files"}`` (per-module ranks and errors)."""
         with self._lock:
-            self._no_tp("export_lora")
-            if not self.turns:
-                raise ValueError("export_lora: no turn was made; there is nothing to export")
-            log_data = self._undo.export() if self._undo is not None else None
-            if log_data and len(log_data["turns"]) == self.turns and all(
-                    weight_sha256(log_data["base"][t.name]) == self._base_sha.get(t.name)
-                    for t in self.targets):
-                factors = {t.name: exact_factors(t, log_data["turns"]) for t in self.targets}
-            elif base is not None:
-                factors = {}
-                for t in self.targets:
-                    orig = _original_weight(base, t.name)
-                    known = self._base_sha.get(t.name)
-                    if known is not None and weight_sha256(orig) != known:
-                        raise ValueError(f"base: its {t.name!r} is not the weight this editor "
-                                         "started from")
-                    factors[t.name] = delta_factors(t, orig)
-            else:
-                raise ValueError("export_lora: the accumulated shift is unknown: build the "
-                                 "editor with undo=True (it keeps every turn's factors), or "
-                                 "pass base=<the unedited model or its state dict>")
-            return write_lora(path, self.model, self.targets, factors, rank=rank,
-                              base_sha256=self._base_sha)
+            return persistence.export_lora(self, path, rank, base)
 
     @classmethod
     def from_hparams(cls, hparams, model, tokenizer, **options) -> "UltraEditor":
@@ -654,86 +454,15 @@ class UltraEditor:
 
 
 UltraEditor.__doc__ += "\n" + options_doc() + "\n"
+UltraEditor.__init__.__signature__ = editor_signature()  # type: ignore[attr-defined]
 
 
-def _rank_path(path, tp):
-    """A tensor-parallel editor's checkpoint: one directory per rank inside ``path`` (each
-    rank writes its own shards of the normaliser and of the undo log, in parallel, and
-    nothing is gathered); a plain editor's: ``path`` itself."""
-    if tp is None:
-        return path
-    return os.path.join(os.fspath(path), f"rank{tp.rank:03d}-of-{tp.world:03d}")
-
-
-def _tp_record(tp):
-    return None if tp is None else {"world": tp.world, "rank": tp.rank}
-
-
-def _model_tensor_parallel(model):
-    """The tensor-parallel group of a model's sharded linear weights (``None``: none)."""
-    from ..parallel.distributed import is_dtensor, tensor_parallel
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, torch.nn.Linear) and is_dtensor(w):
-            try:
-                tp = tensor_parallel(name, w, False)
-            except ValueError:
-                continue
-            if tp is not None and tp.world > 1:
-                return tp
-    return None
-
-
-def _tensor_parallel_of(targets):
-    """The tensor-parallel group the edited modules are sharded over (``None``: not
-    sharded); ``ValueError`` when they are not all over one group of ranks."""
-    groups = {(t.tp.world, id(t.tp.group)) for t in targets if t.tp is not None}
-    if len(groups) > 1:
-        raise ValueError("modules: the edited modules are sharded over different groups of "
-                         "ranks; the editor supports one tensor-parallel group")
-    if any(t.tp is None for t in targets) and groups:
-        plain = [t.name for t in targets if t.tp is None]
-        raise ValueError(f"modules: {plain} are plain tensors while the others are sharded "
-                         "DTensors; edit the modules of one layout")
-    tp = next((t.tp for t in targets if t.tp is not None), None)
-    return tp if tp is not None and tp.world > 1 else None
-
-
-def _original_weight(base, name: str) -> torch.Tensor:
-    """Module ``name``'s weight in ``base``: a model or a state dict."""
-    if isinstance(base, torch.nn.Module):
-        return base.get_submodule(name).weight.detach()
-    if isinstance(base, dict):
-        w = base.get(f"{name}.weight")
-        if w is None:
-            raise ValueError(f"base: the state dict has no {name + '.weight'!r}")
-        return w
-    raise TypeError(f"base: expected the unedited model or its state dict, got "
-                    f"{type(base).__name__}")
-
-
-def _request_of_rows(batches) -> torch.Tensor:
-    """The request (index into the turn's list) of each row of a turn's keys: mini-batch by
-    mini-batch, each request's answer tokens in order (the capture's row-major order)."""
-    out: List[int] = []
-    for b in batches:
-        counts = (b.labels != -100).sum(dim=1).tolist()
-        for i, c in zip(b.order, counts):
-            out.extend([i] * int(c))
-    return torch.tensor(out, dtype=torch.long)
-
-
-def _rescaled(plan, values, rows, scales):
-    """The turn's plan with each request's value rows scaled by its scale: ``A`` is linear
-    in ``V``, so this is the solve of the scaled values (no capture, no new factorisation)."""
-    if all(float(s) == 1.0 for s in scales):
-        return plan
-    out = []
-    for (t, _, kk), (solver, v) in zip(plan, values):
-        row_scale = torch.as_tensor(scales, dtype=v.dtype)[rows].to(v.device)[:, None]
-        a, kk2 = solver.factors(v * row_scale)
-        out.append((t, a, kk2))
-    return out
+def _backend_of(setup: Setup, device) -> Backend:
+    """The kernels of ``device`` for ``setup`` (resolved once per device)."""
+    device = torch.device(device)
+    if device not in setup.backends:
+        setup.backends[device] = resolve_backend(setup.config.backend, device)
+    return setup.backends[device]
 
 
 def fast_edit(model, tokenizer, requests, *, editor: Optional[UltraEditor] = None,

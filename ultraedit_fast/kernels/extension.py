@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import threading
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -109,7 +109,7 @@ def _build_here(why: str) -> Optional[str]:
     built_before = any(f.endswith(".so") for f in os.listdir(build_dir))
     if not built_before:
         log.warning("ultraedit_fast: %s; compiling the C++%s kernels for torch %s once "
-                    "(about 20 s on 2 CPU cores; more with CUDA), cached in %s", why,
+                    "(once per torch version and sources), cached in %s", why,
                     " and CUDA" if with_cuda else "", torch.__version__, build_dir)
     else:
         log.info("ultraedit_fast: %s; using the kernels compiled for torch %s in %s", why,
@@ -161,17 +161,3 @@ def status() -> Dict[str, Optional[str]]:
     loaded (``None``: they are), and why the install-time extension was not used."""
     ensure()
     return {k: _STATE.get(k) for k in ("source", "error", "prebuilt")}
-
-
-def write_stamp(directory: str) -> str:
-    """Record, beside a freshly built extension, the torch it was built against."""
-    path = os.path.join(directory, "_build_info.json")
-    with open(path, "w") as f:
-        json.dump(torch_build(), f)
-    return path
-
-
-def sources() -> List[str]:
-    src = sources_dir()
-    return [] if src is None else sorted(
-        os.path.join(r, f) for r, _, fs in os.walk(src) for f in fs)

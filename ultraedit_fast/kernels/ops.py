@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import formulas
-from .formulas import EPS
+from .formulas import EPS  # noqa: F401 - the ops share the formulas' epsilon
 NAMESPACE = "ultraedit_fast"
 # Rows of ``w`` handled per step by the default rank update: bounds the fp32
 # temporary to TILE x d_in elements whatever the size of ``w``.

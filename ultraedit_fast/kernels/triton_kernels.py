@@ -25,13 +25,11 @@ signature and semantics as the default kernel in :mod:`ultraedit_fast.kernels.op
       ``a`` and ``k`` rounded to TF32 to nearest in the kernel first (the
       tensor cores alone would truncate: twice the error, biased toward zero).
       An operand's relative error is then <= 2^-11, under half a bf16 ulp, and
-      the update's error < 2^-10 * sum_i |a_i k_i|; ``w``'s single rounding
-      differs from the exactly rounded result by one ulp for a small fraction
-      of elements (0.01-0.1 % of a bf16 ``w`` for updates 0.1-1 % of ``|w|``)
-      and by more only where ``w + update`` cancels.  TF32 rather than bf16
+      the update's error < 2^-10 * sum_i |a_i k_i|.  TF32 rather than bf16
       operands: bf16 ones (what ``w.addmm_(a.t().bfloat16(), k.bfloat16())``
-      does) have a relative error of 2^-9, as large as ``w``'s own rounding, and
-      flip four to nine times as many of its roundings.
+      does) have a relative error of 2^-9, as large as ``w``'s own rounding.
+      How often ``w``'s rounding differs from the exact one, measured:
+      ``docs/kernels.md``.
 
     Under ``TRITON_INTERPRET=1`` the interpreter evaluates ``tl.dot`` in
     float32 whatever ``input_precision`` says; the explicit TF32 rounding of

@@ -40,6 +40,12 @@ _HEAD_ON_ROWS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma
                  "phi3", "gptj", "gpt2"}
 
 
+def input_device(model) -> torch.device:
+    """The device of the model's input embeddings: where its inputs go (the first device
+    of a model split over several)."""
+    return model.get_input_embeddings().weight.device
+
+
 def _split(model):
     if callable(getattr(type(model), "get_base_model", None)):  # a peft.PeftModel: its model
         model = model.get_base_model()                         # (adapters injected in it)

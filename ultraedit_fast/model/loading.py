@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .forward import input_device
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2"
 
@@ -116,7 +118,7 @@ def _forget_gguf(model) -> None:
 @torch.no_grad()
 def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` (the first line of it)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     ids = tokenizer(prompt, return_tensors="pt").to(device)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

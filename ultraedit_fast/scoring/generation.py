@@ -30,7 +30,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,6 +103,22 @@ def _last_logits(model, cache=None, **kw) -> tuple:
     return out.logits[:, -1].float(), new_cache
 
 
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token-id sequences, left-padded to the longest."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
+        mask[r, T - len(x):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]],
                   max_new_tokens: Sequence[int], batch_size: int = 16,
@@ -115,8 +131,7 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]],
     if len(prompts) != len(max_new_tokens):
         raise ValueError("max_new_tokens: expected one count per prompt")
     device = _device(model)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = 0 if pad is None else int(pad)
+    pad = _pad_id(tokenizer)
     eos = _eos_ids(tokenizer, model) if stop_at_eos else set()
     out: List[List[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), max_new_tokens[i]))
@@ -129,42 +144,42 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]],
             idx = [i for i in order[s:s + batch_size] if max_new_tokens[i] > 0]
             if not idx:
                 continue
-            T = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), T), dtype=torch.long)
-            for r, i in enumerate(idx):
-                n = len(prompts[i])
-                ids[r, T - n:] = torch.tensor(list(prompts[i]), dtype=torch.long)
-                mask[r, T - n:] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            limit = torch.tensor([max_new_tokens[i] for i in idx], device=device)
-            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-            new: List[torch.Tensor] = []
-            eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos else None
-            steps = int(limit.max())
+            ids, mask = _left_padded([prompts[i] for i in idx], pad)
             with weights.reading():  # one whole model for the whole continuation
-                logits, cache = _last_logits(model, input_ids=ids, attention_mask=mask,
-                                             position_ids=pos)
-                for step in range(steps):
-                    nxt = logits.argmax(-1)
-                    if eos_t is not None:
-                        done |= torch.isin(nxt, eos_t)
-                    done |= limit <= step
-                    new.append(torch.where(done, torch.full_like(nxt, -1), nxt))
-                    if step + 1 == steps or bool(done.all()):
-                        break
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                    pos = pos[:, -1:] + 1
-                    logits, cache = _last_logits(model, cache, input_ids=nxt[:, None],
-                                                 attention_mask=mask, position_ids=pos)
-            toks = torch.stack(new, 1).tolist() if new else [[] for _ in idx]
-            for r, i in enumerate(idx):
-                row = toks[r]
-                k = row.index(-1) if -1 in row else len(row)
-                out[i] = row[:k]
+                rows = _greedy_batch(model, ids.to(device), mask.to(device),
+                                     [max_new_tokens[i] for i in idx], eos)
+            for i, row in zip(idx, rows):
+                out[i] = row
     progress.close()
     return out
+
+
+def _greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, limits: Sequence[int],
+                  eos: set) -> List[List[int]]:
+    """The greedy continuations of one left-padded batch: row ``r`` runs until an ``eos``
+    token (not kept) or ``limits[r]`` new tokens; the batch stops when every row has."""
+    device = ids.device
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    limit = torch.tensor(list(limits), device=device)
+    done = torch.zeros(len(limits), dtype=torch.bool, device=device)
+    new: List[torch.Tensor] = []
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos else None
+    steps = int(limit.max())
+    logits, cache = _last_logits(model, input_ids=ids, attention_mask=mask, position_ids=pos)
+    for step in range(steps):
+        nxt = logits.argmax(-1)
+        if eos_t is not None:
+            done |= torch.isin(nxt, eos_t)
+        done |= limit <= step
+        new.append(torch.where(done, torch.full_like(nxt, -1), nxt))  # -1: the row is done
+        if step + 1 == steps or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos[:, -1:] + 1
+        logits, cache = _last_logits(model, cache, input_ids=nxt[:, None],
+                                     attention_mask=mask, position_ids=pos)
+    toks = torch.stack(new, 1).tolist() if new else [[] for _ in limits]
+    return [row[:row.index(-1)] if -1 in row else row for row in toks]
 
 
 def continuations(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
@@ -212,8 +227,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
     """``[len(prompts), vocab]`` float32 log-probabilities of the token after each prompt
     (on the CPU)."""
     device = _device(model)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = 0 if pad is None else int(pad)
+    pad = _pad_id(tokenizer)
     ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
     rows: List[Optional[torch.Tensor]] = [None] * len(ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -222,12 +236,7 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
         model.eval()
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            T = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), T), pad, dtype=torch.long)
-            m = torch.zeros((len(idx), T), dtype=torch.long)
-            for r, i in enumerate(idx):
-                x[r, T - len(ids[i]):] = torch.tensor(ids[i])
-                m[r, T - len(ids[i]):] = 1
+            x, m = _left_padded([ids[i] for i in idx], pad)
             x, m = x.to(device), m.to(device)
             with weights.reading():
                 logits, _ = _last_logits(model, input_ids=x, attention_mask=m,

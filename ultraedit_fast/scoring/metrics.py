@@ -98,7 +98,7 @@ def capture_predictions(model, tokenizer, requests, batch_size: int = 16,
                         chat_template: bool = False) -> List[Optional[List[int]]]:
     """The model's own argmax predictions at the locality answer tokens of each request
     (``None`` where a request has no locality prompt). Call before editing, pass the
-    result to :func:`evaluate` as ``base_predictions`` (or use :func:`capture_baseline`,
+    result to :func:`evaluate` as ``base`` (or use :func:`capture_baseline`,
     which also captures what the generation-based scores need)."""
     requests = as_requests(requests)
     idx = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
@@ -206,14 +206,14 @@ def _put(rows: List[dict], idx, key: str, values) -> None:
         rows[i][key] = v
 
 
-def evaluate(model, tokenizer, requests, *, base=None, base_predictions=None,
+def evaluate(model, tokenizer, requests, *, base=None,
              generation: bool = True, batch_size: int = 32, chat_template: bool = False,
              per_request: bool = False) -> Dict[str, object]:
     """Teacher-forced and generation-based scores of ``model`` on ``requests``.
 
     ``base``: a :class:`Baseline` (:func:`capture_baseline`, before editing) for the scores
-    against the unedited model (``LS_unedited``, ``LS_gen_unedited``, the drift);
-    ``base_predictions``: the teacher-forced part alone (:func:`capture_predictions`).
+    against the unedited model (``LS_unedited``, ``LS_gen_unedited``, the drift), or its
+    teacher-forced part alone (a :func:`capture_predictions` result: ``LS_unedited`` only).
     ``generation=False`` skips the generation-based scores (they decode, and cost more).
     ``chat_template``: wrap every prompt in the tokenizer's chat template.
 
@@ -222,18 +222,41 @@ def evaluate(model, tokenizer, requests, *, base=None, base_predictions=None,
     (``None`` where not measurable), plus ``"per_request"`` (a list of dicts) when asked.
     """
     requests = as_requests(requests)
-    if base is not None and base_predictions is not None:
-        raise ValueError("base_predictions: give either base or base_predictions, not both")
-    if isinstance(base, list):  # a capture_predictions() result passed as base
+    base, base_predictions = _resolve_base(base, len(requests))
+    out, rows = _teacher_forced_scores(model, tokenizer, requests, base_predictions,
+                                       batch_size, chat_template, per_request)
+    if generation:
+        out.update(_generation_scores(model, tokenizer, requests, base, batch_size,
+                                      chat_template, rows))
+    if per_request:
+        out["per_request"] = rows
+    return out
+
+
+def _resolve_base(base, n: int
+                  ) -> Tuple[Optional[Baseline], Optional[List[Optional[List[int]]]]]:
+    """``(baseline, its teacher-forced predictions)`` from :func:`evaluate`'s ``base`` (a
+    :class:`Baseline`, or a :func:`capture_predictions` result), checked against the ``n``
+    requests."""
+    base_predictions = None
+    if isinstance(base, list):  # a capture_predictions() result: the teacher-forced part
         base_predictions, base = base, None
     if base is not None and not isinstance(base, Baseline):
         raise TypeError(f"base: expected a Baseline from capture_baseline(), got "
                         f"{type(base).__name__}")
     if base is not None:
         base_predictions = base.predictions
-    if base_predictions is not None and len(base_predictions) != len(requests):
-        raise ValueError(f"base_predictions: expected {len(requests)} entries (one per request), "
+    if base_predictions is not None and len(base_predictions) != n:
+        raise ValueError(f"base: expected {n} entries (one per request), "
                          f"got {len(base_predictions)}")
+    return base, base_predictions
+
+
+def _teacher_forced_scores(model, tokenizer, requests, base_predictions, batch_size,
+                           chat_template, per_request) -> Tuple[Dict[str, object],
+                                                                Optional[List[dict]]]:
+    """``ES``, ``GS``, ``LS``, ``LS_unedited`` and ``n``, and the per-request rows (``None``
+    unless ``per_request``)."""
     kw = dict(batch_size=batch_size, chat_template=chat_template)
     es = token_accuracy(model, tokenizer, [(r.prompt, r.target) for r in requests],
                         names=[f"requests[{i}] (prompt)" for i in range(len(requests))], **kw)
@@ -247,15 +270,8 @@ def evaluate(model, tokenizer, requests, *, base=None, base_predictions=None,
                              batch_size, [f"requests[{i}] (locality_prompt)" for i in li],
                              chat_template)
     ls = [sum(p == l for p, l in zip(pr, lb)) / len(lb) for pr, lb in loc]
-    ls_u: List[float] = []
-    if base_predictions is not None:
-        for i, (pr, _) in zip(li, loc):
-            b = base_predictions[i]
-            if b is None or len(b) != len(pr):
-                raise ValueError(f"base_predictions[{i}]: does not match request {i}'s "
-                                 "locality prompt; capture it with capture_predictions() on "
-                                 "the same requests")
-            ls_u.append(sum(p == q for p, q in zip(pr, b)) / len(pr))
+    ls_u = (_unedited_agreement(li, [pr for pr, _ in loc], base_predictions)
+            if base_predictions is not None else [])
     out: Dict[str, object] = {"ES": mean(es), "GS": mean(gs), "LS": mean(ls),
                               "LS_unedited": mean(ls_u), "n": len(requests)}
     rows = None
@@ -264,9 +280,19 @@ def evaluate(model, tokenizer, requests, *, base=None, base_predictions=None,
         _put(rows, gi, "GS", gs)
         _put(rows, li, "LS", ls)
         _put(rows, li, "LS_unedited", ls_u)
-    if generation:
-        out.update(_generation_scores(model, tokenizer, requests, base, batch_size,
-                                      chat_template, rows))
-    if per_request:
-        out["per_request"] = rows
-    return out
+    return out, rows
+
+
+def _unedited_agreement(li: Sequence[int], preds: Sequence[List[int]],
+                        base_predictions: Sequence[Optional[List[int]]]) -> List[float]:
+    """Per locality prompt ``li[k]``, the share of its answer tokens where the model predicts
+    what the unedited model did (``LS_unedited``)."""
+    ls_u: List[float] = []
+    for i, pr in zip(li, preds):
+        b = base_predictions[i]
+        if b is None or len(b) != len(pr):
+            raise ValueError(f"base[{i}]: does not match request {i}'s "
+                             "locality prompt; capture it with capture_predictions() on "
+                             "the same requests")
+        ls_u.append(sum(p == q for p, q in zip(pr, b)) / len(pr))
+    return ls_u

@@ -35,9 +35,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .._version import __version__
-from .checkpoint import fingerprint, fingerprint_diff
-from ..parallel.concurrency import model_locks
 from ..model.targets import EditTarget, resolve_target
+from ..parallel.concurrency import model_locks
+from ..utils.files import atomic_write_json
+from .fingerprint import fingerprint, fingerprint_diff
 
 PATCH_FORMAT = "ultraedit_fast.patch"
 PATCH_VERSION = 1
@@ -52,14 +53,6 @@ def weight_sha256(w: torch.Tensor) -> str:
     h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _write_json(path: str, body: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _directory(path) -> str:
@@ -96,7 +89,7 @@ def write_patch(path, model, targets: Sequence[EditTarget], base_sha256: Mapping
             "edited_weights_sha256": {n: weight_sha256(w) for n, w in tensors.items()},
             "config": dict(config), "turns": int(turns)}
     mpath = os.path.join(d, PATCH_MANIFEST)
-    _write_json(mpath, body)
+    atomic_write_json(mpath, body)
     return mpath
 
 
@@ -226,8 +219,8 @@ def write_lora(path, model, targets: Sequence[EditTarget],
                          "one adapter has one fan_in_fan_out")
     save_file(tensors, os.path.join(d, "adapter_model.safetensors"),
               metadata={"format": "pt"})
-    _write_json(os.path.join(d, "adapter_config.json"), config)
-    _write_json(os.path.join(d, BASE_FILE), {
+    atomic_write_json(os.path.join(d, "adapter_config.json"), config)
+    atomic_write_json(os.path.join(d, BASE_FILE), {
         "format": "ultraedit_fast.lora-base", "ultraedit_fast": __version__,
         "fingerprint": fingerprint(model, targets), "weights_sha256": dict(base_sha256 or {}),
         "relative_error": errors})

@@ -7,13 +7,14 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+from .._log import log
+
 GIB = 2 ** 30
 MIB = 2 ** 20
 
 PHASE_COLOURS = {"capture": "#4C72B0", "statistics": "#DD8452", "solve": "#55A868",
                  "step": "#937860", "apply": "#C44E52", "total": "#8172B3"}
 
-from .._log import log
 
 
 def pct(x: Optional[float], width: int = 0) -> str:

@@ -27,20 +27,19 @@ At most :data:`CHECK_SAMPLE` of each are checked (spread evenly over the turn).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..parallel.concurrency import ThreadOwned
 from ..scoring.metrics import predictions_at_labels
-from ..model.forward import preserved_model_state
+from ..model.forward import input_device, preserved_model_state
 from ..scoring.generation import EXTRA_TOKENS, greedy_decode, spread
 from ..model.requests import IGNORE, TokenizedRequest, pad_batch, prompt_ids, tokenize_pair
 
 SCALE_FACTOR = 2.0
 ANCHOR_TOKENS = 4
 CHECK_SAMPLE = 64  # edits and locality prompts checked per candidate step, at most
-PRESERVE_GIVEN_ANSWERS = True
 
 # Prompts unrelated to any particular edit, on general knowledge and everyday language: the
 # locality set of a turn whose requests bring none.
@@ -107,7 +106,7 @@ class StepSearch:
         # the keys to preserve (locality_keys): at the model's own continuation and, for the
         # requests' locality prompts, at their given answer too
         self.preserved: List[TokenizedRequest] = []
-        if given and PRESERVE_GIVEN_ANSWERS:
+        if given:
             for (p, a) in given:
                 try:
                     self.preserved.append(tokenize_pair(tokenizer, p, a, max_length,
@@ -142,7 +141,7 @@ class StepSearch:
             return keep
 
         handles = [t.module.register_forward_hook(hook(t.name)) for t in targets]
-        device = self.model.get_input_embeddings().weight.device
+        device = input_device(self.model)
         try:
             with preserved_model_state(self.model):
                 self.model.eval()

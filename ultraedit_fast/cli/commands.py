@@ -10,158 +10,20 @@ malformed data) end with one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from typing import List, Optional
 
-from ..core.config import add_cli_options, cli_int_at_least, options_from_cli
+from ..core.config import options_from_cli
+from .parser import PROG, UsageError, _nonneg_int, _positive_int, build_parser  # noqa: F401
 from ..utils.display import pct
 
-PROG = "ultraedit-fast"
-# the editor options that `run` takes as flags (EditorConfig's; `demo` takes modules and lr)
-EDITOR_FLAGS = ("modules", "lr", "batch_size", "tokens_per_pass", "backend", "step",
-                "step_target", "locality_budget", "max_step_scale", "chat_template")
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A mistake in the command line (reported as one line, exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(f"{self.prog}: error: {message}")
-
-
-_positive_int = cli_int_at_least(1, "a positive integer")
-_nonneg_int = cli_int_at_least(0, "an integer >= 0")
-
-
-# ----------------------------------------------------------------------------- the parser
-def build_parser() -> argparse.ArgumentParser:
-    from ..data.datasets import FORMATS, TARGETS
-    from ..model.loading import DEFAULT_MODEL
-
-    p = _Parser(prog=PROG, description="Fast lifelong model editing (UltraEdit, "
-                "arXiv 2505.14679) for Hugging Face causal language models.")
-    from . import __version__
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def model_args(sp, with_backend=True):
-        sp.add_argument("--model", default=DEFAULT_MODEL,
-                        help="'smollm2' (the embedded SmolLM2-135M-Instruct, default), a local "
-                        "Hugging Face directory, a .gguf file, or a hub id")
-        sp.add_argument("--dtype", default=None,
-                        help="float32 (default) | bfloat16 | float16 (also fp32, bf16, fp16)")
-        sp.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-        sp.add_argument("--tp-plan", default=None, choices=("auto", "none"),
-                        help="auto: load the model tensor-parallel over the ranks (the "
-                        "default under torchrun with more than one rank); none: do not")
-        sp.add_argument("--device-map", default=None, metavar="MAP",
-                        help="split the model's layers over devices, pipeline style "
-                        "(transformers' device_map: auto, balanced, sequential)")
-        if with_backend:
-            add_cli_options(sp, ["backend"])
-
-    def data_args(sp):
-        sp.add_argument("--data", required=True, help="JSON array or JSON Lines file")
-        sp.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
-                        help="dataset format (default: detected from the first record)")
-        sp.add_argument("--target", default="answers", choices=TARGETS,
-                        help="edit target: the dataset's answer, or 'alt' (counterfactual)")
-        sp.add_argument("--offset", type=_nonneg_int, default=0,
-                        help="skip this many records first")
-        sp.add_argument("--skip-malformed", action="store_true",
-                        help="skip malformed records (counted) instead of stopping")
-        sp.add_argument("--eval-batch-size", type=_positive_int, default=32,
-                        help="sequences per forward pass when scoring (default 32; greedy "
-                             "decoding takes twice as many)")
-
-    def edit_args(sp):  # every editor option with a flag, but the backend (model_args')
-        add_cli_options(sp, [n for n in EDITOR_FLAGS if n != "backend"])
-
-    d = sub.add_parser("demo", help="edit SmolLM2-135M-Instruct with 8 counterfactual facts "
-                       "and show its answers before and after",
-                       description="Load the embedded SmolLM2-135M-Instruct, edit it with 8 "
-                       "counterfactual facts in one turn with the defaults, and print its "
-                       "greedy answers and the scores before and after.")
-    model_args(d)
-    add_cli_options(d, ["modules", "lr"])
-
-    r = sub.add_parser("run", help="lifelong editing: T turns x M edits from a dataset; "
-                       "writes lifelong.json and lifelong.png",
-                       description="Edit a model with T turns of M requests from a dataset, "
-                       "score it (ES/GS/LS/LS_unedited) and write lifelong.json and "
-                       "lifelong.png to --output-dir.")
-    model_args(r)
-    data_args(r)
-    r.add_argument("--turns", type=_positive_int, required=True)
-    r.add_argument("--edits-per-turn", type=_positive_int, required=True)
-    r.add_argument("--output-dir", required=True)
-    edit_args(r)
-    r.add_argument("--editor", default="fast", choices=("fast", "reference"),
-                   help="the fast editor (default) or the plain reference port")
-    r.add_argument("--eval-every", type=_positive_int, default=None,
-                   help="also score every K turns (checkpoints)")
-    r.add_argument("--eval-sample", type=_positive_int, default=None, metavar="N",
-                   help="checkpoints score the requests edited since the last one (at most "
-                        "N) and a fixed retention sample of N earlier ones, instead of "
-                        "everything edited so far; the final score covers every edit")
-    r.add_argument("--no-generation", action="store_true",
-                   help="teacher-forced scores only (no greedy decoding)")
-    r.add_argument("--save-model", default=None, metavar="DIR",
-                   help="save the edited model and tokenizer there (save_pretrained)")
-    r.add_argument("--save-editor", default=None, metavar="DIR",
-                   help="save the editor's lifelong state there (UltraEditor.load resumes it)")
-    r.add_argument("--export-patch", default=None, metavar="DIR",
-                   help="write the edited modules' weights there, as a patch for the base "
-                        "model (ultraedit_fast.storage.apply_patch)")
-    r.add_argument("--export-lora", default=None, metavar="DIR",
-                   help="write the edits there as a PEFT LoRA adapter")
-    r.add_argument("--lora-rank", type=_positive_int, default=None,
-                   help="rank of --export-lora (default: exact)")
-    r.add_argument("--no-plot", action="store_true", help="do not draw lifelong.png")
-    r.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (editing, scoring, model loading)")
-
-    e = sub.add_parser("eval", help="score a model on a dataset slice",
-                       description="Score a model (unedited, or one saved with run "
-                       "--save-model) on records of a dataset: ES, GS, LS (and WikiBigEdit "
-                       "personas / multi-hop where present).")
-    model_args(e, with_backend=False)
-    data_args(e)
-    e.add_argument("--limit", type=_nonneg_int, default=None, help="at most this many records")
-    e.add_argument("--no-generation", action="store_true",
-                   help="teacher-forced scores only (no greedy decoding)")
-    add_cli_options(e, ["chat_template"])
-    e.add_argument("--output", default=None, help="write the scores to this JSON file")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    x = sub.add_parser("export", help="export a saved editor's edits as a weight patch or a "
-                       "PEFT LoRA adapter",
-                       description="From an editor checkpoint (run --save-editor, or "
-                       "UltraEditor.save) and the edited model (run --save-model), write the "
-                       "edits as a weight patch (--patch) and/or a PEFT LoRA adapter (--lora).")
-    model_args(x, with_backend=False)
-    x.add_argument("--checkpoint", required=True, help="the editor's checkpoint directory")
-    x.add_argument("--patch", default=None, metavar="DIR", help="write a weight patch there")
-    x.add_argument("--lora", default=None, metavar="DIR", help="write a LoRA adapter there")
-    x.add_argument("--rank", type=_positive_int, default=None,
-                   help="rank of the LoRA adapter (default: exact)")
-    x.add_argument("--base-model", default=None,
-                   help="the unedited model, for an exact LoRA when the checkpoint holds no "
-                        "undo log of every turn")
-    x.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    sub.add_parser("bench", help="benchmarks (ultraedit_fast.bench; arguments passed on)",
-                   add_help=False)
-    return p
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -316,7 +178,7 @@ def _clip(text: str, n: int) -> str:
 
 def cmd_demo(args) -> int:
     """One turn of 8 counterfactual edits on SmolLM2-135M-Instruct."""
-    from . import UltraEditor, backend_info, capture_baseline, evaluate
+    from .. import UltraEditor, backend_info, capture_baseline, evaluate
     from ..data.demo import demo_requests
     from ..model.loading import generate_answer
     from ..model.targets import summarize_names
@@ -365,9 +227,43 @@ def cmd_demo(args) -> int:
 
 def cmd_run(args) -> int:
     from ..lifelong.runner import run_lifelong
-    from ..model.targets import summarize_names
 
-    from ..lifelong.runner import check_output_dir
+    reader, examples = _run_inputs(args)
+    model, tok = _load(args)
+    _check_lengths(args, model, tok, examples)
+    name = _model_name(args.model, model)
+    t0 = time.perf_counter()
+    progress = not args.no_progress and _is_rank0()
+    if progress:
+        print(f"scoring the unedited model on the {len(examples)} requests to edit ...",
+              file=sys.stderr, flush=True)
+    res = run_lifelong(
+        model, tok, examples, turns=args.turns, edits_per_turn=args.edits_per_turn,
+        editor=args.editor, eval_every=args.eval_every, eval_sample=args.eval_sample,
+        eval_batch_size=args.eval_batch_size, generation=not args.no_generation,
+        progress=progress, output_dir=args.output_dir if _is_rank0() else None,
+        plot=not args.no_plot,
+        config_extra={"model_name": name, "model": args.model,
+                      "dataset": os.path.basename(args.data), "data": os.path.abspath(args.data),
+                      "format": reader.stats.format, "target": args.target,
+                      "offset": args.offset, "skipped_records": reader.stats.skipped,
+                      "dtype": args.dtype or "float32",
+                      "tensor_parallel": _world() if _tp_plan(args) else 1,
+                      "device_map": args.device_map},
+        export_patch=args.export_patch, export_lora=args.export_lora, lora_rank=args.lora_rank,
+        save_editor=args.save_editor, **options_from_cli(args))
+    _report_run(args, res, name, reader, t0)
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        tok.save_pretrained(args.save_model)
+        print(f"edited model saved to {args.save_model}")
+    return 0
+
+
+def _run_inputs(args):
+    """Check every cheap argument, output path and the data before the slow model load;
+    ``(reader, the run's examples)``."""
+    from ..utils.files import check_output_dir
 
     _check_device(args.device)
     reader = _reader(args, args.turns * args.edits_per_turn)  # checks file/format first
@@ -384,25 +280,12 @@ def cmd_run(args) -> int:
                          f"records, {args.data} has {len(examples)} from offset {args.offset}"
                          + (f" ({reader.stats.skipped} malformed skipped)"
                             if reader.stats.skipped else ""))
-    model, tok = _load(args)
-    _check_lengths(args, model, tok, examples)
-    name = _model_name(args.model, model)
-    t0 = time.perf_counter()
-    res = run_lifelong(
-        model, tok, examples, turns=args.turns, edits_per_turn=args.edits_per_turn,
-        editor=args.editor, eval_every=args.eval_every, eval_sample=args.eval_sample,
-        eval_batch_size=args.eval_batch_size, generation=not args.no_generation,
-        progress=not args.no_progress and _is_rank0(),
-        output_dir=args.output_dir if _is_rank0() else None, plot=not args.no_plot,
-        config_extra={"model_name": name, "model": args.model,
-                      "dataset": os.path.basename(args.data), "data": os.path.abspath(args.data),
-                      "format": reader.stats.format, "target": args.target,
-                      "offset": args.offset, "skipped_records": reader.stats.skipped,
-                      "dtype": args.dtype or "float32",
-                      "tensor_parallel": _world() if _tp_plan(args) else 1,
-                      "device_map": args.device_map},
-        export_patch=args.export_patch, export_lora=args.export_lora, lora_rank=args.lora_rank,
-        save_editor=args.save_editor, **options_from_cli(args))
+    return reader, examples[:n]
+
+
+def _report_run(args, res, name: str, reader, t0: float) -> None:
+    from ..model.targets import summarize_names
+
     cfg, tim = res["config"], res["timing"]
     print(f"{cfg['n_edits']} edits ({args.turns} turns x {args.edits_per_turn}) on {name}: "
           f"{summarize_names(cfg['modules'])}, lr {cfg['lr']:g}, {cfg['editor']} editor, "
@@ -419,11 +302,6 @@ def cmd_run(args) -> int:
         print(f"refused turns (model unchanged by them): {res['refused_turns']}")
     for k, v in res["files"].items():
         print(f"{k}: {v}")
-    if args.save_model:
-        model.save_pretrained(args.save_model)
-        tok.save_pretrained(args.save_model)
-        print(f"edited model saved to {args.save_model}")
-    return 0
 
 
 def cmd_eval(args) -> int:
@@ -466,8 +344,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import UltraEditor
-    from ..lifelong.runner import check_output_dir
+    from .. import UltraEditor
+    from ..utils.files import check_output_dir
     if not args.patch and not args.lora:
         raise UsageError(f"{PROG} export: error: nothing to do: give --patch DIR and/or "
                          "--lora DIR")
@@ -521,6 +399,24 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+# "<argument>: what was expected": how every check at the package's boundary words its error
+_ARGUMENT_ERROR = re.compile(r"^[\w.\-\[\]'\"/ ]{1,80}: \S")
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """An error about the user's input (an argument, a file, the data), reported as one
+    line; anything else is a bug and keeps its traceback."""
+    from ..data.datasets import DataFormatError
+    from ..editors import EditRefused
+
+    if isinstance(e, (DataFormatError, EditRefused)):
+        return True
+    if isinstance(e, OSError):
+        return e.filename is not None or isinstance(e, FileNotFoundError) or \
+            bool(_ARGUMENT_ERROR.match(str(e)))
+    return bool(_ARGUMENT_ERROR.match(str(e)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -547,6 +443,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
     except (DataFormatError, ValueError, TypeError, FileNotFoundError, OSError) as e:
+        if not _is_user_error(e):
+            raise  # a bug, not a mistake in the input: the traceback says where
         cmd = f"{PROG} {argv[0]}" if argv and not argv[0].startswith("-") else PROG
         kind = "data error" if isinstance(e, DataFormatError) else "error"
         print(f"{cmd}: {kind}: {_one_line(e)}", file=sys.stderr)
