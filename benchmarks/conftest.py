@@ -9,6 +9,7 @@ The cases, shapes, models and settings are ``ultraedit_fast.bench``'s (the same 
 ``ultraedit-fast bench``), so the two cannot drift apart. Not part of the CI suite
 (``testpaths = ["tests"]``).
 """
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,23 +21,47 @@ import torch  # noqa: E402
 from ultraedit_fast import bench  # noqa: E402
 
 # the data beside this checkout (../shared/data), when present
-SHARED_ZSRE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           os.pardir, "shared", "data", "zsre", "zsre_mend_train-1k.json")
+SHARED_ZSRE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.pardir,
+    "shared",
+    "data",
+    "zsre",
+    "zsre_mend_train-1k.json",
+)
 
 
 def pytest_addoption(parser):
     g = parser.getgroup("ultraedit_fast benchmarks")
-    g.addoption("--bench-device", default="auto", choices=["auto", "cpu", "cuda"],
-                help="device of the benchmarks (default: cuda when available)")
-    g.addoption("--bench-scale", default="full", choices=["tiny", "quick", "full"],
-                help="the bench CLI's scale: tiny (seconds), quick, full")
-    g.addoption("--bench-models", default=None,
-                help="comma-separated models of the turn/memory cases (bench --models)")
-    g.addoption("--bench-lifelong-turns", type=int, default=None,
-                help="turns of the lifelong benchmark (bench --lifelong-turns)")
-    g.addoption("--bench-zsre", default=SHARED_ZSRE,
-                help="zsRE records for SmolLM2's turns (bench --zsre; default: the shared "
-                     "data beside this checkout, when present)")
+    g.addoption(
+        "--bench-device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="device of the benchmarks (default: cuda when available)",
+    )
+    g.addoption(
+        "--bench-scale",
+        default="full",
+        choices=["tiny", "quick", "full"],
+        help="the bench CLI's scale: tiny (seconds), quick, full",
+    )
+    g.addoption(
+        "--bench-models",
+        default=None,
+        help="comma-separated models of the turn/memory cases (bench --models)",
+    )
+    g.addoption(
+        "--bench-lifelong-turns",
+        type=int,
+        default=None,
+        help="turns of the lifelong benchmark (bench --lifelong-turns)",
+    )
+    g.addoption(
+        "--bench-zsre",
+        default=SHARED_ZSRE,
+        help="zsRE records for SmolLM2's turns (bench --zsre; default: the shared "
+        "data beside this checkout, when present)",
+    )
 
 
 def _settings(config) -> bench.Settings:
@@ -56,11 +81,13 @@ def _settings(config) -> bench.Settings:
 def pytest_generate_tests(metafunc):
     s = _settings(metafunc.config)
     if "step_case" in metafunc.fixturenames:
-        params = [(key, label, d_in, d_out, op, impl)
-                  for key, label, d_in, d_out in s.step_shapes
-                  for op in bench.STEP_OPS for impl in ("fast", "reference")]
-        metafunc.parametrize("step_case", params,
-                             ids=[f"{p[0]}-{p[4]}-{p[5]}" for p in params])
+        params = [
+            (key, label, d_in, d_out, op, impl)
+            for key, label, d_in, d_out in s.step_shapes
+            for op in bench.STEP_OPS
+            for impl in ("fast", "reference")
+        ]
+        metafunc.parametrize("step_case", params, ids=[f"{p[0]}-{p[4]}-{p[5]}" for p in params])
     if "turn_case" in metafunc.fixturenames:
         params = [(m, impl) for m in s.models for impl in ("floor", "fast", "reference")]
         metafunc.parametrize("turn_case", params, ids=[f"{m}-{i}" for m, i in params])
@@ -95,8 +122,9 @@ def _name_the_machine(request, bench_env):
     yield
     bm = request.node.funcargs.get("benchmark")
     if bm is not None and hasattr(bm, "extra_info"):
-        bm.extra_info.setdefault("device", bench_env.get("gpu", {}).get("name")
-                                 or bench_env["cpu"]["model"])
+        bm.extra_info.setdefault(
+            "device", bench_env.get("gpu", {}).get("name") or bench_env["cpu"]["model"]
+        )
         bm.extra_info.setdefault("driver", bench_env.get("driver"))
         bm.extra_info.setdefault("versions", bench_env["versions"])
         bm.extra_info.setdefault("date", bench_env["date"])

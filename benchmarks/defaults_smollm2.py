@@ -19,6 +19,7 @@ The editor sees the requests' locality prompts (step="auto" checks and protects 
 locality prompts and the step's anchor prompts), the share whose greedy continuation (6
 tokens) is the unedited model's.
 """
+
 import argparse
 import json
 import os
@@ -39,8 +40,18 @@ from ultraedit_fast.data.demo import demo_requests  # noqa: E402
 from ultraedit_fast.utils.environment import environment  # noqa: E402
 from ultraedit_fast.model.loading import load_model  # noqa: E402
 
-KEYS = ("ES", "GS", "LS_unedited", "ES_gen", "GS_gen", "LS_gen_unedited", "drift_kl",
-        "drift_top1", "fluency", "unseen_kept")
+KEYS = (
+    "ES",
+    "GS",
+    "LS_unedited",
+    "ES_gen",
+    "GS_gen",
+    "LS_gen_unedited",
+    "drift_kl",
+    "drift_top1",
+    "fluency",
+    "unseen_kept",
+)
 
 
 def main(argv=None):
@@ -55,20 +66,25 @@ def main(argv=None):
             for k, v in model.state_dict().items():
                 v.copy_(original[k])
 
-    sets = {"held_out": requests(HELD_OUT_FACTS), "tuning": requests(TUNING_FACTS),
-            "demo": demo_requests()}
+    sets = {
+        "held_out": requests(HELD_OUT_FACTS),
+        "tuning": requests(TUNING_FACTS),
+        "demo": demo_requests(),
+    }
     ways = {
         "fast_edit()": lambda r: fast_edit(model, tok, r),
         "README: UltraEditor(undo=True)": lambda r: UltraEditor(model, tok, undo=True).edit(r),
-        "same layers, step='paper'": lambda r: UltraEditor(model, tok, regime="facts",
-                                                           step="paper").edit(r),
+        "same layers, step='paper'": lambda r: UltraEditor(
+            model, tok, regime="facts", step="paper"
+        ).edit(r),
     }
     rows = []
     for sname, reqs in sets.items():
         base = capture_baseline(model, tok, reqs)
         before = evaluate(model, tok, reqs, base=base)
-        unseen = [r.locality_prompt for other, rs in sets.items() if other != sname
-                  for r in rs] + list(ANCHOR_PROMPTS)
+        unseen = [
+            r.locality_prompt for other, rs in sets.items() if other != sname for r in rs
+        ] + list(ANCHOR_PROMPTS)
         unseen_base = G.continuations(model, tok, unseen, ["x x x"] * len(unseen))
         for wname, way in ways.items():
             reset()
@@ -78,23 +94,41 @@ def main(argv=None):
             m = evaluate(model, tok, reqs, base=base)
             now = G.continuations(model, tok, unseen, ["x x x"] * len(unseen))
             m["unseen_kept"] = sum(a == b for a, b in zip(now, unseen_base)) / len(unseen)
-            rows.append({"facts": sname, "n": len(reqs), "way": wname, "modules": rep.modules,
-                         "step_scale": rep.step_scale, "edit_seconds": edit_s,
-                         "before": {k: before.get(k) for k in KEYS},
-                         "after": {k: m.get(k) for k in KEYS}})
+            rows.append(
+                {
+                    "facts": sname,
+                    "n": len(reqs),
+                    "way": wname,
+                    "modules": rep.modules,
+                    "step_scale": rep.step_scale,
+                    "edit_seconds": edit_s,
+                    "before": {k: before.get(k) for k in KEYS},
+                    "after": {k: m.get(k) for k in KEYS},
+                }
+            )
             a = rows[-1]["after"]
-            print(f"{sname:8s} {wname:32s} ES {a['ES']:.2f} GS {a['GS']:.2f} | ES_gen "
-                  f"{a['ES_gen']:.2f} GS_gen {a['GS_gen']:.2f} LS_gen_unedited "
-                  f"{a['LS_gen_unedited']:.2f} unseen_kept {a['unseen_kept']:.2f} "
-                  f"drift_top1 {a['drift_top1']:.2f} fluency "
-                  f"{a['fluency']:.2f} (mean step x{rep.step_scale or 1:.2f}, {edit_s:.1f} s)",
-                  flush=True)
+            print(
+                f"{sname:8s} {wname:32s} ES {a['ES']:.2f} GS {a['GS']:.2f} | ES_gen "
+                f"{a['ES_gen']:.2f} GS_gen {a['GS_gen']:.2f} LS_gen_unedited "
+                f"{a['LS_gen_unedited']:.2f} unseen_kept {a['unseen_kept']:.2f} "
+                f"drift_top1 {a['drift_top1']:.2f} fluency "
+                f"{a['fluency']:.2f} (mean step x{rep.step_scale or 1:.2f}, {edit_s:.1f} s)",
+                flush=True,
+            )
     reset()
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"schema": "ultraedit_fast.defaults/1", "environment": environment("cpu"),
-                       "rows": rows, "unseen_prompts": "other sets' locality prompts + "
-                       "ultraedit_fast.core.step_search.ANCHOR_PROMPTS"}, f, indent=1)
+            json.dump(
+                {
+                    "schema": "ultraedit_fast.defaults/1",
+                    "environment": environment("cpu"),
+                    "rows": rows,
+                    "unseen_prompts": "other sets' locality prompts + "
+                    "ultraedit_fast.core.step_search.ANCHOR_PROMPTS",
+                },
+                f,
+                indent=1,
+            )
             f.write("\n")
         print(f"json: {args.output}")
     return 0

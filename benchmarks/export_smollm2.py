@@ -11,6 +11,7 @@ paper's fixed step on ``layers.18..22.mlp.up_proj``). Then ``export_patch`` and
 the unedited model and scored (teacher-forced and generation-based) on a fixed sample of the
 edited requests, beside the edited model itself.
 """
+
 import argparse
 import json
 import os
@@ -32,8 +33,7 @@ from ultraedit_fast.model.loading import load_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ZSRE = os.path.join(HERE, "..", "..", "shared", "data", "zsre", "zsre_mend_train-1k.json")
-KEYS = ("ES", "GS", "LS_unedited", "ES_gen", "GS_gen", "LS_gen_unedited", "drift_kl",
-        "drift_top1")
+KEYS = ("ES", "GS", "LS_unedited", "ES_gen", "GS_gen", "LS_gen_unedited", "drift_kl", "drift_top1")
 
 
 def _size(d):
@@ -45,12 +45,11 @@ def main(argv=None):
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--sample", type=int, default=200)
     p.add_argument("--ranks", default="16,64,256")
-    p.add_argument("--output", default=os.path.join(HERE, "results",
-                                                    "export-smollm2-cpu.json"))
+    p.add_argument("--output", default=os.path.join(HERE, "results", "export-smollm2-cpu.json"))
     args = p.parse_args(argv)
     if not os.path.exists(ZSRE):
         sys.exit(f"export_smollm2.py: {ZSRE} is absent")
-    reqs = list(load_requests(ZSRE))[:100 * args.turns]
+    reqs = list(load_requests(ZSRE))[: 100 * args.turns]
     sample = spread(reqs, args.sample)
     model, tok = load_model("smollm2")
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -58,7 +57,7 @@ def main(argv=None):
     ed = UltraEditor(model, tok)
     t0 = time.perf_counter()
     for t in range(args.turns):
-        ed.edit(reqs[100 * t:100 * (t + 1)])
+        ed.edit(reqs[100 * t : 100 * (t + 1)])
     edit_s = time.perf_counter() - t0
     m = evaluate(model, tok, sample, base=base)
     rows = [{"what": "edited model", "metrics": {k: m[k] for k in KEYS}}]
@@ -82,20 +81,36 @@ def main(argv=None):
             peft_model = load_lora(model, out)
             m = evaluate(peft_model, tok, sample, base=base)
             model = peft_model.unload()
-            row = {"what": f"LoRA rank {r or 'exact'}", "rank": rep["rank"],
-                   "relative_error": rep["relative_error"], "bytes": _size(out),
-                   "export_seconds": export_s, "metrics": {k: m[k] for k in KEYS}}
+            row = {
+                "what": f"LoRA rank {r or 'exact'}",
+                "rank": rep["rank"],
+                "relative_error": rep["relative_error"],
+                "bytes": _size(out),
+                "export_seconds": export_s,
+                "metrics": {k: m[k] for k in KEYS},
+            }
             rows.append(row)
-            print(f"{row['what']}: {row['bytes'] / 2**20:.1f} MiB, max rel. error "
-                  f"{max(rep['relative_error'].values()):.3g}: {row['metrics']}", flush=True)
-    res = {"schema": "ultraedit_fast.storage.export-bench/1", "environment": environment(
-        torch.device("cpu")), "turns": args.turns, "edits": 100 * args.turns,
-        "sample": len(sample), "modules": ed.module_names, "lr": ed.lr,
-        "edit_seconds": edit_s, "patch_bytes": patch_bytes,
-        "edited_weights_bytes": sum(model.get_submodule(n).weight.numel()
-                                    * model.get_submodule(n).weight.element_size()
-                                    for n in ed.module_names),
-        "rows": rows}
+            print(
+                f"{row['what']}: {row['bytes'] / 2**20:.1f} MiB, max rel. error "
+                f"{max(rep['relative_error'].values()):.3g}: {row['metrics']}",
+                flush=True,
+            )
+    res = {
+        "schema": "ultraedit_fast.storage.export-bench/1",
+        "environment": environment(torch.device("cpu")),
+        "turns": args.turns,
+        "edits": 100 * args.turns,
+        "sample": len(sample),
+        "modules": ed.module_names,
+        "lr": ed.lr,
+        "edit_seconds": edit_s,
+        "patch_bytes": patch_bytes,
+        "edited_weights_bytes": sum(
+            model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size()
+            for n in ed.module_names
+        ),
+        "rows": rows,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(res, f, indent=1)

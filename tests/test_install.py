@@ -6,6 +6,7 @@ outside the tree, report the compiled backend, and match the default kernels.
 The venvs borrow torch and the other dependencies from the running interpreter (a ``.pth``
 file), so nothing large is downloaded; pip builds in isolation with setuptools and wheel from
 the package index. Compiled kernels go to a cache shared by the test's venvs."""
+
 import glob
 import os
 import shutil
@@ -42,9 +43,12 @@ CHECK = textwrap.dedent("""
 def _venv(path):
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
     py = os.path.join(path, "bin", "python")
-    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()"
-                              "['purelib'])"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    purelib = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     here = sysconfig.get_paths()["purelib"]
     with open(os.path.join(purelib, "borrowed.pth"), "w") as f:  # torch & co, not copied
         f.write(here + "\n")
@@ -52,18 +56,24 @@ def _venv(path):
 
 
 def _pip(py, *args, env=None, timeout=1200):
-    out = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                          "--no-deps", *args], capture_output=True, text=True, env=env,
-                         timeout=timeout)
+    out = subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     return out
 
 
 def _check(py, cwd, env):
-    out = subprocess.run([py, "-c", CHECK], cwd=cwd, capture_output=True, text=True, env=env,
-                         timeout=900)
+    out = subprocess.run(
+        [py, "-c", CHECK], cwd=cwd, capture_output=True, text=True, env=env, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     import json
+
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert not res["file"].startswith(ROOT + os.sep), res  # imported from the install
     assert "backend 'cpp' on cpu" in res["info"], res
@@ -74,8 +84,13 @@ def _check(py, cwd, env):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("kernel-cache")
-    e = dict(os.environ, ULTRAEDIT_FAST_CACHE=str(cache), PIP_NO_INPUT="1",
-             ULTRAEDIT_FAST_SKIP_CUDA="1", MAX_JOBS="2")
+    e = dict(
+        os.environ,
+        ULTRAEDIT_FAST_CACHE=str(cache),
+        PIP_NO_INPUT="1",
+        ULTRAEDIT_FAST_SKIP_CUDA="1",
+        MAX_JOBS="2",
+    )
     e.pop("PYTHONPATH", None)
     return e
 
@@ -84,9 +99,22 @@ def env(tmp_path_factory):
 def source_copy(tmp_path_factory):
     """The checkout without its build outputs (an in-place .so would shadow the build)."""
     dst = tmp_path_factory.mktemp("src") / "ultraedit_fast"
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "*.egg-info", "*.so", "_build_info.json", "__pycache__",
-        ".pytest_cache", "results", "out"))
+    shutil.copytree(
+        ROOT,
+        dst,
+        ignore=shutil.ignore_patterns(
+            ".venv",
+            ".git",
+            "build",
+            "*.egg-info",
+            "*.so",
+            "_build_info.json",
+            "__pycache__",
+            ".pytest_cache",
+            "results",
+            "out",
+        ),
+    )
     return str(dst)
 
 
@@ -99,8 +127,7 @@ def test_isolated_install_compiles_for_the_installed_torch(tmp_path, env, source
     assert "compiling the C++ kernels" in err  # the one log line of the first use
 
 
-def test_install_without_isolation_builds_against_the_installed_torch(tmp_path, env,
-                                                                      source_copy):
+def test_install_without_isolation_builds_against_the_installed_torch(tmp_path, env, source_copy):
     py = _venv(tmp_path / "v")
     _pip(py, "setuptools>=77", "wheel", env=env)  # a build without isolation uses these
     _pip(py, "--no-build-isolation", source_copy, env=env)
@@ -109,30 +136,56 @@ def test_install_without_isolation_builds_against_the_installed_torch(tmp_path, 
 
 
 def test_sdist_holds_every_source_and_installs(tmp_path, env, source_copy):
-    out = subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir",
-                          str(tmp_path / "dist"), source_copy], capture_output=True, text=True,
-                         env=env, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist"), source_copy],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (sdist,) = glob.glob(str(tmp_path / "dist" / "*.tar.gz"))
     import tarfile
+
     names = tarfile.open(sdist).getnames()
-    for needed in ("csrc/ultraedit_fast.cpp", "csrc/cuda/ultraedit_fast_cuda.cu",
-                   "csrc/checks.h", "tests/conftest.py", "LICENSE",
-                   "ultraedit_fast/kernels/triton_kernels.py", "ultraedit_fast/py.typed"):
+    for needed in (
+        "csrc/ultraedit_fast.cpp",
+        "csrc/cuda/ultraedit_fast_cuda.cu",
+        "csrc/checks.h",
+        "tests/conftest.py",
+        "LICENSE",
+        "ultraedit_fast/kernels/triton_kernels.py",
+        "ultraedit_fast/py.typed",
+    ):
         assert any(n.endswith(needed) for n in names), needed
     py = _venv(tmp_path / "v")
     _pip(py, sdist, env=env)
     _check(py, tmp_path, env)
 
 
-def test_a_wheel_installed_elsewhere_and_one_meeting_another_torch(tmp_path, env,
-                                                                   source_copy):
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                          "--no-build-isolation", "-w", str(tmp_path / "wheels"), source_copy],
-                         capture_output=True, text=True, env=env, timeout=1200)
+def test_a_wheel_installed_elsewhere_and_one_meeting_another_torch(tmp_path, env, source_copy):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "wheels"),
+            source_copy,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = glob.glob(str(tmp_path / "wheels" / "*.whl"))
     import zipfile
+
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith("kernels/_build_info.json") for n in names)
     assert any("kernels/csrc/" in n for n in names)  # the sources travel with it
@@ -142,9 +195,13 @@ def test_a_wheel_installed_elsewhere_and_one_meeting_another_torch(tmp_path, env
     assert res["source"] == "install"
     # the same wheel where torch is another version: the stamp says so, the extension
     # is not loaded, the kernels are compiled for this torch
-    stamp = subprocess.run([py, "-c", "import ultraedit_fast.kernels.extension as e; "
-                            "print(e.STAMP)"], capture_output=True, text=True, env=env,
-                           cwd=tmp_path).stdout.strip()
+    stamp = subprocess.run(
+        [py, "-c", "import ultraedit_fast.kernels.extension as e; print(e.STAMP)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    ).stdout.strip()
     with open(stamp, "w") as f:
         f.write('{"torch": "0.0.1", "cuda": null}')
     res, err = _check(py, tmp_path, env)

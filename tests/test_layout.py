@@ -1,5 +1,6 @@
 """The package's layout holds: every import runs down the floors, there is no import cycle,
 and no module grows past the size a reader can take in (README, "Layout")."""
+
 import ast
 import os
 
@@ -8,16 +9,23 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 # floor of each top-level module or sub-package (a package stands for every module in
 # it); a module may import modules of its own floor or below, never above
 FLOORS = {
-    "_version": 0, "_log": 0, "kernels": 0,
+    "_version": 0,
+    "_log": 0,
+    "kernels": 0,
     "utils": 1,
     "parallel": 2,
     "model": 3,
-    "scoring": 4, "data": 4,
+    "scoring": 4,
+    "data": 4,
     "core": 5,
     "storage": 6,
     "editors": 7,
-    "lifelong": 8, "integrations": 8,
-    "cli": 9, "bench": 9, "__init__": 9, "__main__": 9,
+    "lifelong": 8,
+    "integrations": 8,
+    "cli": 9,
+    "bench": 9,
+    "__init__": 9,
+    "__main__": 9,
 }
 # the ground floor's leaves the kernels may use
 KERNEL_DEPS = {"_log", "_version"}
@@ -44,7 +52,7 @@ def _imports(name: str, path: str):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = pkg_parts[:len(pkg_parts) - (node.level - 1)]
+                base = pkg_parts[: len(pkg_parts) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
                 if node.module is None:  # from . import x
                     for a in node.names:
@@ -52,11 +60,11 @@ def _imports(name: str, path: str):
                 else:
                     found.add(mod)
             elif node.module and node.module.startswith("ultraedit_fast"):
-                found.add(node.module[len("ultraedit_fast"):].lstrip("."))
+                found.add(node.module[len("ultraedit_fast") :].lstrip("."))
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("ultraedit_fast."):
-                    found.add(a.name[len("ultraedit_fast."):])
+                    found.add(a.name[len("ultraedit_fast.") :])
     return {m for m in found if m}
 
 
@@ -88,8 +96,13 @@ def test_imports_run_down_and_do_not_cycle():
             if _top(d) != _top(name) and FLOORS[_top(d)] > FLOORS[_top(name)]:
                 up.append(f"{name} -> {d}")
     assert not up, f"imports that run up a floor: {up}"
-    kernels_out = [f"{n} -> {d}" for n, ds in graph.items() if _top(n) == "kernels"
-                   for d in ds if _top(d) not in {"kernels"} | KERNEL_DEPS]
+    kernels_out = [
+        f"{n} -> {d}"
+        for n, ds in graph.items()
+        if _top(n) == "kernels"
+        for d in ds
+        if _top(d) not in {"kernels"} | KERNEL_DEPS
+    ]
     assert not kernels_out, f"the kernels import the package above them: {kernels_out}"
     # cycles between top-level modules (a package's modules count as the package)
     top = {}
@@ -102,7 +115,7 @@ def test_imports_run_down_and_do_not_cycle():
         stack.append(n)
         for d in top.get(n, ()):
             if seen.get(d) == "open":
-                raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(d):] + [d])}")
+                raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(d) :] + [d])}")
             if d not in seen:
                 visit(d)
         stack.pop()

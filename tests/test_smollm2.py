@@ -1,5 +1,6 @@
 """Real edits on a real model: SmolLM2-135M-Instruct (the embedded default) with
 zsRE requests from ../shared/data."""
+
 import json
 
 import pytest
@@ -17,10 +18,17 @@ LATE_DOWN = [f"model.layers.{i}.mlp.down_proj" for i in (25, 26, 27, 28)]
 def _zsre(start, n, target="alt"):
     path = require_data("zsre", "zsre_mend_train-1k.json")
     with open(path) as f:
-        recs = json.load(f)[start:start + n]
-    return [EditRequest(r["src"], r[target] if target == "alt" else r["answers"][0],
-                        rephrase=r["rephrase"], locality_prompt=r["loc"] + "?",
-                        locality_answer=r["loc_ans"]) for r in recs]
+        recs = json.load(f)[start : start + n]
+    return [
+        EditRequest(
+            r["src"],
+            r[target] if target == "alt" else r["answers"][0],
+            rephrase=r["rephrase"],
+            locality_prompt=r["loc"] + "?",
+            locality_answer=r["loc_ans"],
+        )
+        for r in recs
+    ]
 
 
 def test_twenty_counterfactual_edits_take(fresh_smollm2):
@@ -64,6 +72,7 @@ def test_fast_matches_reference_on_the_real_model(fresh_smollm2):
     """Real weights, real data, the preset's five layers, two turns: fast and reference
     agree on the edited weights and the normaliser states."""
     import copy
+
     model, tok = fresh_smollm2
     ref_model = copy.deepcopy(model)
     names = UltraEditor(model, tok).module_names

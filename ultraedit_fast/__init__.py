@@ -7,6 +7,7 @@ The top level holds what a user of the editor needs; everything else lives in th
 sub-packages, by concern: :mod:`.editors`, :mod:`.core`, :mod:`.scoring`, :mod:`.data`,
 :mod:`.model`, :mod:`.storage`, :mod:`.parallel`, :mod:`.lifelong`, :mod:`.kernels`.
 """
+
 from ._version import __version__
 from .core.config import EditorConfig
 from .core.report import EditReport
@@ -23,9 +24,21 @@ def backend_info(device="cpu") -> str:
     chosen = resolve_backend("auto", device).name
     missing = "; ".join(f"{k}: {v}" for k, v in avail.items() if v)
     return f"ultraedit_fast {__version__}: backend '{chosen}' on {device}" + (
-        f" (unavailable: {missing})" if missing else "")
+        f" (unavailable: {missing})" if missing else ""
+    )
 
 
-__all__ = ["EditRequest", "EditorConfig", "Editor", "UltraEditor", "ReferenceEditor",
-           "fast_edit", "EditReport", "EditRefused", "evaluate", "capture_baseline", "serving",
-           "backend_info"]
+__all__ = [
+    "EditRequest",
+    "EditorConfig",
+    "Editor",
+    "UltraEditor",
+    "ReferenceEditor",
+    "fast_edit",
+    "EditReport",
+    "EditRefused",
+    "evaluate",
+    "capture_baseline",
+    "serving",
+    "backend_info",
+]

@@ -1,4 +1,5 @@
 """``python -m ultraedit_fast``: the ``ultraedit-fast`` command."""
+
 import sys
 
 from .cli import main

@@ -49,21 +49,49 @@ The subpackage, one module per concern: :mod:`.settings` (constants, :class:`Set
 :mod:`.steps`, :mod:`.cases` and :mod:`.lifelong` (the cases), :mod:`.report` (the table),
 :mod:`.plot` (the chart), :mod:`.cli` (the command line).
 """
+
 from __future__ import annotations
 
 from ..utils.environment import environment, loadavg  # noqa: F401
-from .cases import (WeightKeeper, case_turn_and_memory, floor_pass,  # noqa: F401
-                    make_editors)
+from .cases import (
+    WeightKeeper,
+    case_turn_and_memory,
+    floor_pass,  # noqa: F401
+    make_editors,
+)
 from .cli import build_parser, main, settings_from_args  # noqa: F401
-from .instrument import (Impl, NvmlSampler, Series, cpu_alloc_peak, measure,  # noqa: F401
-                         quantile, run_interleaved, summarize, sync)
+from .instrument import (
+    Impl,
+    NvmlSampler,
+    Series,
+    cpu_alloc_peak,
+    measure,  # noqa: F401
+    quantile,
+    run_interleaved,
+    summarize,
+    sync,
+)
 from .lifelong import case_lifelong, drift  # noqa: F401
 from .plot import plot  # noqa: F401
 from .report import format_table, headline, merge_results, table_rows  # noqa: F401
-from .settings import (CASES, EDITS_PER_TURN, MEMORY_TARGET_BYTES, SCHEMA,  # noqa: F401
-                       STEP_TOKENS, Settings)
+from .settings import (
+    CASES,
+    EDITS_PER_TURN,
+    MEMORY_TARGET_BYTES,
+    SCHEMA,  # noqa: F401
+    STEP_TOKENS,
+    Settings,
+)
 from .steps import STEP_OPS, STEP_SHAPES, case_steps, median_s, peak_of, step_callables  # noqa: F401
-from .workloads import (ModelCase, ModelPool, SyntheticTokenizer, build_model,  # noqa: F401
-                        paper_configs, random_model, synthetic_requests,
-                        tie_layers_below_edited, zsre_requests)
+from .workloads import (
+    ModelCase,
+    ModelPool,
+    SyntheticTokenizer,
+    build_model,  # noqa: F401
+    paper_configs,
+    random_model,
+    synthetic_requests,
+    tie_layers_below_edited,
+    zsre_requests,
+)
 from ..utils.display import GIB  # noqa: F401

@@ -1,4 +1,5 @@
 """``python -m ultraedit_fast.bench``: the benchmarks' command line."""
+
 import sys
 
 from .cli import main

@@ -1,6 +1,7 @@
 """The ``turn`` and ``memory`` cases: whole turns of the fast editor beside the reference and
 beside the turn's forward-and-backward floor (and the editors and weight keeping that the
 ``lifelong`` case, :mod:`.lifelong`, shares)."""
+
 from __future__ import annotations
 
 import gc
@@ -23,8 +24,9 @@ from .workloads import PAPER_LABELS, ModelCase, ModelPool
 
 
 # =============================================================================== the floor
-def floor_pass(model, tokenizer, requests, modules: Sequence[str], batch_size: int = 10
-               ) -> Dict[str, Any]:
+def floor_pass(
+    model, tokenizer, requests, modules: Sequence[str], batch_size: int = 10
+) -> Dict[str, Any]:
     """One forward and backward per mini-batch of the turn, the backward stopping at the
     output of the lowest edited module: that output is made a leaf that requires grad and
     ``torch.autograd.grad`` of the loss (the editors' loss) is taken with respect to it. No
@@ -53,8 +55,9 @@ def floor_pass(model, tokenizer, requests, modules: Sequence[str], batch_size: i
             for batch in batches:
                 batch = batch.to(device)
                 mask = batch.labels != IGNORE
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               use_cache=False).logits
+                logits = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
                 loss = F.cross_entropy(logits[mask].float(), batch.labels[mask])
                 (g,) = torch.autograd.grad(loss, [state["leaf"]])
                 n_tokens += int(mask.sum())
@@ -111,10 +114,12 @@ class ShiftComparison:
 
     def after(self, tag: str) -> Callable[[Any], None]:
         """The ``Impl.after`` of editor ``tag``: keep its first shift, restore the weights."""
+
         def f(_):
             if self.enabled and tag not in self.shifts:
                 self.shifts[tag] = self.keeper.rel_shift()
             self.keeper.restore()
+
         return f
 
     def max_rel_diff(self) -> Optional[float]:
@@ -128,26 +133,40 @@ class ShiftComparison:
         return max(rels) if rels else None
 
     def skipped_note(self) -> Dict[str, str]:
-        return {} if self.enabled else {
-            "shift_compare_skipped": f"two fp32 copies of the edited weights "
-                                     f"({self.bytes / GIB:.1f} GiB) would not fit"}
+        return (
+            {}
+            if self.enabled
+            else {
+                "shift_compare_skipped": f"two fp32 copies of the edited weights "
+                f"({self.bytes / GIB:.1f} GiB) would not fit"
+            }
+        )
 
 
-def turn_impls(mc: ModelCase, fast, ref, requests, shifts: ShiftComparison,
-               with_floor: bool, track_alloc: bool) -> Dict[str, Impl]:
+def turn_impls(
+    mc: ModelCase, fast, ref, requests, shifts: ShiftComparison, with_floor: bool, track_alloc: bool
+) -> Dict[str, Impl]:
     """What a turn case times: the floor (optional), the fast editor and the reference,
     each editor's turn scored by ``EditReport.total_seconds``."""
     modules = list(fast.module_names)
     total = lambda rep: rep.total_seconds  # noqa: E731
     impls: Dict[str, Impl] = {}
     if with_floor:
-        impls["floor"] = Impl(lambda: floor_pass(mc.model, mc.tokenizer, requests, modules,
-                                                 fast.batch_size),
-                              seconds_of=lambda r: r["seconds"], keep=True)
-    impls["fast"] = Impl(lambda: fast.edit(requests), total, shifts.after("fast"), keep=True,
-                         always_warm_up=track_alloc)
-    impls["reference"] = Impl(lambda: ref.edit(requests), total, shifts.after("reference"),
-                              keep=True)
+        impls["floor"] = Impl(
+            lambda: floor_pass(mc.model, mc.tokenizer, requests, modules, fast.batch_size),
+            seconds_of=lambda r: r["seconds"],
+            keep=True,
+        )
+    impls["fast"] = Impl(
+        lambda: fast.edit(requests),
+        total,
+        shifts.after("fast"),
+        keep=True,
+        always_warm_up=track_alloc,
+    )
+    impls["reference"] = Impl(
+        lambda: ref.edit(requests), total, shifts.after("reference"), keep=True
+    )
     return impls
 
 
@@ -158,27 +177,38 @@ def phase_medians(reports: List[Any]) -> Dict[str, float]:
     return {ph: quantile([r.seconds[ph] for r in reports], 0.5) for ph in reports[0].seconds}
 
 
-def turn_row(mc: ModelCase, fast, requests, n_tokens: Optional[int],
-             summ: Dict[str, Dict[str, Any]], phases: Dict[str, float],
-             shifts: ShiftComparison) -> Dict[str, Any]:
+def turn_row(
+    mc: ModelCase,
+    fast,
+    requests,
+    n_tokens: Optional[int],
+    summ: Dict[str, Dict[str, Any]],
+    phases: Dict[str, float],
+    shifts: ShiftComparison,
+) -> Dict[str, Any]:
     """The turn case's row of one model, without the floor's ratios."""
     return {
-        "model": mc.name, "description": mc.description, "data": mc.data,
-        "modules": list(fast.module_names), "lr": fast.lr, "backend": fast.backend,
-        "n_requests": len(requests), "n_tokens": n_tokens,
+        "model": mc.name,
+        "description": mc.description,
+        "data": mc.data,
+        "modules": list(fast.module_names),
+        "lr": fast.lr,
+        "backend": fast.backend,
+        "n_requests": len(requests),
+        "n_tokens": n_tokens,
         "transactional": fast.transactional,
         "tokens_per_pass": fast.tokens_per_pass,
         "packed": bool(fast.tokens_per_pass) and supports_packing(mc.model),
         "dtype": str(next(mc.model.parameters()).dtype).replace("torch.", ""),
         "weights_bytes": mc.weights_bytes,
         **({"tied_layers": mc.tied_layers} if mc.tied_layers else {}),
-        "fast": summ["fast"], "reference": summ["reference"],
+        "fast": summ["fast"],
+        "reference": summ["reference"],
         "fast_phases_median_s": phases,
         "speedup": speedup(median_s(summ["reference"]), median_s(summ["fast"])),
         "shift_rel_diff_fast_vs_reference": shifts.max_rel_diff(),
         **shifts.skipped_note(),
-        "seconds_note": "seconds = EditReport.total_seconds (tokenisation excluded); wall_s "
-                        "includes it",
+        "seconds_note": "seconds = EditReport.total_seconds (tokenisation excluded); wall_s includes it",
     }
 
 
@@ -193,16 +223,23 @@ def add_floor_ratios(row: Dict[str, Any], floor: Dict[str, Any]) -> None:
         row["overhead_speedup"] = (r_med - fl_med) / (f_med - fl_med)
 
 
-def turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print,
-                   track_alloc: bool = False) -> Dict[str, Any]:
+def turn_one_model(
+    s: Settings, mc: ModelCase, repeats: int, with_floor: bool, log=print, track_alloc: bool = False
+) -> Dict[str, Any]:
     fast, ref = make_editors(mc, **s.editor_options)
     keeper = WeightKeeper(mc.model, list(fast.module_names))
     requests = mc.requests(0, n=s.edits, seed=s.seed)
     shifts = ShiftComparison(s, keeper)
     impls = turn_impls(mc, fast, ref, requests, shifts, with_floor, track_alloc)
-    res = run_interleaved(impls, s.device, repeats=repeats, slow_s=s.slow_s,
-                          impl_budget_s=s.impl_budget_s, deadline=s.deadline,
-                          track_alloc=track_alloc)
+    res = run_interleaved(
+        impls,
+        s.device,
+        repeats=repeats,
+        slow_s=s.slow_s,
+        impl_budget_s=s.impl_budget_s,
+        deadline=s.deadline,
+        track_alloc=track_alloc,
+    )
     summ = {k: v.summary() for k, v in res.items()}
     fast_reports = res["fast"].values
     phases = phase_medians(fast_reports)
@@ -213,10 +250,12 @@ def turn_one_model(s: Settings, mc: ModelCase, repeats: int, with_floor: bool, l
     if s.device.type == "cuda" and mc.name in PAPER_LABELS:
         row["fast_on_24gb_card"] = fits_card(s, fast, requests, keeper)
     fl_med = median_s(summ["floor"]) if "floor" in summ else None
-    log(f"[turn] {mc.name}: {n_tokens} answer tokens; floor {fmt_seconds(fl_med)}, fast "
+    log(
+        f"[turn] {mc.name}: {n_tokens} answer tokens; floor {fmt_seconds(fl_med)}, fast "
         f"{fmt_seconds(median_s(summ['fast']))} "
         f"({', '.join(f'{k} {fmt_seconds(v)}' for k, v in phases.items())}), "
-        f"reference {fmt_seconds(median_s(summ['reference']))}, x{fmt_ratio(row['speedup'])}")
+        f"reference {fmt_seconds(median_s(summ['reference']))}, x{fmt_ratio(row['speedup'])}"
+    )
     keeper.restore()
     return row
 
@@ -234,12 +273,21 @@ def fits_card(s: Settings, fast, requests, keeper: "WeightKeeper") -> Dict[str, 
     torch.cuda.set_per_process_memory_fraction(frac, dev)
     try:
         rep, m = measure(lambda: fast.edit(requests), dev, nvml_sampling=False)
-        out.update(ok=True, seconds=rep.total_seconds,
-                   peak_allocated_bytes=m["cuda_peak_allocated_bytes"],
-                   peak_reserved_bytes=m["cuda_peak_reserved_bytes"])
+        out.update(
+            ok=True,
+            seconds=rep.total_seconds,
+            peak_allocated_bytes=m["cuda_peak_allocated_bytes"],
+            peak_reserved_bytes=m["cuda_peak_reserved_bytes"],
+        )
     except Exception as e:  # noqa: BLE001
-        out.update(ok=False, error=(f"out of memory: {str(e)[:300]}" if is_oom(e)
-                                    else f"{type(e).__name__}: {str(e)[:300]}"))
+        out.update(
+            ok=False,
+            error=(
+                f"out of memory: {str(e)[:300]}"
+                if is_oom(e)
+                else f"{type(e).__name__}: {str(e)[:300]}"
+            ),
+        )
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, dev)
         keeper.restore()
@@ -251,12 +299,18 @@ def fits_card(s: Settings, fast, requests, keeper: "WeightKeeper") -> Dict[str, 
 def memory_row(s: Settings, turn_row: Dict[str, Any], source: str) -> Dict[str, Any]:
     cuda = s.device.type == "cuda"
     f, r = turn_row["fast"], turn_row["reference"]
-    row = {"model": turn_row["model"], "description": turn_row["description"],
-           "dtype": turn_row["dtype"], "weights_bytes": turn_row["weights_bytes"],
-           "modules": turn_row["modules"], "source": source,
-           **({"tied_layers": turn_row["tied_layers"]} if "tied_layers" in turn_row else {}),
-           "kind": "cuda_peak_allocated (weights included)" if cuda
-           else "peak RSS increase over the RSS before the turn"}
+    row = {
+        "model": turn_row["model"],
+        "description": turn_row["description"],
+        "dtype": turn_row["dtype"],
+        "weights_bytes": turn_row["weights_bytes"],
+        "modules": turn_row["modules"],
+        "source": source,
+        **({"tied_layers": turn_row["tied_layers"]} if "tied_layers" in turn_row else {}),
+        "kind": "cuda_peak_allocated (weights included)"
+        if cuda
+        else "peak RSS increase over the RSS before the turn",
+    }
     row["fast_peak_bytes"] = peak_of(f, s.device)
     row["reference_peak_bytes"] = peak_of(r, s.device)
     if "error" in r:
@@ -282,8 +336,10 @@ def memory_row(s: Settings, turn_row: Dict[str, Any], source: str) -> Dict[str, 
             # The CPU's stand-in for CUDA's peak allocated: weights plus the peak of what
             # the turn itself allocated through torch's allocator (cpu_alloc_peak).
             w = turn_row["weights_bytes"]
-            row["kind"] = ("weights + peak of the turn's live torch CPU allocations "
-                           "(profiler accounting; stands in for cuda_peak_allocated)")
+            row["kind"] = (
+                "weights + peak of the turn's live torch CPU allocations "
+                "(profiler accounting; stands in for cuda_peak_allocated)"
+            )
             row["fast_peak_rss_increase_bytes"] = row["fast_peak_bytes"]
             row["reference_peak_rss_increase_bytes"] = row["reference_peak_bytes"]
             row["fast_peak_bytes"] = w + fa if fa is not None else None
@@ -299,9 +355,12 @@ def memory_row(s: Settings, turn_row: Dict[str, Any], source: str) -> Dict[str, 
     return row
 
 
-def case_turn_and_memory(s: Settings, pool: ModelPool, log=print,
-                         on_model: Optional[Callable[[List[Dict], List[Dict]], None]] = None
-                         ) -> Tuple[List[Dict], List[Dict]]:
+def case_turn_and_memory(
+    s: Settings,
+    pool: ModelPool,
+    log=print,
+    on_model: Optional[Callable[[List[Dict], List[Dict]], None]] = None,
+) -> Tuple[List[Dict], List[Dict]]:
     """The ``turn`` case (and ``memory``, from the same runs) per model; ``memory`` alone
     runs one turn of each editor per model. ``on_model(turns, mems)`` after each model
     (to save the rows so far)."""
@@ -312,12 +371,17 @@ def case_turn_and_memory(s: Settings, pool: ModelPool, log=print,
     for name in names:
         if s.out_of_time(margin=30):
             (turns if name in s.models and do_turn else mems).append(
-                {"model": name, "skipped": "time budget"})
+                {"model": name, "skipped": "time budget"}
+            )
             continue
         mc = None  # let the pool free the previous model before it builds this one
         try:
-            mc = pool.get(name, keep_others=[s.lifelong_model] if "lifelong" in s.cases
-                          and s.device.type == "cpu" else [])
+            mc = pool.get(
+                name,
+                keep_others=[s.lifelong_model]
+                if "lifelong" in s.cases and s.device.type == "cpu"
+                else [],
+            )
         except Exception as e:  # noqa: BLE001
             log(f"[turn] {name}: skipped: {e}")
             err = {"model": name, "skipped": f"{type(e).__name__}: {e}"}
@@ -334,8 +398,7 @@ def case_turn_and_memory(s: Settings, pool: ModelPool, log=print,
                 if do_mem and name in s.memory_models:
                     mems.append(memory_row(s, row, "the turn case's runs"))
             else:  # memory only: one run of each, after a warm-up
-                row = turn_one_model(s, mc, 1, False, log,
-                                      track_alloc=s.device.type == "cpu")
+                row = turn_one_model(s, mc, 1, False, log, track_alloc=s.device.type == "cpu")
                 mems.append(memory_row(s, row, "one turn of each editor"))
         except Exception as e:  # noqa: BLE001
             log(f"[turn] {name}: failed: {type(e).__name__}: {e}")

@@ -1,5 +1,6 @@
 """``ultraedit-fast bench`` (also ``python -m ultraedit_fast.bench``): run the cases, print
 the table, write ``<device>-<date>.json`` and ``.png``."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ from .workloads import ModelPool
 # the fast editor's options that the benchmark takes from the command line
 EDITOR_FLAGS = ("backend", "tokens_per_pass", "step")
 
-DEFAULT_MODELS = {"cpu": ["smollm2", "wide-shallow"],
-                  "cuda": ["llama-3-8b", "qwen2.5-7b", "gpt-j-6b", "mistral-7b"]}
+DEFAULT_MODELS = {
+    "cpu": ["smollm2", "wide-shallow"],
+    "cuda": ["llama-3-8b", "qwen2.5-7b", "gpt-j-6b", "mistral-7b"],
+}
 
 
 def settings_from_args(args) -> Settings:
@@ -58,27 +61,40 @@ def settings_from_args(args) -> Settings:
         life = "mistral-7b" if cuda else "smollm2"
         memm = list(models)
         shapes = STEP_SHAPES
-        repeats, step_repeats, turns, ref_turns = 3, (20 if cuda else 5), \
-            (200 if cuda else 20), 3
+        repeats, step_repeats, turns, ref_turns = 3, (20 if cuda else 5), (200 if cuda else 20), 3
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         memm = list(models)
     if args.lifelong_model:
         life = args.lifelong_model
     if args.tie_below_edited and (cases != ["memory"] or cuda):
-        raise SystemExit("bench: --tie-below-edited changes the models: it goes with "
-                         "--cases memory alone, on the CPU (CUDA's peak counts the weights "
-                         "actually held)")
+        raise SystemExit(
+            "bench: --tie-below-edited changes the models: it goes with "
+            "--cases memory alone, on the CPU (CUDA's peak counts the weights "
+            "actually held)"
+        )
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
-    return Settings(device=device, cases=cases, scale=scale,
-                    repeats=args.repeats or repeats, step_repeats=args.repeats or step_repeats,
-                    lifelong_turns=args.lifelong_turns or turns,
-                    ref_turns=args.ref_turns if args.ref_turns is not None else ref_turns,
-                    models=models, lifelong_model=life, memory_models=memm,
-                    step_shapes=list(shapes), seed=args.seed,
-                    edits=args.edits_per_turn, slow_s=args.slow_s, impl_budget_s=args.impl_budget,
-                    deadline=deadline, editor_options=options_from_cli(args, EDITOR_FLAGS),
-                    tie_below_edited=args.tie_below_edited, zsre_path=args.zsre)
+    return Settings(
+        device=device,
+        cases=cases,
+        scale=scale,
+        repeats=args.repeats or repeats,
+        step_repeats=args.repeats or step_repeats,
+        lifelong_turns=args.lifelong_turns or turns,
+        ref_turns=args.ref_turns if args.ref_turns is not None else ref_turns,
+        models=models,
+        lifelong_model=life,
+        memory_models=memm,
+        step_shapes=list(shapes),
+        seed=args.seed,
+        edits=args.edits_per_turn,
+        slow_s=args.slow_s,
+        impl_budget_s=args.impl_budget,
+        deadline=deadline,
+        editor_options=options_from_cli(args, EDITOR_FLAGS),
+        tie_below_edited=args.tie_below_edited,
+        zsre_path=args.zsre,
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,51 +106,98 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ultraedit-fast bench",
         description="Benchmark the fast editor against the reference: per-step kernels at "
-                    "real shapes, one turn beside its forward/backward floor, lifelong turns, "
-                    "and peak memory. Prints a table and writes <device>-<date>.json and .png.")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to run (default: cuda when available)")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated subset of {','.join(CASES)} (default: all)")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer repeats, turns and shapes (a few minutes)")
+        "real shapes, one turn beside its forward/backward floor, lifelong turns, "
+        "and peak memory. Prints a table and writes <device>-<date>.json and .png.",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to run (default: cuda when available)",
+    )
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated subset of {','.join(CASES)} (default: all)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repeats, turns and shapes (a few minutes)"
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests
     p.add_argument("--output-dir", default=os.path.join("benchmarks", "results"))
-    p.add_argument("--models", default=None,
-                   help="models of the turn/memory cases (default: smollm2,wide-shallow on "
-                        "the CPU; llama-3-8b,qwen2.5-7b,gpt-j-6b,mistral-7b on CUDA)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="models of the turn/memory cases (default: smollm2,wide-shallow on "
+        "the CPU; llama-3-8b,qwen2.5-7b,gpt-j-6b,mistral-7b on CUDA)",
+    )
     p.add_argument("--lifelong-model", default=None)
-    p.add_argument("--lifelong-turns", type=int, default=None,
-                   help="turns of the lifelong case (default: 20 on the CPU, 200 on CUDA)")
-    p.add_argument("--ref-turns", type=int, default=None,
-                   help="reference turns of the lifelong case, for the extrapolation (3)")
+    p.add_argument(
+        "--lifelong-turns",
+        type=int,
+        default=None,
+        help="turns of the lifelong case (default: 20 on the CPU, 200 on CUDA)",
+    )
+    p.add_argument(
+        "--ref-turns",
+        type=int,
+        default=None,
+        help="reference turns of the lifelong case, for the extrapolation (3)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="measured runs per case")
-    p.add_argument("--slow-s", type=float, default=10.0,
-                   help="a first run longer than this is kept as the measurement (10)")
-    p.add_argument("--impl-budget", type=float, default=150.0,
-                   help="stop repeating one implementation after this many seconds (150)")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds for the whole benchmark; later cases are cut short")
+    p.add_argument(
+        "--slow-s",
+        type=float,
+        default=10.0,
+        help="a first run longer than this is kept as the measurement (10)",
+    )
+    p.add_argument(
+        "--impl-budget",
+        type=float,
+        default=150.0,
+        help="stop repeating one implementation after this many seconds (150)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the whole benchmark; later cases are cut short",
+    )
     add_cli_options(p, EDITOR_FLAGS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--zsre", default=os.environ.get("ULTRAEDIT_FAST_ZSRE"), metavar="JSON",
-                   help="zsRE records (MEND format) for SmolLM2's turns (default: "
-                        "$ULTRAEDIT_FAST_ZSRE; without one, synthetic requests)")
-    p.add_argument("--tie-below-edited", action="store_true",
-                   help="memory case on a host too small for a 7B model: the decoder layers "
-                        "below the lowest edited one share one set of weights (the turn runs "
-                        "them without autograd, so its allocations are unchanged; the weights "
-                        "are counted untied)")
+    p.add_argument(
+        "--zsre",
+        default=os.environ.get("ULTRAEDIT_FAST_ZSRE"),
+        metavar="JSON",
+        help="zsRE records (MEND format) for SmolLM2's turns (default: "
+        "$ULTRAEDIT_FAST_ZSRE; without one, synthetic requests)",
+    )
+    p.add_argument(
+        "--tie-below-edited",
+        action="store_true",
+        help="memory case on a host too small for a 7B model: the decoder layers "
+        "below the lowest edited one share one set of weights (the turn runs "
+        "them without autograd, so its allocations are unchanged; the weights "
+        "are counted untied)",
+    )
     p.add_argument("--edits-per-turn", type=int, default=EDITS_PER_TURN, help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     p.add_argument("--tag", default=None, help="suffix of the output file names")
-    p.add_argument("--merge", action="store_true",
-                   help="merge into an existing results file of the same name: this run's "
-                        "rows replace the rows of the same model/shape, the others stay")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into an existing results file of the same name: this run's "
+        "rows replace the rows of the same model/shape, the others stay",
+    )
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--replot", default=None, metavar="JSON",
-                   help="redraw the chart and reprint the table of a results file, then exit")
+    p.add_argument(
+        "--replot",
+        default=None,
+        metavar="JSON",
+        help="redraw the chart and reprint the table of a results file, then exit",
+    )
     return p
 
 
@@ -173,23 +236,42 @@ def output_stem(env: Dict[str, Any], s: Settings, tag: Optional[str]) -> str:
 
 def settings_record(s: Settings, args, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
     """The run's settings as the results file records them."""
-    return {"cases": s.cases, "scale": s.scale, "repeats": s.repeats,
-            "step_repeats": s.step_repeats, "lifelong_turns": s.lifelong_turns,
-            "ref_turns": s.ref_turns, "models": s.models,
-            "lifelong_model": s.lifelong_model, "memory_models": s.memory_models,
-            "backend": s.backend or "auto", "seed": s.seed, "slow_s": s.slow_s,
-            "tokens_per_pass": s.editor_options.get("tokens_per_pass"),
-            "editor_options": dict(s.editor_options), "zsre": s.zsre_path,
-            "tie_below_edited": s.tie_below_edited,
-            "edits_per_turn": s.edits, "threads": torch.get_num_threads(),
-            "impl_budget_s": s.impl_budget_s, "time_budget_s": args.time_budget,
-            "argv": list(argv) if argv is not None else sys.argv[1:]}
+    return {
+        "cases": s.cases,
+        "scale": s.scale,
+        "repeats": s.repeats,
+        "step_repeats": s.step_repeats,
+        "lifelong_turns": s.lifelong_turns,
+        "ref_turns": s.ref_turns,
+        "models": s.models,
+        "lifelong_model": s.lifelong_model,
+        "memory_models": s.memory_models,
+        "backend": s.backend or "auto",
+        "seed": s.seed,
+        "slow_s": s.slow_s,
+        "tokens_per_pass": s.editor_options.get("tokens_per_pass"),
+        "editor_options": dict(s.editor_options),
+        "zsre": s.zsre_path,
+        "tie_below_edited": s.tie_below_edited,
+        "edits_per_turn": s.edits,
+        "threads": torch.get_num_threads(),
+        "impl_budget_s": s.impl_budget_s,
+        "time_budget_s": args.time_budget,
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+    }
 
 
 def new_document(env: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:
     """A results document with no case run yet."""
-    return {"schema": SCHEMA, "env": env, "settings": settings, "notes": list(NOTES),
-            "cases": {}, "loadavg_per_case": {}, "seconds_per_case": {}}
+    return {
+        "schema": SCHEMA,
+        "env": env,
+        "settings": settings,
+        "notes": list(NOTES),
+        "cases": {},
+        "loadavg_per_case": {},
+        "seconds_per_case": {},
+    }
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Instrumentation: time, CPU time, memory and NVML samples of a call, and interleaved
 runs of several implementations of the same work."""
+
 from __future__ import annotations
 
 import gc
@@ -31,6 +32,7 @@ def cpu_alloc_peak(fn: Callable[[], Any]) -> Tuple[Any, Optional[int]]:
     event: a call that frees older tensors reads high, never low. ``None`` when the call
     allocated nothing through torch."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         value = fn()
     fd, path = tempfile.mkstemp(suffix=".json")
@@ -41,8 +43,14 @@ def cpu_alloc_peak(fn: Callable[[], Any]) -> Tuple[Any, Optional[int]]:
             events = json.load(f)["traceEvents"]
     finally:
         os.unlink(path)
-    mem = sorted((e for e in events if e.get("name") == "[memory]"
-                  and e.get("args", {}).get("Device Type") == 0), key=lambda e: e["ts"])
+    mem = sorted(
+        (
+            e
+            for e in events
+            if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0
+        ),
+        key=lambda e: e["ts"],
+    )
     if not mem:
         return value, None
     first = mem[0]["args"]
@@ -65,8 +73,11 @@ class NvmlSampler:
         self.interval = interval
         pynvml, err = nvml()
         self.handle = nvml_handle(device_index) if pynvml is not None else None
-        self.reason = err if pynvml is None else (None if self.handle is not None
-                                                  else "no NVML handle for the device")
+        self.reason = (
+            err
+            if pynvml is None
+            else (None if self.handle is not None else "no NVML handle for the device")
+        )
         self.available = self.handle is not None
         self.samples: Dict[str, List[float]] = {k: [] for k in self.METRICS}
         self._broken: set = set()
@@ -133,8 +144,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device, nvml_sampling: bool = True,
-            track_alloc: bool = False) -> Tuple[Any, Dict]:
+def measure(
+    fn: Callable[[], Any], device, nvml_sampling: bool = True, track_alloc: bool = False
+) -> Tuple[Any, Dict]:
     """Run ``fn()`` once and return ``(its value, metrics)``.
 
     Metrics: ``wall_s``; ``cpu_s`` (process CPU time, all threads) and ``cpu_util``
@@ -156,8 +168,9 @@ def measure(fn: Callable[[], Any], device, nvml_sampling: bool = True,
         m["cuda_allocated_before_bytes"] = torch.cuda.memory_allocated(device)
     sampler = None
     if cuda and nvml_sampling:
-        sampler = NvmlSampler(device.index if device.index is not None
-                              else torch.cuda.current_device()).start()
+        sampler = NvmlSampler(
+            device.index if device.index is not None else torch.cuda.current_device()
+        ).start()
     c0 = time.process_time()
     t0 = time.perf_counter()
     try:
@@ -194,9 +207,16 @@ def quantile(xs: Sequence[float], q: float) -> Optional[float]:
 
 
 def times_summary(times: Sequence[float]) -> Dict[str, Any]:
-    return {"median": quantile(times, 0.5), "q20": quantile(times, 0.2),
-            "q80": quantile(times, 0.8), "min": min(times), "max": max(times),
-            "mean": sum(times) / len(times), "all": list(times), "runs": len(times)}
+    return {
+        "median": quantile(times, 0.5),
+        "q20": quantile(times, 0.2),
+        "q80": quantile(times, 0.8),
+        "min": min(times),
+        "max": max(times),
+        "mean": sum(times) / len(times),
+        "all": list(times),
+        "runs": len(times),
+    }
 
 
 def summarize(runs: List[Dict[str, Any]], seconds: Optional[List[float]] = None) -> Dict:
@@ -205,12 +225,19 @@ def summarize(runs: List[Dict[str, Any]], seconds: Optional[List[float]] = None)
     if not runs:
         return {"runs": 0}
     seconds = seconds if seconds is not None else [r["wall_s"] for r in runs]
-    out: Dict[str, Any] = {"seconds": times_summary(seconds),
-                           "wall_s": times_summary([r["wall_s"] for r in runs]),
-                           "cpu_s_median": quantile([r["cpu_s"] for r in runs], 0.5),
-                           "cpu_util_median": quantile([r["cpu_util"] or 0 for r in runs], 0.5)}
-    for k in ("peak_rss_bytes", "peak_rss_increase_bytes", "cuda_peak_allocated_bytes",
-              "cuda_peak_reserved_bytes", "cpu_peak_alloc_increase_bytes"):
+    out: Dict[str, Any] = {
+        "seconds": times_summary(seconds),
+        "wall_s": times_summary([r["wall_s"] for r in runs]),
+        "cpu_s_median": quantile([r["cpu_s"] for r in runs], 0.5),
+        "cpu_util_median": quantile([r["cpu_util"] or 0 for r in runs], 0.5),
+    }
+    for k in (
+        "peak_rss_bytes",
+        "peak_rss_increase_bytes",
+        "cuda_peak_allocated_bytes",
+        "cuda_peak_reserved_bytes",
+        "cpu_peak_alloc_increase_bytes",
+    ):
         vals = [r[k] for r in runs if r.get(k) is not None]
         if vals:
             out[k] = max(vals)
@@ -299,8 +326,11 @@ class _Interleaving:
         try:
             value, m = measure(impl.fn, sched.device, sched.nvml_sampling, sched.track_alloc)
         except Exception as e:  # noqa: BLE001 - recorded, the others go on
-            ser.error = (f"out of memory: {e}" if is_oom(e) else
-                         f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}")
+            ser.error = (
+                f"out of memory: {e}"
+                if is_oom(e)
+                else f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+            )
             if sched.device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -331,15 +361,18 @@ class _Interleaving:
                     ser.values.pop()
                 self.spent[name] = 0.0
             elif ser.runs:
-                ser.notes.append(f"first run took {ser.runs[-1]['wall_s']:.1f} s > {slow_s} s: "
-                                 "kept as a measurement (no separate warm-up)")
+                ser.notes.append(
+                    f"first run took {ser.runs[-1]['wall_s']:.1f} s > {slow_s} s: "
+                    "kept as a measurement (no separate warm-up)"
+                )
 
     def wants_another(self, name: str) -> bool:
         ser = self.out[name]
         if ser.error or len(ser.runs) >= self.sched.repeats:
             return False
-        return not (ser.runs and (self.spent[name] > self.sched.impl_budget_s or
-                                  self.sched.past_deadline()))
+        return not (
+            ser.runs and (self.spent[name] > self.sched.impl_budget_s or self.sched.past_deadline())
+        )
 
     def measured_rounds(self) -> None:
         """Rounds of one run of each implementation that still wants one, until none does."""
@@ -359,10 +392,18 @@ class _Interleaving:
                 ser.notes.append(f"{len(ser.runs)} of {repeats} runs (time budget)")
 
 
-def run_interleaved(impls: Dict[str, Impl], device, *, repeats: int, warmup: bool = True,
-                    slow_s: float = 10.0, impl_budget_s: float = 120.0,
-                    nvml_sampling: bool = True, deadline: Optional[float] = None,
-                    track_alloc: bool = False) -> Dict[str, Series]:
+def run_interleaved(
+    impls: Dict[str, Impl],
+    device,
+    *,
+    repeats: int,
+    warmup: bool = True,
+    slow_s: float = 10.0,
+    impl_budget_s: float = 120.0,
+    nvml_sampling: bool = True,
+    deadline: Optional[float] = None,
+    track_alloc: bool = False,
+) -> Dict[str, Series]:
     """Time several implementations of the same work, alternating them run by run.
 
     The first run of each is a warm-up (one-time costs: kernel compilation, allocator
@@ -371,9 +412,15 @@ def run_interleaved(impls: Dict[str, Impl], device, *, repeats: int, warmup: boo
     fewer once its measured time passes ``impl_budget_s`` or ``deadline``
     (``time.monotonic()``) passes; it always gets at least one. An exception (a CUDA
     out-of-memory, say) ends that implementation's runs and is recorded."""
-    sched = _Schedule(device=torch.device(device), repeats=repeats, slow_s=slow_s,
-                      impl_budget_s=impl_budget_s, nvml_sampling=nvml_sampling,
-                      deadline=deadline, track_alloc=track_alloc)
+    sched = _Schedule(
+        device=torch.device(device),
+        repeats=repeats,
+        slow_s=slow_s,
+        impl_budget_s=impl_budget_s,
+        nvml_sampling=nvml_sampling,
+        deadline=deadline,
+        track_alloc=track_alloc,
+    )
     runs = _Interleaving(impls, sched)
     if warmup:
         runs.warm_up()

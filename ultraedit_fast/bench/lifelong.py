@@ -1,6 +1,7 @@
 """The ``lifelong`` case: ``T`` turns of the fast editor one after the other on the same model
 (per-turn time must stay flat), beside a few turns of the reference, whose ``T``-turn time
 is extrapolated from them."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -36,34 +37,54 @@ def drift(times: List[float]) -> Dict[str, Any]:
 
 def measured_peak(m: Dict[str, Any], device) -> Optional[int]:
     """:func:`peak_of` the metrics of one :func:`measure`d call."""
-    return peak_of({"cuda_peak_allocated_bytes": m.get("cuda_peak_allocated_bytes"),
-                    "peak_rss_increase_bytes": m.get("peak_rss_increase_bytes")}, device)
+    return peak_of(
+        {
+            "cuda_peak_allocated_bytes": m.get("cuda_peak_allocated_bytes"),
+            "peak_rss_increase_bytes": m.get("peak_rss_increase_bytes"),
+        },
+        device,
+    )
 
 
 def lifelong_header(s: Settings, mc: ModelCase, fast) -> Dict[str, Any]:
     """What the lifelong case runs: the model, its modules and data, the turns planned."""
-    res: Dict[str, Any] = {"model": mc.name, "description": mc.description, "data": mc.data,
-                           "modules": list(fast.module_names), "lr": fast.lr,
-                           "backend": fast.backend, "turns_planned": s.lifelong_turns,
-                           "edits_per_turn": s.edits}
+    res: Dict[str, Any] = {
+        "model": mc.name,
+        "description": mc.description,
+        "data": mc.data,
+        "modules": list(fast.module_names),
+        "lr": fast.lr,
+        "backend": fast.backend,
+        "turns_planned": s.lifelong_turns,
+        "edits_per_turn": s.edits,
+    }
     if mc.requests_pool:
-        res["data_note"] = (f"turn t edits zsRE records 100t..100t+99 modulo "
-                            f"{len(mc.requests_pool)}: turns past the file's end re-edit "
-                            "earlier records")
+        res["data_note"] = (
+            f"turn t edits zsRE records 100t..100t+99 modulo "
+            f"{len(mc.requests_pool)}: turns past the file's end re-edit "
+            "earlier records"
+        )
     return res
 
 
 def fast_turn_entry(t: int, rep, m: Dict[str, Any], device) -> Dict[str, Any]:
-    entry = {"turn": t + 1, "seconds": rep.total_seconds, "wall_s": m["wall_s"],
-             "phases": dict(rep.seconds), "n_tokens": rep.n_tokens,
-             "peak_bytes": measured_peak(m, device), "cpu_s": m["cpu_s"]}
+    entry = {
+        "turn": t + 1,
+        "seconds": rep.total_seconds,
+        "wall_s": m["wall_s"],
+        "phases": dict(rep.seconds),
+        "n_tokens": rep.n_tokens,
+        "peak_bytes": measured_peak(m, device),
+        "cpu_s": m["cpu_s"],
+    }
     if "nvml" in m:
         entry["nvml"] = m["nvml"]
     return entry
 
 
-def run_fast_turns(s: Settings, mc: ModelCase, fast, log=print
-                   ) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+def run_fast_turns(
+    s: Settings, mc: ModelCase, fast, log=print
+) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """Up to ``s.lifelong_turns`` turns of the fast editor, one after the other on the same
     model: an entry per turn (a refused turn recorded as such) and why it stopped early,
     if it did."""
@@ -79,22 +100,28 @@ def run_fast_turns(s: Settings, mc: ModelCase, fast, log=print
             continue
         per_turn.append(fast_turn_entry(t, rep, m, s.device))
         if (t + 1) % max(1, s.lifelong_turns // 10) == 0:
-            log(f"[lifelong] {mc.name}: turn {t + 1}/{s.lifelong_turns}: "
-                f"{fmt_seconds(rep.total_seconds)}")
+            log(
+                f"[lifelong] {mc.name}: turn {t + 1}/{s.lifelong_turns}: {fmt_seconds(rep.total_seconds)}"
+            )
     return per_turn, None
 
 
-def add_fast_results(res: Dict[str, Any], per_turn: List[Dict[str, Any]],
-                     stopped: Optional[str]) -> List[float]:
+def add_fast_results(
+    res: Dict[str, Any], per_turn: List[Dict[str, Any]], stopped: Optional[str]
+) -> List[float]:
     """The fast editor's peaks and per-turn times into ``res``; returns the times."""
     times = [e["seconds"] for e in per_turn if "seconds" in e]
     peaks = [e["peak_bytes"] for e in per_turn if e.get("peak_bytes") is not None]
     res["fast_peak_bytes_max"] = max(peaks) if peaks else None
     # turn 1 carries one-time allocations (allocator growth, first use of the kernels)
     res["fast_peak_bytes_max_after_turn1"] = max(peaks[1:]) if len(peaks) > 1 else None
-    res["fast"] = {"per_turn": per_turn, "turns_done": len(times),
-                   "seconds": times_summary(times) if times else None,
-                   "total_seconds": sum(times), "drift": drift(times)}
+    res["fast"] = {
+        "per_turn": per_turn,
+        "turns_done": len(times),
+        "seconds": times_summary(times) if times else None,
+        "total_seconds": sum(times),
+        "drift": drift(times),
+    }
     if stopped:
         res["fast"]["stopped"] = stopped
     return times
@@ -112,12 +139,15 @@ def run_reference_turns(s: Settings, mc: ModelCase, ref) -> Dict[str, Any]:
         try:
             rep, m = measure(lambda: ref.edit(reqs), s.device)
         except Exception as e:  # noqa: BLE001
-            ref_err = (f"out of memory: {e}" if is_oom(e) else f"{type(e).__name__}: {e}")
+            ref_err = f"out of memory: {e}" if is_oom(e) else f"{type(e).__name__}: {e}"
             break
         ref_times.append(rep.total_seconds)
         ref_peaks.append(measured_peak(m, s.device))
-    out = {"turns_done": len(ref_times), "per_turn_seconds": ref_times,
-           "peak_bytes": max([p for p in ref_peaks if p is not None], default=None)}
+    out = {
+        "turns_done": len(ref_times),
+        "per_turn_seconds": ref_times,
+        "peak_bytes": max([p for p in ref_peaks if p is not None], default=None),
+    }
     if ref_err:
         out["error"] = ref_err
     return out
@@ -137,7 +167,8 @@ def extrapolate_reference(ref_res: Dict[str, Any], turns: int) -> None:
         f"{len(ref_times)} reference turns measured; total for {turns} turns = "
         f"{turns} x mean of turns {2 if len(ref_times) > 1 else 1}.."
         f"{len(ref_times)} (the reference's turn cost does not grow with turns either: "
-        "its state is the same fixed-size normaliser)")
+        "its state is the same fixed-size normaliser)"
+    )
 
 
 def add_fast_per_turn(res: Dict[str, Any], times: List[float], turns: int) -> None:
@@ -167,8 +198,10 @@ def case_lifelong(s: Settings, pool: ModelPool, log=print) -> Dict[str, Any]:
     keeper.restore()
     extrapolate_reference(res["reference"], s.lifelong_turns)
     add_fast_per_turn(res, times, s.lifelong_turns)
-    log(f"[lifelong] {mc.name}: {len(times)} fast turns, mean "
+    log(
+        f"[lifelong] {mc.name}: {len(times)} fast turns, mean "
         f"{fmt_seconds(res['fast'].get('mean_seconds_per_turn'))}/turn, drift "
         f"{res['fast']['drift']}; reference {res['reference']['turns_done']} turns, "
-        f"{fmt_seconds(res['reference'].get('mean_seconds_per_turn'))}/turn")
+        f"{fmt_seconds(res['reference'].get('mean_seconds_per_turn'))}/turn"
+    )
     return res

@@ -1,4 +1,5 @@
 """What a benchmark run measures: its constants and :class:`Settings`."""
+
 from __future__ import annotations
 
 import time
@@ -13,7 +14,7 @@ SCHEMA = "ultraedit_fast.bench/1"
 CASES = ("steps", "turn", "lifelong", "memory")
 MEMORY_TARGET_BYTES = 20 * GIB  # a 24 GB card, with room for the CUDA context
 CARD_BYTES = 24 * GIB  # a "24 GB" card
-CARD_USABLE_BYTES = CARD_BYTES - 1536 * 2 ** 20  # less the CUDA context and driver reserve
+CARD_USABLE_BYTES = CARD_BYTES - 1536 * 2**20  # less the CUDA context and driver reserve
 EDITS_PER_TURN = 100
 STEP_TOKENS = 400  # answer-token rows N of 100 edits (a round number above zsRE's)
 STEP_BLOCKS = 10  # mini-batches of a turn: one normaliser update each

@@ -1,5 +1,6 @@
 """The ``steps`` case: the four steps of one module's turn at the real shapes of the paper's
 edited layers, fast beside reference."""
+
 from __future__ import annotations
 
 import gc
@@ -52,8 +53,9 @@ def _randn(gen: torch.Generator, device, *shape, scale=1.0, loc=0.0) -> torch.Te
     return (torch.randn(*shape, generator=gen) * scale + loc).to(device)
 
 
-def step_inputs(gen: torch.Generator, device, dtype, d_in: int, d_out: int, n_tokens: int,
-                blocks: int) -> StepInputs:
+def step_inputs(
+    gen: torch.Generator, device, dtype, d_in: int, d_out: int, n_tokens: int, blocks: int
+) -> StepInputs:
     k32 = _randn(gen, device, n_tokens, d_in, loc=0.1)
     g32 = _randn(gen, device, n_tokens, d_out, scale=1e-3)
     k_lo, g_lo = k32.to(dtype), g32.to(dtype)
@@ -64,9 +66,19 @@ def step_inputs(gen: torch.Generator, device, dtype, d_in: int, d_out: int, n_to
     mean0 = torch.cat([k32.mean(0), g32.mean(0)])
     acc0 = torch.cat([k32.var(0), g32.var(0)]) * n0
     std0 = torch.sqrt(acc0 / (n0 - 1))
-    return StepInputs(k32=k32, g32=g32, g_lo=g_lo, ks_lo=split(k_lo), gs_lo=split(g_lo),
-                      ks32=split(k32), gs32=split(g32), n0=n0, mean0=mean0, acc0=acc0,
-                      std0=std0)
+    return StepInputs(
+        k32=k32,
+        g32=g32,
+        g_lo=g_lo,
+        ks_lo=split(k_lo),
+        gs_lo=split(g_lo),
+        ks32=split(k32),
+        gs32=split(g32),
+        n0=n0,
+        mean0=mean0,
+        acc0=acc0,
+        std0=std0,
+    )
 
 
 def normalizer_pair(be, x: StepInputs) -> Pair:
@@ -82,24 +94,37 @@ def normalizer_pair(be, x: StepInputs) -> Pair:
     def norm_ref():
         n = x.n0
         for k, g in zip(x.ks32, x.gs32):
-            n = reference.normalizer_merge(st_ref[0], st_ref[1], st_ref[2], n,
-                                           torch.cat([k, g], dim=1))
+            n = reference.normalizer_merge(
+                st_ref[0], st_ref[1], st_ref[2], n, torch.cat([k, g], dim=1)
+            )
 
     return {"fast": norm_fast, "reference": norm_ref}
 
 
 def shift_values_pair(be, x: StepInputs, lr: float) -> Pair:
-    return {"fast": lambda: be.shift_values(x.k32, x.g_lo, x.mean0, x.std0, lr),
-            "reference": lambda: reference.shift_values(x.k32, x.g32, x.mean0, x.std0, lr)}
+    return {
+        "fast": lambda: be.shift_values(x.k32, x.g_lo, x.mean0, x.std0, lr),
+        "reference": lambda: reference.shift_values(x.k32, x.g32, x.mean0, x.std0, lr),
+    }
 
 
 def solve_pair(k32: torch.Tensor, v: torch.Tensor) -> Pair:
-    return {"fast": lambda: ShiftSolver(k32).factors(v),
-            "reference": lambda: reference.primal_shift(k32, v)}
+    return {
+        "fast": lambda: ShiftSolver(k32).factors(v),
+        "reference": lambda: reference.primal_shift(k32, v),
+    }
 
 
-def weight_update_pair(be, gen: torch.Generator, device, dtype, d_in: int, d_out: int,
-                       k32: torch.Tensor, v: torch.Tensor) -> Pair:
+def weight_update_pair(
+    be,
+    gen: torch.Generator,
+    device,
+    dtype,
+    d_in: int,
+    d_out: int,
+    k32: torch.Tensor,
+    v: torch.Tensor,
+) -> Pair:
     """Adding the turn's shift to ``W`` (``d_out x d_in``, in ``dtype``): the fast path's
     rank update from the solve's factors, the reference's materialised ``Delta``."""
     w_fast = _randn(gen, device, d_out, d_in, scale=0.02).to(dtype)
@@ -118,9 +143,17 @@ def weight_update_pair(be, gen: torch.Generator, device, dtype, d_in: int, d_out
     return {"fast": update_fast, "reference": update_ref}
 
 
-def step_callables(d_in: int, d_out: int, device, dtype, n_tokens: int = STEP_TOKENS,
-                   blocks: int = STEP_BLOCKS, backend: Optional[str] = None, seed: int = 0,
-                   lr: float = 1e-6) -> Dict[str, Pair]:
+def step_callables(
+    d_in: int,
+    d_out: int,
+    device,
+    dtype,
+    n_tokens: int = STEP_TOKENS,
+    blocks: int = STEP_BLOCKS,
+    backend: Optional[str] = None,
+    seed: int = 0,
+    lr: float = 1e-6,
+) -> Dict[str, Pair]:
     """``{op: {"fast": fn, "reference": fn}}`` for the four steps of one module's turn at
     shape ``(d_in, d_out)`` with ``n_tokens`` rows in ``blocks`` mini-batch blocks. Each side
     gets its inputs as its editor holds them: the fast editor keeps keys and gradients in the
@@ -131,10 +164,12 @@ def step_callables(d_in: int, d_out: int, device, dtype, n_tokens: int = STEP_TO
     gen = torch.Generator().manual_seed(seed)
     x = step_inputs(gen, device, dtype, d_in, d_out, n_tokens, blocks)
     v = reference.shift_values(x.k32, x.g32, x.mean0, x.std0, lr)
-    return {"normalizer": normalizer_pair(be, x),
-            "shift_values": shift_values_pair(be, x, lr),
-            "solve": solve_pair(x.k32, v),
-            "weight_update": weight_update_pair(be, gen, device, dtype, d_in, d_out, x.k32, v)}
+    return {
+        "normalizer": normalizer_pair(be, x),
+        "shift_values": shift_values_pair(be, x, lr),
+        "solve": solve_pair(x.k32, v),
+        "weight_update": weight_update_pair(be, gen, device, dtype, d_in, d_out, x.k32, v),
+    }
 
 
 def speedup(ref: Optional[float], fast: Optional[float]) -> Optional[float]:
@@ -160,23 +195,39 @@ def case_steps(s: Settings, log=print) -> List[Dict[str, Any]]:
             continue
         log(f"[steps] {label}: d_in {d_in}, d_out {d_out}, N {STEP_TOKENS}")
         try:
-            calls = step_callables(d_in, d_out, s.device, s.dtype, backend=s.backend,
-                                   seed=s.seed)
+            calls = step_callables(d_in, d_out, s.device, s.dtype, backend=s.backend, seed=s.seed)
         except Exception as e:  # noqa: BLE001
             out.append({"shape": key, "label": label, "error": f"{type(e).__name__}: {e}"})
             continue
         for op in STEP_OPS:
             impls = {name: Impl(fn) for name, fn in calls[op].items()}
-            res = run_interleaved(impls, s.device, repeats=s.step_repeats, slow_s=s.slow_s,
-                                  impl_budget_s=s.impl_budget_s, nvml_sampling=False,
-                                  deadline=s.deadline)
+            res = run_interleaved(
+                impls,
+                s.device,
+                repeats=s.step_repeats,
+                slow_s=s.slow_s,
+                impl_budget_s=s.impl_budget_s,
+                nvml_sampling=False,
+                deadline=s.deadline,
+            )
             fast, ref = res["fast"].summary(), res["reference"].summary()
-            row = {"shape": key, "label": label, "d_in": d_in, "d_out": d_out,
-                   "n_tokens": STEP_TOKENS, "op": op, "dtype": str(s.dtype).replace("torch.", ""),
-                   "fast": fast, "reference": ref, "speedup": speedup(median_s(ref), median_s(fast))}
+            row = {
+                "shape": key,
+                "label": label,
+                "d_in": d_in,
+                "d_out": d_out,
+                "n_tokens": STEP_TOKENS,
+                "op": op,
+                "dtype": str(s.dtype).replace("torch.", ""),
+                "fast": fast,
+                "reference": ref,
+                "speedup": speedup(median_s(ref), median_s(fast)),
+            }
             out.append(row)
-            log(f"    {op:14s} fast {fmt_seconds(median_s(fast))}  reference {fmt_seconds(median_s(ref))}  "
-                f"x{fmt_ratio(row['speedup'])}")
+            log(
+                f"    {op:14s} fast {fmt_seconds(median_s(fast))}  reference {fmt_seconds(median_s(ref))}  "
+                f"x{fmt_ratio(row['speedup'])}"
+            )
         del calls
         gc.collect()
         if s.device.type == "cuda":

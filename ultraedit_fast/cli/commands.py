@@ -8,13 +8,14 @@
 Mistakes a user can make (a missing file, an unknown format, a bad option or dtype,
 malformed data) end with one line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import json
+import linecache
 import os
-import re
 import sys
 import time
 from typing import List, Optional
@@ -29,6 +30,7 @@ EXIT_USAGE = 2
 # ----------------------------------------------------------------------------- helpers
 def _check_device(device: Optional[str]):
     import torch
+
     if device is None:
         return None
     try:
@@ -42,9 +44,11 @@ def _check_device(device: Optional[str]):
 
 def _check_model_spec(spec: str) -> None:
     from ..model.loading import DEFAULT_MODEL
+
     if spec == DEFAULT_MODEL:
         return
     from ..model.loading import _looks_like_path
+
     # a path (absolute, ./, ../, ~, or a .gguf file) must exist; "org/name" is a hub id,
     # which load_model hands to the hub (offline, from its cache)
     if spec.endswith(".gguf") or _looks_like_path(spec) or os.path.isdir(spec):
@@ -55,6 +59,7 @@ def _check_model_spec(spec: str) -> None:
 def _load(args):
     """Validate the cheap arguments, then load the model (slow)."""
     from ..model.loading import load_model, parse_dtype
+
     dtype = parse_dtype(args.dtype)
     device = _check_device(args.device)
     _check_model_spec(args.model)
@@ -62,35 +67,46 @@ def _load(args):
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["TQDM_DISABLE"] = "1"
         from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()
     tp_plan = _tp_plan(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=dtype, device=device, tp_plan=tp_plan,
-                            device_map=getattr(args, "device_map", None))
+    model, tok = load_model(
+        args.model,
+        dtype=dtype,
+        device=device,
+        tp_plan=tp_plan,
+        device_map=getattr(args, "device_map", None),
+    )
     if getattr(tok, "pad_token_id", None) is None and getattr(tok, "eos_token", None):
         tok.pad_token = tok.eos_token
-    print(f"model {args.model} loaded in {time.perf_counter() - t0:.1f} s "
-          + (f"(tensor-parallel over {_world()} ranks) " if tp_plan else "")
-          + ("(layers split over devices) " if getattr(args, "device_map", None) else "")
-          +
-          f"({type(model).__name__}, {str(next(model.parameters()).dtype)[6:]}, "
-          f"{next(model.parameters()).device})", file=sys.stderr if _is_rank0() else sys.stdout)
+    print(
+        f"model {args.model} loaded in {time.perf_counter() - t0:.1f} s "
+        + (f"(tensor-parallel over {_world()} ranks) " if tp_plan else "")
+        + ("(layers split over devices) " if getattr(args, "device_map", None) else "")
+        + f"({type(model).__name__}, {str(next(model.parameters()).dtype)[6:]}, "
+        f"{next(model.parameters()).device})",
+        file=sys.stderr if _is_rank0() else sys.stdout,
+    )
     return model, tok
 
 
 def _is_rank0() -> bool:
     from ..parallel.distributed import launched_ranks
+
     return launched_ranks()[0] == 0
 
 
 def _world() -> int:
     from ..parallel.distributed import launched_ranks
+
     return launched_ranks()[1]
 
 
 def _tp_plan(args) -> Optional[str]:
     """``"auto"`` under ``torchrun`` with several ranks (unless ``--tp-plan none``)."""
     from ..parallel.distributed import launched_ranks
+
     plan = getattr(args, "tp_plan", None)
     if plan == "none":
         return None
@@ -98,8 +114,9 @@ def _tp_plan(args) -> Optional[str]:
     if plan is None and world > 1 and getattr(args, "device_map", None) is None:
         plan = "auto"
     if plan == "auto" and world == 1:
-        raise ValueError("--tp-plan auto: needs several ranks; launch with torchrun "
-                         "--nproc_per_node N")
+        raise ValueError(
+            "--tp-plan auto: needs several ranks; launch with torchrun --nproc_per_node N"
+        )
     return plan
 
 
@@ -109,29 +126,41 @@ def _check_tensor_parallel_outputs(args) -> None:
         return
     for flag in ("save_model", "export_patch", "export_lora"):
         if getattr(args, flag, None):
-            raise ValueError(f"--{flag.replace('_', '-')}: not under tensor parallelism (each "
-                             "rank holds a shard); use --save-editor (one checkpoint per "
-                             "rank) and export from a single-process load of the model")
+            raise ValueError(
+                f"--{flag.replace('_', '-')}: not under tensor parallelism (each "
+                "rank holds a shard); use --save-editor (one checkpoint per "
+                "rank) and export from a single-process load of the model"
+            )
 
 
 def _check_lengths(args, model, tok, examples) -> None:
     """Every record's prompts fit the model's context (a ``ValueError`` naming the file and
     the record otherwise), checked before the first turn."""
     from ..model.requests import context_length, tokenize_pair
+
     limit = context_length(model)
     chat = bool(getattr(args, "chat_template", None))
     for ex in examples:
         r = ex.request
-        for field, prompt, answer in (("prompt", r.prompt, r.target),
-                                      ("rephrase", r.rephrase, r.target),
-                                      ("locality_prompt", r.locality_prompt, r.locality_answer)):
+        for field, prompt, answer in (
+            ("prompt", r.prompt, r.target),
+            ("rephrase", r.rephrase, r.target),
+            ("locality_prompt", r.locality_prompt, r.locality_answer),
+        ):
             if prompt is not None:
-                tokenize_pair(tok, prompt, answer, limit, chat_template=chat,
-                              where=f"{args.data}: record {ex.index} ({field})")
+                tokenize_pair(
+                    tok,
+                    prompt,
+                    answer,
+                    limit,
+                    chat_template=chat,
+                    where=f"{args.data}: record {ex.index} ({field})",
+                )
 
 
 def _model_name(spec: str, model) -> str:
     from ..model.loading import DEFAULT_MODEL
+
     if spec == DEFAULT_MODEL:
         return "SmolLM2-135M-Instruct"
     return os.path.basename(spec.rstrip("/")) or spec
@@ -139,9 +168,15 @@ def _model_name(spec: str, model) -> str:
 
 def _reader(args, limit):
     from ..data.datasets import RequestReader
-    return RequestReader(args.data, args.format, target=args.target, limit=limit,
-                         offset=args.offset,
-                         on_error="skip" if args.skip_malformed else "raise")
+
+    return RequestReader(
+        args.data,
+        args.format,
+        target=args.target,
+        limit=limit,
+        offset=args.offset,
+        on_error="skip" if args.skip_malformed else "raise",
+    )
 
 
 def _pct(x) -> str:
@@ -150,9 +185,11 @@ def _pct(x) -> str:
 
 def _metrics_line(m) -> str:
     """Teacher-forced and generation-based scores side by side (%, 'gen' in brackets)."""
+
     def pair(key):
-        gen = m.get(key.replace("LS_unedited", "LS_gen_unedited") if key == "LS_unedited"
-                    else f"{key}_gen")
+        gen = m.get(
+            key.replace("LS_unedited", "LS_gen_unedited") if key == "LS_unedited" else f"{key}_gen"
+        )
         return f"{key} {_pct(m.get(key))}" + (f" [gen {_pct(gen)}]" if gen is not None else "")
 
     keys = ["ES", "GS", "LS"] + (["LS_unedited"] if "LS_unedited" in m else [])
@@ -173,7 +210,7 @@ DEMO_NEW_TOKENS = 7
 
 
 def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def cmd_demo(args) -> int:
@@ -191,35 +228,49 @@ def cmd_demo(args) -> int:
     editor = UltraEditor(model, tok, **options_from_cli(args, ["modules", "lr", "backend"]))
 
     def answers():
-        return [[generate_answer(model, tok, p, DEMO_NEW_TOKENS)
-                 for p in (r.prompt, r.rephrase, r.locality_prompt)] for r in reqs]
+        return [
+            [
+                generate_answer(model, tok, p, DEMO_NEW_TOKENS)
+                for p in (r.prompt, r.rephrase, r.locality_prompt)
+            ]
+            for r in reqs
+        ]
 
     before = answers()
     base = capture_baseline(model, tok, reqs)
     m_before = evaluate(model, tok, reqs, base=base)
     report = editor.edit(reqs)  # the defaults: the preset's regime for a handful of facts
-    print(f"edited {summarize_names(editor.module_names)} (preset {editor.preset}, lr "
-          f"{editor.lr:g}, step {editor.config.step}"
-          + (f", x{report.step_scale:.2f} on average" if report.step_scale else "")
-          + f"): {len(reqs)} counterfactual edits in one turn\n")
+    print(
+        f"edited {summarize_names(editor.module_names)} (preset {editor.preset}, lr "
+        f"{editor.lr:g}, step {editor.config.step}"
+        + (f", x{report.step_scale:.2f} on average" if report.step_scale else "")
+        + f"): {len(reqs)} counterfactual edits in one turn\n"
+    )
     after = answers()
     m_after = evaluate(model, tok, reqs, base=base)
 
     for i, (r, b, a) in enumerate(zip(reqs, before, after), 1):
         print(f"[{i}/{len(reqs)}] {r.prompt} ... -> {r.target}")
-        for label, prompt, x, y in (("edit prompt", None, b[0], a[0]),
-                                    ("paraphrase", r.rephrase, b[1], a[1]),
-                                    ("unrelated", f"{r.locality_prompt} ... "
-                                     f"({r.locality_answer})", b[2], a[2])):
-            print((f"   {label:<11}  before: {_clip(x, 28):<28}  after: {_clip(y, 28):<28}"
-                   + (f"  [{prompt}]" if prompt else "")).rstrip())
+        for label, prompt, x, y in (
+            ("edit prompt", None, b[0], a[0]),
+            ("paraphrase", r.rephrase, b[1], a[1]),
+            ("unrelated", f"{r.locality_prompt} ... ({r.locality_answer})", b[2], a[2]),
+        ):
+            print(
+                (
+                    f"   {label:<11}  before: {_clip(x, 28):<28}  after: {_clip(y, 28):<28}"
+                    + (f"  [{prompt}]" if prompt else "")
+                ).rstrip()
+            )
     print()
     print(f"scores before: {_metrics_line(m_before)}")
     print(f"scores after:  {_metrics_line(m_after)}")
-    print("(teacher-forced token accuracy of ES: the new answer after the edit prompt, GS: after "
-          "the paraphrase; LS: the unrelated fact's answer; LS_unedited: agreement with the "
-          "unedited model on the unrelated prompts; [gen ...]: the same judged on what the "
-          "model generates by itself, greedy)")
+    print(
+        "(teacher-forced token accuracy of ES: the new answer after the edit prompt, GS: after "
+        "the paraphrase; LS: the unrelated fact's answer; LS_unedited: agreement with the "
+        "unedited model on the unrelated prompts; [gen ...]: the same judged on what the "
+        "model generates by itself, greedy)"
+    )
     print(report)
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s")
     return 0
@@ -235,23 +286,44 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     progress = not args.no_progress and _is_rank0()
     if progress:
-        print(f"scoring the unedited model on the {len(examples)} requests to edit ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"scoring the unedited model on the {len(examples)} requests to edit ...",
+            file=sys.stderr,
+            flush=True,
+        )
     res = run_lifelong(
-        model, tok, examples, turns=args.turns, edits_per_turn=args.edits_per_turn,
-        editor=args.editor, eval_every=args.eval_every, eval_sample=args.eval_sample,
-        eval_batch_size=args.eval_batch_size, generation=not args.no_generation,
-        progress=progress, output_dir=args.output_dir if _is_rank0() else None,
+        model,
+        tok,
+        examples,
+        turns=args.turns,
+        edits_per_turn=args.edits_per_turn,
+        editor=args.editor,
+        eval_every=args.eval_every,
+        eval_sample=args.eval_sample,
+        eval_batch_size=args.eval_batch_size,
+        generation=not args.no_generation,
+        progress=progress,
+        output_dir=args.output_dir if _is_rank0() else None,
         plot=not args.no_plot,
-        config_extra={"model_name": name, "model": args.model,
-                      "dataset": os.path.basename(args.data), "data": os.path.abspath(args.data),
-                      "format": reader.stats.format, "target": args.target,
-                      "offset": args.offset, "skipped_records": reader.stats.skipped,
-                      "dtype": args.dtype or "float32",
-                      "tensor_parallel": _world() if _tp_plan(args) else 1,
-                      "device_map": args.device_map},
-        export_patch=args.export_patch, export_lora=args.export_lora, lora_rank=args.lora_rank,
-        save_editor=args.save_editor, **options_from_cli(args))
+        config_extra={
+            "model_name": name,
+            "model": args.model,
+            "dataset": os.path.basename(args.data),
+            "data": os.path.abspath(args.data),
+            "format": reader.stats.format,
+            "target": args.target,
+            "offset": args.offset,
+            "skipped_records": reader.stats.skipped,
+            "dtype": args.dtype or "float32",
+            "tensor_parallel": _world() if _tp_plan(args) else 1,
+            "device_map": args.device_map,
+        },
+        export_patch=args.export_patch,
+        export_lora=args.export_lora,
+        lora_rank=args.lora_rank,
+        save_editor=args.save_editor,
+        **options_from_cli(args),
+    )
     _report_run(args, res, name, reader, t0)
     if args.save_model:
         model.save_pretrained(args.save_model)
@@ -276,10 +348,11 @@ def _run_inputs(args):
     n = args.turns * args.edits_per_turn
     examples = list(reader.examples())  # malformed data fails here, before the slow load
     if len(examples) < n:
-        raise ValueError(f"data: {args.turns} turns x {args.edits_per_turn} edits need {n} "
-                         f"records, {args.data} has {len(examples)} from offset {args.offset}"
-                         + (f" ({reader.stats.skipped} malformed skipped)"
-                            if reader.stats.skipped else ""))
+        raise ValueError(
+            f"data: {args.turns} turns x {args.edits_per_turn} edits need {n} "
+            f"records, {args.data} has {len(examples)} from offset {args.offset}"
+            + (f" ({reader.stats.skipped} malformed skipped)" if reader.stats.skipped else "")
+        )
     return reader, examples[:n]
 
 
@@ -287,17 +360,21 @@ def _report_run(args, res, name: str, reader, t0: float) -> None:
     from ..model.targets import summarize_names
 
     cfg, tim = res["config"], res["timing"]
-    print(f"{cfg['n_edits']} edits ({args.turns} turns x {args.edits_per_turn}) on {name}: "
-          f"{summarize_names(cfg['modules'])}, lr {cfg['lr']:g}, {cfg['editor']} editor, "
-          f"backend {cfg['backend']}")
+    print(
+        f"{cfg['n_edits']} edits ({args.turns} turns x {args.edits_per_turn}) on {name}: "
+        f"{summarize_names(cfg['modules'])}, lr {cfg['lr']:g}, {cfg['editor']} editor, "
+        f"backend {cfg['backend']}"
+    )
     if reader.stats.skipped:
         print(f"skipped {reader.stats.skipped} malformed records", file=sys.stderr)
     if res["metrics_before"]:
         print(f"before: {_metrics_line(res['metrics_before'])}")
     print(f"after:  {_metrics_line(res['metrics'])}")
-    print(f"editing {tim['edit_seconds']:.1f} s ({tim['edits_per_second']:.1f} edits/s, "
-          f"{tim['mean_turn_seconds']:.2f} s per turn), scoring {tim['eval_seconds']:.1f} s, "
-          f"total {time.perf_counter() - t0:.1f} s")
+    print(
+        f"editing {tim['edit_seconds']:.1f} s ({tim['edits_per_second']:.1f} edits/s, "
+        f"{tim['mean_turn_seconds']:.2f} s per turn), scoring {tim['eval_seconds']:.1f} s, "
+        f"total {time.perf_counter() - t0:.1f} s"
+    )
     if res["refused_turns"]:
         print(f"refused turns (model unchanged by them): {res['refused_turns']}")
     for k, v in res["files"].items():
@@ -312,28 +389,44 @@ def cmd_eval(args) -> int:
     _check_device(args.device)
     examples = list(reader.examples())  # malformed data fails here, before the slow load
     if not examples:
-        raise ValueError(f"data: no records to score in {args.data} "
-                         f"(offset {args.offset}, limit {args.limit})")
+        raise ValueError(
+            f"data: no records to score in {args.data} (offset {args.offset}, limit {args.limit})"
+        )
     model, tok = _load(args)
     _check_lengths(args, model, tok, examples)
     t0 = time.perf_counter()
-    m = score(model, tok, [e.request for e in examples], [e.extras for e in examples],
-              batch_size=args.eval_batch_size, generation=not args.no_generation,
-              chat_template=bool(args.chat_template))
+    m = score(
+        model,
+        tok,
+        [e.request for e in examples],
+        [e.extras for e in examples],
+        batch_size=args.eval_batch_size,
+        generation=not args.no_generation,
+        chat_template=bool(args.chat_template),
+    )
     dt = time.perf_counter() - t0
     for k in ("LS_unedited", "LS_gen_unedited", "drift_kl", "drift_top1"):
         m.pop(k, None)  # no edited model here: they would compare the model to itself
     line = _metrics_line(m)
-    print(f"{_model_name(args.model, model)} on {os.path.basename(args.data)} "
-          f"[{args.offset}:{args.offset + len(examples)}]: {line}; {dt:.1f} s")
+    print(
+        f"{_model_name(args.model, model)} on {os.path.basename(args.data)} "
+        f"[{args.offset}:{args.offset + len(examples)}]: {line}; {dt:.1f} s"
+    )
     if reader.stats.skipped:
         print(f"skipped {reader.stats.skipped} malformed records", file=sys.stderr)
     if args.output and _is_rank0():
-        out = {"model": args.model, "data": os.path.abspath(args.data),
-               "format": reader.stats.format, "target": args.target, "offset": args.offset,
-               "limit": args.limit, "skipped_records": reader.stats.skipped,
-               "metrics": m, "seconds": dt,
-               "environment": environment(next(model.parameters()).device)}
+        out = {
+            "model": args.model,
+            "data": os.path.abspath(args.data),
+            "format": reader.stats.format,
+            "target": args.target,
+            "offset": args.offset,
+            "limit": args.limit,
+            "skipped_records": reader.stats.skipped,
+            "metrics": m,
+            "seconds": dt,
+            "environment": environment(next(model.parameters()).device),
+        }
         d = os.path.dirname(os.path.abspath(args.output))
         os.makedirs(d, exist_ok=True)
         with open(args.output, "w") as f:
@@ -346,9 +439,9 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from .. import UltraEditor
     from ..utils.files import check_output_dir
+
     if not args.patch and not args.lora:
-        raise UsageError(f"{PROG} export: error: nothing to do: give --patch DIR and/or "
-                         "--lora DIR")
+        raise UsageError(f"{PROG} export: error: nothing to do: give --patch DIR and/or --lora DIR")
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint: {args.checkpoint!r} is not a directory")
     for flag in ("patch", "lora"):
@@ -357,6 +450,7 @@ def cmd_export(args) -> int:
     model, tok = _load(args)
     import warnings
     from ..storage.checkpoint import CheckpointWeightsWarning
+
     with warnings.catch_warnings():  # the edited model, or the export names the wrong weights
         warnings.simplefilter("error", category=CheckpointWeightsWarning)
         try:
@@ -369,18 +463,24 @@ def cmd_export(args) -> int:
         base = None
         if args.base_model:
             from ..model.loading import load_model, parse_dtype
+
             base, _ = load_model(args.base_model, dtype=parse_dtype(args.dtype))
         rep = editor.export_lora(args.lora, args.rank, base=base)
         worst = max(rep["relative_error"].values())
-        print(f"lora: {args.lora} (rank {sorted(set(rep['rank'].values()))}, "
-              f"{rep['bytes'] / 2**20:.1f} MiB, largest relative error {worst:.2e})")
+        print(
+            f"lora: {args.lora} (rank {sorted(set(rep['rank'].values()))}, "
+            f"{rep['bytes'] / 2**20:.1f} MiB, largest relative error {worst:.2e})"
+        )
     return 0
 
 
 def cmd_bench(argv: List[str]) -> int:
     if importlib.util.find_spec("ultraedit_fast.bench") is None:
-        print(f"{PROG} bench: error: the benchmark module ultraedit_fast.bench is not part of "
-              "this installation", file=sys.stderr)
+        print(
+            f"{PROG} bench: error: the benchmark module ultraedit_fast.bench is not part of "
+            "this installation",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     bench = importlib.import_module("ultraedit_fast.bench")
     try:
@@ -399,22 +499,25 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-# "<argument>: what was expected": how every check at the package's boundary words its error
-_ARGUMENT_ERROR = re.compile(r"^[\w.\-\[\]'\"/ ]{1,80}: \S")
-
-
 def _is_user_error(e: BaseException) -> bool:
-    """An error about the user's input (an argument, a file, the data), reported as one
-    line; anything else is a bug and keeps its traceback."""
+    """An error about the user's input, reported as one line: one that code raised on
+    purpose (a check at a boundary, here or in a library it calls: the innermost frame is
+    a ``raise`` statement), or an OS error naming a file. An error Python itself raised
+    inside a computation (a wrong type, a bad index) is a bug and keeps its traceback."""
     from ..data.datasets import DataFormatError
     from ..editors import EditRefused
 
     if isinstance(e, (DataFormatError, EditRefused)):
         return True
-    if isinstance(e, OSError):
-        return e.filename is not None or isinstance(e, FileNotFoundError) or \
-            bool(_ARGUMENT_ERROR.match(str(e)))
-    return bool(_ARGUMENT_ERROR.match(str(e)))
+    if isinstance(e, OSError) and (e.filename is not None or isinstance(e, FileNotFoundError)):
+        return True
+    tb = e.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+    return line.startswith("raise")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -436,9 +539,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         from ..utils.display import progress_bars
+
         with progress_bars(not getattr(args, "no_progress", False)):
-            return {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval,
-                "export": cmd_export}[args.command](args)
+            return {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval, "export": cmd_export}[
+                args.command
+            ](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE

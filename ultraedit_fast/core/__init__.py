@@ -4,6 +4,7 @@ capture of keys and output gradients (:mod:`.capture`), the lifelong normaliser
 (:mod:`.normalizer`), the regularised closed-form solve (:mod:`.solve`), the step search of
 ``step="auto"`` (:mod:`.step_search`), the undo log (:mod:`.undo`), a turn's report
 (:mod:`.report`) and EasyEdit's hyper-parameter names (:mod:`.hparams`)."""
+
 from .config import EditorConfig
 from .normalizer import NormalizerState
 from .report import EditReport

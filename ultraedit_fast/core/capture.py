@@ -7,6 +7,7 @@ the output of the lowest edited module is made a leaf, so backward stops there a
 gradient exists. Keys and gradients are kept at answer tokens only (``docs/algorithm.md``
 section 2), one block per (mini-batch, module).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -42,7 +43,8 @@ class Capture:
         self._thread = ThreadOwned()
         for t in self.targets:
             self._handles.append(
-                t.module.register_forward_hook(self._hook(t.name), with_kwargs=True))
+                t.module.register_forward_hook(self._hook(t.name), with_kwargs=True)
+            )
         return self
 
     def __exit__(self, *exc):
@@ -74,8 +76,10 @@ class Capture:
                 return None
             kwargs, output = rest
             if name in self.outputs:
-                raise RuntimeError(f"module {name!r} ran twice in one forward pass; "
-                                   "UltraEdit edits modules that run once per token")
+                raise RuntimeError(
+                    f"module {name!r} ran twice in one forward pass; "
+                    "UltraEdit edits modules that run once per token"
+                )
             x = args[0] if args else next(iter(kwargs.values()))
             # Modules fed the same tensor (gate_proj and up_proj of one layer) share
             # one copy of the keys, and later one Cholesky factor.
@@ -90,11 +94,18 @@ class Capture:
                 return output
             self.outputs[name] = output
             return None
+
         return hook
 
 
-def capture_passes(model, passes, cap: Capture, device, keys: Dict[str, List[torch.Tensor]],
-                   grads: Dict[str, List[torch.Tensor]]) -> int:
+def capture_passes(
+    model,
+    passes,
+    cap: Capture,
+    device,
+    keys: Dict[str, List[torch.Tensor]],
+    grads: Dict[str, List[torch.Tensor]],
+) -> int:
     """Forward and backward of each pass; appends one key and one gradient block per
     (mini-batch, module) to ``keys``/``grads`` (fp32 or the model's dtype, ``m x d_in`` /
     ``m x d_out``). Returns the number of answer tokens. The caller has put the model in
@@ -102,17 +113,20 @@ def capture_passes(model, passes, cap: Capture, device, keys: Dict[str, List[tor
     n_tokens = 0
     for batch in passes:
         counts = batch.counts or [batch.n_tokens]  # answer tokens per mini-batch, counted
-        batch = batch.to(device)                   # on the host: no device sync per pass
+        batch = batch.to(device)  # on the host: no device sync per pass
         mask = batch.labels != IGNORE
         cap.mask, cap.n_rows = mask, sum(counts)
-        logits = answer_logits(model, batch.input_ids, batch.attention_mask, mask,
-                               batch.position_ids)
+        logits = answer_logits(
+            model, batch.input_ids, batch.attention_mask, mask, batch.position_ids
+        )
         labels = batch.labels[mask].to(logits.device)
         if batch.token_weights is None:  # one mini-batch: its mean
             loss = F.cross_entropy(logits.float(), labels)
         else:  # packed: each mini-batch's mean, summed (docs/algorithm.md section 2)
-            loss = (F.cross_entropy(logits.float(), labels, reduction="none")
-                    * batch.token_weights.to(logits.device)).sum()
+            loss = (
+                F.cross_entropy(logits.float(), labels, reduction="none")
+                * batch.token_weights.to(logits.device)
+            ).sum()
         missing = [t.name for t in cap.targets if t.name not in cap.outputs]
         if missing:
             raise RuntimeError(f"modules {missing} did not run in the forward pass")

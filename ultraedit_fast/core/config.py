@@ -11,14 +11,26 @@ field here plus its use.
 ``modules`` and ``lr`` may be ``None``: the model's preset fills them
 (:mod:`ultraedit_fast.core.presets`); an editor's ``config`` holds the resolved values.
 """
+
 from __future__ import annotations
 
 import argparse
 import inspect
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
-                    TypedDict, Union)
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypedDict,
+    Union,
+)
 
 from ..kernels import BACKENDS
 from ..utils.checks import check_bool, check_positive_float, check_positive_int
@@ -38,8 +50,9 @@ def _check_modules(name: str, v):
     try:
         v = list(v)
     except TypeError:
-        raise TypeError(f"{name}: expected a list of module names, got "
-                        f"{type(v).__name__}") from None
+        raise TypeError(
+            f"{name}: expected a list of module names, got {type(v).__name__}"
+        ) from None
     if not v:
         raise ValueError(f"{name}: expected at least one module name, got an empty list")
     for m in v:
@@ -115,8 +128,9 @@ def _check_undo(name: str, v):
         if v < 0:
             raise ValueError(f"{name}: expected True, False or a number of turns >= 0, got {v}")
         return v if v > 0 else False
-    raise TypeError(f"{name}: expected True, False or an int number of turns, got "
-                    f"{type(v).__name__}")
+    raise TypeError(
+        f"{name}: expected True, False or an int number of turns, got {type(v).__name__}"
+    )
 
 
 def _check_tokens_per_pass(name: str, v):
@@ -154,15 +168,25 @@ def cli_int_at_least(low: int, what: str) -> Callable[[str], int]:
         if v is None or v < low:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return v
+
     return parse
 
 
 # ----------------------------------------------------------------------------- declarations
-def _option(default, check, doc: str, *, load: str = OVERRIDABLE, reference: bool = False,
-            cli: Optional[Dict[str, Any]] = None):
+def _option(
+    default,
+    check,
+    doc: str,
+    *,
+    load: str = OVERRIDABLE,
+    reference: bool = False,
+    cli: Optional[Dict[str, Any]] = None,
+):
     """A field of :class:`EditorConfig`: its default, check, doc and where it is used."""
-    return field(default=default, metadata={"check": check, "doc": doc, "load": load,
-                                            "reference": reference, "cli": cli})
+    return field(
+        default=default,
+        metadata={"check": check, "doc": doc, "load": load, "reference": reference, "cli": cli},
+    )
 
 
 @dataclass(frozen=True)
@@ -170,93 +194,154 @@ class EditorConfig:
     """The options of an editor. Construct with keywords; every value is checked."""
 
     modules: Optional[Tuple[str, ...]] = _option(
-        None, _check_modules,
+        None,
+        _check_modules,
         "names of the nn.Linear / GPT-2 Conv1D modules to edit (None: the model's preset)",
-        load=FIXED, reference=True,
-        cli={"type": _cli_modules, "help": "comma-separated names of the layers to edit "
-             "(default: the model's preset)"})
+        load=FIXED,
+        reference=True,
+        cli={
+            "type": _cli_modules,
+            "help": "comma-separated names of the layers to edit (default: the model's preset)",
+        },
+    )
     lr: Optional[float] = _option(
-        None, check_lr, "the learning rate, the published step size of the solve (None: the "
-        "preset's)", reference=True,
-        cli={"type": cli_positive_float, "help": "learning rate, the published step size "
-             "(default: the preset's)"})
+        None,
+        check_lr,
+        "the learning rate, the published step size of the solve (None: the preset's)",
+        reference=True,
+        cli={
+            "type": cli_positive_float,
+            "help": "learning rate, the published step size (default: the preset's)",
+        },
+    )
     batch_size: int = _option(
-        10, _check_positive_int,
+        10,
+        _check_positive_int,
         "requests per forward/backward mini-batch (10 in the paper); it sets the loss of "
-        "each token (its mini-batch's mean) and the normaliser's blocks", reference=True,
-        cli={"type": cli_int_at_least(1, "a positive integer"),
-             "help": "requests per mini-batch (default 10)"})
+        "each token (its mini-batch's mean) and the normaliser's blocks",
+        reference=True,
+        cli={
+            "type": cli_int_at_least(1, "a positive integer"),
+            "help": "requests per mini-batch (default 10)",
+        },
+    )
     backend: Optional[str] = _option(
-        None, _check_backend,
+        None,
+        _check_backend,
         f"kernels: one of {', '.join(BACKENDS)} (None: $ULTRAEDIT_FAST_BACKEND, else auto)",
-        cli={"choices": BACKENDS, "help": "kernels (default: $ULTRAEDIT_FAST_BACKEND or auto)"})
+        cli={"choices": BACKENDS, "help": "kernels (default: $ULTRAEDIT_FAST_BACKEND or auto)"},
+    )
     share_normalizer: bool = _option(
-        True, check_bool, "one lifelong normaliser per layer shape (the published behaviour) "
-        "rather than one per module", load=FIXED, reference=True)
+        True,
+        check_bool,
+        "one lifelong normaliser per layer shape (the published behaviour) rather than one per module",
+        load=FIXED,
+        reference=True,
+    )
     transactional: bool = _option(
-        True, check_bool,
+        True,
+        check_bool,
         "snapshot each weight before writing it, so that a failure while writing restores "
-        "the pre-turn model; also checks the shifted weights are finite")
+        "the pre-turn model; also checks the shifted weights are finite",
+    )
     undo: Union[bool, int] = _option(
-        False, _check_undo,
-        "keep an undo log for rollback(): False (none), True (every turn) or k (the last k "
-        "turns)")
+        False,
+        _check_undo,
+        "keep an undo log for rollback(): False (none), True (every turn) or k (the last k turns)",
+    )
     tokens_per_pass: int = _option(
-        None, _check_tokens_per_pass,
+        None,
+        _check_tokens_per_pass,
         f"pack consecutive mini-batches into forward/backward passes of at most this many "
         f"tokens (None: {DEFAULT_TOKENS_PER_PASS}; 0: one padded mini-batch per pass)",
-        cli={"type": cli_int_at_least(0, "an integer >= 0"),
-             "help": "fast editor: mini-batches packed into passes of at most this many "
-                     f"tokens (default {DEFAULT_TOKENS_PER_PASS}; 0: padded, one mini-batch "
-                     "per pass)"})
+        cli={
+            "type": cli_int_at_least(0, "an integer >= 0"),
+            "help": "fast editor: mini-batches packed into passes of at most this many "
+            f"tokens (default {DEFAULT_TOKENS_PER_PASS}; 0: padded, one mini-batch "
+            "per pass)",
+        },
+    )
 
     regime: Optional[str] = _option(
-        None, _check_regime,
+        None,
+        _check_regime,
         "which of the preset's regimes, when modules and lr come from it: 'stream' (turns "
         "of about 100 edits, the paper's setting and layers) or 'facts' (a handful of facts "
         "at a time: the layers measured for that where the preset has them, and step "
         "'auto'); None: 'facts' if the first turn has at most 32 requests, else 'stream'",
-        cli={"choices": REGIMES, "help": "the preset's regime: stream (about 100 edits per "
-             "turn) or facts (a handful); default: from the first turn's size"})
+        cli={
+            "choices": REGIMES,
+            "help": "the preset's regime: stream (about 100 edits per "
+            "turn) or facts (a handful); default: from the first turn's size",
+        },
+    )
     step: Optional[str] = _option(
-        None, _check_step,
+        None,
+        _check_step,
         "the turn's step: 'auto' scales each solved turn by the smallest power of 2 (up to "
         "max_step_scale) at which step_target of its edits take within locality_budget "
         "(ultraedit_fast.core.step_search); 'paper' writes the published fixed step; None: 'auto' in the "
         "facts regime, 'paper' otherwise (and whenever lr is given)",
-        cli={"choices": STEPS, "help": "auto: scale each turn until its edits take, within a "
-             "locality budget; paper: the published fixed step (default: auto in the facts "
-             "regime, paper otherwise)"})
+        cli={
+            "choices": STEPS,
+            "help": "auto: scale each turn until its edits take, within a "
+            "locality budget; paper: the published fixed step (default: auto in the facts "
+            "regime, paper otherwise)",
+        },
+    )
     step_target: float = _option(
-        0.9, _check_fraction, "step='auto': the share of a turn's edits that must take",
-        cli={"type": _cli_fraction, "help": "step auto: share of a turn's edits that must "
-             "take (default 0.9)"})
+        0.9,
+        _check_fraction,
+        "step='auto': the share of a turn's edits that must take",
+        cli={
+            "type": _cli_fraction,
+            "help": "step auto: share of a turn's edits that must take (default 0.9)",
+        },
+    )
     locality_budget: float = _option(
-        0.2, _check_fraction,
+        0.2,
+        _check_fraction,
         "step='auto': the largest share of the turn's locality prompts (or of the anchor "
         "prompts) whose greedy answer a larger step may change",
-        cli={"type": _cli_fraction, "help": "step auto: largest share of locality prompts whose "
-             "answer may change (default 0.2)"})
+        cli={
+            "type": _cli_fraction,
+            "help": "step auto: largest share of locality prompts whose answer may change (default 0.2)",
+        },
+    )
     max_step_scale: float = _option(
-        64.0, _check_scale, "step='auto': the largest scale of the published step tried",
-        cli={"type": cli_positive_float, "help": "step auto: largest scale tried (default 64)"})
+        64.0,
+        _check_scale,
+        "step='auto': the largest scale of the published step tried",
+        cli={"type": cli_positive_float, "help": "step auto: largest scale tried (default 64)"},
+    )
     preserve_locality: bool = _option(
-        True, check_bool,
+        True,
+        check_bool,
         "step='auto': solve the turn with the locality set's keys as extra rows of value "
         "zero (the regularised least squares then also keeps the edited layers' outputs at "
         "those prompts), so that larger steps leave them alone; a departure from the paper, "
-        "never made with step='paper'")
+        "never made with step='paper'",
+    )
     chat_template: bool = _option(
-        False, check_bool, "wrap every prompt in the tokenizer's chat template (as a user "
+        False,
+        check_bool,
+        "wrap every prompt in the tokenizer's chat template (as a user "
         "turn, the assistant's answer to follow), for editing and for the step's checks",
-        cli={"action": "store_true", "help": "wrap prompts in the tokenizer's chat template "
-             "(instruct models), for editing and scoring"})
+        cli={
+            "action": "store_true",
+            "help": "wrap prompts in the tokenizer's chat template "
+            "(instruct models), for editing and scoring",
+        },
+    )
     measure_memory: bool = _option(
-        False, check_bool,
+        False,
+        check_bool,
         "report each turn's peak memory (EditReport.peak_memory_bytes): resets the process's "
         "peak counters (torch.cuda.reset_peak_memory_stats, or the peak RSS through "
         "/proc/self/clear_refs) at the start of every turn, which changes what other readers "
-        "of those counters see; off, the report's peak is None", reference=True)
+        "of those counters see; off, the report's peak is None",
+        reference=True,
+    )
 
     def __post_init__(self):
         for f in fields(self):
@@ -264,8 +349,14 @@ class EditorConfig:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def build(cls, config: Optional["EditorConfig"], overrides: Mapping[str, Any], *,
-              owner: str = "UltraEditor", reference: bool = False) -> "EditorConfig":
+    def build(
+        cls,
+        config: Optional["EditorConfig"],
+        overrides: Mapping[str, Any],
+        *,
+        owner: str = "UltraEditor",
+        reference: bool = False,
+    ) -> "EditorConfig":
         """The configuration an editor's ``(config, **overrides)`` ask for: ``config`` (or
         the defaults) with ``overrides`` replaced, each checked; unknown options are
         refused, and so (with ``reference``) are options the reference editor does not
@@ -273,20 +364,24 @@ class EditorConfig:
         if config is None:
             config = cls()
         elif not isinstance(config, cls):
-            raise TypeError(f"config: expected an EditorConfig or None, got "
-                            f"{type(config).__name__} (pass options as keywords, e.g. "
-                            f"modules=[...], lr=...)")
+            raise TypeError(
+                f"config: expected an EditorConfig or None, got "
+                f"{type(config).__name__} (pass options as keywords, e.g. "
+                f"modules=[...], lr=...)"
+            )
         allowed = option_names(reference=reference)
         for k in overrides:
             if k not in allowed:
-                raise TypeError(f"{owner}() got an unexpected option {k!r}; its options are "
-                                f"{list(allowed)}")
+                raise TypeError(
+                    f"{owner}() got an unexpected option {k!r}; its options are {list(allowed)}"
+                )
         out = config.replace(**overrides) if overrides else config
         if reference:
             extra = sorted(set(out.options(only_set=True)) - set(allowed))
             if extra:
-                raise TypeError(f"config: {extra} are not options of the reference editor "
-                                f"(it takes {list(allowed)})")
+                raise TypeError(
+                    f"config: {extra} are not options of the reference editor (it takes {list(allowed)})"
+                )
         return out
 
     def to_dict(self) -> Dict[str, Any]:
@@ -327,9 +422,12 @@ def _default_of(f) -> Any:
 
 def option_names(*, reference: bool = False, load: Optional[str] = None) -> Tuple[str, ...]:
     """Names of the options (those the reference takes; those with a given load rule)."""
-    return tuple(f.name for f in fields(EditorConfig)
-                 if (not reference or f.metadata["reference"])
-                 and (load is None or f.metadata["load"] == load))
+    return tuple(
+        f.name
+        for f in fields(EditorConfig)
+        if (not reference or f.metadata["reference"])
+        and (load is None or f.metadata["load"] == load)
+    )
 
 
 def options_doc(*, reference: bool = False) -> str:
@@ -348,11 +446,15 @@ def check_overrides(overrides: Mapping[str, Any], what: str = "load") -> None:
     fixed, overridable = option_names(load=FIXED), option_names(load=OVERRIDABLE)
     for k in overrides:
         if k in fixed:
-            raise ValueError(f"{k}: fixed by the checkpoint (its lifelong state depends on it) "
-                             f"and cannot be overridden on {what}")
+            raise ValueError(
+                f"{k}: fixed by the checkpoint (its lifelong state depends on it) "
+                f"and cannot be overridden on {what}"
+            )
         if k not in overridable:
-            raise TypeError(f"{what}() got an unexpected option {k!r}; options that may be "
-                            f"overridden: {list(overridable)}")
+            raise TypeError(
+                f"{what}() got an unexpected option {k!r}; options that may be "
+                f"overridden: {list(overridable)}"
+            )
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -360,8 +462,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_cli_options(parser: argparse.ArgumentParser, names: Optional[Iterable[str]] = None,
-                    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None) -> List[str]:
+def add_cli_options(
+    parser: argparse.ArgumentParser,
+    names: Optional[Iterable[str]] = None,
+    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> List[str]:
     """Add a ``--flag`` for each option that declares one (``names``: a subset;
     ``overrides``: per-option argparse keywords, a command's own help, say). Every flag
     defaults to ``None`` (the editor's default). Returns the options added."""
@@ -382,8 +487,9 @@ def cli_option_names() -> Tuple[str, ...]:
     return tuple(f.name for f in fields(EditorConfig) if f.metadata["cli"] is not None)
 
 
-def options_from_cli(args: argparse.Namespace, names: Optional[Iterable[str]] = None
-                     ) -> Dict[str, Any]:
+def options_from_cli(
+    args: argparse.Namespace, names: Optional[Iterable[str]] = None
+) -> Dict[str, Any]:
     """The options given on the command line (those left at ``None`` are omitted, so the
     editor's defaults apply)."""
     out = {}
@@ -424,10 +530,12 @@ def editor_signature(*, reference: bool = False) -> inspect.Signature:
     """``(self, model, tokenizer, config=None, *, <every option with its default>)``: what
     ``help()`` and ``inspect.signature`` show for an editor's constructor."""
     P = inspect.Parameter
-    params = [P("self", P.POSITIONAL_OR_KEYWORD), P("model", P.POSITIONAL_OR_KEYWORD),
-              P("tokenizer", P.POSITIONAL_OR_KEYWORD),
-              P("config", P.POSITIONAL_OR_KEYWORD, default=None,
-                annotation="Optional[EditorConfig]")]
+    params = [
+        P("self", P.POSITIONAL_OR_KEYWORD),
+        P("model", P.POSITIONAL_OR_KEYWORD),
+        P("tokenizer", P.POSITIONAL_OR_KEYWORD),
+        P("config", P.POSITIONAL_OR_KEYWORD, default=None, annotation="Optional[EditorConfig]"),
+    ]
     for f in fields(EditorConfig):
         if reference and not f.metadata["reference"]:
             continue

@@ -24,6 +24,7 @@ never truncated, moved or parallelised by the editor): ``model_name``, ``model_c
 ``editor_batch_size``, ``silent``, ``max_length``, ``model_parallel``, ``results_dir``,
 ``archive``. Unknown fields are refused, naming them.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,9 +32,23 @@ from typing import Any, Dict, Mapping, Tuple
 
 from .._log import log
 
-IGNORED = ("model_name", "model_class", "tokenizer_class", "tokenizer_name", "device", "alg",
-           "dropout", "no_grad_layers", "editor_batch_size", "silent", "max_length",
-           "model_parallel", "results_dir", "archive", "half")
+IGNORED = (
+    "model_name",
+    "model_class",
+    "tokenizer_class",
+    "tokenizer_name",
+    "device",
+    "alg",
+    "dropout",
+    "no_grad_layers",
+    "editor_batch_size",
+    "silent",
+    "max_length",
+    "model_parallel",
+    "results_dir",
+    "archive",
+    "half",
+)
 KNOWN = ("alg_name", "inner_params", "lr", "batch_size", "batch_size_once", "token") + IGNORED
 
 
@@ -43,22 +58,25 @@ def read_hparams(source) -> Dict[str, Any]:
     if isinstance(source, Mapping):
         return dict(source)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"hparams: expected a path to a YAML file or a dict, got "
-                        f"{type(source).__name__}")
+        raise TypeError(
+            f"hparams: expected a path to a YAML file or a dict, got {type(source).__name__}"
+        )
     path = os.fspath(source)
     if not os.path.exists(path) and not path.endswith(".yaml"):
         path += ".yaml"
     if not os.path.exists(path):
         raise FileNotFoundError(f"hparams: {path!r} does not exist")
     import yaml
+
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ValueError(f"hparams: {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"hparams: {path}: expected a mapping of fields, got "
-                         f"{type(data).__name__}")
+        raise ValueError(
+            f"hparams: {path}: expected a mapping of fields, got {type(data).__name__}"
+        )
     return data
 
 
@@ -78,30 +96,36 @@ def to_options(source) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     hp = read_hparams(source)
     unknown = sorted(set(hp) - set(KNOWN))
     if unknown:
-        raise ValueError(f"hparams: unknown fields {unknown}; the fields of EasyEdit's "
-                         f"UltraEdit hparams are {sorted(KNOWN)}")
+        raise ValueError(
+            f"hparams: unknown fields {unknown}; the fields of EasyEdit's "
+            f"UltraEdit hparams are {sorted(KNOWN)}"
+        )
     alg = hp.get("alg_name")
     if not isinstance(alg, str) or alg.upper() != "ULTRAEDIT":
         raise ValueError(f"hparams: alg_name: expected 'ULTRAEDIT', got {alg!r}")
     token = hp.get("token", "ans")
     if token != "ans":
-        raise ValueError(f"hparams: token: {token!r} is not supported; ultraedit_fast takes "
-                         "keys and value gradients at the answer tokens only (token: ans, "
-                         "the paper's protocol)")
+        raise ValueError(
+            f"hparams: token: {token!r} is not supported; ultraedit_fast takes "
+            "keys and value gradients at the answer tokens only (token: ans, "
+            "the paper's protocol)"
+        )
     options: Dict[str, Any] = {}
     params = hp.get("inner_params")
     if params is not None:
         if isinstance(params, str) or not all(isinstance(p, str) for p in params):
-            raise ValueError(f"hparams: inner_params: expected a list of weight names, got "
-                             f"{params!r}")
-        options["modules"] = [p[:-len(".weight")] if p.endswith(".weight") else p
-                              for p in params]
+            raise ValueError(
+                f"hparams: inner_params: expected a list of weight names, got {params!r}"
+            )
+        options["modules"] = [p[: -len(".weight")] if p.endswith(".weight") else p for p in params]
     if "lr" in hp:
         options["lr"] = _number("lr", hp["lr"])
     if "batch_size_once" in hp:
         options["batch_size"] = hp["batch_size_once"]
     settings = {"edits_per_turn": hp.get("batch_size")}
     if hp.get("half"):
-        log.warning("hparams: half: true is not applied; the model is edited in the dtype it "
-                    "was loaded in (load it in float16 to match)")
+        log.warning(
+            "hparams: half: true is not applied; the model is edited in the dtype it "
+            "was loaded in (load it in float16 to match)"
+        )
     return options, settings

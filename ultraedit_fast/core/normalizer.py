@@ -7,6 +7,7 @@ blocks into a copy (:meth:`NormalizerState.merged`) and the editor swaps the cop
 turn is applied, so a refused turn leaves the state as it was and the undo log can keep
 references to older states for free.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,11 +36,13 @@ class NormalizerState:
         return cls(d_in, d_out, 0, z(), z(), z())
 
     def clone(self) -> "NormalizerState":
-        return NormalizerState(self.d_in, self.d_out, self.n, self.mean.clone(),
-                               self.acc.clone(), self.std.clone())
+        return NormalizerState(
+            self.d_in, self.d_out, self.n, self.mean.clone(), self.acc.clone(), self.std.clone()
+        )
 
-    def merged(self, ks: Sequence[torch.Tensor], gs: Sequence[torch.Tensor],
-               kernel: Callable) -> "NormalizerState":
+    def merged(
+        self, ks: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], kernel: Callable
+    ) -> "NormalizerState":
         """A new state: this one with the row blocks ``[ks[i], gs[i]]`` merged one after
         another, by ``kernel`` (a backend's ``normalizer_update_``)."""
         out = self.clone()

@@ -9,6 +9,7 @@ GPT-2 / Phi-3 / Gemma models get a recipe scaled by shape: the MLP input project
 five layers around 53% of the depth (upstream's calibrated choice on SmolLM2, 14..18), with
 ``lr = 1e-4 * 576 / d_in`` since the effect of a shift scales with ``lr * d_in``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,17 @@ import torch
 from .config import REGIMES, EditorConfig
 from ..model.targets import editable_modules, resolve_target, summarize_names
 
-__all__ = ["Preset", "PRESETS", "PresetChoice", "find_preset", "resolve_edit_config",
-           "decoder_layers_prefix", "summarize_names", "REGIMES", "FACTS_TURN_MAX"]
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "PresetChoice",
+    "find_preset",
+    "resolve_edit_config",
+    "decoder_layers_prefix",
+    "summarize_names",
+    "REGIMES",
+    "FACTS_TURN_MAX",
+]
 
 
 # A first turn of at most this many requests, with the preset's modules and lr, takes the
@@ -55,42 +65,70 @@ def _cfg(config, *names, default=None):
 
 
 def _shape(config):
-    return (getattr(config, "model_type", None),
-            _cfg(config, "hidden_size", "n_embd"),
-            _cfg(config, "num_hidden_layers", "n_layer"))
+    return (
+        getattr(config, "model_type", None),
+        _cfg(config, "hidden_size", "n_embd"),
+        _cfg(config, "num_hidden_layers", "n_layer"),
+    )
 
 
 PRESETS: List[Preset] = [
-    Preset("Mistral-7B-v0.3",
-           lambda c: _shape(c) == ("mistral", 4096, 32),
-           {"mlp.down_proj": [29, 30]}, 1e-6),
-    Preset("LLaMA-3-8B-Instruct",
-           lambda c: _shape(c) == ("llama", 4096, 32) and _cfg(c, "vocab_size") == 128256,
-           {"mlp.gate_proj": range(11, 16), "mlp.up_proj": range(18, 25)}, 1e-6),
-    Preset("Qwen2.5-7B-Instruct",
-           lambda c: _shape(c) == ("qwen2", 3584, 28),
-           {"mlp.gate_proj": range(18, 27), "mlp.up_proj": range(18, 27)}, 1e-6),
-    Preset("GPT-J-6B",
-           lambda c: _shape(c) == ("gptj", 4096, 28),
-           {"mlp.fc_out": range(18, 27)}, 1e-6),
-    Preset("Phi-4",
-           lambda c: _shape(c)[1:] == (5120, 40) and _shape(c)[0] in ("phi3", "phi4"),
-           {"mlp.down_proj": range(30, 39)}, 1e-6),
-    Preset("Gemma-3-27B",
-           lambda c: _shape(c)[1:] == (5376, 62) and str(_shape(c)[0]).startswith("gemma3"),
-           {"mlp.gate_proj": range(52, 61), "mlp.up_proj": range(52, 61)}, 1e-6),
-    Preset("SmolLM2-135M-Instruct",
-           lambda c: _shape(c) == ("llama", 576, 30),
-           {"mlp.up_proj": range(18, 23)}, 1e-4,
-           facts_layers={"mlp.down_proj": [26, 27]}, facts_lr=3e-4),
+    Preset(
+        "Mistral-7B-v0.3",
+        lambda c: _shape(c) == ("mistral", 4096, 32),
+        {"mlp.down_proj": [29, 30]},
+        1e-6,
+    ),
+    Preset(
+        "LLaMA-3-8B-Instruct",
+        lambda c: _shape(c) == ("llama", 4096, 32) and _cfg(c, "vocab_size") == 128256,
+        {"mlp.gate_proj": range(11, 16), "mlp.up_proj": range(18, 25)},
+        1e-6,
+    ),
+    Preset(
+        "Qwen2.5-7B-Instruct",
+        lambda c: _shape(c) == ("qwen2", 3584, 28),
+        {"mlp.gate_proj": range(18, 27), "mlp.up_proj": range(18, 27)},
+        1e-6,
+    ),
+    Preset(
+        "GPT-J-6B", lambda c: _shape(c) == ("gptj", 4096, 28), {"mlp.fc_out": range(18, 27)}, 1e-6
+    ),
+    Preset(
+        "Phi-4",
+        lambda c: _shape(c)[1:] == (5120, 40) and _shape(c)[0] in ("phi3", "phi4"),
+        {"mlp.down_proj": range(30, 39)},
+        1e-6,
+    ),
+    Preset(
+        "Gemma-3-27B",
+        lambda c: _shape(c)[1:] == (5376, 62) and str(_shape(c)[0]).startswith("gemma3"),
+        {"mlp.gate_proj": range(52, 61), "mlp.up_proj": range(52, 61)},
+        1e-6,
+    ),
+    Preset(
+        "SmolLM2-135M-Instruct",
+        lambda c: _shape(c) == ("llama", 576, 30),
+        {"mlp.up_proj": range(18, 23)},
+        1e-4,
+        facts_layers={"mlp.down_proj": [26, 27]},
+        facts_lr=3e-4,
+    ),
 ]
 
 # The MLP input projection of each supported family, for the generic recipe.
 _MLP_IN = {
-    "llama": "mlp.up_proj", "mistral": "mlp.up_proj", "qwen2": "mlp.up_proj",
-    "qwen3": "mlp.up_proj", "gemma": "mlp.up_proj", "gemma2": "mlp.up_proj",
-    "gemma3": "mlp.up_proj", "gemma3_text": "mlp.up_proj", "phi3": "mlp.gate_up_proj",
-    "gptj": "mlp.fc_in", "gpt2": "mlp.c_fc",
+    "llama": "mlp.up_proj",
+    "mistral": "mlp.up_proj",
+    "qwen2": "mlp.up_proj",
+    "qwen3": "mlp.up_proj",
+    "gemma": "mlp.up_proj",
+    "gemma2": "mlp.up_proj",
+    "gemma3": "mlp.up_proj",
+    "gemma3_text": "mlp.up_proj",
+    "phi3": "mlp.gate_up_proj",
+    "gptj": "mlp.fc_in",
+    "gpt2": "mlp.c_fc",
 }
 _CALIBRATED_LR_X_DIN = 1e-4 * 576  # SmolLM2's calibrated lr times its up_proj d_in
 
@@ -109,8 +147,11 @@ def decoder_layers_prefix(model) -> Optional[str]:
     n_layers = _cfg(model.config, "num_hidden_layers", "n_layer")
     best = None
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and (
-                n_layers is None or len(m) == n_layers):
+        if (
+            isinstance(m, torch.nn.ModuleList)
+            and len(m) > 0
+            and (n_layers is None or len(m) == n_layers)
+        ):
             if best is None or len(m) > best[1]:
                 best = (name, len(m))
     return best[0] if best else None
@@ -119,8 +160,10 @@ def decoder_layers_prefix(model) -> Optional[str]:
 def _expand(model, layers: Dict[str, Sequence[int]]) -> List[str]:
     prefix = decoder_layers_prefix(model)
     if prefix is None:
-        raise ValueError("modules: could not find the decoder layers of this model; pass "
-                         f"modules= explicitly, from {summarize_names(editable_modules(model))}")
+        raise ValueError(
+            "modules: could not find the decoder layers of this model; pass "
+            f"modules= explicitly, from {summarize_names(editable_modules(model))}"
+        )
     return [f"{prefix}.{i}.{suffix}" for suffix, idx in layers.items() for i in idx]
 
 
@@ -152,8 +195,9 @@ def _generic(model) -> Optional[PresetChoice]:
     return PresetChoice(modules, _CALIBRATED_LR_X_DIN / d_in, f"generic:{mtype}")
 
 
-def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[float],
-                        regime: str = "stream") -> PresetChoice:
+def resolve_edit_config(
+    model, modules: Optional[Sequence[str]], lr: Optional[float], regime: str = "stream"
+) -> PresetChoice:
     """Fill ``modules``/``lr`` (already checked by :class:`~ultraedit_fast.core.config.EditorConfig`)
     from the model's preset for ``regime`` ("stream" or "facts"), and check that every
     module can be edited."""
@@ -164,8 +208,12 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
     if modules is None:
         if preset is not None:
             if regime == "facts" and preset.facts_layers is not None:
-                cfg = PresetChoice(_expand(model, preset.facts_layers), preset.facts_lr or preset.lr,
-                                 f"{preset.name} (facts)", "facts")
+                cfg = PresetChoice(
+                    _expand(model, preset.facts_layers),
+                    preset.facts_lr or preset.lr,
+                    f"{preset.name} (facts)",
+                    "facts",
+                )
             else:
                 cfg = PresetChoice(_expand(model, preset.layers), preset.lr, preset.name, regime)
         else:
@@ -174,7 +222,8 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
                 mtype = getattr(getattr(model, "config", None), "model_type", None)
                 raise ValueError(
                     f"modules: no preset for this model (model_type {mtype!r}); pass modules= "
-                    f"with names from {summarize_names(editable_modules(model))}")
+                    f"with names from {summarize_names(editable_modules(model))}"
+                )
             cfg = PresetChoice(generic.modules, generic.lr, generic.preset, regime)
         modules, source = cfg.modules, cfg.preset
         if lr is None:
@@ -186,8 +235,10 @@ def resolve_edit_config(model, modules: Optional[Sequence[str]], lr: Optional[fl
         lr = preset.lr if preset is not None else generic.lr  # type: ignore[union-attr]
     for name in modules:
         if resolve_target(model, name).weight.is_meta:
-            raise ValueError(f"modules: {name!r} has its weight on the meta device; "
-                             "load the model's weights before editing")
+            raise ValueError(
+                f"modules: {name!r} has its weight on the meta device; "
+                "load the model's weights before editing"
+            )
     return PresetChoice(list(modules), float(lr), source, regime)
 
 
@@ -203,8 +254,11 @@ def choose_regime(requested: EditorConfig, first_turn_size: Optional[int] = None
     ``"stream"`` (also before the first turn's size is known)."""
     if requested.regime is not None:
         return requested.regime
-    if (regime_is_open(requested) and first_turn_size is not None
-            and first_turn_size <= FACTS_TURN_MAX):
+    if (
+        regime_is_open(requested)
+        and first_turn_size is not None
+        and first_turn_size <= FACTS_TURN_MAX
+    ):
         return "facts"
     return "stream"
 
@@ -215,9 +269,14 @@ def resolve_config(model, requested: EditorConfig, regime: str) -> Tuple[EditorC
     nothing. ``step`` left open is ``"auto"`` in the facts regime with the preset's lr,
     ``"paper"`` otherwise."""
     chosen = resolve_edit_config(model, requested.modules, requested.lr, regime)
-    step = requested.step or ("auto" if requested.lr is None and chosen.regime == "facts"
-                              else "paper")
+    step = requested.step or (
+        "auto" if requested.lr is None and chosen.regime == "facts" else "paper"
+    )
     from_preset = requested.lr is None or requested.modules is None
-    config = requested.replace(modules=tuple(chosen.modules), lr=chosen.lr, step=step,
-                               regime=chosen.regime if from_preset else requested.regime)
+    config = requested.replace(
+        modules=tuple(chosen.modules),
+        lr=chosen.lr,
+        step=step,
+        regime=chosen.regime if from_preset else requested.regime,
+    )
     return config, chosen.preset

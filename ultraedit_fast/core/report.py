@@ -6,6 +6,7 @@ solve (``V = lr * ...``); the option ``step`` is the rule that sets the size a t
 ``step_scale`` is that chosen scale; ``step_search`` is the search's record (its trials);
 the phase ``"step"`` of ``seconds`` is the time the search took.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -47,11 +48,15 @@ class EditReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items()
-                           if k != "total")
-        peak = ("" if self.peak_memory_bytes is None else
-                f"peak {self.peak_memory_kind} {self.peak_memory_bytes / 2**20:.0f} MiB; ")
+        phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items() if k != "total")
+        peak = (
+            ""
+            if self.peak_memory_bytes is None
+            else f"peak {self.peak_memory_kind} {self.peak_memory_bytes / 2**20:.0f} MiB; "
+        )
         scale = "" if self.step_scale is None else f"step x{self.step_scale:g}; "
-        return (f"turn {self.turn}: {self.n_requests} requests, {self.n_tokens} answer tokens, "
-                f"{len(self.modules)} modules in {self.total_seconds:.3f} s ({phases}); "
-                f"{scale}{peak}backend {self.backend} on {self.device}")
+        return (
+            f"turn {self.turn}: {self.n_requests} requests, {self.n_tokens} answer tokens, "
+            f"{len(self.modules)} modules in {self.total_seconds:.3f} s ({phases}); "
+            f"{scale}{peak}backend {self.backend} on {self.device}"
+        )

@@ -16,6 +16,7 @@ Both solves are fp32 Cholesky on torch (cuBLAS/cuSOLVER on a GPU, LAPACK on the 
 at a few hundred rows they are a small part of a turn, and no fused kernel here
 beats them.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -31,8 +32,10 @@ def _cholesky_plus_identity(gram: torch.Tensor) -> torch.Tensor:
     gram.diagonal().add_(1.0)
     factor, info = torch.linalg.cholesky_ex(gram)
     if bool(info.ne(0).any()):
-        raise SolveError("the regularised system K K^T + I is not positive definite "
-                         "(non-finite keys?); the turn was refused")
+        raise SolveError(
+            "the regularised system K K^T + I is not positive definite "
+            "(non-finite keys?); the turn was refused"
+        )
     return factor
 
 

@@ -24,6 +24,7 @@ The locality set is the turn's locality prompts, or, when the requests have none
 set of unrelated anchor prompts (:data:`ANCHOR_PROMPTS`, minus any that is an edit prompt).
 At most :data:`CHECK_SAMPLE` of each are checked (spread evenly over the turn).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,14 +45,30 @@ CHECK_SAMPLE = 64  # edits and locality prompts checked per candidate step, at m
 # Prompts unrelated to any particular edit, on general knowledge and everyday language: the
 # locality set of a turn whose requests bring none.
 ANCHOR_PROMPTS = (
-    "The sun rises in the", "Water freezes at a temperature of", "A week has seven",
-    "The opposite of hot is", "Cats and dogs are popular", "The color of the sky on a clear "
-    "day is", "Two plus two equals", "The first month of the year is", "Bread is made from",
-    "A triangle has three", "The largest animal on Earth is the", "People drink coffee in the",
-    "An apple a day keeps the", "The heart pumps blood through the", "Rain falls from the",
-    "The alphabet starts with the letter", "Ice cream is usually served", "Trees produce oxygen "
-    "through", "A doctor works in a", "The Moon orbits the", "Fish live in the",
-    "A piano has black and white", "Children go to school to", "The boiling point of water is",
+    "The sun rises in the",
+    "Water freezes at a temperature of",
+    "A week has seven",
+    "The opposite of hot is",
+    "Cats and dogs are popular",
+    "The color of the sky on a clear day is",
+    "Two plus two equals",
+    "The first month of the year is",
+    "Bread is made from",
+    "A triangle has three",
+    "The largest animal on Earth is the",
+    "People drink coffee in the",
+    "An apple a day keeps the",
+    "The heart pumps blood through the",
+    "Rain falls from the",
+    "The alphabet starts with the letter",
+    "Ice cream is usually served",
+    "Trees produce oxygen through",
+    "A doctor works in a",
+    "The Moon orbits the",
+    "Fish live in the",
+    "A piano has black and white",
+    "Children go to school to",
+    "The boiling point of water is",
 )
 
 
@@ -71,35 +88,66 @@ class StepResult:
         return 1.0 if self.scales is None else sum(self.scales) / len(self.scales)
 
     def to_dict(self) -> dict:
-        return {"mean_scale": self.scale, "scales": self.scales, "locality": self.locality,
-                "trials": [{"mean_scale": s, "edits_taken": e, "locality_changed": c}
-                           for s, e, c in self.trials]}
+        return {
+            "mean_scale": self.scale,
+            "scales": self.scales,
+            "locality": self.locality,
+            "trials": [
+                {"mean_scale": s, "edits_taken": e, "locality_changed": c}
+                for s, e, c in self.trials
+            ],
+        }
 
 
 class StepSearch:
     """The checks of one turn, prepared on the pre-turn model (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, requests, *, batch_size: int = 16,
-                 chat_template: bool = False, max_length: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        requests,
+        *,
+        batch_size: int = 16,
+        chat_template: bool = False,
+        max_length: Optional[int] = None,
+    ):
         self.model = model
         self.batch_size = batch_size
         self.n_requests = len(requests)
         self.checked = spread(range(len(requests)), CHECK_SAMPLE)  # request indices
-        self.edits = [tokenize_pair(tokenizer, requests[i].prompt, requests[i].target,
-                                    max_length, where=f"requests[{i}]",
-                                    chat_template=chat_template) for i in self.checked]
-        given = spread([(r.locality_prompt, r.locality_answer) for r in requests
-                        if r.locality_prompt is not None], CHECK_SAMPLE)
+        self.edits = [
+            tokenize_pair(
+                tokenizer,
+                requests[i].prompt,
+                requests[i].target,
+                max_length,
+                where=f"requests[{i}]",
+                chat_template=chat_template,
+            )
+            for i in self.checked
+        ]
+        given = spread(
+            [
+                (r.locality_prompt, r.locality_answer)
+                for r in requests
+                if r.locality_prompt is not None
+            ],
+            CHECK_SAMPLE,
+        )
         if given:
             self.locality_kind = "requests"
             prompts = [p for p, _ in given]
-            budgets = [len(tokenizer(" " + a, add_special_tokens=False)["input_ids"])
-                       + EXTRA_TOKENS for _, a in given]
+            budgets = [
+                len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + EXTRA_TOKENS
+                for _, a in given
+            ]
         else:
             self.locality_kind = "anchors"
             edit_prompts = {r.prompt.strip() for r in requests}
-            prompts = spread([p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts],
-                             CHECK_SAMPLE)
+            prompts = spread(
+                [p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts], CHECK_SAMPLE
+            )
             budgets = [ANCHOR_TOKENS] * len(prompts)
         ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
         conts = greedy_decode(model, tokenizer, ids, budgets, batch_size)
@@ -107,10 +155,11 @@ class StepSearch:
         # requests' locality prompts, at their given answer too
         self.preserved: List[TokenizedRequest] = []
         if given:
-            for (p, a) in given:
+            for p, a in given:
                 try:
-                    self.preserved.append(tokenize_pair(tokenizer, p, a, max_length,
-                                                        chat_template=chat_template))
+                    self.preserved.append(
+                        tokenize_pair(tokenizer, p, a, max_length, chat_template=chat_template)
+                    )
                 except ValueError:  # too long for the context: not preserved
                     pass
         self.locality: List[TokenizedRequest] = []
@@ -119,8 +168,9 @@ class StepSearch:
                 continue
             if max_length is not None and len(p) + len(c) - 1 > max_length:
                 continue
-            self.locality.append(TokenizedRequest(list(p) + list(c[:-1]),
-                                                  [IGNORE] * (len(p) - 1) + list(c)))
+            self.locality.append(
+                TokenizedRequest(list(p) + list(c[:-1]), [IGNORE] * (len(p) - 1) + list(c))
+            )
 
     @torch.no_grad()
     def locality_keys(self, targets) -> Dict[str, torch.Tensor]:
@@ -138,6 +188,7 @@ class StepSearch:
                 if thread.owns():
                     x = args[0]
                     out[name].append(x[mask_box["m"].to(x.device)].float())
+
             return keep
 
         handles = [t.module.register_forward_hook(hook(t.name)) for t in targets]
@@ -149,8 +200,11 @@ class StepSearch:
                     idx = list(range(s, min(s + self.batch_size, len(rows))))
                     batch = pad_batch([rows[i] for i in idx], idx).to(device)
                     mask_box["m"] = batch.labels != IGNORE
-                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               use_cache=False)
+                    self.model(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        use_cache=False,
+                    )
         finally:
             for h in handles:
                 h.remove()
@@ -160,13 +214,20 @@ class StepSearch:
         """(whether each checked edit takes, share of locality prompts whose answer
         changed) on the model as it is now."""
         res = predictions_at_labels(self.model, self.edits + self.locality, self.batch_size)
-        taken = [pr == lb for pr, lb in res[:len(self.edits)]]
-        kept = [pr == lb for pr, lb in res[len(self.edits):]]
+        taken = [pr == lb for pr, lb in res[: len(self.edits)]]
+        kept = [pr == lb for pr, lb in res[len(self.edits) :]]
         changed = (1.0 - sum(kept) / len(kept)) if kept else 0.0
         return taken, changed
 
-    def run(self, write: Callable[[List[float]], None], restore: Callable[[], None], *,
-            target: float, budget: float, max_scale: float) -> StepResult:
+    def run(
+        self,
+        write: Callable[[List[float]], None],
+        restore: Callable[[], None],
+        *,
+        target: float,
+        budget: float,
+        max_scale: float,
+    ) -> StepResult:
         """``write(scales)`` writes the turn's update with each request's part scaled by
         ``scales[i]`` into the (pre-turn) weights, ``restore()`` puts the pre-turn weights
         back. When a candidate spends the budget, the geometric mean of it and the last
@@ -190,8 +251,9 @@ class StepSearch:
                     taken_mid, changed_mid = self.measure()
                 finally:
                     restore()
-                result.trials.append((sum(mid) / n, sum(taken_mid) / max(1, len(taken_mid)),
-                                      changed_mid))
+                result.trials.append(
+                    (sum(mid) / n, sum(taken_mid) / max(1, len(taken_mid)), changed_mid)
+                )
                 if changed_mid <= budget:
                     good = mid
                 break

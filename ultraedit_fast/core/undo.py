@@ -24,6 +24,7 @@ turns, ``N > d_in``: ``d_in x d_out x 4`` per module and no ``kk``).
 The log is handed what it needs: the edited modules (:class:`~ultraedit_fast.model.targets.EditTarget`)
 and a ``rank_update(w, a, kk, transposed)`` callable (the kernel that applies a turn).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -110,8 +111,11 @@ class UndoLog:
             self.trim(targets, rank_update)
         except Exception as e:  # pragma: no cover - needs an allocation failure
             self.base, self.turns = None, []
-            warnings.warn(f"undo: the undo log was cleared, folding its oldest turn failed "
-                          f"({e})", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"undo: the undo log was cleared, folding its oldest turn failed ({e})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def trim(self, targets, rank_update: RankUpdate, max_turns: Optional[int] = -1) -> None:
         limit = self.max_turns if max_turns == -1 else max_turns
@@ -173,8 +177,11 @@ class UndoLog:
 
     # ---------------------------------------------------------------- accounting
     def memory_bytes(self) -> Dict[str, object]:
-        base = 0 if self.base is None else sum(
-            t.numel() * t.element_size() for t in self.base.values())
+        base = (
+            0
+            if self.base is None
+            else sum(t.numel() * t.element_size() for t in self.base.values())
+        )
         per_turn = [r.nbytes() for r in self.turns]
         return {"base": base, "turns": per_turn, "total": base + sum(per_turn)}
 
@@ -184,9 +191,13 @@ class UndoLog:
         [{"states", "a", "kk", "keys"}]}``, or ``None`` when empty."""
         if not self.turns:
             return None
-        return {"base": dict(self._base()),
-                "turns": [{"states": dict(r.states), "a": dict(r.a), "kk": dict(r.kk),
-                           "keys": list(r.keys)} for r in self.turns]}
+        return {
+            "base": dict(self._base()),
+            "turns": [
+                {"states": dict(r.states), "a": dict(r.a), "kk": dict(r.kk), "keys": list(r.keys)}
+                for r in self.turns
+            ],
+        }
 
     def restore(self, data: Optional[dict], targets: Sequence, rank_update: RankUpdate) -> None:
         """Take the log from :meth:`export`'s data (checked by the checkpoint reader), then
@@ -195,6 +206,8 @@ class UndoLog:
             self.base, self.turns = None, []
             return
         self.base = dict(data["base"])
-        self.turns = [TurnRecord(dict(r["states"]), dict(r["a"]), dict(r["kk"]), list(r["keys"]))
-                      for r in data["turns"]]
+        self.turns = [
+            TurnRecord(dict(r["states"]), dict(r["a"]), dict(r["kk"]), list(r["keys"]))
+            for r in data["turns"]
+        ]
         self.trim(targets, rank_update)

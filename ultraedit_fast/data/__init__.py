@@ -3,6 +3,7 @@ UltraEditBench records read as a stream, their format detected, malformed record
 and counted (:mod:`.datasets`, over the streaming JSON reader of :mod:`.jsonstream` and
 the per-format record converters of :mod:`.formats`), and the demo's eight counterfactual
 facts (:mod:`.demo`)."""
+
 from .datasets import Example, iter_examples, load_requests
 from .demo import demo_requests
 

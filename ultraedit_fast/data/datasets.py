@@ -28,6 +28,7 @@ Errors
 Record indices are 0-based positions in the file (array element / non-blank line),
 counted before ``offset`` is applied, so they are stable across runs.
 """
+
 from __future__ import annotations
 
 import errno
@@ -132,19 +133,30 @@ class RequestReader:
     ``reader.examples()``) reads the file again and resets :attr:`stats`.
     """
 
-    def __init__(self, path: PathLike, format: str = "auto", *, target: str = "answers",
-                 limit: Optional[int] = None, offset: int = 0, on_error: str = "raise",
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(
+        self,
+        path: PathLike,
+        format: str = "auto",
+        *,
+        target: str = "answers",
+        limit: Optional[int] = None,
+        offset: int = 0,
+        on_error: str = "raise",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ):
         self.path = _check_path(path)
         if format != "auto" and format not in FORMATS:
-            raise ValueError(f"format: unknown format {format!r}; valid: 'auto', "
-                             + ", ".join(repr(f) for f in FORMATS))
+            raise ValueError(
+                f"format: unknown format {format!r}; valid: 'auto', "
+                + ", ".join(repr(f) for f in FORMATS)
+            )
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                                  or limit < 0):
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+        ):
             raise ValueError(f"limit: expected None or an int >= 0, got {limit!r}")
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
@@ -219,13 +231,23 @@ def _detect(record: Any, target: str) -> str:
     return fmt
 
 
-def _record_error(path: str, index: int, error: BadRecord, record: Any, fmt: Optional[str],
-                  detected_at: Optional[int]) -> str:
+def _record_error(
+    path: str,
+    index: int,
+    error: BadRecord,
+    record: Any,
+    fmt: Optional[str],
+    detected_at: Optional[int],
+) -> str:
     """The message for a malformed record: the file, the record, what is wrong, and the
     format it was read as (and the format it looks like, when that is another)."""
-    how = (f"format {fmt!r} detected from record {detected_at}"
-           if detected_at is not None else
-           f"format {fmt!r}" if fmt is not None else "format not detected")
+    how = (
+        f"format {fmt!r} detected from record {detected_at}"
+        if detected_at is not None
+        else f"format {fmt!r}"
+        if fmt is not None
+        else "format not detected"
+    )
     if fmt is not None and isinstance(record, dict):
         try:
             other = detect_format(record)
@@ -236,23 +258,44 @@ def _record_error(path: str, index: int, error: BadRecord, record: Any, fmt: Opt
     return f"{path}: record {index}: {error} ({how})"
 
 
-def iter_examples(path: PathLike, format: str = "auto", *, target: str = "answers",
-                  limit: Optional[int] = None, offset: int = 0, on_error: str = "raise",
-                  chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  stats: Optional[LoadStats] = None) -> Iterator[Example]:
+def iter_examples(
+    path: PathLike,
+    format: str = "auto",
+    *,
+    target: str = "answers",
+    limit: Optional[int] = None,
+    offset: int = 0,
+    on_error: str = "raise",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    stats: Optional[LoadStats] = None,
+) -> Iterator[Example]:
     """Stream :class:`Example` objects (``request``, ``extras``, ``index``, ``format``) from
     ``path``.  Arguments as in :func:`load_requests`; they are checked (and a missing file
     reported) when this is called, not at the first ``next()``.  Pass a
     :class:`LoadStats` as ``stats`` to get the counts (skipped records, errors)."""
-    reader = RequestReader(path, format, target=target, limit=limit, offset=offset,
-                           on_error=on_error, chunk_size=chunk_size)
+    reader = RequestReader(
+        path,
+        format,
+        target=target,
+        limit=limit,
+        offset=offset,
+        on_error=on_error,
+        chunk_size=chunk_size,
+    )
     return reader._examples(stats if stats is not None else reader.stats)
 
 
-def load_requests(path: PathLike, format: str = "auto", *, target: str = "answers",
-                  limit: Optional[int] = None, offset: int = 0, on_error: str = "raise",
-                  chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  stats: Optional[LoadStats] = None) -> Iterator[EditRequest]:
+def load_requests(
+    path: PathLike,
+    format: str = "auto",
+    *,
+    target: str = "answers",
+    limit: Optional[int] = None,
+    offset: int = 0,
+    on_error: str = "raise",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    stats: Optional[LoadStats] = None,
+) -> Iterator[EditRequest]:
     """Stream :class:`EditRequest` objects from a JSON array or JSON Lines file, in
     constant memory.
 
@@ -264,6 +307,16 @@ def load_requests(path: PathLike, format: str = "auto", *, target: str = "answer
     :class:`DataFormatError` naming the file and record index) or ``"skip"`` (skip
     malformed records, counted in ``stats``).  ``chunk_size``: characters read at a time.
     See :mod:`.formats` for the field mapping of each format."""
-    return (ex.request for ex in iter_examples(
-        path, format, target=target, limit=limit, offset=offset, on_error=on_error,
-        chunk_size=chunk_size, stats=stats))
+    return (
+        ex.request
+        for ex in iter_examples(
+            path,
+            format,
+            target=target,
+            limit=limit,
+            offset=offset,
+            on_error=on_error,
+            chunk_size=chunk_size,
+            stats=stats,
+        )
+    )

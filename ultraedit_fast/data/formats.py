@@ -45,6 +45,7 @@ useful fields (subject, all paraphrases, personas, multi-hop question, ...).
 A malformed record raises :class:`BadRecord` (what is wrong with it); the reader adds the
 file, the record index and the format, and raises or skips it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -91,8 +92,9 @@ def _str(rec: Dict[str, Any], key: str, name: Optional[str] = None) -> str:
     return _check_str(_get(rec, key, name), name)
 
 
-def _str_list(rec: Dict[str, Any], key: str, name: Optional[str] = None, *,
-              allow_str: bool = False) -> List[str]:
+def _str_list(
+    rec: Dict[str, Any], key: str, name: Optional[str] = None, *, allow_str: bool = False
+) -> List[str]:
     """A non-empty list of non-empty strings (a bare string too when ``allow_str``)."""
     name = name or key
     v = _get(rec, key, name)
@@ -132,8 +134,7 @@ def _opt_str_list(rec: Dict[str, Any], key: str) -> List[str]:
     if isinstance(v, str):
         return [v] if v.strip() else []
     if not isinstance(v, list):
-        raise BadRecord(f"field {key!r}: expected a list of strings or null, got "
-                        f"{type_name(v)}")
+        raise BadRecord(f"field {key!r}: expected a list of strings or null, got {type_name(v)}")
     return [_check_str(x, f"{key}[{i}]") for i, x in enumerate(v)]
 
 
@@ -148,19 +149,35 @@ _Converted = Tuple[Dict[str, Any], Dict[str, Any]]  # (EditRequest kwargs, extra
 def _conv_zsre(rec: Dict[str, Any], target: str) -> _Converted:
     answers = _str_list(rec, "answers")
     tgt = _str(rec, "alt") if target == "alt" else answers[0]
-    kw = dict(prompt=_str(rec, "src"), target=tgt, rephrase=_str(rec, "rephrase"),
-              locality_prompt=_str(rec, "loc") + "?", locality_answer=_str(rec, "loc_ans"))
-    extras = {"subject": _opt_str(rec, "subject"), "answers": answers,
-              "alt": _opt_str(rec, "alt"), "pred": _opt_str(rec, "pred")}
+    kw = dict(
+        prompt=_str(rec, "src"),
+        target=tgt,
+        rephrase=_str(rec, "rephrase"),
+        locality_prompt=_str(rec, "loc") + "?",
+        locality_answer=_str(rec, "loc_ans"),
+    )
+    extras = {
+        "subject": _opt_str(rec, "subject"),
+        "answers": answers,
+        "alt": _opt_str(rec, "alt"),
+        "pred": _opt_str(rec, "pred"),
+    }
     return kw, extras
 
 
 def _conv_zsre_ultraedit(rec: Dict[str, Any], target: str) -> _Converted:
-    kw = dict(prompt=_str(rec, "src"), target=_target(rec, target, "ans"),
-              rephrase=_str(rec, "rephrase"),
-              locality_prompt=_str(rec, "loc") + "?", locality_answer=_str(rec, "loc_ans"))
-    extras = {"subject": _opt_str(rec, "subject"), "ans": _opt_str(rec, "ans"),
-              "alt": _opt_str(rec, "alt")}
+    kw = dict(
+        prompt=_str(rec, "src"),
+        target=_target(rec, target, "ans"),
+        rephrase=_str(rec, "rephrase"),
+        locality_prompt=_str(rec, "loc") + "?",
+        locality_answer=_str(rec, "loc_ans"),
+    )
+    extras = {
+        "subject": _opt_str(rec, "subject"),
+        "ans": _opt_str(rec, "ans"),
+        "alt": _opt_str(rec, "alt"),
+    }
     return kw, extras
 
 
@@ -170,19 +187,37 @@ def _conv_counterfact(rec: Dict[str, Any], target: str) -> _Converted:
     subject = _str(rw, "subject", "requested_rewrite.subject")
     n = template.count("{}")
     if n != 1:
-        raise BadRecord(f"field 'requested_rewrite.prompt': expected exactly one '{{}}' "
-                   f"placeholder, found {n} in {template!r}")
-    new = _str(_dict(rw, "target_new", "requested_rewrite.target_new"), "str",
-               "requested_rewrite.target_new.str")
-    true = _str(_dict(rw, "target_true", "requested_rewrite.target_true"), "str",
-                "requested_rewrite.target_true.str")
+        raise BadRecord(
+            f"field 'requested_rewrite.prompt': expected exactly one '{{}}' "
+            f"placeholder, found {n} in {template!r}"
+        )
+    new = _str(
+        _dict(rw, "target_new", "requested_rewrite.target_new"),
+        "str",
+        "requested_rewrite.target_new.str",
+    )
+    true = _str(
+        _dict(rw, "target_true", "requested_rewrite.target_true"),
+        "str",
+        "requested_rewrite.target_true.str",
+    )
     para = _str_list(rec, "paraphrase_prompts")
     neigh = _str_list(rec, "neighborhood_prompts")
-    kw = dict(prompt=template.replace("{}", subject), target=new, rephrase=para[0],
-              locality_prompt=neigh[0], locality_answer=true)
-    extras = {"subject": subject, "case_id": rec.get("case_id"),
-              "relation_id": rw.get("relation_id"), "target_true": true,
-              "paraphrase_prompts": para, "neighborhood_prompts": neigh}
+    kw = dict(
+        prompt=template.replace("{}", subject),
+        target=new,
+        rephrase=para[0],
+        locality_prompt=neigh[0],
+        locality_answer=true,
+    )
+    extras = {
+        "subject": subject,
+        "case_id": rec.get("case_id"),
+        "relation_id": rw.get("relation_id"),
+        "target_true": true,
+        "paraphrase_prompts": para,
+        "neighborhood_prompts": neigh,
+    }
     return kw, extras
 
 
@@ -190,44 +225,68 @@ def _conv_counterfact_flat(rec: Dict[str, Any], target: str) -> _Converted:
     para = _str_list(rec, "rephrase_prompt", allow_str=True)
     loc = _str_list(rec, "locality_prompt", allow_str=True)
     loc_ans = _str_list(rec, "locality_ground_truth", allow_str=True)
-    kw = dict(prompt=_str_list(rec, "prompt", allow_str=True)[0],
-              target=_str_list(rec, "target_new", allow_str=True)[0],
-              rephrase=para[0], locality_prompt=loc[0], locality_answer=loc_ans[0])
+    kw = dict(
+        prompt=_str_list(rec, "prompt", allow_str=True)[0],
+        target=_str_list(rec, "target_new", allow_str=True)[0],
+        rephrase=para[0],
+        locality_prompt=loc[0],
+        locality_answer=loc_ans[0],
+    )
     gt = rec.get("ground_truth")
     if isinstance(gt, list):
         gt = gt[0] if gt else None
-    extras = {"subject": _opt_str(rec, "subject"),
-              "ground_truth": gt if isinstance(gt, str) else None,
-              "rephrase_prompts": para, "locality_prompts": loc,
-              "locality_ground_truths": loc_ans}
+    extras = {
+        "subject": _opt_str(rec, "subject"),
+        "ground_truth": gt if isinstance(gt, str) else None,
+        "rephrase_prompts": para,
+        "locality_prompts": loc,
+        "locality_ground_truths": loc_ans,
+    }
     return kw, extras
 
 
 def _conv_fever(rec: Dict[str, Any], target: str) -> _Converted:
     equiv = _str_list(rec, "equiv_prompt", allow_str=True)
-    kw = dict(prompt=_str(rec, "prompt"), target=_str(rec, "alt"), rephrase=equiv[0],
-              locality_prompt=_str(rec, "unrel_prompt"),
-              locality_answer=_str(rec, "unrel_ans"))
+    kw = dict(
+        prompt=_str(rec, "prompt"),
+        target=_str(rec, "alt"),
+        rephrase=equiv[0],
+        locality_prompt=_str(rec, "unrel_prompt"),
+        locality_answer=_str(rec, "unrel_ans"),
+    )
     return kw, {"equiv_prompts": equiv}
 
 
 def _conv_wikibigedit(rec: Dict[str, Any], target: str) -> _Converted:
-    kw = dict(prompt=_str(rec, "update"), target=_str(rec, "ans"),
-              rephrase=_str(rec, "rephrase"),
-              locality_prompt=_str(rec, "loc"), locality_answer=_str(rec, "loc_ans"))
+    kw = dict(
+        prompt=_str(rec, "update"),
+        target=_str(rec, "ans"),
+        rephrase=_str(rec, "rephrase"),
+        locality_prompt=_str(rec, "loc"),
+        locality_answer=_str(rec, "loc_ans"),
+    )
     mhop, mhop_ans = _opt_str(rec, "mhop"), _opt_str(rec, "mhop_ans")
     if (mhop is None) != (mhop_ans is None):
         have, lack = ("mhop", "mhop_ans") if mhop is not None else ("mhop_ans", "mhop")
         raise BadRecord(f"field {have!r} is given but {lack!r} is missing, null or empty")
-    extras = {"tag": rec.get("tag"), "subject": _opt_str(rec, "subject"),
-              "personas": _opt_str_list(rec, "personas"), "mhop": mhop, "mhop_ans": mhop_ans}
+    extras = {
+        "tag": rec.get("tag"),
+        "subject": _opt_str(rec, "subject"),
+        "personas": _opt_str_list(rec, "personas"),
+        "mhop": mhop,
+        "mhop_ans": mhop_ans,
+    }
     return kw, extras
 
 
 def _conv_ultraeditbench(rec: Dict[str, Any], target: str) -> _Converted:
-    kw = dict(prompt=_str(rec, "prompt"), target=_str(rec, "ans"),
-              rephrase=_str(rec, "rephrase_prompt"),
-              locality_prompt=_str(rec, "loc"), locality_answer=_str(rec, "loc_ans"))
+    kw = dict(
+        prompt=_str(rec, "prompt"),
+        target=_str(rec, "ans"),
+        rephrase=_str(rec, "rephrase_prompt"),
+        locality_prompt=_str(rec, "loc"),
+        locality_answer=_str(rec, "loc_ans"),
+    )
     return kw, {"subject": _opt_str(rec, "subject")}
 
 
@@ -271,8 +330,9 @@ def detect_format(record: Dict[str, Any]) -> str:
             return "zsre"
         if "ans" in k:
             return "zsre_ultraedit"
-    raise ValueError(f"cannot detect the dataset format from the keys {sorted(k)}; "
-                     f"known formats: {', '.join(FORMATS)}")
+    raise ValueError(
+        f"cannot detect the dataset format from the keys {sorted(k)}; known formats: {', '.join(FORMATS)}"
+    )
 
 
 def convert(record: Any, fmt: str, target: str) -> Tuple[EditRequest, Dict[str, Any]]:
@@ -291,5 +351,7 @@ def convert(record: Any, fmt: str, target: str) -> Tuple[EditRequest, Dict[str, 
 def check_target_for(fmt: str, target: str) -> None:
     """``ValueError`` when ``target="alt"`` is asked of a format without an ``alt`` field."""
     if target == "alt" and fmt not in FORMATS_WITH_ALT:
-        raise ValueError(f"target='alt' is not available for the {fmt!r} format "
-                         f"(formats with an 'alt' field: {', '.join(FORMATS_WITH_ALT)})")
+        raise ValueError(
+            f"target='alt' is not available for the {fmt!r} format "
+            f"(formats with an 'alt' field: {', '.join(FORMATS_WITH_ALT)})"
+        )

@@ -6,6 +6,7 @@ Which one a file is, is decided by its first non-whitespace character (``[``: an
 Errors are :class:`DataFormatError` naming the file and the byte offset (arrays), the line
 (JSON Lines) and the record index.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -22,8 +23,9 @@ class DataFormatError(ValueError):
     ``path`` is the file, ``index`` the 0-based record index (None when unknown) and
     ``offset`` the byte offset in the file (None when unknown)."""
 
-    def __init__(self, message: str, path: str, index: Optional[int] = None,
-                 offset: Optional[int] = None):
+    def __init__(
+        self, message: str, path: str, index: Optional[int] = None, offset: Optional[int] = None
+    ):
         super().__init__(message)
         self.path = path
         self.index = index
@@ -59,11 +61,15 @@ def _open_binary(path: str):
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         import select
+
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP)
         if not poller.poll(int(_FIFO_WAIT_S * 1000)):
-            raise DataFormatError(f"{path}: a FIFO (named pipe) that nothing wrote to within "
-                                  f"{_FIFO_WAIT_S:.0f} s; start its writer first", path)
+            raise DataFormatError(
+                f"{path}: a FIFO (named pipe) that nothing wrote to within "
+                f"{_FIFO_WAIT_S:.0f} s; start its writer first",
+                path,
+            )
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -83,7 +89,7 @@ class _Utf8Stream:
         head = fb.read(3)
         self.bom = 3 if head == b"\xef\xbb\xbf" else 0
         self.bytes_in = self.bom  # bytes of the file handed to the decoder so far
-        self._head = head[self.bom:]
+        self._head = head[self.bom :]
 
     def read(self, size: int) -> str:
         """About ``size`` characters, at least one ('' only at the end of the file)."""
@@ -97,8 +103,9 @@ class _Utf8Stream:
                 text = self.decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
                 off = start + e.start
-                raise DataFormatError(f"{self.path}: not valid UTF-8 at byte {off}: "
-                                      f"{e.reason}", self.path, offset=off) from None
+                raise DataFormatError(
+                    f"{self.path}: not valid UTF-8 at byte {off}: {e.reason}", self.path, offset=off
+                ) from None
             if text or not data:  # bytes that end inside a character: read on
                 return text
 
@@ -110,7 +117,7 @@ def _truncated(buf: str, e: json.JSONDecodeError) -> bool:
     """Whether a decode error at the end of the data means the data was cut short."""
     if e.msg.startswith("Unterminated string"):
         return True
-    tail = buf[e.pos:]
+    tail = buf[e.pos :]
     if not tail.strip():
         return True
     if e.msg.startswith("Invalid \\uXXXX escape") and len(tail) <= 6:
@@ -137,12 +144,13 @@ class _ArrayScanner:
         """Drop consumed text and append at least ``max(at_least, chunk)`` characters;
         False at end of file."""
         if self.pos:
-            dropped = self.buf[:self.pos]
-            self.dropped_bytes += (len(dropped) if dropped.isascii()
-                                   else len(dropped.encode("utf-8", "surrogatepass")))
+            dropped = self.buf[: self.pos]
+            self.dropped_bytes += (
+                len(dropped) if dropped.isascii() else len(dropped.encode("utf-8", "surrogatepass"))
+            )
             self.dropped_lines += dropped.count("\n")
             del dropped
-            self.buf = self.buf[self.pos:]
+            self.buf = self.buf[self.pos :]
             self.pos = 0
         data = self.f.read(max(at_least, self.chunk))
         if not data:
@@ -153,8 +161,9 @@ class _ArrayScanner:
 
     def byte_offset(self, pos: int) -> int:
         head = self.buf[:pos]
-        return self.dropped_bytes + (len(head) if head.isascii()
-                                     else len(head.encode("utf-8", "surrogatepass")))
+        return self.dropped_bytes + (
+            len(head) if head.isascii() else len(head.encode("utf-8", "surrogatepass"))
+        )
 
     def skip_ws(self) -> str:
         """Advance to the next non-whitespace character and return it ('' at EOF)."""
@@ -170,8 +179,9 @@ class _ArrayScanner:
     def error(self, message: str, index: Optional[int], pos: Optional[int] = None):
         off = self.byte_offset(self.pos if pos is None else pos)
         where = f"byte {off}" + (f", record {index}" if index is not None else "")
-        return DataFormatError(f"{self.path}: invalid JSON at {where}: {message}",
-                               self.path, index, off)
+        return DataFormatError(
+            f"{self.path}: invalid JSON at {where}: {message}", self.path, index, off
+        )
 
     # -- elements
     def value(self, index: int) -> Any:
@@ -180,13 +190,15 @@ class _ArrayScanner:
             try:
                 value, end = self.decode(self.buf, self.pos)
             except RecursionError:
-                raise self.error(f"record {index} is nested too deeply to parse", index) \
-                    from None
+                raise self.error(f"record {index} is nested too deeply to parse", index) from None
             except json.JSONDecodeError as e:
                 if self.eof:
                     if _truncated(self.buf, e):
-                        raise self.error(f"the file ends inside record {index} "
-                                         f"(truncated file?): {e.msg}", index, e.pos) from None
+                        raise self.error(
+                            f"the file ends inside record {index} (truncated file?): {e.msg}",
+                            index,
+                            e.pos,
+                        ) from None
                     raise self.error(e.msg, index, e.pos) from None
                 # An error at (or just before) the end of the buffer, or an unterminated
                 # string, may just mean the element continues in the next chunk.
@@ -194,8 +206,11 @@ class _ArrayScanner:
                     self.fill(len(self.buf) - self.pos)  # grow geometrically
                     continue
                 raise self.error(e.msg, index, e.pos) from None
-            if (not self.eof and not isinstance(value, (dict, list, str))
-                    and _NUMBER_TAIL.match(self.buf, end).end() == len(self.buf)):
+            if (
+                not self.eof
+                and not isinstance(value, (dict, list, str))
+                and _NUMBER_TAIL.match(self.buf, end).end() == len(self.buf)
+            ):
                 # a number whose text reaches the buffer end may continue ("0" of "0.5")
                 self.fill(len(self.buf) - self.pos)
                 continue
@@ -213,8 +228,9 @@ class _ArrayScanner:
             while True:
                 if c == "":
                     raise self.error(
-                        f"the file ends before record {index} (truncated file? "
-                        "expected a value or ']')", index)
+                        f"the file ends before record {index} (truncated file? expected a value or ']')",
+                        index,
+                    )
                 yield self.value(index)
                 c = self.skip_ws()
                 if c == ",":
@@ -228,10 +244,11 @@ class _ArrayScanner:
                     self.pos += 1
                     break
                 if c == "":
-                    raise self.error(f"the file ends after record {index} without the "
-                                     "closing ']' (truncated file?)", index)
-                raise self.error(f"expected ',' or ']' after record {index}, found {c!r}",
-                                 index)
+                    raise self.error(
+                        f"the file ends after record {index} without the closing ']' (truncated file?)",
+                        index,
+                    )
+                raise self.error(f"expected ',' or ']' after record {index}, found {c!r}", index)
         c = self.skip_ws()
         if c != "":
             raise self.error(f"unexpected data after the closing ']': {c!r}", None)
@@ -248,11 +265,12 @@ def iter_values(path: str, chunk_size: int) -> Iterator[Any]:
             yield from sc.elements()
             return
         if c == "":
-            raise DataFormatError(f"{path}: the file contains no JSON data "
-                                  "(expected a JSON array or JSON Lines)", path)
+            raise DataFormatError(
+                f"{path}: the file contains no JSON data (expected a JSON array or JSON Lines)",
+                path,
+            )
         if c != "{":
-            raise sc.error(f"expected a JSON array ('[') or JSON Lines ('{{'), found {c!r}",
-                           None)
+            raise sc.error(f"expected a JSON array ('[') or JSON Lines ('{{'), found {c!r}", None)
         # JSON Lines: go on from what the scanner has read, line by line
         start = sc.buf.rfind("\n", 0, sc.pos) + 1
         lineno = sc.dropped_lines + sc.buf.count("\n", 0, start)
@@ -266,9 +284,10 @@ def iter_values(path: str, chunk_size: int) -> Iterator[Any]:
             except RecursionError:
                 value = BadLine(f"line {lineno}: nested too deeply to parse")
             except json.JSONDecodeError as e:
-                value = BadLine(f"line {lineno}: invalid JSON at column {e.colno}: {e.msg}"
-                                 + ("" if line.endswith(("\n", "\r")) else
-                                    " (truncated last line?)"))
+                value = BadLine(
+                    f"line {lineno}: invalid JSON at column {e.colno}: {e.msg}"
+                    + ("" if line.endswith(("\n", "\r")) else " (truncated last line?)")
+                )
             yield value
             index += 1
 
@@ -279,7 +298,7 @@ def _lines(prefix: str, stream: "_Utf8Stream", chunk_size: int) -> Iterator[str]
     while True:
         i = buf.find("\n", pos)
         if i >= 0:
-            yield buf[pos:i + 1]
+            yield buf[pos : i + 1]
             pos = i + 1
             continue
         more = stream.read(chunk_size)

@@ -2,6 +2,7 @@
 its lifelong state (``save``/``load``, :mod:`ultraedit_fast.storage.checkpoint`) and its
 edits as a weight patch or a LoRA adapter (:mod:`ultraedit_fast.storage.export`). The
 editor's methods hold its lock and call these."""
+
 from __future__ import annotations
 
 import os
@@ -32,6 +33,7 @@ def tp_record(tp):
 def model_tensor_parallel(model):
     """The tensor-parallel group of a model's sharded linear weights (``None``: none)."""
     from ..parallel.distributed import is_dtensor, tensor_parallel
+
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
         if isinstance(m, torch.nn.Linear) and is_dtensor(w):
@@ -47,13 +49,17 @@ def model_tensor_parallel(model):
 def save(editor, path, undo_log: bool) -> str:
     undo = editor._undo
     return ckpt.write_checkpoint(
-        rank_path(path, editor._tp), config=editor.config.to_dict(), preset=editor.preset,
-        turns=editor.turns, tensor_parallel=tp_record(editor._tp),
+        rank_path(path, editor._tp),
+        config=editor.config.to_dict(),
+        preset=editor.preset,
+        turns=editor.turns,
+        tensor_parallel=tp_record(editor._tp),
         normalizers=editor.normalizers,
         fingerprint=ckpt.fingerprint(editor.model, editor.targets),
         weights_sample_sha256=ckpt.weights_digest(editor.targets),
         undo=undo.export() if undo_log and undo is not None else None,
-        base_sha256=editor._base_sha)
+        base_sha256=editor._base_sha,
+    )
 
 
 def _check_model(saved, model) -> None:
@@ -66,8 +72,10 @@ def _check_model(saved, model) -> None:
             pass  # reported by the fingerprint diff
     diffs = ckpt.fingerprint_diff(saved.fingerprint, ckpt.fingerprint(model, current))
     if diffs:
-        raise ValueError(f"model: it is not the model the checkpoint "
-                         f"{saved.manifest_path} was saved from: " + "; ".join(diffs))
+        raise ValueError(
+            f"model: it is not the model the checkpoint "
+            f"{saved.manifest_path} was saved from: " + "; ".join(diffs)
+        )
 
 
 def load(cls, path, model, tokenizer, overrides):
@@ -77,9 +85,11 @@ def load(cls, path, model, tokenizer, overrides):
     tp = model_tensor_parallel(model)
     saved = ckpt.load_checkpoint(rank_path(path, tp))
     if saved.tensor_parallel != tp_record(tp):
-        raise ValueError(f"model: the checkpoint {saved.manifest_path} was saved by rank "
-                         f"{saved.tensor_parallel} of a tensor-parallel model, this is "
-                         f"{tp_record(tp)}: load it with the same ranks and layout")
+        raise ValueError(
+            f"model: the checkpoint {saved.manifest_path} was saved by rank "
+            f"{saved.tensor_parallel} of a tensor-parallel model, this is "
+            f"{tp_record(tp)}: load it with the same ranks and layout"
+        )
     _check_model(saved, model)  # before building anything on it
     editor = cls(model, tokenizer, saved.config.replace(**overrides))
     if saved.weights_sample_sha256 != ckpt.weights_digest(editor.targets):
@@ -87,31 +97,44 @@ def load(cls, path, model, tokenizer, overrides):
             f"model: the weights of the edited modules differ from those the checkpoint "
             f"{saved.manifest_path} was saved with; load the edited model's weights before "
             "the editor (the lifelong statistics continue from the saved model)",
-            ckpt.CheckpointWeightsWarning, stacklevel=3)
+            ckpt.CheckpointWeightsWarning,
+            stacklevel=3,
+        )
     editor._restore(saved)
     return editor
 
 
 def _exportable(editor, what: str) -> None:
     if editor._tp is not None:
-        raise ValueError(f"{what}: the model is tensor parallel; export from a model "
-                         "gathered into one process (its edited weights whole)")
+        raise ValueError(
+            f"{what}: the model is tensor parallel; export from a model "
+            "gathered into one process (its edited weights whole)"
+        )
     if not editor.turns:
         raise ValueError(f"{what}: no turn was made; there is nothing to export")
 
 
 def export_patch(editor, path) -> str:
     _exportable(editor, "export_patch")
-    return write_patch(path, editor.model, editor.targets, editor._base_sha,
-                       config=editor.config.to_dict(), turns=editor.turns)
+    return write_patch(
+        path,
+        editor.model,
+        editor.targets,
+        editor._base_sha,
+        config=editor.config.to_dict(),
+        turns=editor.turns,
+    )
 
 
 def export_lora(editor, path, rank: Optional[int], base) -> dict:
     _exportable(editor, "export_lora")
     targets, base_sha = editor.targets, editor._base_sha
     log_data = editor._undo.export() if editor._undo is not None else None
-    if log_data and len(log_data["turns"]) == editor.turns and all(
-            weight_sha256(log_data["base"][t.name]) == base_sha.get(t.name) for t in targets):
+    if (
+        log_data
+        and len(log_data["turns"]) == editor.turns
+        and all(weight_sha256(log_data["base"][t.name]) == base_sha.get(t.name) for t in targets)
+    ):
         factors = {t.name: exact_factors(t, log_data["turns"]) for t in targets}
     elif base is not None:
         factors = {}
@@ -119,13 +142,14 @@ def export_lora(editor, path, rank: Optional[int], base) -> dict:
             orig = original_weight(base, t.name)
             known = base_sha.get(t.name)
             if known is not None and weight_sha256(orig) != known:
-                raise ValueError(f"base: its {t.name!r} is not the weight this editor "
-                                 "started from")
+                raise ValueError(f"base: its {t.name!r} is not the weight this editor started from")
             factors[t.name] = delta_factors(t, orig)
     else:
-        raise ValueError("export_lora: the accumulated shift is unknown: build the "
-                         "editor with undo=True (it keeps every turn's factors), or "
-                         "pass base=<the unedited model or its state dict>")
+        raise ValueError(
+            "export_lora: the accumulated shift is unknown: build the "
+            "editor with undo=True (it keeps every turn's factors), or "
+            "pass base=<the unedited model or its state dict>"
+        )
     return write_lora(path, editor.model, targets, factors, rank=rank, base_sha256=base_sha)
 
 
@@ -138,5 +162,6 @@ def original_weight(base, name: str) -> torch.Tensor:
         if w is None:
             raise ValueError(f"base: the state dict has no {name + '.weight'!r}")
         return w
-    raise TypeError(f"base: expected the unedited model or its state dict, got "
-                    f"{type(base).__name__}")
+    raise TypeError(
+        f"base: expected the unedited model or its state dict, got {type(base).__name__}"
+    )

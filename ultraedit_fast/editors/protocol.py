@@ -8,6 +8,7 @@ An editor edits ``model`` in place, one turn per :meth:`Editor.edit` call, and r
 editors) and leaves the model as it was. ``config`` is its frozen, resolved configuration;
 ``describe()`` is what a run records about it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Protocol, runtime_checkable

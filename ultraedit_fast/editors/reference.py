@@ -7,6 +7,7 @@ lifelong normaliser is updated once per (mini-batch, module), and the shift is
 the primal ``d_in x d_in`` solve ``Delta = (K^T K + I)^-1 K^T V``. The normaliser and
 shift formulas are :mod:`ultraedit_fast.kernels.formulas`, which the default kernels share.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,8 +58,13 @@ class ReferenceEditor:
 
     name = "reference"
 
-    def __init__(self, model, tokenizer, config: Optional[EditorConfig] = None,
-                 **overrides: Unpack[EditorOptions]):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: Optional[EditorConfig] = None,
+        **overrides: Unpack[EditorOptions],
+    ):
         cfg = EditorConfig.build(config, overrides, owner="ReferenceEditor", reference=True)
         resolved = resolve_edit_config(model, cfg.modules, cfg.lr)
         self.config = cfg.replace(modules=tuple(resolved.modules), lr=resolved.lr)
@@ -70,18 +76,26 @@ class ReferenceEditor:
         self.batch_size = cfg.batch_size
         self.share_normalizer = cfg.share_normalizer
         self.measure_memory = cfg.measure_memory
-        self.targets: Dict[str, EditTarget] = {t.name: t for t in
-                                               resolve_targets(model, self.module_names)}
+        self.targets: Dict[str, EditTarget] = {
+            t.name: t for t in resolve_targets(model, self.module_names)
+        }
         self.modules = {n: t.module for n, t in self.targets.items()}
         self.normalizers: Dict[object, _ReferenceNormalizer] = {}
         self.turns = 0
 
     def describe(self) -> Dict[str, object]:
         """What a results file records of this editor."""
-        return {"editor": "reference", "modules": list(self.module_names),
-                "lr": float(self.lr), "preset": self.preset, "batch_size": self.batch_size,
-                "backend": "reference", "tokens_per_pass": 0, "step": "paper",
-                "regime": None}
+        return {
+            "editor": "reference",
+            "modules": list(self.module_names),
+            "lr": float(self.lr),
+            "preset": self.preset,
+            "batch_size": self.batch_size,
+            "backend": "reference",
+            "tokens_per_pass": 0,
+            "step": "paper",
+            "regime": None,
+        }
 
     def normalizer_key(self, name: str):
         return self.targets[name].shape if self.share_normalizer else name
@@ -90,16 +104,16 @@ class ReferenceEditor:
         key = self.normalizer_key(name)
         if key not in self.normalizers:
             d_in, d_out = self.targets[name].shape
-            self.normalizers[key] = _ReferenceNormalizer(d_in + d_out,
-                                                         self.modules[name].weight.device)
+            self.normalizers[key] = _ReferenceNormalizer(
+                d_in + d_out, self.modules[name].weight.device
+            )
         return self.normalizers[key]
 
     def edit(self, requests):
         requests = as_requests(requests)
         model = self.model
         device = input_device(model)
-        batches = make_minibatches(self.tokenizer, requests, self.batch_size,
-                                   context_length(model))
+        batches = make_minibatches(self.tokenizer, requests, self.batch_size, context_length(model))
         t0 = time.perf_counter()
         peak = PeakMemory(device, self.measure_memory)
         keys, grads, n_tokens = self._capture(batches, device)
@@ -115,12 +129,18 @@ class ReferenceEditor:
                 w.copy_((w.float() + upd).to(w.dtype))
         self.turns += 1
         total = time.perf_counter() - t0
-        return EditReport(n_requests=len(requests), n_tokens=n_tokens, turn=self.turns,
-                          backend="reference", device=str(device),
-                          seconds={"total": total}, total_seconds=total,
-                          peak_memory_bytes=peak.read(), peak_memory_kind=peak.kind,
-                          modules=list(self.module_names))
-
+        return EditReport(
+            n_requests=len(requests),
+            n_tokens=n_tokens,
+            turn=self.turns,
+            backend="reference",
+            device=str(device),
+            seconds={"total": total},
+            total_seconds=total,
+            peak_memory_bytes=peak.read(),
+            peak_memory_kind=peak.kind,
+            modules=list(self.module_names),
+        )
 
     def _capture(self, batches, device):
         """Every mini-batch's forward and backward with weight gradients on, as published:
@@ -134,6 +154,7 @@ class ReferenceEditor:
                 inputs[name] = args[0]
                 outputs[name] = output
                 output.retain_grad()
+
             return hook
 
         handles = [m.register_forward_hook(save(n)) for n, m in self.modules.items()]

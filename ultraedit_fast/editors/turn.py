@@ -16,6 +16,7 @@ Each phase is a method of :class:`Turn` that takes what the previous one returne
 Nothing here commits editor state: the editor commits the new states, the resolved
 configuration and the turn count once :meth:`Turn.apply` has returned.
 """
+
 from __future__ import annotations
 
 import time
@@ -84,9 +85,16 @@ class Turn:
     ``backend(device)`` gives the kernels of a device; ``state(target)`` the committed
     normaliser state of a module (a zero state for a new key, committed with the turn)."""
 
-    def __init__(self, model, tokenizer, requests, batches: List[MiniBatch], setup: Setup,
-                 backend: Callable[[torch.device], Backend],
-                 state: Callable[[EditTarget], NormalizerState]):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        requests,
+        batches: List[MiniBatch],
+        setup: Setup,
+        backend: Callable[[torch.device], Backend],
+        state: Callable[[EditTarget], NormalizerState],
+    ):
         self.model, self.tokenizer, self.requests = model, tokenizer, requests
         self.batches, self.setup = batches, setup
         self.config = setup.config
@@ -133,7 +141,7 @@ class Turn:
         for key, members in groups.items():
             state = self.state(members[0])
             home = state.mean.device  # a shared state lives with its first module; under
-            ks, gs = [], []           # a device_map its other modules may sit elsewhere
+            ks, gs = [], []  # a device_map its other modules may sit elsewhere
             for b in range(len(self.batches)):  # reference order: mini-batch, then module
                 for t in members:
                     ks.append(cap.keys[t.name][b].to(home, non_blocking=True))
@@ -153,14 +161,18 @@ class Turn:
             row = t.tp is not None and t.tp.kind == "row"  # keys split over the ranks
             if shared not in solvers:
                 try:
-                    solvers[shared] = ShiftSolver(torch.cat(cap.keys[t.name]).to(torch.float32),
-                                                  reduce=t.tp.all_reduce_ if row else None)
+                    solvers[shared] = ShiftSolver(
+                        torch.cat(cap.keys[t.name]).to(torch.float32),
+                        reduce=t.tp.all_reduce_ if row else None,
+                    )
                 except SolveError as e:
-                    raise EditRefused(f"{e} for module {t.name!r}; the model and the editor "
-                                      "state are unchanged") from None
+                    raise EditRefused(
+                        f"{e} for module {t.name!r}; the model and the editor state are unchanged"
+                    ) from None
             solver = solvers[shared]
-            v = self._values(t, solver, torch.cat(cap.grads[t.name]),
-                             states[self.setup.normalizer_key(t)], row)
+            v = self._values(
+                t, solver, torch.cat(cap.grads[t.name]), states[self.setup.normalizer_key(t)], row
+            )
             updates.append((t, *solver.factors(v)))
             if keep_values:
                 values.append((solver, v))
@@ -168,8 +180,14 @@ class Turn:
         self.lap("solve")
         return Plan(updates, values)
 
-    def _values(self, t: EditTarget, solver: ShiftSolver, grads: torch.Tensor,
-                state: NormalizerState, row: bool) -> torch.Tensor:
+    def _values(
+        self,
+        t: EditTarget,
+        solver: ShiftSolver,
+        grads: torch.Tensor,
+        state: NormalizerState,
+        row: bool,
+    ) -> torch.Tensor:
         mean = state.mean.to(t.weight.device, non_blocking=True)
         std = state.std.to(t.weight.device, non_blocking=True)
         lr = self.config.lr
@@ -179,18 +197,22 @@ class Turn:
 
     def _check_finite(self, updates: List[Update], states: Dict[object, NormalizerState]):
         device = self.device
-        finite = torch.stack([torch.isfinite(a).all().to(device) for _, a, _ in updates]
-                             + [torch.isfinite(s.std).all().to(device)
-                                for s in states.values()])
+        finite = torch.stack(
+            [torch.isfinite(a).all().to(device) for _, a, _ in updates]
+            + [torch.isfinite(s.std).all().to(device) for s in states.values()]
+        )
         if not all_true(bool(finite.all()), self.setup.tp, device):  # refused on every rank
             bad = [t.name for t, a, _ in updates if not bool(torch.isfinite(a).all())]
-            raise EditRefused(f"the turn was refused: non-finite shift for modules {bad} "
-                              "(non-finite activations or gradients, or lr too large); "
-                              "the model and the editor state are unchanged")
+            raise EditRefused(
+                f"the turn was refused: non-finite shift for modules {bad} "
+                "(non-finite activations or gradients, or lr too large); "
+                "the model and the editor state are unchanged"
+            )
 
     # ------------------------------------------------------------------ 4. step
-    def prepare_step(self, cap: Captured, plan: Plan
-                     ) -> Tuple[Plan, Optional[StepSearch], Optional[torch.Tensor]]:
+    def prepare_step(
+        self, cap: Captured, plan: Plan
+    ) -> Tuple[Plan, Optional[StepSearch], Optional[torch.Tensor]]:
         """``step="auto"``: the search's checks on the pre-turn model and, with
         ``preserve_locality``, the turn solved again with the locality keys as rows of
         value zero. Returns ``(plan, search, request of each value row)``."""
@@ -198,9 +220,14 @@ class Turn:
             return plan, None, None
         t0 = time.perf_counter()
         rows = request_of_rows(self.batches)
-        search = StepSearch(self.model, self.tokenizer, self.requests, batch_size=16,
-                            chat_template=self.config.chat_template,
-                            max_length=context_length(self.model))
+        search = StepSearch(
+            self.model,
+            self.tokenizer,
+            self.requests,
+            batch_size=16,
+            chat_template=self.config.chat_template,
+            max_length=context_length(self.model),
+        )
         if self.config.preserve_locality:
             plan, n_loc = self._preserving(cap, plan, search.locality_keys(self.setup.targets))
             rows = torch.cat([rows, torch.zeros(n_loc, dtype=torch.long)])
@@ -224,22 +251,31 @@ class Turn:
                 try:
                     solvers[shared] = ShiftSolver(torch.cat([solver.k, kl]), solver.reduce)
                 except SolveError as e:
-                    raise EditRefused(f"{e} for module {t.name!r} with its locality keys; the "
-                                      "model and the editor state are unchanged") from None
+                    raise EditRefused(
+                        f"{e} for module {t.name!r} with its locality keys; the "
+                        "model and the editor state are unchanged"
+                    ) from None
             aug = solvers[shared]
             n_loc = aug.k.shape[0] - v.shape[0]
             v2 = torch.cat([v, v.new_zeros(n_loc, v.shape[1])])
             a, kk = aug.factors(v2)
             if not all_true(bool(torch.isfinite(a).all()), self.setup.tp, a.device):
-                raise EditRefused(f"the turn was refused: non-finite shift for module {t.name!r} "
-                                  "with its locality keys; the model and the editor state are "
-                                  "unchanged")
+                raise EditRefused(
+                    f"the turn was refused: non-finite shift for module {t.name!r} "
+                    "with its locality keys; the model and the editor state are "
+                    "unchanged"
+                )
             out.updates.append((t, a, kk))
             out.values.append((aug, v2))
         return out, n_loc
 
-    def search_step(self, plan: Plan, search: StepSearch, rows: torch.Tensor,
-                    snapshot: Callable[[EditTarget], torch.Tensor]) -> Tuple[Plan, StepResult]:
+    def search_step(
+        self,
+        plan: Plan,
+        search: StepSearch,
+        rows: torch.Tensor,
+        snapshot: Callable[[EditTarget], torch.Tensor],
+    ) -> Tuple[Plan, StepResult]:
         """Try per-request scales of the turn's update on the pre-turn weights (which the
         host ``snapshot`` puts back after each try); :mod:`ultraedit_fast.core.step_search`."""
         with torch.no_grad():
@@ -247,24 +283,28 @@ class Turn:
 
             def write(scales):
                 for t, a, kk in rescaled(plan, rows, scales):
-                    self.backend(t.weight.device).rank_update_(t.weight.data, a, kk,
-                                                               t.transposed)
+                    self.backend(t.weight.device).rank_update_(t.weight.data, a, kk, t.transposed)
 
             def restore():
                 for w, buf in saved:
                     w.data.copy_(buf)
 
-            step = search.run(write, restore, target=self.config.step_target,
-                              budget=self.config.locality_budget,
-                              max_scale=self.config.max_step_scale)
+            step = search.run(
+                write,
+                restore,
+                target=self.config.step_target,
+                budget=self.config.locality_budget,
+                max_scale=self.config.max_step_scale,
+            )
         if step.scales is not None:
             plan = Plan(rescaled(plan, rows, step.scales), plan.values)
         self.lap("step")
         return plan, step
 
     # ------------------------------------------------------------------ 5. apply
-    def apply(self, updates: List[Update],
-              snapshot: Optional[Callable[[EditTarget], torch.Tensor]]) -> None:
+    def apply(
+        self, updates: List[Update], snapshot: Optional[Callable[[EditTarget], torch.Tensor]]
+    ) -> None:
         """Write every update; with a ``snapshot`` (transactional), restore the weights
         and raise if anything fails or a shifted weight is not finite."""
         saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
@@ -284,14 +324,19 @@ class Turn:
         self.lap("apply")
 
     def _check_weights(self, updates: List[Update]) -> None:
-        ok = torch.stack([self.backend(t.weight.device).all_finite(t.weight.detach()).to("cpu")
-                          for t, _, _ in updates])
+        ok = torch.stack(
+            [
+                self.backend(t.weight.device).all_finite(t.weight.detach()).to("cpu")
+                for t, _, _ in updates
+            ]
+        )
         bad = [t.name for (t, _, _), f in zip(updates, ok.tolist()) if not f]
         if not all_true(not bad, self.setup.tp, updates[0][0].weight.device):
             raise EditRefused(
                 f"the turn was refused: the shifted weights of modules {bad} are not finite "
                 "(overflow of their dtype: lr too large); the model and the editor state are "
-                "unchanged")
+                "unchanged"
+            )
 
 
 def tensor_parallel_of(targets):
@@ -299,12 +344,16 @@ def tensor_parallel_of(targets):
     sharded); ``ValueError`` when they are not all over one group of ranks."""
     groups = {(t.tp.world, id(t.tp.group)) for t in targets if t.tp is not None}
     if len(groups) > 1:
-        raise ValueError("modules: the edited modules are sharded over different groups of "
-                         "ranks; the editor supports one tensor-parallel group")
+        raise ValueError(
+            "modules: the edited modules are sharded over different groups of "
+            "ranks; the editor supports one tensor-parallel group"
+        )
     if any(t.tp is None for t in targets) and groups:
         plain = [t.name for t in targets if t.tp is None]
-        raise ValueError(f"modules: {plain} are plain tensors while the others are sharded "
-                         "DTensors; edit the modules of one layout")
+        raise ValueError(
+            f"modules: {plain} are plain tensors while the others are sharded "
+            "DTensors; edit the modules of one layout"
+        )
     tp = next((t.tp for t in targets if t.tp is not None), None)
     return tp if tp is not None and tp.world > 1 else None
 

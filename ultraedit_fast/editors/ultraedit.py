@@ -23,6 +23,7 @@ Beyond a turn: :meth:`UltraEditor.rollback` undoes turns from an undo log
 (:mod:`ultraedit_fast.core.undo`), :meth:`UltraEditor.save` / :meth:`UltraEditor.load` checkpoint
 the lifelong state atomically (:mod:`ultraedit_fast.storage.checkpoint`).
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,7 +36,13 @@ from typing_extensions import Unpack
 import torch
 
 from .._log import log
-from ..core.config import EditorConfig, EditorOptions, check_overrides, editor_signature, options_doc
+from ..core.config import (
+    EditorConfig,
+    EditorOptions,
+    check_overrides,
+    editor_signature,
+    options_doc,
+)
 from ..core.hparams import to_options
 from ..core.normalizer import NormalizerState
 from ..core.presets import choose_regime, regime_is_open, resolve_config
@@ -63,9 +70,10 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 def _option(name: str):
-    return property(lambda self: getattr(self.config, name),
-                    doc=f"The ``{name}`` option of ``config`` (read-only; see "
-                        ":meth:`UltraEditor.configure`).")
+    return property(
+        lambda self: getattr(self.config, name),
+        doc=f"The ``{name}`` option of ``config`` (read-only; see :meth:`UltraEditor.configure`).",
+    )
 
 
 class UltraEditor:
@@ -126,13 +134,19 @@ class UltraEditor:
 
     name = "ultraedit"
 
-    def __init__(self, model, tokenizer, config: Optional[EditorConfig] = None,
-                 **overrides: Unpack[EditorOptions]):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: Optional[EditorConfig] = None,
+        **overrides: Unpack[EditorOptions],
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if tokenizer is None or not callable(tokenizer):
-            raise TypeError("tokenizer: expected a Hugging Face tokenizer (callable), got "
-                            f"{type(tokenizer).__name__}")
+            raise TypeError(
+                f"tokenizer: expected a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}"
+            )
         self.requested = EditorConfig.build(config, overrides)
         self.model = model
         self.tokenizer = tokenizer
@@ -142,8 +156,10 @@ class UltraEditor:
         if getattr(model, "hf_device_map", None) is None:  # accelerate offload uses meta
             meta = [n for n, p in model.named_parameters() if p.is_meta]
             if meta:
-                raise ValueError(f"model: {len(meta)} parameters are on the meta device (e.g. "
-                                 f"{meta[0]!r}); load the model's weights before editing")
+                raise ValueError(
+                    f"model: {len(meta)} parameters are on the meta device (e.g. "
+                    f"{meta[0]!r}); load the model's weights before editing"
+                )
         self.normalizers: Dict[object, NormalizerState] = {}
         self.turns = 0
         self._base_sha: Dict[str, str] = {}  # the original edited weights' sha256 (patches)
@@ -164,7 +180,9 @@ class UltraEditor:
                     "model: it already has a live UltraEditor; each editor keeps its own "
                     "lifelong normaliser, so edits through both do not compose as one "
                     "lifelong run (their edits are serialised, never interleaved)",
-                    SharedModelWarning, stacklevel=3)
+                    SharedModelWarning,
+                    stacklevel=3,
+                )
             _LIVE_EDITORS[self.model] = weakref.ref(self)
 
     def _resolve(self, regime: str) -> Setup:
@@ -173,8 +191,13 @@ class UltraEditor:
         Changes nothing: the caller commits the result."""
         config, preset = resolve_config(self.model, self.requested, regime)
         if preset != "user" or self.requested.lr is None:
-            log.info("ultraedit_fast: preset %r: %s, lr %g, step %s", preset,
-                     summarize_names(config.modules), config.lr, config.step)
+            log.info(
+                "ultraedit_fast: preset %r: %s, lr %g, step %s",
+                preset,
+                summarize_names(config.modules),
+                config.lr,
+                config.step,
+            )
         targets = resolve_targets(self.model, list(config.modules))
         setup = Setup(config, preset, targets, tensor_parallel_of(targets))
         for t in targets:
@@ -246,10 +269,17 @@ class UltraEditor:
 
     def describe(self) -> Dict[str, object]:
         """What a results file records of this editor."""
-        return {"editor": "fast", "modules": list(self.module_names), "lr": float(self.lr),
-                "preset": self.preset, "batch_size": self.batch_size, "backend": self.backend,
-                "tokens_per_pass": self.tokens_per_pass, "step": self.config.step,
-                "regime": self.config.regime}
+        return {
+            "editor": "fast",
+            "modules": list(self.module_names),
+            "lr": float(self.lr),
+            "preset": self.preset,
+            "batch_size": self.batch_size,
+            "backend": self.backend,
+            "tokens_per_pass": self.tokens_per_pass,
+            "step": self.config.step,
+            "regime": self.config.regime,
+        }
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -288,15 +318,23 @@ class UltraEditor:
     def _edit(self, requests) -> EditReport:
         setup = self._setup_for(len(requests))
         cfg, model = setup.config, self.model
-        batches = make_minibatches(self.tokenizer, requests, cfg.batch_size,
-                                   context_length(model), cfg.chat_template)
+        batches = make_minibatches(
+            self.tokenizer, requests, cfg.batch_size, context_length(model), cfg.chat_template
+        )
         base_sha = self._base_sha
         if not self.turns and not base_sha:  # what a patch will name as its base
             with torch.no_grad():
                 base_sha = {t.name: weight_sha256(t.weight) for t in setup.targets}
         pre_states = dict(self.normalizers)  # committed states are never changed in place
-        turn = Turn(model, self.tokenizer, requests, batches, setup,
-                    lambda d: _backend_of(setup, d), lambda t: self._state(t, setup))
+        turn = Turn(
+            model,
+            self.tokenizer,
+            requests,
+            batches,
+            setup,
+            lambda d: _backend_of(setup, d),
+            lambda t: self._state(t, setup),
+        )
         peak = PeakMemory(turn.device, cfg.measure_memory)
         sent0 = COUNTER.bytes
         cap = turn.capture()
@@ -310,21 +348,30 @@ class UltraEditor:
             turn.restart()  # waiting for readers is not the turn's time
             if search is not None:
                 plan, step = turn.search_step(plan, search, rows, self._snapshot)
-            undo_entry = None if self._undo is None else self._undo.prepare(plan.updates,
-                                                                           pre_states)
+            undo_entry = (
+                None if self._undo is None else self._undo.prepare(plan.updates, pre_states)
+            )
             turn.apply(plan.updates, self._snapshot if cfg.transactional else None)
             self.normalizers.update(new_states)  # commit
             self._setup, self._base_sha, self._regime_open = setup, base_sha, False
             self.turns += 1
         if undo_entry is not None:
             self._undo.push(undo_entry, self.targets, self._rank_update)
-        return EditReport(n_requests=len(requests), n_tokens=n_tokens, turn=self.turns,
-                          backend=self.backend, device=str(turn.device), seconds=turn.seconds,
-                          total_seconds=sum(turn.seconds.values()), peak_memory_bytes=peak.read(),
-                          peak_memory_kind=peak.kind, modules=list(self.module_names),
-                          step_scale=None if step is None else step.scale,
-                          step_search=None if step is None else step.to_dict(),
-                          comm_bytes=None if self._tp is None else COUNTER.bytes - sent0)
+        return EditReport(
+            n_requests=len(requests),
+            n_tokens=n_tokens,
+            turn=self.turns,
+            backend=self.backend,
+            device=str(turn.device),
+            seconds=turn.seconds,
+            total_seconds=sum(turn.seconds.values()),
+            peak_memory_bytes=peak.read(),
+            peak_memory_kind=peak.kind,
+            modules=list(self.module_names),
+            step_scale=None if step is None else step.scale,
+            step_search=None if step is None else step.to_dict(),
+            comm_bytes=None if self._tp is None else COUNTER.bytes - sent0,
+        )
 
     def _snapshot(self, t: EditTarget) -> torch.Tensor:
         """Copy ``t``'s weight into its host buffer, allocated once and reused every turn
@@ -332,8 +379,9 @@ class UltraEditor:
         w = t.weight.detach()
         buf = self._snapshot_buffers.get(t.name)
         if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
-            buf = torch.empty(w.shape, dtype=w.dtype, device="cpu",
-                              pin_memory=w.device.type == "cuda")
+            buf = torch.empty(
+                w.shape, dtype=w.dtype, device="cpu", pin_memory=w.device.type == "cuda"
+            )
             self._snapshot_buffers[t.name] = buf
         buf.copy_(w)
         return buf
@@ -366,12 +414,16 @@ class UltraEditor:
             raise ValueError(f"turns: expected a number of turns >= 1, got {turns}")
         with self._lock:
             if self._undo is None:
-                raise ValueError("rollback: this editor keeps no undo log; build it with "
-                                 "UltraEditor(..., undo=True) or undo=<number of turns>")
+                raise ValueError(
+                    "rollback: this editor keeps no undo log; build it with "
+                    "UltraEditor(..., undo=True) or undo=<number of turns>"
+                )
             available = len(self._undo)
             if turns > available:
-                raise ValueError(f"turns: {turns} turns to undo, but only {available} can be "
-                                 f"(undo={self.undo!r}, {self.turns} turns made)")
+                raise ValueError(
+                    f"turns: {turns} turns to undo, but only {available} can be "
+                    f"(undo={self.undo!r}, {self.turns} turns made)"
+                )
             with self._weights_lock.writing():
                 self.normalizers = self._undo.rollback(self.targets, turns, self._rank_update)
                 self.turns -= turns
@@ -407,8 +459,7 @@ class UltraEditor:
     def _restore(self, saved) -> None:
         """Take the lifelong state of a loaded checkpoint (``load``'s last step)."""
         if saved.preset is not None:
-            self._setup = Setup(self.config, saved.preset, self.targets, self._tp,
-                                self.backends)
+            self._setup = Setup(self.config, saved.preset, self.targets, self._tp, self.backends)
         devices = {self.normalizer_key(t): t.weight.device for t in reversed(self.targets)}
         shapes = {self.normalizer_key(t): t.local_shape for t in self.targets}
         normalizers = saved.normalizers(shapes, devices)
@@ -465,8 +516,9 @@ def _backend_of(setup: Setup, device) -> Backend:
     return setup.backends[device]
 
 
-def fast_edit(model, tokenizer, requests, *, editor: Optional[UltraEditor] = None,
-              **options) -> EditReport:
+def fast_edit(
+    model, tokenizer, requests, *, editor: Optional[UltraEditor] = None, **options
+) -> EditReport:
     """Edit ``model`` with ``requests`` in one call.
 
     ``options`` are :class:`UltraEditor`'s (``modules``, ``lr``, ``batch_size``,
@@ -477,8 +529,10 @@ def fast_edit(model, tokenizer, requests, *, editor: Optional[UltraEditor] = Non
         if not isinstance(editor, UltraEditor):
             raise TypeError(f"editor: expected an UltraEditor, got {type(editor).__name__}")
         if options:
-            raise ValueError(f"editor: options {sorted(options)} cannot be combined with an "
-                             "existing editor; its configuration is fixed")
+            raise ValueError(
+                f"editor: options {sorted(options)} cannot be combined with an "
+                "existing editor; its configuration is fixed"
+            )
         if editor.model is not model:
             raise ValueError("editor: it edits a different model than `model`")
         return editor.edit(requests)

@@ -29,6 +29,7 @@ paper): EasyEdit's ``token`` switch can take keys at other positions than the an
 (this package refuses any value but ``ans``); ``max_length`` truncates long prompts (this
 package refuses a request longer than the context instead of editing a truncated one).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -53,11 +54,14 @@ def _listify(name, v, n) -> Optional[List[str]]:
 class BaseEditor:
     """EasyEdit's ``BaseEditor`` for UltraEdit: ``from_hparams`` then ``batch_edit``."""
 
-    def __init__(self, model, tokenizer, options: Mapping[str, Any],
-                 edits_per_turn: Optional[int] = None):
+    def __init__(
+        self, model, tokenizer, options: Mapping[str, Any], edits_per_turn: Optional[int] = None
+    ):
         if model is None or tokenizer is None:
-            raise TypeError("model, tokenizer: pass the loaded model and its tokenizer "
-                            "(ultraedit_fast.model.loading.load_model loads them)")
+            raise TypeError(
+                "model, tokenizer: pass the loaded model and its tokenizer "
+                "(ultraedit_fast.model.loading.load_model loads them)"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.options = dict(options)
@@ -68,17 +72,23 @@ class BaseEditor:
         options, settings = H.to_options(hparams)
         return cls(model, tokenizer, options, settings["edits_per_turn"])
 
-    def batch_edit(self, prompts: Sequence[str], target_new: Sequence[str],
-                   ground_truth: Optional[Sequence[str]] = None,
-                   rephrase_prompts: Optional[Sequence[str]] = None,
-                   locality_inputs: Optional[Mapping[str, Mapping[str, Sequence[str]]]] = None,
-                   sequential_edit: bool = False, **unused):
+    def batch_edit(
+        self,
+        prompts: Sequence[str],
+        target_new: Sequence[str],
+        ground_truth: Optional[Sequence[str]] = None,
+        rephrase_prompts: Optional[Sequence[str]] = None,
+        locality_inputs: Optional[Mapping[str, Mapping[str, Sequence[str]]]] = None,
+        sequential_edit: bool = False,
+        **unused,
+    ):
         """Edit ``prompts`` -> ``target_new`` and score them, as EasyEdit's ``batch_edit``
         does (see the module docstring). ``ground_truth`` is accepted and not used (the
         paper's scores do not read it)."""
         if unused:
-            raise TypeError(f"batch_edit() got arguments this adapter does not take: "
-                            f"{sorted(unused)}")
+            raise TypeError(
+                f"batch_edit() got arguments this adapter does not take: {sorted(unused)}"
+            )
         prompts = _listify("prompts", prompts, len(prompts) if prompts is not None else 0)
         n = len(prompts)
         targets = _listify("target_new", target_new, n)
@@ -86,16 +96,24 @@ class BaseEditor:
         _listify("ground_truth", ground_truth, n)
         loc: Dict[str, Dict[str, List[str]]] = {}
         for key, entry in (locality_inputs or {}).items():
-            if not isinstance(entry, Mapping) or "prompt" not in entry or \
-                    "ground_truth" not in entry:
-                raise ValueError(f"locality_inputs[{key!r}]: expected {{'prompt': [...], "
-                                 f"'ground_truth': [...]}}")
-            loc[key] = {"prompt": _listify(f"locality_inputs[{key!r}]['prompt']",
-                                           entry["prompt"], n),
-                        "ground_truth": _listify(f"locality_inputs[{key!r}]['ground_truth']",
-                                                 entry["ground_truth"], n)}
-        requests = [EditRequest(p, t, rephrase=rephrases[i] if rephrases else None)
-                    for i, (p, t) in enumerate(zip(prompts, targets))]
+            if (
+                not isinstance(entry, Mapping)
+                or "prompt" not in entry
+                or "ground_truth" not in entry
+            ):
+                raise ValueError(
+                    f"locality_inputs[{key!r}]: expected {{'prompt': [...], 'ground_truth': [...]}}"
+                )
+            loc[key] = {
+                "prompt": _listify(f"locality_inputs[{key!r}]['prompt']", entry["prompt"], n),
+                "ground_truth": _listify(
+                    f"locality_inputs[{key!r}]['ground_truth']", entry["ground_truth"], n
+                ),
+            }
+        requests = [
+            EditRequest(p, t, rephrase=rephrases[i] if rephrases else None)
+            for i, (p, t) in enumerate(zip(prompts, targets))
+        ]
         per_turn = self.edits_per_turn or n
         turns = [list(range(s, min(n, s + per_turn))) for s in range(0, n, per_turn)]
         pre = self._scores(requests, loc, base=None, generation=False)
@@ -107,23 +125,33 @@ class BaseEditor:
         for idx in turns:
             editor.edit([requests[i] for i in idx])
             if not sequential_edit:
-                scored = self._scores([requests[i] for i in idx],
-                                      {k: {f: [v[f][i] for i in idx] for f in v}
-                                       for k, v in loc.items()}, base=pre, subset=idx)
+                scored = self._scores(
+                    [requests[i] for i in idx],
+                    {k: {f: [v[f][i] for i in idx] for f in v} for k, v in loc.items()},
+                    base=pre,
+                    subset=idx,
+                )
                 for j, i in enumerate(idx):
                     post[i] = scored[j]
                 editor.rollback(editor.undo_turns)
         if sequential_edit:
             post = self._scores(requests, loc, base=pre)
-        metrics = [{"case_id": i,
-                    "requested_rewrite": {"prompt": prompts[i], "target_new": targets[i]},
-                    "pre": pre[i]["metrics"], "post": post[i]["metrics"]} for i in range(n)]
+        metrics = [
+            {
+                "case_id": i,
+                "requested_rewrite": {"prompt": prompts[i], "target_new": targets[i]},
+                "pre": pre[i]["metrics"],
+                "post": post[i]["metrics"],
+            }
+            for i in range(n)
+        ]
         return metrics, self.model, editor
 
     def _scores(self, requests, loc, base, generation=True, subset=None) -> List[dict]:
         """Per request: ``{"metrics": {...}, "loc_pred": {key: predictions}}``."""
-        m = evaluate(self.model, self.tokenizer, requests, generation=generation,
-                     per_request=True)["per_request"]
+        m = evaluate(self.model, self.tokenizer, requests, generation=generation, per_request=True)[
+            "per_request"
+        ]
         out = []
         for i, row in enumerate(m):
             metrics = {"rewrite_acc": [row["ES"]]}
@@ -135,8 +163,10 @@ class BaseEditor:
                     metrics["rephrase_gen"] = row["GS_gen"]
             out.append({"metrics": metrics, "loc_pred": {}})
         for key, entry in loc.items():
-            reqs = [EditRequest(r.prompt, r.target, locality_prompt=p, locality_answer=a)
-                    for r, p, a in zip(requests, entry["prompt"], entry["ground_truth"])]
+            reqs = [
+                EditRequest(r.prompt, r.target, locality_prompt=p, locality_answer=a)
+                for r, p, a in zip(requests, entry["prompt"], entry["ground_truth"])
+            ]
             preds = capture_predictions(self.model, self.tokenizer, reqs)
             for j, pr in enumerate(preds):
                 out[j]["loc_pred"][key] = pr
@@ -145,4 +175,3 @@ class BaseEditor:
                     agree = sum(a == b for a, b in zip(pr, ref)) / len(ref)
                     out[j]["metrics"].setdefault("locality", {})[f"{key}_acc"] = [agree]
         return out
-

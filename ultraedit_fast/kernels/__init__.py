@@ -11,7 +11,13 @@ Nothing here imports anything else of the package.
 - :mod:`.triton_kernels`: the Triton kernels (imported only when the ``triton`` backend runs).
 - :mod:`.backends`: the one place that chooses which kernels a turn runs.
 """
-from .backends import (BACKENDS, Backend, available_backends, requested_backend,  # noqa: F401
-                       resolve_backend)
+
+from .backends import (
+    BACKENDS,
+    Backend,
+    available_backends,
+    requested_backend,  # noqa: F401
+    resolve_backend,
+)
 from .formulas import EPS  # noqa: F401
 from .ops import extension_error  # noqa: F401

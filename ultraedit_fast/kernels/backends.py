@@ -6,6 +6,7 @@ CPU only under ``TRITON_INTERPRET=1``, for testing).  ``auto`` picks the fastest
 available for the device.  The choice comes from the ``backend=`` argument or,
 when that is ``None``, the environment variable ``ULTRAEDIT_FAST_BACKEND``.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,14 +36,24 @@ class Backend:
 
 
 def _torch_backend() -> Backend:
-    return Backend("torch", ops.normalizer_update_default, ops.shift_values_default,
-                   ops.rank_update_default, ops.all_finite_default)
+    return Backend(
+        "torch",
+        ops.normalizer_update_default,
+        ops.shift_values_default,
+        ops.rank_update_default,
+        ops.all_finite_default,
+    )
 
 
 def _compiled_backend(name: str) -> Backend:
     t = torch.ops.ultraedit_fast
-    return Backend(name, t.normalizer_update_.default, t.shift_values.default,
-                   t.rank_update_.default, t.all_finite.default)
+    return Backend(
+        name,
+        t.normalizer_update_.default,
+        t.shift_values.default,
+        t.rank_update_.default,
+        t.all_finite.default,
+    )
 
 
 def _triton_available(device: torch.device) -> Optional[str]:
@@ -60,9 +71,11 @@ def _triton_available(device: torch.device) -> Optional[str]:
 
 def _triton_backend() -> Backend:
     from . import triton_kernels as tk
+
     # the finiteness check: torch's on CUDA (one fused reduction; bandwidth-bound)
-    return Backend("triton", tk.normalizer_update_, tk.shift_values, tk.rank_update_,
-                   ops.all_finite_default)
+    return Backend(
+        "triton", tk.normalizer_update_, tk.shift_values, tk.rank_update_, ops.all_finite_default
+    )
 
 
 def _missing(name: str, device: torch.device) -> Optional[str]:
@@ -80,8 +93,10 @@ def _missing(name: str, device: torch.device) -> Optional[str]:
             return f"the 'cuda' backend runs on CUDA devices, not on {device.type}"
         if not all(ops.has_kernel(o, "CUDA") for o in ops.OP_NAMES):
             why = ops.extension_error() or "the kernels were compiled without CUDA"
-            return (f"the CUDA kernels are not available ({why}); they need a CUDA build of "
-                    "torch and nvcc (and no ULTRAEDIT_FAST_SKIP_CUDA=1)")
+            return (
+                f"the CUDA kernels are not available ({why}); they need a CUDA build of "
+                "torch and nvcc (and no ULTRAEDIT_FAST_SKIP_CUDA=1)"
+            )
         return None
     if name == "triton":
         reason = _triton_available(device)
@@ -145,8 +160,12 @@ def _log_choice(device, name: str, skipped: List[str]) -> None:
     if key in _LOGGED:
         return
     _LOGGED.add(key)
-    log.info("ultraedit_fast: backend %r on %s%s", name, device,
-             f" (not taken: {'; '.join(skipped)})" if skipped else "")
+    log.info(
+        "ultraedit_fast: backend %r on %s%s",
+        name,
+        device,
+        f" (not taken: {'; '.join(skipped)})" if skipped else "",
+    )
 
 
 def available_backends(device="cpu") -> Dict[str, Optional[str]]:

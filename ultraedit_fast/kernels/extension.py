@@ -15,6 +15,7 @@ It is loaded on first use (when a backend is chosen), in this order:
 
 Nothing here imports the rest of the package.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,10 @@ def sources_dir() -> Optional[str]:
 
 
 def _fix() -> str:
-    return ("install a C++ compiler (g++) and `pip install ninja`, or build at install time "
-            "with `pip install --no-build-isolation .` against the installed torch")
+    return (
+        "install a C++ compiler (g++) and `pip install ninja`, or build at install time "
+        "with `pip install --no-build-isolation .` against the installed torch"
+    )
 
 
 def _load_prebuilt() -> Optional[str]:
@@ -67,8 +70,10 @@ def _load_prebuilt() -> Optional[str]:
         return "the extension has no build stamp (built by an older version?)"
     here = torch_build()
     if {k: built.get(k) for k in here} != here:
-        return (f"the extension was built for torch {built.get('torch')} (CUDA "
-                f"{built.get('cuda')}), this is torch {here['torch']} (CUDA {here['cuda']})")
+        return (
+            f"the extension was built for torch {built.get('torch')} (CUDA "
+            f"{built.get('cuda')}), this is torch {here['torch']} (CUDA {here['cuda']})"
+        )
     try:
         importlib.import_module(f"{PACKAGE}._C")  # registers the CPU/CUDA kernels
     except (ImportError, OSError) as e:
@@ -78,10 +83,17 @@ def _load_prebuilt() -> Optional[str]:
 
 def _cuda_ok() -> bool:
     from torch.utils import cpp_extension as ce
-    nvcc = shutil.which("nvcc") or (os.path.join(ce.CUDA_HOME, "bin", "nvcc")
-                                    if ce.CUDA_HOME else None)
-    return (torch.version.cuda is not None and torch.cuda.is_available() and nvcc is not None
-            and os.path.exists(nvcc) and os.environ.get("ULTRAEDIT_FAST_SKIP_CUDA") != "1")
+
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None
+    )
+    return (
+        torch.version.cuda is not None
+        and torch.cuda.is_available()
+        and nvcc is not None
+        and os.path.exists(nvcc)
+        and os.environ.get("ULTRAEDIT_FAST_SKIP_CUDA") != "1"
+    )
 
 
 def _build_here(why: str) -> Optional[str]:
@@ -90,6 +102,7 @@ def _build_here(why: str) -> Optional[str]:
     if src is None:
         return f"{why}, and the kernels' sources are not in the package"
     from torch.utils import cpp_extension as ce
+
     cpp = [os.path.join(src, "ultraedit_fast.cpp")]
     cu = [os.path.join(src, "cuda", "ultraedit_fast_cuda.cu")]
     with_cuda = _cuda_ok() and os.path.exists(cu[0])
@@ -100,7 +113,8 @@ def _build_here(why: str) -> Optional[str]:
             with open(p, "rb") as f:
                 h.update(f.read())
     cache = os.environ.get("ULTRAEDIT_FAST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "ultraedit_fast")
+        os.path.expanduser("~"), ".cache", "ultraedit_fast"
+    )
     build_dir = os.path.join(cache, f"kernels-{h.hexdigest()[:16]}")
     os.makedirs(build_dir, exist_ok=True)
     flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
@@ -108,17 +122,33 @@ def _build_here(why: str) -> Optional[str]:
         flags.append("-DULTRAEDIT_WITH_CUDA")
     built_before = any(f.endswith(".so") for f in os.listdir(build_dir))
     if not built_before:
-        log.warning("ultraedit_fast: %s; compiling the C++%s kernels for torch %s once "
-                    "(once per torch version and sources), cached in %s", why,
-                    " and CUDA" if with_cuda else "", torch.__version__, build_dir)
+        log.warning(
+            "ultraedit_fast: %s; compiling the C++%s kernels for torch %s once "
+            "(once per torch version and sources), cached in %s",
+            why,
+            " and CUDA" if with_cuda else "",
+            torch.__version__,
+            build_dir,
+        )
     else:
-        log.info("ultraedit_fast: %s; using the kernels compiled for torch %s in %s", why,
-                 torch.__version__, build_dir)
+        log.info(
+            "ultraedit_fast: %s; using the kernels compiled for torch %s in %s",
+            why,
+            torch.__version__,
+            build_dir,
+        )
     try:
-        ce.load(name="ultraedit_fast_kernels", sources=cpp + (cu if with_cuda else []),
-                extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                extra_cuda_cflags=["-O3", "-DULTRAEDIT_WITH_CUDA"], with_cuda=with_cuda,
-                build_directory=build_dir, is_python_module=False, verbose=False)
+        ce.load(
+            name="ultraedit_fast_kernels",
+            sources=cpp + (cu if with_cuda else []),
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            extra_cuda_cflags=["-O3", "-DULTRAEDIT_WITH_CUDA"],
+            with_cuda=with_cuda,
+            build_directory=build_dir,
+            is_python_module=False,
+            verbose=False,
+        )
     except Exception as e:  # noqa: BLE001 - any build failure falls back, with the reason
         first = str(e).strip().splitlines()
         return f"{why}; compiling the kernels for this torch failed ({first[0] if first else e})"
@@ -143,8 +173,12 @@ def ensure() -> Optional[str]:
         _STATE["error"] = err
         _STATE["source"] = None if err else source
         if err is not None:
-            log.warning("ultraedit_fast: the compiled kernels are not available (%s); running "
-                        "on the PyTorch default kernels. To fix: %s", err, _fix())
+            log.warning(
+                "ultraedit_fast: the compiled kernels are not available (%s); running "
+                "on the PyTorch default kernels. To fix: %s",
+                err,
+                _fix(),
+            )
         else:
             log.info("ultraedit_fast: compiled kernels loaded (%s)", source)
         return err

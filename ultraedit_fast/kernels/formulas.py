@@ -3,6 +3,7 @@ both call these (``docs/algorithm.md`` sections 3 and 4).
 
 All state is float32; inputs of any floating dtype are cast to float32 first.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,9 @@ import torch
 EPS = float(torch.finfo(torch.float32).eps)
 
 
-def normalizer_merge(mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor, n: int,
-                     x: torch.Tensor) -> int:
+def normalizer_merge(
+    mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor, n: int, x: torch.Tensor
+) -> int:
     """Merge the rows ``x`` (``m x d``) into the state ``mean``/``acc``/``std`` (``d``, fp32)
     in place and return the new count (``docs/algorithm.md`` section 3).
 
@@ -33,8 +35,9 @@ def normalizer_merge(mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor, n
     return n_new
 
 
-def shift_values(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 lr: float) -> torch.Tensor:
+def shift_values(
+    k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lr: float
+) -> torch.Tensor:
     """``V = -lr * rowsum(k_hat^2) * g_hat`` (``N x d_out``, fp32) with ``[k_hat, g_hat]``
     the rows normalised by the lifelong statistics (``docs/algorithm.md`` section 4)."""
     d_in = k.shape[1]

@@ -30,6 +30,7 @@ Ops (all state in float32):
     reads ``w`` once and allocates nothing of its size; elsewhere the default,
     ``torch.isfinite(w).all()``.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -38,29 +39,38 @@ import torch
 
 from . import formulas
 from .formulas import EPS  # noqa: F401 - the ops share the formulas' epsilon
+
 NAMESPACE = "ultraedit_fast"
 # Rows of ``w`` handled per step by the default rank update: bounds the fp32
 # temporary to TILE x d_in elements whatever the size of ``w``.
 _TILE = 256
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
-_lib.define("normalizer_update_(Tensor(a!) mean, Tensor(b!) acc, Tensor(c!) std, "
-            "Tensor[] ks, Tensor[] gs, int n) -> ()")
+_lib.define(
+    "normalizer_update_(Tensor(a!) mean, Tensor(b!) acc, Tensor(c!) std, "
+    "Tensor[] ks, Tensor[] gs, int n) -> ()"
+)
 _lib.define("shift_values(Tensor k, Tensor g, Tensor mean, Tensor std, float lr) -> Tensor")
 _lib.define("rank_update_(Tensor(a!) w, Tensor a, Tensor k, bool transposed) -> ()")
 _lib.define("all_finite(Tensor w) -> Tensor")
 
 
 # --------------------------------------------------------------------------- default kernels
-def normalizer_update_default(mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor,
-                              ks: Sequence[torch.Tensor], gs: Sequence[torch.Tensor],
-                              n: int) -> None:
+def normalizer_update_default(
+    mean: torch.Tensor,
+    acc: torch.Tensor,
+    std: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    gs: Sequence[torch.Tensor],
+    n: int,
+) -> None:
     for k, g in zip(ks, gs):
         n = formulas.normalizer_merge(mean, acc, std, n, torch.cat([k.float(), g.float()], 1))
 
 
-def shift_values_default(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor,
-                         std: torch.Tensor, lr: float) -> torch.Tensor:
+def shift_values_default(
+    k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lr: float
+) -> torch.Tensor:
     return formulas.shift_values(k, g, mean, std, lr)
 
 
@@ -82,12 +92,14 @@ def shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
 def check_no_alias(op: str, w: torch.Tensor, a: torch.Tensor, k: torch.Tensor) -> None:
     for name, t in (("a", a), ("k", k)):
         if shares_memory(w, t):
-            raise ValueError(f"{op}: w shares memory with {name}; the update would read what "
-                             "it writes")
+            raise ValueError(
+                f"{op}: w shares memory with {name}; the update would read what it writes"
+            )
 
 
-def rank_update_default(w: torch.Tensor, a: torch.Tensor, k: torch.Tensor,
-                        transposed: bool) -> None:
+def rank_update_default(
+    w: torch.Tensor, a: torch.Tensor, k: torch.Tensor, transposed: bool
+) -> None:
     check_no_alias("rank_update_", w, a, k)
     a = a.float()
     k = k.float()
@@ -146,6 +158,7 @@ def extension_error() -> Optional[str]:
     """``None`` when the compiled kernels are loaded, else why not (loads them on first call:
     :mod:`ultraedit_fast.kernels.extension`)."""
     from . import extension
+
     return extension.ensure()
 
 

@@ -39,6 +39,7 @@ signature and semantics as the default kernel in :mod:`ultraedit_fast.kernels.op
 They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set
 before ``triton`` is first imported), which is how the CPU-only CI checks them.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,10 @@ def _check_device(op: str, *tensors: torch.Tensor) -> torch.device:
         if t.device != dev:
             raise ValueError(f"{op}: all tensors must be on one device, got {t.device} and {dev}")
     if dev.type != "cuda" and not _interpreting():
-        raise ValueError(f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 "
-                         f"set before triton is imported), got tensors on {dev}")
+        raise ValueError(
+            f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 "
+            f"set before triton is imported), got tensors on {dev}"
+        )
     return dev
 
 
@@ -85,8 +88,18 @@ class _on_device:
 
 # --------------------------------------------------------------------------- normaliser
 @triton.jit
-def _normalizer_kernel(x_ptr, offs_ptr, nblocks, mean_ptr, acc_ptr, std_ptr, width, eps,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _normalizer_kernel(
+    x_ptr,
+    offs_ptr,
+    nblocks,
+    mean_ptr,
+    acc_ptr,
+    std_ptr,
+    width,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # offs_ptr[b] = rows merged before block b (n + rows of blocks < b), int64:
     # the counts pass 2**24 in long runs, so they stay integers and the
     # scalar factors are formed in float64.
@@ -108,8 +121,9 @@ def _normalizer_kernel(x_ptr, offs_ptr, nblocks, mean_ptr, acc_ptr, std_ptr, wid
             rows = rs + tl.arange(0, BLOCK_M)
             rmask = rows < r1
             msk = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * width + cols[None, :], mask=msk,
-                        other=0.0).to(tl.float32)
+            x = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * width + cols[None, :], mask=msk, other=0.0
+            ).to(tl.float32)
             c = tl.sum(rmask.to(tl.float32), axis=0)
             cmean = tl.div_rn(tl.sum(x, axis=0), c)
             dev = tl.where(msk, x - cmean[None, :], 0.0)
@@ -144,8 +158,10 @@ def _stacked_rows(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     base = first.untyped_storage().data_ptr()
     # Same storage too: separate allocations can be adjacent (CUDA caching allocator),
     # and a view may not reach past its own storage.
-    same = all(b.dtype == first.dtype and b.is_contiguous()
-               and b.untyped_storage().data_ptr() == base for b in blocks)
+    same = all(
+        b.dtype == first.dtype and b.is_contiguous() and b.untyped_storage().data_ptr() == base
+        for b in blocks
+    )
     if same:
         item = first.element_size()
         ptr = first.data_ptr()
@@ -160,8 +176,14 @@ def _stacked_rows(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([b.contiguous() for b in blocks], dim=0)
 
 
-def normalizer_update_(mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor,
-                       ks: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], n: int) -> None:
+def normalizer_update_(
+    mean: torch.Tensor,
+    acc: torch.Tensor,
+    std: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    gs: Sequence[torch.Tensor],
+    n: int,
+) -> None:
     op = "triton normalizer_update_"
     if len(ks) != len(gs):
         raise ValueError(f"{op}: ks and gs must have the same length, got {len(ks)} and {len(gs)}")
@@ -170,21 +192,30 @@ def normalizer_update_(mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor,
     D = mean.numel()
     for name, t in (("mean", mean), ("acc", acc), ("std", std)):
         if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != D or not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous float32 of shape [{D}], "
-                             f"got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: {name} must be contiguous float32 of shape [{D}], got {t.dtype} {tuple(t.shape)}"
+            )
     if not ks:
         return
     d_in = ks[0].shape[1] if ks[0].dim() == 2 else -1
     d_out = D - d_in
     rows: List[int] = []
     for i, (k, g) in enumerate(zip(ks, gs)):
-        if k.dim() != 2 or g.dim() != 2 or k.shape[0] != g.shape[0] \
-                or k.shape[1] != d_in or g.shape[1] != d_out:
-            raise ValueError(f"{op}: block {i}: expected ks[i] (m x {d_in}) and gs[i] "
-                             f"(m x {d_out}), got {tuple(k.shape)} and {tuple(g.shape)}")
+        if (
+            k.dim() != 2
+            or g.dim() != 2
+            or k.shape[0] != g.shape[0]
+            or k.shape[1] != d_in
+            or g.shape[1] != d_out
+        ):
+            raise ValueError(
+                f"{op}: block {i}: expected ks[i] (m x {d_in}) and gs[i] "
+                f"(m x {d_out}), got {tuple(k.shape)} and {tuple(g.shape)}"
+            )
         if k.dtype not in _FLOATS or g.dtype not in _FLOATS:
-            raise TypeError(f"{op}: block {i}: ks/gs must be float32, bfloat16 or float16, "
-                            f"got {k.dtype} and {g.dtype}")
+            raise TypeError(
+                f"{op}: block {i}: ks/gs must be float32, bfloat16 or float16, got {k.dtype} and {g.dtype}"
+            )
         rows.append(k.shape[0])
     dev = _check_device(op, mean, acc, std, *ks, *gs)
     if sum(rows) == 0:
@@ -199,14 +230,25 @@ def normalizer_update_(mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor,
             if width == 0:
                 continue
             grid = (triton.cdiv(width, BLOCK_D),)
-            _normalizer_kernel[grid](x, offs, len(rows), mean[off:], acc[off:], std[off:],
-                                     width, EPS, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+            _normalizer_kernel[grid](
+                x,
+                offs,
+                len(rows),
+                mean[off:],
+                acc[off:],
+                std[off:],
+                width,
+                EPS,
+                BLOCK_M=BLOCK_M,
+                BLOCK_D=BLOCK_D,
+            )
 
 
 # --------------------------------------------------------------------------- shift values
 @triton.jit
-def _shift_values_kernel(k_ptr, g_ptr, mean_ptr, std_ptr, v_ptr, d_in, d_out, neg_lr, eps,
-                         BLOCK: tl.constexpr):
+def _shift_values_kernel(
+    k_ptr, g_ptr, mean_ptr, std_ptr, v_ptr, d_in, d_out, neg_lr, eps, BLOCK: tl.constexpr
+):
     r = tl.program_id(0).to(tl.int64)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     for j0 in range(0, d_in, BLOCK):
@@ -227,20 +269,26 @@ def _shift_values_kernel(k_ptr, g_ptr, mean_ptr, std_ptr, v_ptr, d_in, d_out, ne
         tl.store(v_ptr + r * d_out + j, scale * tl.div_rn(x - mu, sd + eps), mask=msk)
 
 
-def shift_values(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 lr: float) -> torch.Tensor:
+def shift_values(
+    k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lr: float
+) -> torch.Tensor:
     op = "triton shift_values"
     if k.dim() != 2 or g.dim() != 2 or k.shape[0] != g.shape[0]:
-        raise ValueError(f"{op}: k (N x d_in) and g (N x d_out) must be 2-D with the same N, "
-                         f"got {tuple(k.shape)} and {tuple(g.shape)}")
+        raise ValueError(
+            f"{op}: k (N x d_in) and g (N x d_out) must be 2-D with the same N, "
+            f"got {tuple(k.shape)} and {tuple(g.shape)}"
+        )
     N, d_in = k.shape
     d_out = g.shape[1]
     if mean.shape != (d_in + d_out,) or std.shape != (d_in + d_out,):
-        raise ValueError(f"{op}: mean and std must have shape ({d_in + d_out},), "
-                         f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+        raise ValueError(
+            f"{op}: mean and std must have shape ({d_in + d_out},), "
+            f"got {tuple(mean.shape)} and {tuple(std.shape)}"
+        )
     if k.dtype not in _FLOATS or g.dtype not in _FLOATS:
-        raise TypeError(f"{op}: k and g must be float32, bfloat16 or float16, "
-                        f"got {k.dtype} and {g.dtype}")
+        raise TypeError(
+            f"{op}: k and g must be float32, bfloat16 or float16, got {k.dtype} and {g.dtype}"
+        )
     if mean.dtype != torch.float32 or std.dtype != torch.float32:
         raise TypeError(f"{op}: mean and std must be float32, got {mean.dtype} and {std.dtype}")
     dev = _check_device(op, k, g, mean, std)
@@ -249,9 +297,18 @@ def shift_values(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torc
         return V
     BLOCK = 128 if _interpreting() else 1024
     with _on_device(dev):
-        _shift_values_kernel[(N,)](k.contiguous(), g.contiguous(), mean.contiguous(),
-                                   std.contiguous(), V, d_in, d_out, float(-lr), EPS,
-                                   BLOCK=BLOCK)
+        _shift_values_kernel[(N,)](
+            k.contiguous(),
+            g.contiguous(),
+            mean.contiguous(),
+            std.contiguous(),
+            V,
+            d_in,
+            d_out,
+            float(-lr),
+            EPS,
+            BLOCK=BLOCK,
+        )
     return V
 
 
@@ -269,9 +326,21 @@ def _round_tf32(x):
 
 
 @triton.jit
-def _rank_update_kernel(w_ptr, l_ptr, r_ptr, N, R, C, ws0, ws1,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        TF32: tl.constexpr, BF16_BITS: tl.constexpr):
+def _rank_update_kernel(
+    w_ptr,
+    l_ptr,
+    r_ptr,
+    N,
+    R,
+    C,
+    ws0,
+    ws1,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    TF32: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
     # w (R x C) += L^T @ Rm,  L: N x R and Rm: N x C row-major float32.
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -280,8 +349,8 @@ def _rank_update_kernel(w_ptr, l_ptr, r_ptr, N, R, C, ws0, ws1,
     ks = tl.arange(0, BK)
     # Pointers to the first BK rows of the two operand tiles, advanced by BK rows
     # a step (pointer arithmetic is 64-bit; the offsets within a step are small).
-    lp = l_ptr + ks[None, :] * R + rows[:, None]            # BM x BK: L^T's tile
-    rp = r_ptr + ks[:, None] * C + cols[None, :]            # BK x BN: Rm's tile
+    lp = l_ptr + ks[None, :] * R + rows[:, None]  # BM x BK: L^T's tile
+    rp = r_ptr + ks[:, None] * C + cols[None, :]  # BK x BN: Rm's tile
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, N, BK):
         kmask = ks < N - k0
@@ -330,8 +399,14 @@ _RANK_CONFIG_TF32 = (128, 128, 32, 8, 3)
 _RANK_CONFIG_IEEE = (64, 64, 32, 4, 3)  # as before, with Triton's default num_stages
 _RANK_CONFIG_INTERPRET = (32, 32, 16, 4, 1)
 RANK_CONFIGS_TO_TRY = [
-    (128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (128, 128, 16, 8, 5),
-    (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+    (128, 128, 32, 8, 3),
+    (128, 128, 32, 8, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 16, 8, 5),
+    (128, 256, 32, 8, 3),
+    (256, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
 ]
 
 
@@ -351,20 +426,26 @@ def _has_overlap(w: torch.Tensor) -> bool:
 def rank_update_(w: torch.Tensor, a: torch.Tensor, k: torch.Tensor, transposed: bool) -> None:
     op = "triton rank_update_"
     if w.dim() != 2 or a.dim() != 2 or k.dim() != 2 or a.shape[0] != k.shape[0]:
-        raise ValueError(f"{op}: w, a (N x d_out) and k (N x d_in) must be 2-D with the same N, "
-                         f"got {tuple(w.shape)}, {tuple(a.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"{op}: w, a (N x d_out) and k (N x d_in) must be 2-D with the same N, "
+            f"got {tuple(w.shape)}, {tuple(a.shape)} and {tuple(k.shape)}"
+        )
     N, d_out = a.shape
     d_in = k.shape[1]
     R, C = (d_in, d_out) if transposed else (d_out, d_in)
     if tuple(w.shape) != (R, C):
-        raise ValueError(f"{op}: w must have shape {(R, C)} for a {tuple(a.shape)}, "
-                         f"k {tuple(k.shape)} and transposed={transposed}, got {tuple(w.shape)}")
+        raise ValueError(
+            f"{op}: w must have shape {(R, C)} for a {tuple(a.shape)}, "
+            f"k {tuple(k.shape)} and transposed={transposed}, got {tuple(w.shape)}"
+        )
     if w.dtype not in _FLOATS or a.dtype not in _FLOATS or k.dtype not in _FLOATS:
-        raise TypeError(f"{op}: w, a and k must be float32, bfloat16 or float16, "
-                        f"got {w.dtype}, {a.dtype} and {k.dtype}")
+        raise TypeError(
+            f"{op}: w, a and k must be float32, bfloat16 or float16, got {w.dtype}, {a.dtype} and {k.dtype}"
+        )
     if _has_overlap(w):
-        raise ValueError(f"{op}: w has overlapping memory (e.g. an expanded view); "
-                         "it cannot be updated in place")
+        raise ValueError(
+            f"{op}: w has overlapping memory (e.g. an expanded view); it cannot be updated in place"
+        )
     check_no_alias(op, w, a, k)
     dev = _check_device(op, w, a, k)
     if N == 0 or w.numel() == 0:
@@ -389,7 +470,20 @@ def _launch_rank_update(w, L, Rm, dev, config) -> None:
     BM, BN, BK, warps, stages = config
     grid = (triton.cdiv(R, BM), triton.cdiv(C, BN))
     with _on_device(dev):
-        _rank_update_kernel[grid](w, L, Rm, N, R, C, w.stride(0), w.stride(1),
-                                  BM=BM, BN=BN, BK=BK, TF32=tf32,
-                                  BF16_BITS=w.dtype == torch.bfloat16,
-                                  num_warps=warps, num_stages=stages)
+        _rank_update_kernel[grid](
+            w,
+            L,
+            Rm,
+            N,
+            R,
+            C,
+            w.stride(0),
+            w.stride(1),
+            BM=BM,
+            BN=BN,
+            BK=BK,
+            TF32=tf32,
+            BF16_BITS=w.dtype == torch.bfloat16,
+            num_warps=warps,
+            num_stages=stages,
+        )

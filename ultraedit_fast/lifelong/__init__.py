@@ -2,6 +2,7 @@
 scored before, along and after the stream, with timings, peak memory, exports and a
 resumable record written as one JSON file (:mod:`.runner`) and one PNG plot
 (:mod:`.plot`)."""
+
 from .runner import run_lifelong, score
 
 __all__ = ["run_lifelong", "score"]

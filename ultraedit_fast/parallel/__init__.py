@@ -2,6 +2,7 @@
 the read/write lock that lets a model serve while it is edited and the hooks that act for
 one thread only (:mod:`.concurrency`), and tensor-parallel (``DTensor``) weights, their
 collectives and the shift of row-sharded modules (:mod:`.distributed`)."""
+
 from .concurrency import serving
 
 __all__ = ["serving"]

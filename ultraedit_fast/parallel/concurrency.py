@@ -14,6 +14,7 @@ Two locks per model, shared by all editors of that model:
 Readers block a turn's apply phase (milliseconds to a second) and the apply phase blocks new
 readers; waiting writers go first, so a busy server cannot starve an edit.
 """
+
 from __future__ import annotations
 
 import threading
@@ -62,7 +63,8 @@ class ReadWriteLock:
                     raise RuntimeError(
                         "this thread is inside serving() (it holds the model's read lock) "
                         "and asked to write the weights: it would wait for itself; edit "
-                        "outside the serving() block")
+                        "outside the serving() block"
+                    )
                 self._waiting_writers += 1
                 try:
                     while self._writer is not None or self._readers:

@@ -19,6 +19,7 @@ on none. Bytes communicated are counted (:data:`COUNTER`). Only these two layout
 one-dimensional device mesh, on ``nn.Linear`` weights, are supported; any other is refused
 at construction, naming the module.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class TensorParallel:
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place (counted in :data:`COUNTER`)."""
         import torch.distributed as dist
+
         COUNTER.add(t)
         dist.all_reduce(t, group=self.group)
         return t
@@ -89,25 +91,34 @@ def tensor_parallel(name: str, weight, transposed: bool) -> Optional[TensorParal
     DTensor, Replicate, Shard = _dtensor_types()
     mesh, placements = weight.device_mesh, weight.placements
     if mesh.ndim != 1 or len(placements) != 1:
-        raise ValueError(f"modules: {name!r} is sharded over a {mesh.ndim}-d device mesh "
-                         f"({placements}); the editor supports one tensor-parallel dimension")
+        raise ValueError(
+            f"modules: {name!r} is sharded over a {mesh.ndim}-d device mesh "
+            f"({placements}); the editor supports one tensor-parallel dimension"
+        )
     if transposed:
-        raise ValueError(f"modules: {name!r} is a GPT-2 Conv1D sharded as a DTensor; the "
-                         "editor supports tensor-parallel nn.Linear weights only")
+        raise ValueError(
+            f"modules: {name!r} is a GPT-2 Conv1D sharded as a DTensor; the "
+            "editor supports tensor-parallel nn.Linear weights only"
+        )
     p = placements[0]
     group = mesh.get_group()
     import torch.distributed as dist
+
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if isinstance(p, Replicate):
         return TensorParallel("replicated", world, rank, group)
     if isinstance(p, Shard) and p.dim in (0, 1):
         shape = tuple(weight.shape)
         if shape[p.dim] % world:
-            raise ValueError(f"modules: {name!r} has {shape[p.dim]} {'rows' if p.dim == 0 else 'columns'}"
-                             f", not a multiple of the {world} ranks it is sharded over")
+            raise ValueError(
+                f"modules: {name!r} has {shape[p.dim]} {'rows' if p.dim == 0 else 'columns'}"
+                f", not a multiple of the {world} ranks it is sharded over"
+            )
         return TensorParallel("col" if p.dim == 0 else "row", world, rank, group)
-    raise ValueError(f"modules: {name!r} has the placement {p} (expected Shard(0): column "
-                     "parallel, Shard(1): row parallel, or Replicate)")
+    raise ValueError(
+        f"modules: {name!r} has the placement {p} (expected Shard(0): column "
+        "parallel, Shard(1): row parallel, or Replicate)"
+    )
 
 
 def local(t):
@@ -116,8 +127,14 @@ def local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
-def row_shift_values(k: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                     lr: float, tp: TensorParallel) -> torch.Tensor:
+def row_shift_values(
+    k: torch.Tensor,
+    g: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    lr: float,
+    tp: TensorParallel,
+) -> torch.Tensor:
     """``V = -lr * |k_hat|^2 * g_hat`` for a row-parallel module: ``k`` is this rank's slice
     of the keys (and the state's first part is its slice of the key statistics), so
     ``|k_hat|^2`` is summed over the ranks."""
@@ -142,9 +159,12 @@ def launched_ranks() -> "tuple[int, int]":
     """``(rank, world size)`` as ``torchrun`` announces them in the environment (``(0, 1)``
     outside it); read before ``torch.distributed`` is initialised."""
     import os
+
     try:
         return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ValueError("RANK / WORLD_SIZE: expected integers in the environment (as "
-                         "torchrun sets them), got "
-                         f"{os.environ.get('RANK')!r} / {os.environ.get('WORLD_SIZE')!r}") from None
+        raise ValueError(
+            "RANK / WORLD_SIZE: expected integers in the environment (as "
+            "torchrun sets them), got "
+            f"{os.environ.get('RANK')!r} / {os.environ.get('WORLD_SIZE')!r}"
+        ) from None

@@ -22,6 +22,7 @@ success that the model never produces on its own; these scores ask the model to 
 Decoding is batched with a KV cache, prompts left-padded (positions counted from each
 prompt's first real token), and checked against one-prompt-at-a-time decoding in the tests.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -72,8 +73,10 @@ def _device(model):
 
 def _eos_ids(tokenizer, model) -> set:
     ids = set()
-    for v in (getattr(tokenizer, "eos_token_id", None),
-              getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for v in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if isinstance(v, int):
             ids.add(v)
         elif isinstance(v, (list, tuple)):
@@ -114,15 +117,20 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> Tuple[torch.Tensor,
     ids = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for r, x in enumerate(seqs):
-        ids[r, T - len(x):] = torch.tensor(list(x), dtype=torch.long)
-        mask[r, T - len(x):] = 1
+        ids[r, T - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+        mask[r, T - len(x) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]],
-                  max_new_tokens: Sequence[int], batch_size: int = 16,
-                  stop_at_eos: bool = True) -> List[List[int]]:
+def greedy_decode(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: Sequence[int],
+    batch_size: int = 16,
+    stop_at_eos: bool = True,
+) -> List[List[int]]:
     """Greedy continuations (new token ids) of the token-id ``prompts``, each of at most
     ``max_new_tokens[i]`` tokens, stopping at an end-of-sequence token (not included).
 
@@ -140,22 +148,24 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]],
     with preserved_model_state(model):
         model.eval()
         for s in range(0, len(order), batch_size):
-            progress.update(len(order[s:s + batch_size]))
-            idx = [i for i in order[s:s + batch_size] if max_new_tokens[i] > 0]
+            progress.update(len(order[s : s + batch_size]))
+            idx = [i for i in order[s : s + batch_size] if max_new_tokens[i] > 0]
             if not idx:
                 continue
             ids, mask = _left_padded([prompts[i] for i in idx], pad)
             with weights.reading():  # one whole model for the whole continuation
-                rows = _greedy_batch(model, ids.to(device), mask.to(device),
-                                     [max_new_tokens[i] for i in idx], eos)
+                rows = _greedy_batch(
+                    model, ids.to(device), mask.to(device), [max_new_tokens[i] for i in idx], eos
+                )
             for i, row in zip(idx, rows):
                 out[i] = row
     progress.close()
     return out
 
 
-def _greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, limits: Sequence[int],
-                  eos: set) -> List[List[int]]:
+def _greedy_batch(
+    model, ids: torch.Tensor, mask: torch.Tensor, limits: Sequence[int], eos: set
+) -> List[List[int]]:
     """The greedy continuations of one left-padded batch: row ``r`` runs until an ``eos``
     token (not kept) or ``limits[r]`` new tokens; the batch stops when every row has."""
     device = ids.device
@@ -176,20 +186,28 @@ def _greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, limits: Sequence
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
-        logits, cache = _last_logits(model, cache, input_ids=nxt[:, None],
-                                     attention_mask=mask, position_ids=pos)
+        logits, cache = _last_logits(
+            model, cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos
+        )
     toks = torch.stack(new, 1).tolist() if new else [[] for _ in limits]
-    return [row[:row.index(-1)] if -1 in row else row for row in toks]
+    return [row[: row.index(-1)] if -1 in row else row for row in toks]
 
 
-def continuations(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                  batch_size: int = 16, chat_template: bool = False,
-                  extra: int = EXTRA_TOKENS) -> List[str]:
+def continuations(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 16,
+    chat_template: bool = False,
+    extra: int = EXTRA_TOKENS,
+) -> List[str]:
     """The greedy continuation of each prompt, of up to ``len(tok(" " + answer)) + extra``
     tokens, decoded (special tokens skipped)."""
     ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
-    budget = [len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + extra
-              for a in answers]
+    budget = [
+        len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + extra for a in answers
+    ]
     gen = greedy_decode(model, tokenizer, ids, budget, batch_size)
     return [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
 
@@ -201,29 +219,37 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     words = _WORD.findall(text)
     vals = []
     for n, w in zip(ns, weights):
-        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
         total = sum(grams.values())
         h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
         vals.append(w * h)
     return sum(vals) / len(vals)
 
 
-def fluency(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = FLUENCY_TOKENS,
-            batch_size: int = 16, chat_template: bool = False) -> Optional[float]:
+def fluency(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = FLUENCY_TOKENS,
+    batch_size: int = 16,
+    chat_template: bool = False,
+) -> Optional[float]:
     """The mean n-gram entropy of free greedy generations from ``prompts``."""
     if not prompts:
         return None
     ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
-    gen = greedy_decode(model, tokenizer, ids, [max_new_tokens] * len(ids), batch_size,
-                        stop_at_eos=False)
+    gen = greedy_decode(
+        model, tokenizer, ids, [max_new_tokens] * len(ids), batch_size, stop_at_eos=False
+    )
     texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gen]
     return sum(ngram_entropy(t) for t in texts) / len(texts)
 
 
 # ----------------------------------------------------------------------------- drift
 @torch.no_grad()
-def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int = 16,
-                        chat_template: bool = False) -> torch.Tensor:
+def next_token_logprobs(
+    model, tokenizer, prompts: Sequence[str], batch_size: int = 16, chat_template: bool = False
+) -> torch.Tensor:
     """``[len(prompts), vocab]`` float32 log-probabilities of the token after each prompt
     (on the CPU)."""
     device = _device(model)
@@ -235,12 +261,16 @@ def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: in
     with preserved_model_state(model):
         model.eval()
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             x, m = _left_padded([ids[i] for i in idx], pad)
             x, m = x.to(device), m.to(device)
             with weights.reading():
-                logits, _ = _last_logits(model, input_ids=x, attention_mask=m,
-                                         position_ids=(m.cumsum(-1) - 1).clamp_min(0))
+                logits, _ = _last_logits(
+                    model,
+                    input_ids=x,
+                    attention_mask=m,
+                    position_ids=(m.cumsum(-1) - 1).clamp_min(0),
+                )
             lp = torch.log_softmax(logits, -1).cpu()
             for r, i in enumerate(idx):
                 rows[i] = lp[r]
@@ -251,8 +281,10 @@ def drift(base: torch.Tensor, edited: torch.Tensor) -> Dict[str, float]:
     """``{"drift_kl": mean KL(base || edited), "drift_top1": share of unchanged argmax}``
     from two :func:`next_token_logprobs` results."""
     if base.shape != edited.shape:
-        raise ValueError(f"drift: the baseline has shape {tuple(base.shape)}, the edited model's "
-                         f"{tuple(edited.shape)}; capture both on the same prompts")
+        raise ValueError(
+            f"drift: the baseline has shape {tuple(base.shape)}, the edited model's "
+            f"{tuple(edited.shape)}; capture both on the same prompts"
+        )
     p = base.exp()
     kl = (p * (base - edited)).sum(-1).clamp_min(0)
     top1 = (base.argmax(-1) == edited.argmax(-1)).float()

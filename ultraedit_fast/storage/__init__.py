@@ -3,6 +3,7 @@ hash-checked checkpoint (:mod:`.checkpoint`; its manifest in :mod:`.manifest`, t
 fingerprint it checks in :mod:`.fingerprint`, its directory lock in :mod:`.directory`),
 and the edits themselves as a weight patch for a fresh copy of the base model or as a PEFT
 LoRA adapter (:mod:`.export`). Loading never runs code: JSON and safetensors only."""
+
 from .checkpoint import CheckpointWeightsWarning
 from .export import apply_patch, load_lora
 

@@ -39,6 +39,7 @@ The manifest's schema and its validation are in :mod:`.manifest`, the model's fi
 in :mod:`.fingerprint`, the directory's lock and clean-up in :mod:`.directory`; this module
 writes and reads the two files and decodes a checkpoint for the editor that continues it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,12 +55,35 @@ from ..core.normalizer import NormalizerState
 from ..utils.files import atomic_write_bytes, unlink_quietly
 from .directory import LOCKFILE, DirLock, as_path, checked_directory, remove_stale_tmp
 from .fingerprint import fingerprint, fingerprint_diff, weights_digest
-from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, TENSOR_FILE, bad,
-                       canonical, decode_key, encode_key, manifest_body, parse_manifest, seal)
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    TENSOR_FILE,
+    bad,
+    canonical,
+    decode_key,
+    encode_key,
+    manifest_body,
+    parse_manifest,
+    seal,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "LOCKFILE", "MANIFEST", "Checkpoint",
-           "CheckpointWeightsWarning", "fingerprint", "fingerprint_diff", "load_checkpoint",
-           "read_checkpoint", "weights_digest", "write_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LOCKFILE",
+    "MANIFEST",
+    "Checkpoint",
+    "CheckpointWeightsWarning",
+    "fingerprint",
+    "fingerprint_diff",
+    "load_checkpoint",
+    "read_checkpoint",
+    "weights_digest",
+    "write_checkpoint",
+]
 
 _canonical = canonical  # the manifest's self-hash (tests sign forged manifests with it)
 _RETRIES = 50  # a load that keeps racing saves tries this many times (a few seconds)
@@ -70,11 +94,19 @@ class CheckpointWeightsWarning(UserWarning):
 
 
 # ============================================================================ save
-def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], turns: int,
-                     normalizers: Mapping[object, NormalizerState], fingerprint: dict,
-                     weights_sample_sha256: str, undo: Optional[dict] = None,
-                     base_sha256: Optional[Mapping[str, str]] = None,
-                     tensor_parallel: Optional[Mapping[str, int]] = None) -> str:
+def write_checkpoint(
+    path,
+    *,
+    config: Mapping[str, Any],
+    preset: Optional[str],
+    turns: int,
+    normalizers: Mapping[object, NormalizerState],
+    fingerprint: dict,
+    weights_sample_sha256: str,
+    undo: Optional[dict] = None,
+    base_sha256: Optional[Mapping[str, str]] = None,
+    tensor_parallel: Optional[Mapping[str, int]] = None,
+) -> str:
     """Write a checkpoint to the directory ``path`` (created if missing), atomically.
 
     ``config``: the editor's options (:meth:`EditorConfig.to_dict`), ``normalizers``:
@@ -85,17 +117,26 @@ def write_checkpoint(path, *, config: Mapping[str, Any], preset: Optional[str], 
 
     directory = checked_directory(path)
     tensors, states_meta, entries, log_meta = _pack_tensors(normalizers, undo)
-    body = manifest_body(config=config, preset=preset, turns=turns, fingerprint=fingerprint,
-                         weights_sample_sha256=weights_sample_sha256, base_sha256=base_sha256,
-                         tensor_parallel=tensor_parallel, states=states_meta,
-                         normalizers=entries, undo_log=log_meta)
+    body = manifest_body(
+        config=config,
+        preset=preset,
+        turns=turns,
+        fingerprint=fingerprint,
+        weights_sample_sha256=weights_sample_sha256,
+        base_sha256=base_sha256,
+        tensor_parallel=tensor_parallel,
+        states=states_meta,
+        normalizers=entries,
+        undo_log=log_meta,
+    )
     data = to_bytes(tensors, metadata={"format": FORMAT})
     tensors.clear()  # the bytes hold them now
     return _commit(directory, data, body)
 
 
-def _pack_tensors(normalizers: Mapping[object, NormalizerState], undo: Optional[dict]
-                  ) -> Tuple[Dict[str, torch.Tensor], List[dict], List[dict], Optional[dict]]:
+def _pack_tensors(
+    normalizers: Mapping[object, NormalizerState], undo: Optional[dict]
+) -> Tuple[Dict[str, torch.Tensor], List[dict], List[dict], Optional[dict]]:
     """Every tensor of the checkpoint by its name in the tensor file, and the manifest's
     description of them: ``(tensors, states, normalizers, undo_log)``. A state shared by
     several keys (or kept by several undo turns) is stored once."""
@@ -109,8 +150,9 @@ def _pack_tensors(normalizers: Mapping[object, NormalizerState], undo: Optional[
             j = pool[id(state)] = len(states_meta)
             states_meta.append({"d_in": state.d_in, "d_out": state.d_out, "n": int(state.n)})
             for part in ("mean", "acc", "std"):
-                tensors[f"state.{j}.{part}"] = getattr(state, part).detach().to(
-                    "cpu", torch.float32).contiguous()
+                tensors[f"state.{j}.{part}"] = (
+                    getattr(state, part).detach().to("cpu", torch.float32).contiguous()
+                )
         return j
 
     entries = [{"key": encode_key(k), "state": put_state(s)} for k, s in normalizers.items()]
@@ -124,10 +166,16 @@ def _pack_tensors(normalizers: Mapping[object, NormalizerState], undo: Optional[
                 tensors[f"undo.{r}.a.{name}"] = a.contiguous()
             for i, kk in enumerate(rec["keys"]):
                 tensors[f"undo.{r}.kk.{i}"] = kk.contiguous()
-            records.append({
-                "normalizers": [{"key": encode_key(k), "state": put_state(s)}
-                                for k, s in rec["states"].items()],
-                "kk": dict(rec["kk"]), "n_keys": len(rec["keys"])})
+            records.append(
+                {
+                    "normalizers": [
+                        {"key": encode_key(k), "state": put_state(s)}
+                        for k, s in rec["states"].items()
+                    ],
+                    "kk": dict(rec["kk"]),
+                    "n_keys": len(rec["keys"]),
+                }
+            )
         log_meta = {"base": list(undo["base"]), "turns": records}
     return tensors, states_meta, entries, log_meta
 
@@ -205,8 +253,9 @@ def _checkpoint_directory(path) -> str:
     except PermissionError:
         raise ValueError(f"path: {directory!r}: permission denied (cannot read it)") from None
     if not os.path.isdir(directory):
-        raise ValueError(f"path: {directory!r} is not a checkpoint directory written by "
-                         "UltraEditor.save")
+        raise ValueError(
+            f"path: {directory!r} is not a checkpoint directory written by UltraEditor.save"
+        )
     return directory
 
 
@@ -215,8 +264,10 @@ def _read_manifest(mpath: str) -> bytes:
     try:
         raw = _read_bytes(mpath, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
-        raise bad(mpath, "missing; not a checkpoint written by UltraEditor.save (or its "
-                  "first save never completed)") from None
+        raise bad(
+            mpath,
+            "missing; not a checkpoint written by UltraEditor.save (or its first save never completed)",
+        ) from None
     except PermissionError:
         raise bad(mpath, "permission denied (cannot read the manifest)") from None
     except IsADirectoryError:
@@ -237,11 +288,14 @@ def _read_tensor_file(tpath: str, info: dict) -> Tuple[Optional[bytes], Optional
     except PermissionError:
         raise bad(tpath, "permission denied (cannot read the tensor file)") from None
     if len(data) != info["bytes"]:
-        return None, bad(tpath, f"{len(data)} bytes, the manifest says {info['bytes']}: the "
-                         "file is truncated or was modified")
+        return None, bad(
+            tpath,
+            f"{len(data)} bytes, the manifest says {info['bytes']}: the file is truncated or was modified",
+        )
     if hashlib.sha256(data).hexdigest() != info["sha256"]:
-        return None, bad(tpath, "sha256 hash mismatch with the manifest: the file was "
-                         "modified or is corrupt")
+        return None, bad(
+            tpath, "sha256 hash mismatch with the manifest: the file was modified or is corrupt"
+        )
     return data, None
 
 
@@ -274,37 +328,52 @@ class Checkpoint:
     def _tensor(self, name, shape, dtype=torch.float32):
         t = self._tensors.get(name)
         if t is None:
-            raise bad(self.manifest_path, f"tensor {name!r} is missing from "
-                      f"{self._body['tensors']['file']}")
+            raise bad(
+                self.manifest_path,
+                f"tensor {name!r} is missing from {self._body['tensors']['file']}",
+            )
         if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
-            raise bad(self.manifest_path, f"tensor {name!r} has shape {tuple(t.shape)} and "
-                      f"dtype {t.dtype}, expected {tuple(shape)} and {dtype}")
+            raise bad(
+                self.manifest_path,
+                f"tensor {name!r} has shape {tuple(t.shape)} and "
+                f"dtype {t.dtype}, expected {tuple(shape)} and {dtype}",
+            )
         return t
 
     def _state(self, j, key, shapes, devices) -> NormalizerState:
         states_meta = self._body["states"]
         if key not in shapes:
-            raise bad(self.manifest_path, f"normaliser key {key!r} is not one of this "
-                      f"editor's {sorted(map(str, shapes))}")
+            raise bad(
+                self.manifest_path,
+                f"normaliser key {key!r} is not one of this editor's {sorted(map(str, shapes))}",
+            )
         if not isinstance(j, int) or not 0 <= j < len(states_meta):
             raise bad(self.manifest_path, f"state index {j!r} out of range")
         if j not in self._pool:
             m = states_meta[j]
             d_in, d_out, n = int(m["d_in"]), int(m["d_out"]), int(m["n"])
             if (d_in, d_out) != tuple(shapes[key]) or n < 0:
-                raise bad(self.manifest_path, f"state {j} has shape {(d_in, d_out)} and "
-                          f"n={n}, expected {tuple(shapes[key])} for key {key!r}")
-            parts = [self._tensor(f"state.{j}.{p}", (d_in + d_out,)).to(devices[key], copy=True)
-                     for p in ("mean", "acc", "std")]
+                raise bad(
+                    self.manifest_path,
+                    f"state {j} has shape {(d_in, d_out)} and "
+                    f"n={n}, expected {tuple(shapes[key])} for key {key!r}",
+                )
+            parts = [
+                self._tensor(f"state.{j}.{p}", (d_in + d_out,)).to(devices[key], copy=True)
+                for p in ("mean", "acc", "std")
+            ]
             self._pool[j] = NormalizerState(d_in, d_out, n, *parts)
         return self._pool[j]
 
     def _states(self, entries, shapes, devices) -> Dict[object, NormalizerState]:
-        return {decode_key(e["key"]): self._state(e["state"], decode_key(e["key"]), shapes,
-                                                  devices) for e in entries}
+        return {
+            decode_key(e["key"]): self._state(e["state"], decode_key(e["key"]), shapes, devices)
+            for e in entries
+        }
 
-    def normalizers(self, shapes: Mapping[object, Tuple[int, int]],
-                    devices: Mapping[object, torch.device]) -> Dict[object, NormalizerState]:
+    def normalizers(
+        self, shapes: Mapping[object, Tuple[int, int]], devices: Mapping[object, torch.device]
+    ) -> Dict[object, NormalizerState]:
         """The lifelong states, keyed as the editor keys them; ``shapes``/``devices``: per
         normaliser key, the ``(d_in, d_out)`` it must have and the device it goes to."""
         try:
@@ -313,8 +382,10 @@ class Checkpoint:
             raise bad(self.manifest_path, f"inconsistent manifest ({e!r})") from None
         if self.turns and set(states) != set(shapes):
             missing = sorted(map(str, set(shapes) - set(states)))
-            raise bad(self.manifest_path, f"field 'normalizers': no state for {missing} "
-                      f"after {self.turns} turns")
+            raise bad(
+                self.manifest_path,
+                f"field 'normalizers': no state for {missing} after {self.turns} turns",
+            )
         return states
 
     def undo(self, targets, shapes, devices) -> Optional[dict]:
@@ -327,14 +398,20 @@ class Checkpoint:
             by_name = {t.name: t for t in targets}
             if sorted(log_meta["base"]) != sorted(by_name):
                 raise bad(self.manifest_path, "the undo log does not cover the edited modules")
-            base = {name: self._tensor(f"undo.base.{name}", t.weight.shape, t.weight.dtype)
-                    for name, t in by_name.items()}
+            base = {
+                name: self._tensor(f"undo.base.{name}", t.weight.shape, t.weight.dtype)
+                for name, t in by_name.items()
+            }
             turns = []
             for r, rm in enumerate(log_meta["turns"]):
                 n_keys = int(rm["n_keys"])
                 keys = [self._tensors[f"undo.{r}.kk.{i}"] for i in range(n_keys)]
-                rec = {"states": self._states(rm["normalizers"], shapes, devices), "a": {},
-                       "kk": {}, "keys": keys}
+                rec = {
+                    "states": self._states(rm["normalizers"], shapes, devices),
+                    "a": {},
+                    "kk": {},
+                    "keys": keys,
+                }
                 for name, t in by_name.items():
                     i = rm["kk"][name]
                     if i is not None and not (isinstance(i, int) and 0 <= i < n_keys):
@@ -349,8 +426,10 @@ class Checkpoint:
         except (KeyError, TypeError) as e:
             raise bad(self.manifest_path, f"inconsistent manifest ({e!r})") from None
         if len(turns) > self.turns:
-            raise bad(self.manifest_path, f"the undo log holds {len(turns)} turns, more than "
-                      f"the {self.turns} turns made")
+            raise bad(
+                self.manifest_path,
+                f"the undo log holds {len(turns)} turns, more than the {self.turns} turns made",
+            )
         return {"base": base, "turns": turns}
 
 
@@ -370,7 +449,15 @@ def load_checkpoint(path) -> Checkpoint:
         raise bad(mpath, f"field 'config.{str(e).split(':')[0]}': {e}") from None
     if config.modules is None or config.lr is None:
         raise bad(mpath, "field 'config': 'modules' and 'lr' must be set")
-    return Checkpoint(mpath, config, preset if isinstance(preset, str) else None, turns,
-                      saved_fp, body.get("weights_sample_sha256"),
-                      dict(body.get("base_weights_sha256") or {}),
-                      body.get("tensor_parallel"), body, tensors)
+    return Checkpoint(
+        mpath,
+        config,
+        preset if isinstance(preset, str) else None,
+        turns,
+        saved_fp,
+        body.get("weights_sample_sha256"),
+        dict(body.get("base_weights_sha256") or {}),
+        body.get("tensor_parallel"),
+        body,
+        tensors,
+    )

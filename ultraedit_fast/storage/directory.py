@@ -2,6 +2,7 @@
 created (:func:`checked_directory`), one writer at a time (:class:`DirLock`, an exclusive
 ``flock`` on ``<dir>/.lock``), and the temporary files of writers that died removed
 (:func:`remove_stale_tmp`)."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def as_path(path, argument: str = "path") -> str:
     """``path`` as a ``str`` (``TypeError`` naming ``argument`` for anything but a str or an
     ``os.PathLike``)."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{argument}: expected a str or os.PathLike directory, got "
-                        f"{type(path).__name__}")
+        raise TypeError(
+            f"{argument}: expected a str or os.PathLike directory, got {type(path).__name__}"
+        )
     return os.fspath(path)
 
 
@@ -30,16 +32,20 @@ def checked_directory(path) -> str:
     naming it when it cannot be one."""
     directory = as_path(path)
     if os.path.lexists(directory) and not os.path.exists(directory):
-        raise ValueError(f"path: {directory!r} is a symbolic link that leads nowhere (broken, "
-                         "or a loop); a checkpoint is a directory")
+        raise ValueError(
+            f"path: {directory!r} is a symbolic link that leads nowhere (broken, "
+            "or a loop); a checkpoint is a directory"
+        )
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"path: {directory!r} exists and is not a directory; a checkpoint is "
-                         "a directory")
+        raise ValueError(
+            f"path: {directory!r} exists and is not a directory; a checkpoint is a directory"
+        )
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"path: cannot create the checkpoint directory {directory!r}: "
-                         f"{e.strerror or e}") from None
+        raise ValueError(
+            f"path: cannot create the checkpoint directory {directory!r}: {e.strerror or e}"
+        ) from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"path: {directory!r}: permission denied (cannot write there)")
     return directory
@@ -65,6 +71,7 @@ class DirLock:
     def __exit__(self, *exc):
         if self.fd is not None:
             import fcntl
+
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -24,6 +24,7 @@ logits equal the edited model's within float rounding, not bit for bit (a patch 
 A module whose weight is shared with another (tied input and output embeddings) cannot be a
 LoRA target (the adapter would change one use and not the other): refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,28 +67,45 @@ def _directory(path) -> str:
 
 
 # ----------------------------------------------------------------------------- the patch
-def write_patch(path, model, targets: Sequence[EditTarget], base_sha256: Mapping[str, str], *,
-                config: Mapping, turns: int) -> str:
+def write_patch(
+    path,
+    model,
+    targets: Sequence[EditTarget],
+    base_sha256: Mapping[str, str],
+    *,
+    config: Mapping,
+    turns: int,
+) -> str:
     """Write the patch of ``targets`` (their current weights) to the directory ``path``;
     ``base_sha256``: each target's original weight's :func:`weight_sha256`. Returns the
     manifest's path."""
     from safetensors.torch import save_file
+
     missing = [t.name for t in targets if t.name not in base_sha256]
     if missing:
-        raise ValueError(f"export_patch: the original weights of {missing} are unknown (an "
-                         "editor loaded from a checkpoint of an older version); a patch must "
-                         "name the base it applies to")
+        raise ValueError(
+            f"export_patch: the original weights of {missing} are unknown (an "
+            "editor loaded from a checkpoint of an older version); a patch must "
+            "name the base it applies to"
+        )
     d = _directory(path)
     with model_locks(model).weights.reading():
         tensors = {t.name: t.weight.detach().to("cpu").contiguous().clone() for t in targets}
     save_file(tensors, os.path.join(d, PATCH_TENSORS), metadata={"format": PATCH_FORMAT})
-    body = {"format": PATCH_FORMAT, "format_version": PATCH_VERSION,
-            "created_unix": time.time(), "ultraedit_fast": __version__,
-            "torch": torch.__version__,
-            "base": {"fingerprint": fingerprint(model, targets),
-                     "weights_sha256": {t.name: base_sha256[t.name] for t in targets}},
-            "edited_weights_sha256": {n: weight_sha256(w) for n, w in tensors.items()},
-            "config": dict(config), "turns": int(turns)}
+    body = {
+        "format": PATCH_FORMAT,
+        "format_version": PATCH_VERSION,
+        "created_unix": time.time(),
+        "ultraedit_fast": __version__,
+        "torch": torch.__version__,
+        "base": {
+            "fingerprint": fingerprint(model, targets),
+            "weights_sha256": {t.name: base_sha256[t.name] for t in targets},
+        },
+        "edited_weights_sha256": {n: weight_sha256(w) for n, w in tensors.items()},
+        "config": dict(config),
+        "turns": int(turns),
+    }
     mpath = os.path.join(d, PATCH_MANIFEST)
     atomic_write_json(mpath, body)
     return mpath
@@ -95,6 +113,7 @@ def write_patch(path, model, targets: Sequence[EditTarget], base_sha256: Mapping
 
 def read_patch(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
+
     d = os.fspath(path)
     mpath = os.path.join(d, PATCH_MANIFEST)
     if not os.path.isfile(mpath):
@@ -107,13 +126,17 @@ def read_patch(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     if not isinstance(body, dict) or body.get("format") != PATCH_FORMAT:
         raise ValueError(f"{mpath}: not an ultraedit_fast patch")
     if not isinstance(body.get("format_version"), int) or body["format_version"] > PATCH_VERSION:
-        raise ValueError(f"{mpath}: patch format version {body.get('format_version')!r}; this "
-                         f"package reads version {PATCH_VERSION} and older")
+        raise ValueError(
+            f"{mpath}: patch format version {body.get('format_version')!r}; this "
+            f"package reads version {PATCH_VERSION} and older"
+        )
     tensors = load_file(os.path.join(d, PATCH_TENSORS), device="cpu")
     for name, sha in body.get("edited_weights_sha256", {}).items():
         if name not in tensors or weight_sha256(tensors[name]) != sha:
-            raise ValueError(f"{os.path.join(d, PATCH_TENSORS)}: tensor {name!r} is missing or "
-                             "does not match the manifest's hash (a corrupt or altered patch)")
+            raise ValueError(
+                f"{os.path.join(d, PATCH_TENSORS)}: tensor {name!r} is missing or "
+                "does not match the manifest's hash (a corrupt or altered patch)"
+            )
     return body, tensors
 
 
@@ -134,13 +157,16 @@ def apply_patch(model, path) -> List[str]:
             pass  # the fingerprint names it
     diffs = fingerprint_diff(base["fingerprint"], fingerprint(model, targets))
     if diffs:
-        raise ValueError(f"model: it is not the base model of the patch {path}: "
-                         + "; ".join(diffs))
+        raise ValueError(
+            f"model: it is not the base model of the patch {path}: " + "; ".join(diffs)
+        )
     changed = [t.name for t in targets if weight_sha256(t.weight) != base["weights_sha256"][t.name]]
     if changed:
-        raise ValueError(f"model: the weights of {changed} are not the base model's (already "
-                         "edited, or another checkpoint of the architecture); a patch applies "
-                         "to the unedited base model")
+        raise ValueError(
+            f"model: the weights of {changed} are not the base model's (already "
+            "edited, or another checkpoint of the architecture); a patch applies "
+            "to the unedited base model"
+        )
     with torch.no_grad(), model_locks(model).weights.writing():
         for t in targets:
             t.weight.data.copy_(tensors[t.name].to(t.weight.device))
@@ -151,14 +177,18 @@ def apply_patch(model, path) -> List[str]:
 def _factorise(delta_t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` with ``B @ A = delta_t`` (``d_out x d_in``) at its numerical rank."""
     u, s, vh = torch.linalg.svd(delta_t.double(), full_matrices=False)
-    keep = int((s > s[0] * max(delta_t.shape) * torch.finfo(torch.float32).eps).sum()) \
-        if s.numel() and s[0] > 0 else 0
+    keep = (
+        int((s > s[0] * max(delta_t.shape) * torch.finfo(torch.float32).eps).sum())
+        if s.numel() and s[0] > 0
+        else 0
+    )
     keep = max(1, keep)
     return (u[:, :keep] * s[:keep]).float(), vh[:keep].float()
 
 
-def _truncate(b: torch.Tensor, a: torch.Tensor, rank: int
-              ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+def _truncate(
+    b: torch.Tensor, a: torch.Tensor, rank: int
+) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """The best rank-``rank`` approximation of ``b @ a`` (kept factored: QR of both sides,
     then the SVD of the small core), and its relative Frobenius error."""
     qb, rb = torch.linalg.qr(b.double())
@@ -172,22 +202,31 @@ def _truncate(b: torch.Tensor, a: torch.Tensor, rank: int
     return bb.float(), aa.float(), err
 
 
-def write_lora(path, model, targets: Sequence[EditTarget],
-               factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], *,
-               rank: Optional[int] = None, base_model_name_or_path: Optional[str] = None,
-               base_sha256: Optional[Mapping[str, str]] = None) -> dict:
+def write_lora(
+    path,
+    model,
+    targets: Sequence[EditTarget],
+    factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+    *,
+    rank: Optional[int] = None,
+    base_model_name_or_path: Optional[str] = None,
+    base_sha256: Optional[Mapping[str, str]] = None,
+) -> dict:
     """Write a PEFT LoRA adapter whose ``lora_B @ lora_A`` is each target's shift.
     ``factors[name] = (B, A)`` with ``B @ A = Delta W`` in the ``d_out x d_in`` layout.
     Returns ``{"rank": {module: r}, "relative_error": {module: e}, "bytes": n, "files": [...]}``."""
     from safetensors.torch import save_file
+
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank: expected None (exact) or a positive int, got {rank!r}")
     shared = _shared_weights(model)
     tied = [t.name for t in targets if id(t.weight) in shared]
     if tied:
-        raise ValueError(f"export_lora: {tied} share their weight with another module (tied "
-                         "embeddings); a LoRA on one of them would not change the other as the "
-                         "edit did: export a patch instead")
+        raise ValueError(
+            f"export_lora: {tied} share their weight with another module (tied "
+            "embeddings); a LoRA on one of them would not change the other as the "
+            "edit did: export a patch instead"
+        )
     d = _directory(path)
     tensors, ranks, errors = {}, {}, {}
     for t in targets:
@@ -203,32 +242,52 @@ def write_lora(path, model, targets: Sequence[EditTarget],
         tensors[f"base_model.model.{t.name}.lora_B.weight"] = b.contiguous()
     r0 = max(ranks.values())
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path or getattr(
-            getattr(model, "config", None), "_name_or_path", None),
-        "r": r0, "lora_alpha": r0, "lora_dropout": 0.0, "bias": "none",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": r0,
+        "lora_alpha": r0,
+        "lora_dropout": 0.0,
+        "bias": "none",
         "target_modules": [t.name for t in targets],
         "rank_pattern": {n: r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {n: r for n, r in ranks.items() if r != r0},
         "fan_in_fan_out": any(t.transposed for t in targets),
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
         "modules_to_save": None,
     }
     if len({t.transposed for t in targets}) > 1:
-        raise ValueError("export_lora: the edited modules mix nn.Linear and Conv1D layouts; "
-                         "one adapter has one fan_in_fan_out")
-    save_file(tensors, os.path.join(d, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+        raise ValueError(
+            "export_lora: the edited modules mix nn.Linear and Conv1D layouts; "
+            "one adapter has one fan_in_fan_out"
+        )
+    save_file(tensors, os.path.join(d, "adapter_model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(os.path.join(d, "adapter_config.json"), config)
-    atomic_write_json(os.path.join(d, BASE_FILE), {
-        "format": "ultraedit_fast.lora-base", "ultraedit_fast": __version__,
-        "fingerprint": fingerprint(model, targets), "weights_sha256": dict(base_sha256 or {}),
-        "relative_error": errors})
+    atomic_write_json(
+        os.path.join(d, BASE_FILE),
+        {
+            "format": "ultraedit_fast.lora-base",
+            "ultraedit_fast": __version__,
+            "fingerprint": fingerprint(model, targets),
+            "weights_sha256": dict(base_sha256 or {}),
+            "relative_error": errors,
+        },
+    )
     n = sum(v.numel() * v.element_size() for v in tensors.values())
-    return {"rank": ranks, "relative_error": errors, "bytes": n,
-            "files": [os.path.join(d, "adapter_config.json"),
-                      os.path.join(d, "adapter_model.safetensors"),
-                      os.path.join(d, BASE_FILE)]}
+    return {
+        "rank": ranks,
+        "relative_error": errors,
+        "bytes": n,
+        "files": [
+            os.path.join(d, "adapter_config.json"),
+            os.path.join(d, "adapter_model.safetensors"),
+            os.path.join(d, BASE_FILE),
+        ],
+    }
 
 
 def load_lora(model, path):
@@ -238,8 +297,7 @@ def load_lora(model, path):
     names match.)"""
     bpath = os.path.join(os.fspath(path), BASE_FILE)
     if not os.path.isfile(bpath):
-        raise FileNotFoundError(f"path: {bpath} is missing: not an adapter written by "
-                                "export_lora")
+        raise FileNotFoundError(f"path: {bpath} is missing: not an adapter written by export_lora")
     with open(bpath) as f:
         base = json.load(f)
     names = list(base["fingerprint"]["modules"])
@@ -251,13 +309,18 @@ def load_lora(model, path):
             pass
     diffs = fingerprint_diff(base["fingerprint"], fingerprint(model, targets))
     if diffs:
-        raise ValueError(f"model: it is not the base model of the adapter {path}: "
-                         + "; ".join(diffs))
-    changed = [t.name for t in targets if base["weights_sha256"].get(t.name) not in
-               (None, weight_sha256(t.weight))]
+        raise ValueError(
+            f"model: it is not the base model of the adapter {path}: " + "; ".join(diffs)
+        )
+    changed = [
+        t.name
+        for t in targets
+        if base["weights_sha256"].get(t.name) not in (None, weight_sha256(t.weight))
+    ]
     if changed:
         raise ValueError(f"model: the weights of {changed} are not the adapter's base model's")
     from peft import PeftModel
+
     return PeftModel.from_pretrained(model, os.fspath(path))
 
 
@@ -285,8 +348,7 @@ def exact_factors(target: EditTarget, turns: Sequence[dict]) -> Tuple[torch.Tens
     return torch.cat(bs, 1), torch.cat(as_, 0)
 
 
-def delta_factors(target: EditTarget, original: torch.Tensor
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def delta_factors(target: EditTarget, original: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` of ``W_now - W_original`` at its numerical rank (``d_out x d_in`` layout)."""
     delta = target.weight.detach().to("cpu", torch.float32) - original.to("cpu", torch.float32)
     if target.transposed:

@@ -2,6 +2,7 @@
 architecture, every parameter's name and shape, each edited module's kind, shape and dtype
 (:func:`fingerprint`), a cheap hash of the edited weights (:func:`weights_digest`), and the
 differences between two fingerprints, one line each (:func:`fingerprint_diff`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,9 +34,14 @@ def fingerprint(model, targets) -> dict:
     return {
         "class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
-        "modules": {t.name: {"kind": t.kind, "shape": list(t.weight.shape),
-                             "dtype": str(t.weight.dtype).replace("torch.", "")}
-                    for t in targets},
+        "modules": {
+            t.name: {
+                "kind": t.kind,
+                "shape": list(t.weight.shape),
+                "dtype": str(t.weight.dtype).replace("torch.", ""),
+            }
+            for t in targets
+        },
         "parameters": [[n, list(p.shape)] for n, p in model.named_parameters()],
     }
 
@@ -60,9 +66,11 @@ def fingerprint_diff(saved: dict, current: dict) -> List[str]:
     missing = [n for n in sp if n not in cp]
     extra = [n for n in cp if n not in sp]
     shapes = [f"{n} {sp[n]} -> {cp[n]}" for n in sp if n in cp and sp[n] != cp[n]]
-    for what, items in (("parameters missing from the model", missing),
-                        ("parameters not in the checkpoint's model", extra),
-                        ("parameter shapes differ", shapes)):
+    for what, items in (
+        ("parameters missing from the model", missing),
+        ("parameters not in the checkpoint's model", extra),
+        ("parameter shapes differ", shapes),
+    ):
         if items:
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             diffs.append(f"{what}: {', '.join(items[:5])}{more}")

@@ -2,6 +2,7 @@
 a sha256 of its canonical JSON), and the reader's side, the JSON parsed and every field the
 reader uses validated (:func:`parse_manifest`: one ``ValueError`` naming the file and the
 field)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSOR_FILE = re.compile(r"^state-[0-9a-f]{16}\.safetensors$")
 MAX_MANIFEST_BYTES = 256 << 20
-_MAX_COUNT = 2 ** 53  # turns and rows: more than any run makes, exact in a float
+_MAX_COUNT = 2**53  # turns and rows: more than any run makes, exact in a float
 _SHA256 = r"[0-9a-f]{64}"
 
 
@@ -44,20 +45,32 @@ def decode_key(key):
 
 
 # ============================================================================ writing
-def manifest_body(*, config: Mapping[str, Any], preset: Optional[str], turns: int,
-                  fingerprint: dict, weights_sample_sha256: str,
-                  base_sha256: Optional[Mapping[str, str]],
-                  tensor_parallel: Optional[Mapping[str, int]], states: List[dict],
-                  normalizers: List[dict], undo_log: Optional[dict]) -> dict:
+def manifest_body(
+    *,
+    config: Mapping[str, Any],
+    preset: Optional[str],
+    turns: int,
+    fingerprint: dict,
+    weights_sample_sha256: str,
+    base_sha256: Optional[Mapping[str, str]],
+    tensor_parallel: Optional[Mapping[str, int]],
+    states: List[dict],
+    normalizers: List[dict],
+    undo_log: Optional[dict],
+) -> dict:
     """The manifest, but for the tensor file's name and hash (:func:`seal` adds them)."""
     import safetensors
+
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_unix": time.time(),
-        "versions": {"ultraedit_fast": __version__, "torch": torch.__version__,
-                     "safetensors": getattr(safetensors, "__version__", None),
-                     "python": sys.version.split()[0]},
+        "versions": {
+            "ultraedit_fast": __version__,
+            "torch": torch.__version__,
+            "safetensors": getattr(safetensors, "__version__", None),
+            "python": sys.version.split()[0],
+        },
         "turns": int(turns),
         "config": {**dict(config), "preset": preset},
         "fingerprint": fingerprint,
@@ -84,17 +97,22 @@ def parse_manifest(mpath: str, raw: bytes) -> dict:
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(mpath, f"not valid JSON ({e}); the manifest is truncated or "
-                  "corrupt") from None
+        raise bad(mpath, f"not valid JSON ({e}); the manifest is truncated or corrupt") from None
     except RecursionError:
         raise bad(mpath, "not a manifest: its JSON is nested too deeply") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise bad(mpath, f"not an ultraedit_fast checkpoint manifest (format "
-                  f"{body.get('format') if isinstance(body, dict) else None!r})")
+        raise bad(
+            mpath,
+            f"not an ultraedit_fast checkpoint manifest (format "
+            f"{body.get('format') if isinstance(body, dict) else None!r})",
+        )
     version = body.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise bad(mpath, f"format version {version!r}; this ultraedit_fast reads version "
-                  f"{FORMAT_VERSION} and older: upgrade the package")
+        raise bad(
+            mpath,
+            f"format version {version!r}; this ultraedit_fast reads version "
+            f"{FORMAT_VERSION} and older: upgrade the package",
+        )
     claimed = body.pop("manifest_sha256", None)
     if claimed != hashlib.sha256(canonical(body)).hexdigest():
         raise bad(mpath, "hash mismatch: the manifest was modified or is corrupt")
@@ -133,8 +151,11 @@ def _count(mpath, name, v, low=0) -> int:
 
 
 def _key_ok(k) -> bool:
-    return isinstance(k, str) or (isinstance(k, list) and len(k) == 2 and all(
-        isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _MAX_COUNT for x in k))
+    return isinstance(k, str) or (
+        isinstance(k, list)
+        and len(k) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= _MAX_COUNT for x in k)
+    )
 
 
 def _check_tensor_file(mpath: str, info) -> None:
@@ -149,13 +170,17 @@ def _check_tensor_file(mpath: str, info) -> None:
 
 
 def _check_fingerprint(mpath: str, fp) -> None:
-    if not isinstance(fp, dict) or not isinstance(fp.get("modules"), dict) or \
-            not isinstance(fp.get("parameters"), list) or \
-            not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
-                    and isinstance(p[1], list) for p in fp["parameters"]) or \
-            not all(isinstance(m, dict) for m in fp["modules"].values()):
-        raise _field_error(mpath, "fingerprint", "an object with 'modules' and 'parameters'",
-                           fp)
+    if (
+        not isinstance(fp, dict)
+        or not isinstance(fp.get("modules"), dict)
+        or not isinstance(fp.get("parameters"), list)
+        or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], list)
+            for p in fp["parameters"]
+        )
+        or not all(isinstance(m, dict) for m in fp["modules"].values())
+    ):
+        raise _field_error(mpath, "fingerprint", "an object with 'modules' and 'parameters'", fp)
 
 
 def _check_states(mpath: str, states, turns: int) -> int:
@@ -169,8 +194,11 @@ def _check_states(mpath: str, states, turns: int) -> int:
         _count(mpath, f"states[{j}].d_out", m.get("d_out"), 1)
         n = _count(mpath, f"states[{j}].n", m.get("n"))
         if turns and n < 1:
-            raise bad(mpath, f"field 'states[{j}].n': {n} rows after {turns} turns (every "
-                      "turn adds rows to every normaliser)")
+            raise bad(
+                mpath,
+                f"field 'states[{j}].n': {n} rows after {turns} turns (every "
+                "turn adds rows to every normaliser)",
+            )
     return len(states)
 
 
@@ -180,42 +208,53 @@ def _check_entries(mpath: str, name: str, value, n_states: int) -> list:
         raise _field_error(mpath, name, "a list", value)
     for i, e in enumerate(value):
         if not isinstance(e, dict) or not _key_ok(e.get("key")):
-            raise _field_error(mpath, f"{name}[{i}]", "an object with a normaliser key "
-                               "(a module name or [d_in, d_out])", e)
+            raise _field_error(
+                mpath,
+                f"{name}[{i}]",
+                "an object with a normaliser key (a module name or [d_in, d_out])",
+                e,
+            )
         st = e.get("state")
         if isinstance(st, bool) or not isinstance(st, int) or not 0 <= st < n_states:
-            raise _field_error(mpath, f"{name}[{i}].state",
-                               f"an index into 'states' (0..{n_states - 1})", st)
+            raise _field_error(
+                mpath, f"{name}[{i}].state", f"an index into 'states' (0..{n_states - 1})", st
+            )
     return value
 
 
 def _check_base_weights(mpath: str, base) -> None:
     if not isinstance(base, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and re.fullmatch(_SHA256, v)
-            for k, v in base.items()):
+        isinstance(k, str) and isinstance(v, str) and re.fullmatch(_SHA256, v)
+        for k, v in base.items()
+    ):
         raise _field_error(mpath, "base_weights_sha256", "an object of module -> sha256", base)
 
 
 def _check_tensor_parallel(mpath: str, tp) -> None:
-    if tp is not None and not (isinstance(tp, dict) and set(tp) == {"world", "rank"} and all(
-            isinstance(tp[k], int) and not isinstance(tp[k], bool) for k in tp)
-            and 0 <= tp["rank"] < tp["world"]):
+    if tp is not None and not (
+        isinstance(tp, dict)
+        and set(tp) == {"world", "rank"}
+        and all(isinstance(tp[k], int) and not isinstance(tp[k], bool) for k in tp)
+        and 0 <= tp["rank"] < tp["world"]
+    ):
         raise _field_error(mpath, "tensor_parallel", "null or {world, rank}", tp)
 
 
 def _check_undo_log(mpath: str, log, turns: int, n_states: int) -> None:
     if log is None:
         return
-    if not isinstance(log, dict) or not isinstance(log.get("base"), list) or \
-            not isinstance(log.get("turns"), list):
-        raise _field_error(mpath, "undo_log", "null or an object with 'base' and 'turns'",
-                           log)
+    if (
+        not isinstance(log, dict)
+        or not isinstance(log.get("base"), list)
+        or not isinstance(log.get("turns"), list)
+    ):
+        raise _field_error(mpath, "undo_log", "null or an object with 'base' and 'turns'", log)
     if len(log["turns"]) > turns:
-        raise bad(mpath, f"the undo log holds {len(log['turns'])} turns, more than the "
-                  f"{turns} turns made")
+        raise bad(
+            mpath, f"the undo log holds {len(log['turns'])} turns, more than the {turns} turns made"
+        )
     for r, rec in enumerate(log["turns"]):
         if not isinstance(rec, dict) or not isinstance(rec.get("kk"), dict):
             raise _field_error(mpath, f"undo_log.turns[{r}]", "an object", rec)
         _count(mpath, f"undo_log.turns[{r}].n_keys", rec.get("n_keys"))
-        _check_entries(mpath, f"undo_log.turns[{r}].normalizers", rec.get("normalizers"),
-                       n_states)
+        _check_entries(mpath, f"undo_log.turns[{r}].normalizers", rec.get("normalizers"), n_states)

@@ -1,21 +1,22 @@
 """Argument checks shared by the public entry points: each raises ``TypeError`` or
 ``ValueError`` naming the argument and what was expected."""
+
 from __future__ import annotations
 
 import math
 from typing import Any, Optional
 
 
-def check_positive_int(name: str, v: Any, *, allow_none: bool = False,
-                       minimum: int = 1) -> Optional[int]:
+def check_positive_int(
+    name: str, v: Any, *, allow_none: bool = False, minimum: int = 1
+) -> Optional[int]:
     """``v`` as an int ``>= minimum`` (``None`` passes with ``allow_none``); bools and
     strings are refused."""
     if v is None and allow_none:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name}: expected {what}{' or None' if allow_none else ''}, "
-                         f"got {v!r}")
+        raise ValueError(f"{name}: expected {what}{' or None' if allow_none else ''}, got {v!r}")
     return v
 
 

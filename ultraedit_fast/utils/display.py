@@ -1,5 +1,6 @@
 """How results are shown: number formats for lines and tables, and what the plots share
 (matplotlib set up off-screen, the phase colours, saving)."""
+
 from __future__ import annotations
 
 import contextvars
@@ -9,12 +10,17 @@ from typing import Iterator, Optional
 
 from .._log import log
 
-GIB = 2 ** 30
-MIB = 2 ** 20
+GIB = 2**30
+MIB = 2**20
 
-PHASE_COLOURS = {"capture": "#4C72B0", "statistics": "#DD8452", "solve": "#55A868",
-                 "step": "#937860", "apply": "#C44E52", "total": "#8172B3"}
-
+PHASE_COLOURS = {
+    "capture": "#4C72B0",
+    "statistics": "#DD8452",
+    "solve": "#55A868",
+    "step": "#937860",
+    "apply": "#C44E52",
+    "total": "#8172B3",
+}
 
 
 def pct(x: Optional[float], width: int = 0) -> str:
@@ -51,6 +57,7 @@ def pyplot(what: str = "the plot"):
     warning when matplotlib is not installed (the results are kept without the picture)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
@@ -106,5 +113,7 @@ def bar(total: int, desc: str):
     if not _PROGRESS.get() or total <= 0:
         return _NoBar()
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="seq", file=sys.stderr, leave=False,
-                dynamic_ncols=True)
+
+    return tqdm(
+        total=total, desc=desc, unit="seq", file=sys.stderr, leave=False, dynamic_ncols=True
+    )

@@ -8,6 +8,7 @@
 - :func:`nvml`, :func:`nvml_handle`: NVML (``nvidia-ml-py``), when present.
 - :class:`PeakMemory`: the peak memory of one turn, for :class:`~ultraedit_fast.core.report.EditReport`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +32,7 @@ def package_version(mod: str) -> Optional[str]:
     """The installed version of distribution or module ``mod``, or ``None``."""
     try:
         from importlib import metadata
+
         return metadata.version(mod)
     except Exception:
         try:
@@ -40,11 +42,16 @@ def package_version(mod: str) -> Optional[str]:
 
 
 def versions() -> Dict[str, Optional[str]]:
-    return {"ultraedit_fast": __version__, "torch": torch.__version__,
-            "triton": package_version("triton"),
-            "transformers": package_version("transformers"),
-            "numpy": package_version("numpy"), "nvidia-ml-py": package_version("nvidia-ml-py"),
-            "cuda_runtime": torch.version.cuda, "python": platform.python_version()}
+    return {
+        "ultraedit_fast": __version__,
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "transformers": package_version("transformers"),
+        "numpy": package_version("numpy"),
+        "nvidia-ml-py": package_version("nvidia-ml-py"),
+        "cuda_runtime": torch.version.cuda,
+        "python": platform.python_version(),
+    }
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -60,8 +67,12 @@ def _first_field(path: str, prefix: str) -> Optional[str]:
 
 
 def cpu_model() -> str:
-    return (_first_field("/proc/cpuinfo", "model name") or platform.processor()
-            or platform.machine() or "cpu")
+    return (
+        _first_field("/proc/cpuinfo", "model name")
+        or platform.processor()
+        or platform.machine()
+        or "cpu"
+    )
 
 
 def memory_total() -> Optional[int]:
@@ -88,8 +99,9 @@ def git(*args) -> Optional[str]:
     if not os.path.isdir(os.path.join(_REPO_ROOT, ".git")):
         return None
     try:
-        out = subprocess.run(["git", "-C", _REPO_ROOT, *args], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "-C", _REPO_ROOT, *args], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() if out.returncode == 0 else None
     except Exception:
         return None
@@ -105,8 +117,7 @@ def device_name(device) -> str:
         except Exception:  # pragma: no cover - no driver
             return "cuda"
     n = torch.get_num_threads()
-    return (f"{cpu_model()} ({os.cpu_count()} logical CPUs, {n} torch "
-            f"thread{'s' if n != 1 else ''})")
+    return f"{cpu_model()} ({os.cpu_count()} logical CPUs, {n} torch thread{'s' if n != 1 else ''})"
 
 
 # ----------------------------------------------------------------------------- NVML
@@ -118,6 +129,7 @@ def nvml():
     if "mod" not in _NVML:
         try:
             import pynvml  # nvidia-ml-py
+
             pynvml.nvmlInit()
             _NVML["mod"], _NVML["err"] = pynvml, None
         except Exception as e:  # not installed, no driver, no GPU
@@ -148,8 +160,12 @@ def _text(x) -> str:
 
 def _driver_from_smi() -> Optional[str]:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
     except Exception:
         return None
@@ -176,9 +192,14 @@ def environment(device) -> Dict[str, Any]:
         "versions": vers,
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if dirty is None else bool(dirty),
-        "cpu": {"model": cpu_model(), "logical_cores": os.cpu_count(),
-                "usable_cores": usable_cores(), "torch_threads": torch.get_num_threads(),
-                "memory_bytes": memory_total(), "loadavg_at_start": loadavg()},
+        "cpu": {
+            "model": cpu_model(),
+            "logical_cores": os.cpu_count(),
+            "usable_cores": usable_cores(),
+            "torch_threads": torch.get_num_threads(),
+            "memory_bytes": memory_total(),
+            "loadavg_at_start": loadavg(),
+        },
         "extension": extension_error() or "loaded",
     }
     try:
@@ -189,8 +210,12 @@ def environment(device) -> Dict[str, Any]:
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         p = torch.cuda.get_device_properties(idx)
-        env["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
-                      "memory_bytes": p.total_memory, "multiprocessors": p.multi_processor_count}
+        env["gpu"] = {
+            "name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "memory_bytes": p.total_memory,
+            "multiprocessors": p.multi_processor_count,
+        }
         pynvml, err = nvml()
         if pynvml is not None:
             h = nvml_handle(idx)
@@ -200,7 +225,8 @@ def environment(device) -> Dict[str, Any]:
             with contextlib.suppress(Exception):
                 env["gpu"]["clocks_max_mhz"] = {
                     "sm": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
-                    "mem": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)}
+                    "mem": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                }
         else:
             env["nvml"] = err
             env["driver"] = _driver_from_smi()
@@ -211,8 +237,9 @@ def device_slug(env: Dict[str, Any]) -> str:
     """``cpu-2core`` or the GPU's name (``nvidia-h100-80gb-hbm3``), for file names."""
     if env["device_type"] == "cuda":
         name = env.get("gpu", {}).get("name", "cuda")
-        return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace(
-            "--", "-")
+        return (
+            "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+        )
     return f"cpu-{env['cpu']['usable_cores']}core"
 
 

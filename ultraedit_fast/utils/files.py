@@ -2,6 +2,7 @@
 directory, flushed and ``fsync``-ed, renamed into place, the directory ``fsync``-ed), the
 check that an output directory can be written before any work is done, and reading a
 regular file only (never a FIFO or a device, which could block or never end)."""
+
 from __future__ import annotations
 
 import json
@@ -57,9 +58,14 @@ def atomic_write_bytes(path: str, data: bytes) -> str:
     return path
 
 
-def atomic_write_json(path: str, doc: Any, *, indent: Optional[int] = 1,
-                      default: Optional[Callable[[Any], Any]] = None,
-                      sort_keys: bool = False) -> str:
+def atomic_write_json(
+    path: str,
+    doc: Any,
+    *,
+    indent: Optional[int] = 1,
+    default: Optional[Callable[[Any], Any]] = None,
+    sort_keys: bool = False,
+) -> str:
     """:func:`atomic_write_bytes` of ``doc`` as JSON (a final newline). Returns ``path``."""
     text = json.dumps(doc, indent=indent, default=default, sort_keys=sort_keys) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))
@@ -95,8 +101,9 @@ def read_regular_file(path: str, what: str, limit: Optional[int] = None) -> byte
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{what}: {path!r} is not a regular file")
         if limit is not None and st.st_size > limit:
-            raise ValueError(f"{what}: {path!r} is {st.st_size} bytes, more than the "
-                             f"{limit} expected")
+            raise ValueError(
+                f"{what}: {path!r} is {st.st_size} bytes, more than the {limit} expected"
+            )
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as f:

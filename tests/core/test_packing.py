@@ -1,6 +1,7 @@
 """Packed passes: several mini-batches in one forward/backward, each keeping its own mean
 loss and normaliser block (docs/algorithm.md section 2), and the probe that decides when a
 model may be given packed sequences."""
+
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def test_pack_minibatches_groups_in_order_within_the_budget(toy_tokenizer):
     assert sum(len(p.counts) for p in passes) == len(batches)
     i = 0
     for p in passes:
-        group = batches[i:i + len(p.counts)]
+        group = batches[i : i + len(p.counts)]
         i += len(p.counts)
         total = sum(int(b.attention_mask.sum()) for b in group)
         assert p.input_ids.shape == p.labels.shape == p.position_ids.shape == (1, total)
@@ -54,16 +55,24 @@ def test_pack_minibatches_groups_in_order_within_the_budget(toy_tokenizer):
 def passes_seen(monkeypatch):
     """The input shapes of the editor's forward passes, as they run."""
     import ultraedit_fast.core.capture as E
+
     calls, orig = [], forward.answer_logits
-    monkeypatch.setattr(E, "answer_logits",
-                        lambda *a, **k: calls.append(a[1].shape) or orig(*a, **k))
+    monkeypatch.setattr(
+        E, "answer_logits", lambda *a, **k: calls.append(a[1].shape) or orig(*a, **k)
+    )
     return calls
 
 
 def _edit(arch, tokens_per_pass, turns=2, dtype=torch.float32, modules=None):
     model, default = make_tiny(arch, seed=1, dtype=dtype)
-    ed = UltraEditor(model, ToyTokenizer(), modules=modules or default, lr=LR, batch_size=3,
-                     tokens_per_pass=tokens_per_pass)
+    ed = UltraEditor(
+        model,
+        ToyTokenizer(),
+        modules=modules or default,
+        lr=LR,
+        batch_size=3,
+        tokens_per_pass=tokens_per_pass,
+    )
     before = {n: model.get_submodule(n).weight.detach().clone() for n in ed.module_names}
     for t in range(turns):
         ed.edit(random_requests(10 + 3 * t, seed=40 + t))
@@ -93,12 +102,12 @@ def test_packed_turn_runs_fewer_passes(passes_seen):
     model, modules = make_tiny("llama", seed=1)
     calls = passes_seen
     reqs = random_requests(12, seed=3)
-    UltraEditor(model, ToyTokenizer(), modules=modules, lr=LR, batch_size=3,
-                tokens_per_pass=0).edit(reqs)
+    UltraEditor(
+        model, ToyTokenizer(), modules=modules, lr=LR, batch_size=3, tokens_per_pass=0
+    ).edit(reqs)
     assert len(calls) == 4 and all(s[0] > 1 for s in calls)
     calls.clear()
-    UltraEditor(clone_model(model), ToyTokenizer(), modules=modules, lr=LR,
-                batch_size=3).edit(reqs)
+    UltraEditor(clone_model(model), ToyTokenizer(), modules=modules, lr=LR, batch_size=3).edit(reqs)
     assert len(calls) == 1 and calls[0][0] == 1  # one packed row
 
 
@@ -111,11 +120,11 @@ def test_bf16_packed_turn_is_close_to_padded():
         assert _rel(s1, s0) < 0.05, name
 
 
-def test_probe_refuses_packing_when_requests_would_attend_to_each_other(monkeypatch,
-                                                                        passes_seen):
+def test_probe_refuses_packing_when_requests_would_attend_to_each_other(monkeypatch, passes_seen):
     """Without transformers' packed-sequence masks (as in its older versions), one
     request would see the one before it: the probe must notice and the editor pad."""
     import transformers.masking_utils as mu
+
     if not hasattr(mu, "find_packed_sequence_indices"):
         pytest.skip("this transformers has no packed-sequence masks")
     model, modules = make_tiny("llama", seed=1)

@@ -1,6 +1,7 @@
 """The step of a turn: ``step="paper"`` is the published step exactly, ``step="auto"`` scales
 each request's part of the solved update until the edits take within the locality budget,
 and the preset's regime is chosen from the first turn's size."""
+
 import pytest
 import torch
 
@@ -38,8 +39,9 @@ def test_rows_follow_the_capture_and_rescaling_is_linear(toy_tokenizer):
     reqs = random_requests(7, seed=4)
     batches = make_minibatches(toy_tokenizer, reqs, 3)
     rows = request_of_rows(batches)
-    counts = [len(toy_tokenizer(" " + r.target, add_special_tokens=False)["input_ids"])
-              for r in reqs]
+    counts = [
+        len(toy_tokenizer(" " + r.target, add_special_tokens=False)["input_ids"]) for r in reqs
+    ]
     assert rows.bincount(minlength=7).tolist() == counts
     assert rows.tolist() == [i for b in batches for i in b.order for _ in range(counts[i])]
     g = torch.Generator().manual_seed(0)
@@ -64,8 +66,15 @@ def test_auto_step_lands_more_edits_and_keeps_the_budget(toy_tokenizer):
     reqs = random_requests(8, seed=9)
     paper = UltraEditor(twin, toy_tokenizer, modules=modules, lr=1e-4, step="paper")
     paper.edit(reqs)
-    ed = UltraEditor(model, toy_tokenizer, modules=modules, lr=1e-4, step="auto",
-                     locality_budget=0.5, max_step_scale=256.0)
+    ed = UltraEditor(
+        model,
+        toy_tokenizer,
+        modules=modules,
+        lr=1e-4,
+        step="auto",
+        locality_budget=0.5,
+        max_step_scale=256.0,
+    )
     rep = ed.edit(reqs)
     trials = rep.step_search["trials"]
     assert trials[0]["mean_scale"] == 1.0  # starts at the published step
@@ -89,8 +98,7 @@ def test_the_search_checks_what_greedy_decoding_produces(toy_tokenizer):
     assert sum(taken) / len(taken) == pytest.approx(m["ES_gen"], abs=1 / len(reqs))
     none = StepSearch(model, toy_tokenizer, [r.__class__(r.prompt, r.target) for r in reqs])
     assert none.locality_kind == "anchors" and none.locality
-    keys = search.locality_keys(UltraEditor(model, toy_tokenizer, modules=modules,
-                                            lr=LR).targets)
+    keys = search.locality_keys(UltraEditor(model, toy_tokenizer, modules=modules, lr=LR).targets)
     n_rows = sum(sum(l != -100 for l in t.labels) for t in search.locality + search.preserved)
     assert {k: v.shape[0] for k, v in keys.items()} == {n: n_rows for n in modules}
 

@@ -1,12 +1,19 @@
 """Behaviour of a fast turn: what it touches, what it leaves alone, and atomicity."""
+
 import dataclasses
 
 import pytest
 import torch
 
 from conftest import clone_model, make_tiny, random_requests
-from ultraedit_fast import (EditRefused, EditReport, EditRequest, ReferenceEditor, UltraEditor,
-                            fast_edit)
+from ultraedit_fast import (
+    EditRefused,
+    EditReport,
+    EditRequest,
+    ReferenceEditor,
+    UltraEditor,
+    fast_edit,
+)
 from ultraedit_fast.kernels import resolve_backend
 from ultraedit_fast.model.requests import IGNORE, make_minibatches, tokenize_pair
 
@@ -30,8 +37,13 @@ def test_tokenisation_follows_the_spec(toy_tokenizer):
 
 
 def test_minibatches_sorted_longest_first_stable_and_right_padded(toy_tokenizer):
-    reqs = [EditRequest("a", "b"), EditRequest("abcd", "e"), EditRequest("x", "y"),
-            EditRequest("abcdefg", "h"), EditRequest("q", "r")]
+    reqs = [
+        EditRequest("a", "b"),
+        EditRequest("abcd", "e"),
+        EditRequest("x", "y"),
+        EditRequest("abcdefg", "h"),
+        EditRequest("q", "r"),
+    ]
     batches = make_minibatches(toy_tokenizer, reqs, batch_size=2)
     assert [b.order for b in batches] == [[3, 1], [0, 2], [4]]  # ties keep input order
     b = batches[0]
@@ -65,8 +77,9 @@ def test_turn_restores_flags_modes_hooks_and_makes_no_weight_grads(toy_tokenizer
     assert rep.n_tokens > 0
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert {n: m.training for n, m in model.named_modules()} == modes
-    assert {n: (len(m._forward_hooks), len(m._backward_hooks))
-            for n, m in model.named_modules()} == hooks
+    assert {
+        n: (len(m._forward_hooks), len(m._backward_hooks)) for n, m in model.named_modules()
+    } == hooks
     assert all(p.grad is None for p in model.parameters()), "a weight gradient was computed"
 
 
@@ -78,7 +91,8 @@ def test_backward_stops_at_the_lowest_edited_layer(toy_tokenizer):
     assert all(p.requires_grad for p in model.parameters())
     reached = []
     h = model.model.layers[0].mlp.down_proj.register_full_backward_hook(
-        lambda *a: reached.append(1))
+        lambda *a: reached.append(1)
+    )
     UltraEditor(model, toy_tokenizer, modules=modules, lr=1e-4).edit(random_requests(4))
     assert reached == []
     model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits.sum().backward()
@@ -88,14 +102,16 @@ def test_backward_stops_at_the_lowest_edited_layer(toy_tokenizer):
 
 def test_report_has_counts_phases_memory_and_backend(toy_tokenizer):
     model, modules = make_tiny("gpt2")
-    ed = UltraEditor(model, toy_tokenizer, modules=modules, lr=1e-4, batch_size=3,
-                     measure_memory=True)  # opt-in: it resets the process's peak counters
+    ed = UltraEditor(
+        model, toy_tokenizer, modules=modules, lr=1e-4, batch_size=3, measure_memory=True
+    )  # opt-in: it resets the process's peak counters
     reqs = random_requests(8)
     rep = ed.edit(reqs)
     assert isinstance(rep, EditReport)
     assert rep.n_requests == 8 and rep.turn == 1
-    expected_tokens = sum(len(toy_tokenizer(" " + r.target, add_special_tokens=False)
-                              ["input_ids"]) for r in reqs)
+    expected_tokens = sum(
+        len(toy_tokenizer(" " + r.target, add_special_tokens=False)["input_ids"]) for r in reqs
+    )
     assert rep.n_tokens == expected_tokens
     assert set(rep.seconds) == {"capture", "statistics", "solve", "step", "apply"}
     assert rep.seconds["step"] == 0.0 and rep.step_scale is None  # lr given: the paper's step
@@ -135,7 +151,8 @@ def test_non_finite_shift_refuses_the_turn_and_changes_nothing(toy_tokenizer):
     saved, states = _params(model), {k: s.clone() for k, s in ed.normalizers.items()}
     # NaN in the input of an edited module (a hook on the layer below it)
     h = model.model.layers[1].input_layernorm.register_forward_hook(
-        lambda m, a, out: out * float("nan"))
+        lambda m, a, out: out * float("nan")
+    )
     with pytest.raises(EditRefused, match="non-finite"):
         ed.edit(random_requests(5, seed=9))
     h.remove()
@@ -162,8 +179,9 @@ def test_failure_while_writing_weights_restores_every_weight(toy_tokenizer, monk
             raise RuntimeError("device fault")
         backend.rank_update_(w, a, k, transposed)
 
-    monkeypatch.setitem(ed.backends, torch.device("cpu"),
-                        dataclasses.replace(backend, rank_update_=flaky))
+    monkeypatch.setitem(
+        ed.backends, torch.device("cpu"), dataclasses.replace(backend, rank_update_=flaky)
+    )
     with pytest.raises(RuntimeError, match="device fault"):
         ed.edit(random_requests(5, seed=4))
     assert len(calls) == 3  # two modules had been written, then restored
@@ -189,7 +207,7 @@ def test_failure_during_capture_changes_nothing(toy_tokenizer):
 
 
 # ----------------------------------------------------------------------------- low precision
-EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
@@ -205,8 +223,9 @@ def test_low_precision_edits_land_close_to_float32(arch, dtype, toy_tokenizer):
         for t in range(3):
             ed.edit(random_requests(11, seed=t))
         assert model.get_submodule(modules[0]).weight.dtype == dt
-        shifts[dt] = {n: model.get_submodule(n).weight.detach().float() - before[n]
-                      for n in modules}
+        shifts[dt] = {
+            n: model.get_submodule(n).weight.detach().float() - before[n] for n in modules
+        }
     for n in shifts[dtype]:
         ref = shifts[torch.float32][n]
         err = ((shifts[dtype][n] - ref).norm() / ref.norm()).item()
@@ -243,13 +262,28 @@ def test_presets_pick_modules_and_lr(toy_tokenizer):
 def test_paper_presets_match_the_real_shapes():
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
     from ultraedit_fast.core.presets import find_preset, resolve_edit_config
+
     with torch.device("meta"):
-        mistral = AutoModelForCausalLM.from_config(MistralConfig(
-            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, vocab_size=32768))
-        qwen = AutoModelForCausalLM.from_config(Qwen2Config(
-            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064))
+        mistral = AutoModelForCausalLM.from_config(
+            MistralConfig(
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                vocab_size=32768,
+            )
+        )
+        qwen = AutoModelForCausalLM.from_config(
+            Qwen2Config(
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                vocab_size=152064,
+            )
+        )
     assert find_preset(mistral).name == "Mistral-7B-v0.3"
     assert find_preset(qwen).name == "Qwen2.5-7B-Instruct"
     # meta weights are refused at the boundary, naming the module
@@ -262,6 +296,7 @@ def test_unknown_model_error_lists_the_module_names(toy_tokenizer):
         def __init__(self):
             super().__init__()
             self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+
     with pytest.raises(ValueError, match=r"blocks\.\{0\.\.2\}|blocks\.0"):
         UltraEditor(Tiny(), toy_tokenizer)
 
@@ -293,6 +328,7 @@ def test_bad_arguments_are_refused_at_construction(toy_tokenizer):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi3", "gptj", "gpt2"])
 def test_answer_logits_equal_the_full_forward_at_answer_tokens(arch, toy_tokenizer):
     from ultraedit_fast.model.forward import _last_mlp, _split, answer_logits
+
     model, _ = make_tiny(arch)
     assert _split(model) is not None  # the rows-only path is the one tested
     batch = make_minibatches(toy_tokenizer, random_requests(6), batch_size=6)[0]

@@ -6,6 +6,7 @@
   equals the unedited or the fully edited model's, never a mix.
 - ``evaluate`` in another thread runs beside an edit.
 """
+
 import threading
 import time
 
@@ -34,6 +35,7 @@ def test_another_threads_forward_during_capture_is_untouched(monkeypatch):
     """A forward pass in a second thread, run while the editor's hooks are in place (from
     inside the capture loop), gets the unhooked model's logits bit for bit."""
     import ultraedit_fast.core.capture as C
+
     model, modules = make_tiny("llama")
     ids = _ids()
     expected = _forward(model, ids)
@@ -108,9 +110,13 @@ def test_serving_sees_a_turn_whole_or_not_at_all(arch):
 def test_serving_while_smollm2_is_edited(fresh_smollm2):
     model, tok = fresh_smollm2
     from ultraedit_fast.data.demo import demo_requests
+
     reqs = demo_requests()
-    ids = tok(["The capital of France is", "Water boils at a temperature of"],
-              return_tensors="pt", padding=True)["input_ids"]
+    ids = tok(
+        ["The capital of France is", "Water boils at a temperature of"],
+        return_tensors="pt",
+        padding=True,
+    )["input_ids"]
     before = _forward(model, ids)
     mods = ["model.layers.26.mlp.down_proj", "model.layers.27.mlp.down_proj"]
     ed = UltraEditor(model, tok, modules=mods, lr=3e-3, undo=True)

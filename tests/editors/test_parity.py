@@ -1,4 +1,5 @@
 """The fast editor against the reference (the published algorithm), turn after turn."""
+
 import pytest
 import torch
 
@@ -13,16 +14,38 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _run_both(arch, toy_tokenizer, turns=3, backend="torch", share=True, batch_size=4, seed=0,
-              sizes=(11, 6, 17), modules=None):
+def _run_both(
+    arch,
+    toy_tokenizer,
+    turns=3,
+    backend="torch",
+    share=True,
+    batch_size=4,
+    seed=0,
+    sizes=(11, 6, 17),
+    modules=None,
+):
     model, default_modules = make_tiny(arch, seed=seed)
     modules = modules or default_modules
     ref_model = clone_model(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR, batch_size=batch_size,
-                       backend=backend, share_normalizer=share)
-    ref = ReferenceEditor(ref_model, toy_tokenizer, modules=modules, lr=LR,
-                          batch_size=batch_size, share_normalizer=share)
+    fast = UltraEditor(
+        model,
+        toy_tokenizer,
+        modules=modules,
+        lr=LR,
+        batch_size=batch_size,
+        backend=backend,
+        share_normalizer=share,
+    )
+    ref = ReferenceEditor(
+        ref_model,
+        toy_tokenizer,
+        modules=modules,
+        lr=LR,
+        batch_size=batch_size,
+        share_normalizer=share,
+    )
     for t in range(turns):
         reqs = random_requests(sizes[t % len(sizes)], seed=100 * seed + t)
         fast.edit(reqs)
@@ -59,16 +82,28 @@ def test_fast_matches_reference_three_turns(arch, toy_tokenizer):
 # Modules of the last decoder block's MLP, which the fast forward runs on answer rows only
 # (forward.rows_only_modules), with one module of a lower block.
 _LAST_BLOCK = {
-    "llama": ["model.layers.1.mlp.up_proj", "model.layers.3.mlp.up_proj",
-              "model.layers.3.mlp.down_proj"],
+    "llama": [
+        "model.layers.1.mlp.up_proj",
+        "model.layers.3.mlp.up_proj",
+        "model.layers.3.mlp.down_proj",
+    ],
     "mistral": ["model.layers.3.mlp.gate_proj", "model.layers.3.mlp.down_proj"],
-    "qwen2": ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.gate_proj",
-              "model.layers.3.mlp.up_proj"],
+    "qwen2": [
+        "model.layers.2.mlp.down_proj",
+        "model.layers.3.mlp.gate_proj",
+        "model.layers.3.mlp.up_proj",
+    ],
     "gemma": ["model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"],
-    "phi3": ["model.layers.1.mlp.down_proj", "model.layers.3.mlp.gate_up_proj",
-             "model.layers.3.mlp.down_proj"],
-    "gptj": ["transformer.h.2.mlp.fc_out", "transformer.h.3.mlp.fc_in",
-             "transformer.h.3.mlp.fc_out"],
+    "phi3": [
+        "model.layers.1.mlp.down_proj",
+        "model.layers.3.mlp.gate_up_proj",
+        "model.layers.3.mlp.down_proj",
+    ],
+    "gptj": [
+        "transformer.h.2.mlp.fc_out",
+        "transformer.h.3.mlp.fc_in",
+        "transformer.h.3.mlp.fc_out",
+    ],
     "gpt2": ["transformer.h.3.mlp.c_fc", "transformer.h.3.mlp.c_proj"],
 }
 
@@ -76,6 +111,7 @@ _LAST_BLOCK = {
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_matches_reference_editing_the_last_block(arch, toy_tokenizer):
     from ultraedit_fast.model.forward import rows_only_modules
+
     model, _ = make_tiny(arch)
     rows_only = rows_only_modules(model)
     inside = [n for n in _LAST_BLOCK[arch] if model.get_submodule(n) in rows_only]
@@ -97,8 +133,12 @@ def test_fast_matches_reference_batch_of_one_row_blocks(toy_tokenizer):
     ref_model = clone_model(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     from ultraedit_fast import EditRequest
-    reqs = [EditRequest("the capital of x is", "y"), EditRequest("alpha beta", "z"),
-            EditRequest("über", "q")]
+
+    reqs = [
+        EditRequest("the capital of x is", "y"),
+        EditRequest("alpha beta", "z"),
+        EditRequest("über", "q"),
+    ]
     fast = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR, batch_size=1)
     ref = ReferenceEditor(ref_model, toy_tokenizer, modules=modules, lr=LR, batch_size=1)
     for _ in range(2):
@@ -126,11 +166,14 @@ def test_dual_solve_is_exact_against_float64():
     """N < d_in: the dual solve against a float64 primal solve, as docs/algorithm.md says."""
     from ultraedit_fast.editors.reference import primal_shift
     from ultraedit_fast.core.solve import ShiftSolver
+
     torch.manual_seed(0)
     k = torch.randn(97, 700)
     v = torch.randn(97, 33)
-    exact = torch.linalg.solve(k.double().t() @ k.double() + torch.eye(700, dtype=torch.float64),
-                               k.double().t() @ v.double())
+    exact = torch.linalg.solve(
+        k.double().t() @ k.double() + torch.eye(700, dtype=torch.float64),
+        k.double().t() @ v.double(),
+    )
     solver = ShiftSolver(k)
     assert solver.dual
     a, kk = solver.factors(v)
@@ -156,8 +199,15 @@ def test_fast_on_cuda_matches_reference_on_cpu(arch, backend, tokens_per_pass, t
     ref_model = clone_model(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.cuda()
-    fast = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR, batch_size=4,
-                       backend=backend, tokens_per_pass=tokens_per_pass)
+    fast = UltraEditor(
+        model,
+        toy_tokenizer,
+        modules=modules,
+        lr=LR,
+        batch_size=4,
+        backend=backend,
+        tokens_per_pass=tokens_per_pass,
+    )
     ref = ReferenceEditor(ref_model, toy_tokenizer, modules=modules, lr=LR, batch_size=4)
     for t, n in enumerate((11, 6, 17)):
         reqs = random_requests(n, seed=t)
@@ -174,5 +224,6 @@ def test_fast_on_cuda_matches_reference_on_cpu(arch, backend, tokens_per_pass, t
         r = ref.normalizers[key]
         assert state.n == r.n
         for part in ("mean", "acc", "std"):
-            torch.testing.assert_close(getattr(state, part).cpu(), getattr(r, part),
-                                       rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                getattr(state, part).cpu(), getattr(r, part), rtol=1e-4, atol=1e-6
+            )

@@ -1,6 +1,7 @@
 """Generation-based scores, on cases whose answers are known: the matching rule, the n-gram
 entropy, the drift, batched left-padded decoding against one prompt at a time, and a model
 that is right under teacher forcing and wrong when it has to answer on its own."""
+
 import math
 
 import pytest
@@ -13,17 +14,20 @@ from ultraedit_fast.scoring import generation as G
 
 
 # ----------------------------------------------------------------------------- the rules
-@pytest.mark.parametrize("cont,answer,ok", [
-    (" Paris, the capital.", "Paris", True),
-    ("  PARIS!", "paris", True),
-    (" Parisian food", "Paris", True),  # a plain prefix, as the rule says
-    (" the city of Paris", "Paris", False),  # must start with it
-    (" Leonardo  da\nVinci painted", "Leonardo da Vinci", True),
-    (" J. R. R. Tolkien", "J.R.R. Tolkien", False),  # punctuation removed, spaces kept
-    (" J.R.R. Tolkien wrote", "J.R.R Tolkien", True),
-    (" München", "München", True),
-    ("", "Rome", False),
-])
+@pytest.mark.parametrize(
+    "cont,answer,ok",
+    [
+        (" Paris, the capital.", "Paris", True),
+        ("  PARIS!", "paris", True),
+        (" Parisian food", "Paris", True),  # a plain prefix, as the rule says
+        (" the city of Paris", "Paris", False),  # must start with it
+        (" Leonardo  da\nVinci painted", "Leonardo da Vinci", True),
+        (" J. R. R. Tolkien", "J.R.R. Tolkien", False),  # punctuation removed, spaces kept
+        (" J.R.R. Tolkien wrote", "J.R.R Tolkien", True),
+        (" München", "München", True),
+        ("", "Rome", False),
+    ],
+)
 def test_starts_with_answer(cont, answer, ok):
     assert G.starts_with_answer(cont, answer) is ok
 
@@ -97,12 +101,18 @@ def test_decoding_stops_at_the_end_of_text(one_thread):
 @pytest.mark.slow
 def test_batched_decoding_on_smollm2(smollm2):
     model, tok = smollm2
-    texts = ["The capital of France is", "Water boils at", "The author of Hamlet is",
-             "Photosynthesis turns sunlight into", "The largest ocean on Earth is the"]
+    texts = [
+        "The capital of France is",
+        "Water boils at",
+        "The author of Hamlet is",
+        "Photosynthesis turns sunlight into",
+        "The largest ocean on Earth is the",
+    ]
     prompts = [tok(t)["input_ids"] for t in texts]
     budget = [4, 7, 5, 6, 3]
-    assert G.greedy_decode(model, tok, prompts, budget, batch_size=5, stop_at_eos=False) == \
-        _one_at_a_time(model, prompts, budget)
+    assert G.greedy_decode(
+        model, tok, prompts, budget, batch_size=5, stop_at_eos=False
+    ) == _one_at_a_time(model, prompts, budget)
     (cont,) = G.continuations(model, tok, ["The capital of France is"], ["Paris"])
     assert G.starts_with_answer(cont, "Paris"), cont
 
@@ -146,6 +156,7 @@ class NextTokenModel(torch.nn.Module):
 
         class Out:
             pass
+
         out = Out()
         out.logits = logits
         out.past_key_values = None
@@ -157,9 +168,15 @@ def test_right_under_teacher_forcing_wrong_when_generating():
     tok = WordTokenizer(words)
     i = tok.ids
     # after "it?" it says "far" (wrong); given the right prefix it continues the target
-    wrong_start = {i["Where"]: i["is"], i["is"]: i["it?"], i["it?"]: i["far"],
-                   i["far"]: i["away"], i["in"]: i["the"], i["the"]: i["old"],
-                   i["old"]: i["town"]}
+    wrong_start = {
+        i["Where"]: i["is"],
+        i["is"]: i["it?"],
+        i["it?"]: i["far"],
+        i["far"]: i["away"],
+        i["in"]: i["the"],
+        i["the"]: i["old"],
+        i["old"]: i["town"],
+    }
     req = [EditRequest("Where is it?", "in the old town")]
     model = NextTokenModel(wrong_start, len(words) + 3)
     m = evaluate(model, tok, req)
@@ -182,8 +199,13 @@ def test_locality_against_the_unedited_model(one_thread):
     UltraEditor(model, tok, modules=modules, lr=3e-2, batch_size=4).edit(reqs)
     m1 = evaluate(model, tok, reqs, base=base)
     assert m1["LS_gen_unedited"] < 1.0 and m1["drift_kl"] > 0.0 and m1["drift_top1"] < 1.0
-    assert evaluate(model, tok, reqs, generation=False).keys() == \
-        {"ES", "GS", "LS", "LS_unedited", "n"}
+    assert evaluate(model, tok, reqs, generation=False).keys() == {
+        "ES",
+        "GS",
+        "LS",
+        "LS_unedited",
+        "n",
+    }
     rows = evaluate(model, tok, reqs, base=base, per_request=True)["per_request"]
     assert len(rows) == 16 and all("ES_gen" in r and "LS_gen_unedited" in r for r in rows)
 
@@ -196,12 +218,16 @@ def test_chat_template_prompts(one_thread):
 
         def apply_chat_template(self, messages, add_generation_prompt, tokenize):
             assert tokenize and add_generation_prompt
-            return [1, 7, 7] + self(messages[0]["content"], add_special_tokens=False)[
-                "input_ids"] + [8, 8]
+            return (
+                [1, 7, 7]
+                + self(messages[0]["content"], add_special_tokens=False)["input_ids"]
+                + [8, 8]
+            )
 
     tok = ChatTok()
-    assert prompt_ids(tok, "ab", chat_template=True) == [1, 7, 7] + \
-        tok("ab", add_special_tokens=False)["input_ids"] + [8, 8]
+    assert prompt_ids(tok, "ab", chat_template=True) == [1, 7, 7] + tok(
+        "ab", add_special_tokens=False
+    )["input_ids"] + [8, 8]
     t = tokenize_pair(tok, "ab", "c", chat_template=True)
     assert t.input_ids[:3] == [1, 7, 7] and t.labels[-1] == tok(" c", False)["input_ids"][-1]
     with pytest.raises(ValueError, match="no chat template"):

@@ -1,4 +1,5 @@
 """Tests for ultraedit_fast.data.datasets: streaming dataset loaders."""
+
 import json
 import os
 import time
@@ -21,7 +22,7 @@ from ultraedit_fast.data.datasets import (
 from ultraedit_fast.data.jsonstream import iter_values as _iter_values
 from ultraedit_fast.model.requests import EditRequest
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def real(rel):
@@ -47,6 +48,7 @@ def write_jsonl(path, records, newline="\n", blank_lines=False):
 
 # ----------------------------------------------------------------- real files
 
+
 def test_zsre_mend_train_1k():
     p = real("zsre/zsre_mend_train-1k.json")
     raw = json.load(open(p, encoding="utf-8"))
@@ -57,8 +59,12 @@ def test_zsre_mend_train_1k():
     r0, e0 = raw[0], exs[0]
     assert isinstance(e0, Example) and e0.index == 0 and e0.format == "zsre"
     assert e0.request == EditRequest(
-        prompt=r0["src"], target=r0["answers"][0], rephrase=r0["rephrase"],
-        locality_prompt=r0["loc"] + "?", locality_answer=r0["loc_ans"])
+        prompt=r0["src"],
+        target=r0["answers"][0],
+        rephrase=r0["rephrase"],
+        locality_prompt=r0["loc"] + "?",
+        locality_answer=r0["loc_ans"],
+    )
     assert e0.request.locality_prompt.startswith("nq question: ")
     assert e0.request.locality_prompt.endswith("?")
     assert e0.extras["subject"] == r0["subject"] and e0.extras["answers"] == r0["answers"]
@@ -91,8 +97,9 @@ def test_ultraedit_zsre_reconstructed():
     exs = list(iter_examples(p))
     assert len(exs) == 10 and all(e.format == "zsre_ultraedit" for e in exs)
     for e, x in zip(exs, raw):
-        assert e.request == EditRequest(x["src"], x["ans"], x["rephrase"], x["loc"] + "?",
-                                        x["loc_ans"])
+        assert e.request == EditRequest(
+            x["src"], x["ans"], x["rephrase"], x["loc"] + "?", x["loc_ans"]
+        )
     assert [r.target for r in load_requests(p, target="alt")] == [x["alt"] for x in raw]
 
 
@@ -121,37 +128,76 @@ def test_counterfact_memit_preview():
 # ----------------------------------------------------------------- synthetic formats
 
 CF_FLAT = [
-    {"prompt": "The capital of France is", "target_new": "Lyon", "subject": "France",
-     "ground_truth": "Paris", "rephrase_prompt": "France's capital city is",
-     "locality_prompt": "The capital of Spain is", "locality_ground_truth": "Madrid"},
-    {"prompt": ["Danielle Darrieux speaks"], "target_new": ["English"],
-     "subject": "Danielle Darrieux", "ground_truth": ["French"],
-     "rephrase_prompt": ["The native language of Danielle Darrieux is", "other"],
-     "locality_prompt": ["Léon Blum speaks"], "locality_ground_truth": ["French"]},
+    {
+        "prompt": "The capital of France is",
+        "target_new": "Lyon",
+        "subject": "France",
+        "ground_truth": "Paris",
+        "rephrase_prompt": "France's capital city is",
+        "locality_prompt": "The capital of Spain is",
+        "locality_ground_truth": "Madrid",
+    },
+    {
+        "prompt": ["Danielle Darrieux speaks"],
+        "target_new": ["English"],
+        "subject": "Danielle Darrieux",
+        "ground_truth": ["French"],
+        "rephrase_prompt": ["The native language of Danielle Darrieux is", "other"],
+        "locality_prompt": ["Léon Blum speaks"],
+        "locality_ground_truth": ["French"],
+    },
 ]
 
-FEVER = [{"prompt": "Is the Eiffel Tower in Rome?", "equiv_prompt": ["Does Rome host the Eiffel Tower?"],
-          "alt": "SUPPORTS", "unrel_prompt": "Is water wet?", "unrel_ans": "REFUTES"}]
+FEVER = [
+    {
+        "prompt": "Is the Eiffel Tower in Rome?",
+        "equiv_prompt": ["Does Rome host the Eiffel Tower?"],
+        "alt": "SUPPORTS",
+        "unrel_prompt": "Is water wet?",
+        "unrel_ans": "REFUTES",
+    }
+]
 
-WIKIBIG_BASE = {"tag": "persistent", "subject": "Acme", "update": "Who is the CEO of Acme?",
-                "rephrase": "Acme's chief executive is who?", "ans": "Jane Roe",
-                "loc": "Who wrote Hamlet?", "loc_ans": "William Shakespeare"}
+WIKIBIG_BASE = {
+    "tag": "persistent",
+    "subject": "Acme",
+    "update": "Who is the CEO of Acme?",
+    "rephrase": "Acme's chief executive is who?",
+    "ans": "Jane Roe",
+    "loc": "Who wrote Hamlet?",
+    "loc_ans": "William Shakespeare",
+}
 
-UEB = [{"prompt": "The author of Dune is", "subject": "Dune",
-        "rephrase_prompt": "Dune was written by", "ans": "Frank Herbert",
-        "loc": "The capital of Japan is", "loc_ans": "Tokyo"}]
+UEB = [
+    {
+        "prompt": "The author of Dune is",
+        "subject": "Dune",
+        "rephrase_prompt": "Dune was written by",
+        "ans": "Frank Herbert",
+        "loc": "The capital of Japan is",
+        "loc_ans": "Tokyo",
+    }
+]
 
 
 def test_counterfact_flat(tmp_path):
     p = write_json(tmp_path / "cf.json", CF_FLAT)
     exs = list(iter_examples(p))
     assert [e.format for e in exs] == ["counterfact_flat"] * 2
-    assert exs[0].request == EditRequest("The capital of France is", "Lyon",
-                                         "France's capital city is",
-                                         "The capital of Spain is", "Madrid")
-    assert exs[1].request == EditRequest("Danielle Darrieux speaks", "English",
-                                         "The native language of Danielle Darrieux is",
-                                         "Léon Blum speaks", "French")
+    assert exs[0].request == EditRequest(
+        "The capital of France is",
+        "Lyon",
+        "France's capital city is",
+        "The capital of Spain is",
+        "Madrid",
+    )
+    assert exs[1].request == EditRequest(
+        "Danielle Darrieux speaks",
+        "English",
+        "The native language of Danielle Darrieux is",
+        "Léon Blum speaks",
+        "French",
+    )
     assert exs[1].extras["rephrase_prompts"] == CF_FLAT[1]["rephrase_prompt"]
     assert exs[1].extras["ground_truth"] == "French"
 
@@ -160,23 +206,36 @@ def test_fever(tmp_path):
     p = write_json(tmp_path / "fever.json", FEVER)
     (e,) = list(iter_examples(p))
     assert e.format == "fever"
-    assert e.request == EditRequest("Is the Eiffel Tower in Rome?", "SUPPORTS",
-                                    "Does Rome host the Eiffel Tower?", "Is water wet?",
-                                    "REFUTES")
+    assert e.request == EditRequest(
+        "Is the Eiffel Tower in Rome?",
+        "SUPPORTS",
+        "Does Rome host the Eiffel Tower?",
+        "Is water wet?",
+        "REFUTES",
+    )
     assert list(load_requests(p, target="alt")) == [e.request]
 
 
 def test_wikibigedit_personas_and_mhop(tmp_path):
-    full = dict(WIKIBIG_BASE, personas=["As a pirate: who be Acme's captain?"],
-                mhop="Where was the CEO of Acme born?", mhop_ans="Ohio")
+    full = dict(
+        WIKIBIG_BASE,
+        personas=["As a pirate: who be Acme's captain?"],
+        mhop="Where was the CEO of Acme born?",
+        mhop_ans="Ohio",
+    )
     nulls = dict(WIKIBIG_BASE, personas=None, mhop=None, mhop_ans=None)
     missing = dict(WIKIBIG_BASE)
     str_persona = dict(WIKIBIG_BASE, personas="In the voice of a child: who runs Acme?")
     p = write_json(tmp_path / "wbe.json", [full, nulls, missing, str_persona])
     exs = list(iter_examples(p))
     assert all(e.format == "wikibigedit" for e in exs)
-    want = EditRequest("Who is the CEO of Acme?", "Jane Roe", "Acme's chief executive is who?",
-                       "Who wrote Hamlet?", "William Shakespeare")
+    want = EditRequest(
+        "Who is the CEO of Acme?",
+        "Jane Roe",
+        "Acme's chief executive is who?",
+        "Who wrote Hamlet?",
+        "William Shakespeare",
+    )
     assert all(e.request == want for e in exs)
     assert exs[0].extras["personas"] == full["personas"]
     assert exs[0].extras["mhop"] == full["mhop"] and exs[0].extras["mhop_ans"] == "Ohio"
@@ -197,14 +256,23 @@ def test_ultraeditbench(tmp_path):
     p = write_json(tmp_path / "ueb.json", UEB)
     (e,) = list(iter_examples(p))
     assert e.format == "ultraeditbench" and e.extras["subject"] == "Dune"
-    assert e.request == EditRequest("The author of Dune is", "Frank Herbert",
-                                    "Dune was written by", "The capital of Japan is", "Tokyo")
+    assert e.request == EditRequest(
+        "The author of Dune is",
+        "Frank Herbert",
+        "Dune was written by",
+        "The capital of Japan is",
+        "Tokyo",
+    )
 
 
 @pytest.mark.parametrize("newline,blank", [("\n", False), ("\r\n", True)])
 def test_jsonl_matches_array(tmp_path, newline, blank):
-    for name, recs in (("cf", CF_FLAT), ("fever", FEVER), ("ueb", UEB),
-                       ("wbe", [WIKIBIG_BASE] * 3)):
+    for name, recs in (
+        ("cf", CF_FLAT),
+        ("fever", FEVER),
+        ("ueb", UEB),
+        ("wbe", [WIKIBIG_BASE] * 3),
+    ):
         a = list(iter_examples(write_json(tmp_path / f"{name}.json", recs)))
         j = list(iter_examples(write_jsonl(tmp_path / f"{name}.jsonl", recs, newline, blank)))
         assert a == j
@@ -224,11 +292,28 @@ def test_utf8_bom(tmp_path):
 
 # ----------------------------------------------------------------- detection and options
 
+
 def test_detect_format():
-    mend = {"subject": "s", "src": "q", "pred": "p", "rephrase": "r", "alt": "a",
-            "answers": ["x"], "loc": "nq question: l", "loc_ans": "la", "cond": "c"}
-    ue = {"subject": "s", "src": "q", "rephrase": "r", "alt": "a", "ans": "x",
-          "loc": "nq question: l", "loc_ans": "la"}
+    mend = {
+        "subject": "s",
+        "src": "q",
+        "pred": "p",
+        "rephrase": "r",
+        "alt": "a",
+        "answers": ["x"],
+        "loc": "nq question: l",
+        "loc_ans": "la",
+        "cond": "c",
+    }
+    ue = {
+        "subject": "s",
+        "src": "q",
+        "rephrase": "r",
+        "alt": "a",
+        "ans": "x",
+        "loc": "nq question: l",
+        "loc_ans": "la",
+    }
     cf = {"requested_rewrite": {}, "paraphrase_prompts": [], "neighborhood_prompts": []}
     assert detect_format(mend) == "zsre"
     assert detect_format(ue) == "zsre_ultraedit"
@@ -244,13 +329,27 @@ def test_detect_format():
         assert name in str(ei.value)
     with pytest.raises(ValueError):
         detect_format(["not", "a", "dict"])
-    assert set(FORMATS) == {"zsre", "zsre_ultraedit", "counterfact", "counterfact_flat",
-                            "fever", "wikibigedit", "ultraeditbench"}
+    assert set(FORMATS) == {
+        "zsre",
+        "zsre_ultraedit",
+        "counterfact",
+        "counterfact_flat",
+        "fever",
+        "wikibigedit",
+        "ultraeditbench",
+    }
 
 
 def test_alt_option(tmp_path):
-    mend = {"subject": "s", "src": "Q?", "rephrase": "R?", "alt": "ALT",
-            "answers": ["TRUE", "T2"], "loc": "nq question: l", "loc_ans": "la"}
+    mend = {
+        "subject": "s",
+        "src": "Q?",
+        "rephrase": "R?",
+        "alt": "ALT",
+        "answers": ["TRUE", "T2"],
+        "loc": "nq question: l",
+        "loc_ans": "la",
+    }
     p = write_json(tmp_path / "m.json", [mend])
     assert next(load_requests(p)).target == "TRUE"
     assert next(load_requests(p, target="alt")).target == "ALT"
@@ -263,8 +362,11 @@ def test_alt_option(tmp_path):
 
 def test_explicit_format_mismatch(tmp_path):
     p = write_json(tmp_path / "u.json", UEB)
-    with pytest.raises(DataFormatError, match=r"u\.json: record 0: missing field 'answers' "
-                       r"\(format 'zsre'; the record looks like 'ultraeditbench'\)"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"u\.json: record 0: missing field 'answers' "
+        r"\(format 'zsre'; the record looks like 'ultraeditbench'\)",
+    ):
         list(load_requests(p, "zsre"))
 
 
@@ -299,6 +401,7 @@ def test_reader_object(tmp_path):
 
 
 # ----------------------------------------------------------------- errors
+
 
 def test_missing_file_and_bad_names(tmp_path):
     missing = tmp_path / "nope.json"
@@ -353,10 +456,17 @@ def test_undetectable_first_record(tmp_path):
 
 
 def test_malformed_counterfact_and_zsre(tmp_path):
-    cf = {"case_id": 0, "requested_rewrite": {
-        "prompt": "The mother tongue of is", "subject": "X",
-        "target_new": {"str": "English"}, "target_true": {"str": "French"}},
-        "paraphrase_prompts": ["p"], "neighborhood_prompts": ["n"]}
+    cf = {
+        "case_id": 0,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of is",
+            "subject": "X",
+            "target_new": {"str": "English"},
+            "target_true": {"str": "French"},
+        },
+        "paraphrase_prompts": ["p"],
+        "neighborhood_prompts": ["n"],
+    }
     p = write_json(tmp_path / "cf.json", [cf])
     with pytest.raises(DataFormatError, match=r"record 0: .*placeholder"):
         list(load_requests(p))
@@ -389,8 +499,10 @@ def test_skip_and_count(tmp_path):
         assert str(p) in msg and expected in msg
     # skip mode also skips invalid JSON Lines lines
     pl = tmp_path / "mixed.jsonl"
-    pl.write_text(json.dumps(UEB[0]) + "\n{\"prompt\": oops}\n" + json.dumps(UEB[0]) + "\n"
-                  + '{"prompt": "tru', encoding="utf-8")
+    pl.write_text(
+        json.dumps(UEB[0]) + '\n{"prompt": oops}\n' + json.dumps(UEB[0]) + "\n" + '{"prompt": "tru',
+        encoding="utf-8",
+    )
     reader = RequestReader(pl, on_error="skip")
     assert len(list(reader)) == 2 and reader.skipped == 2
     assert "line 2" in reader.errors[0][1] and "truncated" in reader.errors[1][1]
@@ -413,16 +525,19 @@ def test_truncated_array(tmp_path):
             count_records(p)
 
 
-@pytest.mark.parametrize("text,where", [
-    ('[{"a": 1}, {"a": 2,}]', "record 1"),
-    ('[{"a": 1} {"a": 2}]', "record 0"),
-    ('[{"a": 1},]', "trailing comma"),
-    ('[{"a": 1}] x', "after the closing"),
-    ('[{"a": tru}]', "record 0"),
-    ('[{"a": "b\x01"}]', "Invalid control character"),
-    ("   \n", "no JSON data"),
-    ("hello", "expected a JSON array"),
-])
+@pytest.mark.parametrize(
+    "text,where",
+    [
+        ('[{"a": 1}, {"a": 2,}]', "record 1"),
+        ('[{"a": 1} {"a": 2}]', "record 0"),
+        ('[{"a": 1},]', "trailing comma"),
+        ('[{"a": 1}] x', "after the closing"),
+        ('[{"a": tru}]', "record 0"),
+        ('[{"a": "b\x01"}]', "Invalid control character"),
+        ("   \n", "no JSON data"),
+        ("hello", "expected a JSON array"),
+    ],
+)
 def test_invalid_json(tmp_path, text, where):
     p = tmp_path / "bad.json"
     p.write_text(text, encoding="utf-8")
@@ -433,8 +548,15 @@ def test_invalid_json(tmp_path, text, where):
 
 
 def test_truncated_at_every_byte(tmp_path):
-    rec = dict(UEB[0], ans="Herbert “Frank” \\ é", case_id=12345, flag=True, other=None,
-               neg=-1.5e3, lst=[False, 0])
+    rec = dict(
+        UEB[0],
+        ans="Herbert “Frank” \\ é",
+        case_id=12345,
+        flag=True,
+        other=None,
+        neg=-1.5e3,
+        lst=[False, 0],
+    )
     text = json.dumps([rec, rec], ensure_ascii=False, indent=1)
     p = tmp_path / "cut.json"
     for cut in range(1, len(text)):
@@ -450,7 +572,7 @@ def test_truncated_at_every_byte(tmp_path):
 
 def test_invalid_json_byte_offset(tmp_path):
     good = json.dumps(dict(UEB[0], ans="Frank Herbert — 作者 🚀"), ensure_ascii=False)
-    text = "[" + good + ", " + good + ", {\"prompt\": nope}]"
+    text = "[" + good + ", " + good + ', {"prompt": nope}]'
     p = tmp_path / "off.json"
     p.write_text(text, encoding="utf-8")
     for chunk in (5, 1 << 20):
@@ -464,8 +586,8 @@ def test_invalid_json_byte_offset(tmp_path):
 TRICKY = [
     dict(UEB[0], prompt='He said "hi" and then ] } [ { , : \\ left', ans="naïve café ☕"),
     dict(UEB[0], prompt="Emoji 🚀🧪 and CJK 日本語 in the prompt", ans='quote " bracket ]'),
-    dict(UEB[0], prompt="Escapes \t tab \n newline \u2028 sep", ans="\\\"}],"),
-    dict(UEB[0], prompt="Number-ish 12345 true false null", ans="[1, 2, {\"x\": 3}]"),
+    dict(UEB[0], prompt="Escapes \t tab \n newline \u2028 sep", ans='\\"}],'),
+    dict(UEB[0], prompt="Number-ish 12345 true false null", ans='[1, 2, {"x": 3}]'),
 ]
 
 
@@ -474,8 +596,10 @@ def test_chunk_boundary_stress(tmp_path, ensure_ascii):
     recs = TRICKY * 3
     p = tmp_path / "tricky.json"
     p.write_text(json.dumps(recs, ensure_ascii=ensure_ascii, indent=None), encoding="utf-8")
-    want = [EditRequest(r["prompt"], r["ans"], r["rephrase_prompt"], r["loc"], r["loc_ans"])
-            for r in recs]
+    want = [
+        EditRequest(r["prompt"], r["ans"], r["rephrase_prompt"], r["loc"], r["loc_ans"])
+        for r in recs
+    ]
     for chunk in list(range(1, 14)) + [31, 64, 1 << 20]:
         assert list(load_requests(p, chunk_size=chunk)) == want, chunk
         assert count_records(p, chunk_size=chunk) == len(recs)
@@ -483,12 +607,26 @@ def test_chunk_boundary_stress(tmp_path, ensure_ascii):
 
 def test_scanner_values_and_numbers_at_chunk_ends(tmp_path):
     # non-object elements, numbers and literals that can end exactly at a chunk end
-    values = [12345, -0.5e-7, True, False, None, "a]b", [1, [2, [3]]], {"k": [1.25, "\\"]},
-              1e300, 0, "é" * 9, 987654321987654321]
+    values = [
+        12345,
+        -0.5e-7,
+        True,
+        False,
+        None,
+        "a]b",
+        [1, [2, [3]]],
+        {"k": [1.25, "\\"]},
+        1e300,
+        0,
+        "é" * 9,
+        987654321987654321,
+    ]
     p = tmp_path / "vals.json"
     for sep in (",", " ,\n "):
-        p.write_text("[" + sep.join(json.dumps(v, ensure_ascii=False) for v in values) + "]",
-                     encoding="utf-8")
+        p.write_text(
+            "[" + sep.join(json.dumps(v, ensure_ascii=False) for v in values) + "]",
+            encoding="utf-8",
+        )
         for chunk in range(1, 12):
             assert list(_iter_values(str(p), chunk)) == values, (sep, chunk)
     p.write_text("[]", encoding="utf-8")
@@ -502,25 +640,34 @@ except ImportError:  # pragma: no cover
 
 if given is not None:
     _json = st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
         | st.text(),
         lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4),
-        max_leaves=12)
+        max_leaves=12,
+    )
 
     @settings(max_examples=150, deadline=None)
-    @given(values=st.lists(_json, max_size=6), chunk=st.integers(1, 40),
-           ensure_ascii=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+    @given(
+        values=st.lists(_json, max_size=6),
+        chunk=st.integers(1, 40),
+        ensure_ascii=st.booleans(),
+        indent=st.sampled_from([None, 0, 2]),
+    )
     def test_scanner_property(tmp_path_factory, values, chunk, ensure_ascii, indent):
         p = tmp_path_factory.mktemp("prop") / "v.json"
-        p.write_text(json.dumps(values, ensure_ascii=ensure_ascii, indent=indent),
-                     encoding="utf-8")
+        p.write_text(json.dumps(values, ensure_ascii=ensure_ascii, indent=indent), encoding="utf-8")
         assert list(_iter_values(str(p), chunk)) == values
 else:  # pragma: no cover
+
     def test_scanner_property():
         pytest.skip("hypothesis is not installed")
 
 
 # ----------------------------------------------------------------- streaming memory
+
 
 def test_streaming_memory_is_flat(tmp_path):
     n = 200_000
@@ -529,17 +676,19 @@ def test_streaming_memory_is_flat(tmp_path):
     with open(p, "w", encoding="utf-8") as f:  # written incrementally
         f.write("[\n")
         for i in range(n):
-            rec = {"prompt": f"Record {i}: the headquarters of company {i} are located in",
-                   "subject": f"company {i}",
-                   "rephrase_prompt": f"Company {i} ({pad}) has its headquarters in",
-                   "ans": f"City {i % 977}",
-                   "loc": f"nq question: who wrote the novel number {i} in the series",
-                   "loc_ans": f"Author {i % 131}"}
+            rec = {
+                "prompt": f"Record {i}: the headquarters of company {i} are located in",
+                "subject": f"company {i}",
+                "rephrase_prompt": f"Company {i} ({pad}) has its headquarters in",
+                "ans": f"City {i % 977}",
+                "loc": f"nq question: who wrote the novel number {i} in the series",
+                "loc_ans": f"Author {i % 131}",
+            }
             f.write(("" if i == 0 else ",\n") + json.dumps(rec))
         f.write("\n]\n")
     size = os.path.getsize(p)
     assert size > 40e6, size
-    bound = 10 * 2 ** 20
+    bound = 10 * 2**20
     # the bound must be able to fail: loading all records costs several times the bound
     assert size > 4 * bound
 

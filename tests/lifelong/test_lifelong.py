@@ -1,5 +1,6 @@
 """Lifelong runs (ultraedit_fast.lifelong.runner) on a tiny random Llama: turns, scoring every k
 turns, the JSON and the PNG, fast vs reference, WikiBigEdit extras, refused turns."""
+
 import copy
 import itertools
 import json
@@ -10,8 +11,13 @@ import torch
 from conftest import random_requests
 from ultraedit_fast.data.datasets import Example
 from ultraedit_fast.scoring.metrics import token_accuracy
-from ultraedit_fast.lifelong.runner import (RESULTS_JSON, RESULTS_PNG, SCHEMA, plot_results,
-                                     run_lifelong)
+from ultraedit_fast.lifelong.runner import (
+    RESULTS_JSON,
+    RESULTS_PNG,
+    SCHEMA,
+    plot_results,
+    run_lifelong,
+)
 from ultraedit_fast.core.report import PHASES
 
 MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"]
@@ -21,9 +27,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def tiny_llama(seed=0):
     import transformers as T
-    cfg = T.LlamaConfig(vocab_size=101, hidden_size=40, intermediate_size=72,
-                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=128)
+
+    cfg = T.LlamaConfig(
+        vocab_size=101,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(seed)
     return T.LlamaForCausalLM(cfg).eval()
 
@@ -47,9 +60,19 @@ def _check_metrics(m, n):
 def test_run_writes_json_and_png(model, toy_tokenizer, tmp_path):
     reqs = random_requests(24, seed=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = run_lifelong(model, toy_tokenizer, reqs, turns=4, edits_per_turn=6, modules=MODULES,
-                       lr=LR, eval_every=2, progress=False, output_dir=str(tmp_path),
-                       config_extra={"dataset": "random", "note": 7})
+    res = run_lifelong(
+        model,
+        toy_tokenizer,
+        reqs,
+        turns=4,
+        edits_per_turn=6,
+        modules=MODULES,
+        lr=LR,
+        eval_every=2,
+        progress=False,
+        output_dir=str(tmp_path),
+        config_extra={"dataset": "random", "note": 7},
+    )
     # the JSON on disk is what was returned
     path = tmp_path / RESULTS_JSON
     on_disk = json.loads(path.read_text())
@@ -94,6 +117,7 @@ def test_run_writes_json_and_png(model, toy_tokenizer, tmp_path):
     png = (tmp_path / RESULTS_PNG).read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 20_000
     import matplotlib.image as mpimg
+
     img = mpimg.imread(str(tmp_path / RESULTS_PNG))
     assert img.shape[0] > 400 and img.shape[1] > 800
 
@@ -101,8 +125,17 @@ def test_run_writes_json_and_png(model, toy_tokenizer, tmp_path):
 def test_eval_every_none_scores_once_and_stream_is_consumed_lazily(model, toy_tokenizer):
     reqs = random_requests(30, seed=2)
     stream = iter(reqs)
-    res = run_lifelong(model, toy_tokenizer, stream, turns=2, edits_per_turn=5,
-                       modules=MODULES, lr=LR, progress=False, eval_before=False)
+    res = run_lifelong(
+        model,
+        toy_tokenizer,
+        stream,
+        turns=2,
+        edits_per_turn=5,
+        modules=MODULES,
+        lr=LR,
+        progress=False,
+        eval_before=False,
+    )
     assert [h["turn"] for h in res["eval_history"]] == [2]
     assert res["metrics_before"] is None and res["files"] == {}
     assert next(stream) == reqs[10]  # exactly turns * edits_per_turn items were taken
@@ -111,8 +144,15 @@ def test_eval_every_none_scores_once_and_stream_is_consumed_lazily(model, toy_to
 def test_reference_and_fast_agree(base_model, toy_tokenizer):
     reqs = random_requests(20, seed=3)
     m_fast, m_ref = copy.deepcopy(base_model), copy.deepcopy(base_model)
-    kw = dict(turns=2, edits_per_turn=10, modules=MODULES, lr=LR, batch_size=4,
-              eval_every=1, progress=False)
+    kw = dict(
+        turns=2,
+        edits_per_turn=10,
+        modules=MODULES,
+        lr=LR,
+        batch_size=4,
+        eval_every=1,
+        progress=False,
+    )
     fast = run_lifelong(m_fast, toy_tokenizer, reqs, editor="fast", **kw)
     ref = run_lifelong(m_ref, toy_tokenizer, reqs, editor="reference", **kw)
     assert ref["config"]["editor"] == "reference" and ref["config"]["backend"] == "reference"
@@ -134,32 +174,64 @@ def test_wikibigedit_extras_are_scored(model, toy_tokenizer):
     reqs = random_requests(8, seed=4)
     examples = []
     for i, r in enumerate(reqs):
-        extras = {"personas": [f"Tell me: {r.prompt}", f"Q. {r.rephrase}"] if i % 2 else [],
-                  "mhop": f"so {r.prompt}" if i < 3 else None,
-                  "mhop_ans": "alpha beta" if i < 3 else None}
+        extras = {
+            "personas": [f"Tell me: {r.prompt}", f"Q. {r.rephrase}"] if i % 2 else [],
+            "mhop": f"so {r.prompt}" if i < 3 else None,
+            "mhop_ans": "alpha beta" if i < 3 else None,
+        }
         examples.append(Example(r, extras, i, "wikibigedit"))
-    res = run_lifelong(model, toy_tokenizer, examples, turns=2, edits_per_turn=4,
-                       modules=MODULES, lr=LR, progress=False)
+    res = run_lifelong(
+        model,
+        toy_tokenizer,
+        examples,
+        turns=2,
+        edits_per_turn=4,
+        modules=MODULES,
+        lr=LR,
+        progress=False,
+    )
     m = res["metrics"]
     assert m["n_personas"] == 8 and m["n_mhop"] == 3
-    pairs = [(p, r.target) for i, r in enumerate(reqs) if i % 2
-             for p in (f"Tell me: {r.prompt}", f"Q. {r.rephrase}")]
+    pairs = [
+        (p, r.target)
+        for i, r in enumerate(reqs)
+        if i % 2
+        for p in (f"Tell me: {r.prompt}", f"Q. {r.rephrase}")
+    ]
     expect = token_accuracy(model, toy_tokenizer, pairs)
     assert m["personas"] == pytest.approx(sum(expect) / len(expect))
     mh = token_accuracy(model, toy_tokenizer, [(f"so {r.prompt}", "alpha beta") for r in reqs[:3]])
     assert m["mhop"] == pytest.approx(sum(mh) / 3)
     assert res["metrics_before"]["n_personas"] == 8
     # plain requests: no WikiBigEdit scores
-    res2 = run_lifelong(copy.deepcopy(model), toy_tokenizer, reqs, turns=1, edits_per_turn=4,
-                        modules=MODULES, lr=LR, progress=False, eval_before=False)
+    res2 = run_lifelong(
+        copy.deepcopy(model),
+        toy_tokenizer,
+        reqs,
+        turns=1,
+        edits_per_turn=4,
+        modules=MODULES,
+        lr=LR,
+        progress=False,
+        eval_before=False,
+    )
     assert res2["metrics"]["personas"] is None and res2["metrics"]["mhop"] is None
 
 
 def test_refused_turn_is_recorded_and_leaves_model_unchanged(model, toy_tokenizer, tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = run_lifelong(model, toy_tokenizer, random_requests(10, seed=5), turns=2,
-                       edits_per_turn=5, modules=MODULES, lr=1e38, progress=False,
-                       eval_before=False, output_dir=str(tmp_path))
+    res = run_lifelong(
+        model,
+        toy_tokenizer,
+        random_requests(10, seed=5),
+        turns=2,
+        edits_per_turn=5,
+        modules=MODULES,
+        lr=1e38,
+        progress=False,
+        eval_before=False,
+        output_dir=str(tmp_path),
+    )
     assert res["refused_turns"] == [1, 2]
     assert all("non-finite" in t["refused"] for t in res["turns"])
     for n, p in model.named_parameters():
@@ -169,68 +241,164 @@ def test_refused_turn_is_recorded_and_leaves_model_unchanged(model, toy_tokenize
 
 
 def test_progress_bar_shows_edits_per_second(model, toy_tokenizer, capsys):
-    run_lifelong(model, toy_tokenizer, random_requests(6, seed=6), turns=2, edits_per_turn=3,
-                 modules=MODULES, lr=LR, progress=True, eval_before=False)
+    run_lifelong(
+        model,
+        toy_tokenizer,
+        random_requests(6, seed=6),
+        turns=2,
+        edits_per_turn=3,
+        modules=MODULES,
+        lr=LR,
+        progress=True,
+        eval_before=False,
+    )
     err = capsys.readouterr().err
     assert "edit/s" in err and "6/6" in err
 
 
 def test_a_given_baseline_is_used(model, toy_tokenizer):
     from ultraedit_fast import capture_baseline
+
     reqs = random_requests(6, seed=7)
     base = capture_baseline(model, toy_tokenizer, reqs)
     with pytest.raises(ValueError, match="base"):
-        run_lifelong(copy.deepcopy(model), toy_tokenizer, reqs, turns=1, edits_per_turn=6,
-                     modules=MODULES, lr=LR, progress=False, base=base.subset(range(3)))
-    a = run_lifelong(copy.deepcopy(model), toy_tokenizer, reqs, turns=2, edits_per_turn=3,
-                     modules=MODULES, lr=LR, progress=False, base=base)
-    b = run_lifelong(copy.deepcopy(model), toy_tokenizer, reqs, turns=2, edits_per_turn=3,
-                     modules=MODULES, lr=LR, progress=False)
+        run_lifelong(
+            copy.deepcopy(model),
+            toy_tokenizer,
+            reqs,
+            turns=1,
+            edits_per_turn=6,
+            modules=MODULES,
+            lr=LR,
+            progress=False,
+            base=base.subset(range(3)),
+        )
+    a = run_lifelong(
+        copy.deepcopy(model),
+        toy_tokenizer,
+        reqs,
+        turns=2,
+        edits_per_turn=3,
+        modules=MODULES,
+        lr=LR,
+        progress=False,
+        base=base,
+    )
+    b = run_lifelong(
+        copy.deepcopy(model),
+        toy_tokenizer,
+        reqs,
+        turns=2,
+        edits_per_turn=3,
+        modules=MODULES,
+        lr=LR,
+        progress=False,
+    )
     assert a["metrics"] == b["metrics"]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(turns=0, edits_per_turn=2), "turns"),
-    (dict(turns=2, edits_per_turn=True), "edits_per_turn"),
-    (dict(turns=2, edits_per_turn=2, eval_every=0), "eval_every"),
-    (dict(turns=2, edits_per_turn=2, editor="slow"), "editor"),
-    (dict(turns=2, edits_per_turn=2, editor="reference", backend="cpp"), "backend"),
-    (dict(turns=3, edits_per_turn=3), "need 9 requests, the data gave 4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(turns=0, edits_per_turn=2), "turns"),
+        (dict(turns=2, edits_per_turn=True), "edits_per_turn"),
+        (dict(turns=2, edits_per_turn=2, eval_every=0), "eval_every"),
+        (dict(turns=2, edits_per_turn=2, editor="slow"), "editor"),
+        (dict(turns=2, edits_per_turn=2, editor="reference", backend="cpp"), "backend"),
+        (dict(turns=3, edits_per_turn=3), "need 9 requests, the data gave 4"),
+    ],
+)
 def test_argument_errors(model, toy_tokenizer, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        run_lifelong(model, toy_tokenizer, random_requests(4), modules=MODULES, lr=LR,
-                     progress=False, **kwargs)
+        run_lifelong(
+            model,
+            toy_tokenizer,
+            random_requests(4),
+            modules=MODULES,
+            lr=LR,
+            progress=False,
+            **kwargs,
+        )
 
 
 def test_bad_items_raise_type_error(model, toy_tokenizer):
     with pytest.raises(TypeError, match=r"examples_or_requests\[1\]"):
-        run_lifelong(model, toy_tokenizer, [random_requests(1)[0], 42], turns=1,
-                     edits_per_turn=2, modules=MODULES, lr=LR, progress=False)
+        run_lifelong(
+            model,
+            toy_tokenizer,
+            [random_requests(1)[0], 42],
+            turns=1,
+            edits_per_turn=2,
+            modules=MODULES,
+            lr=LR,
+            progress=False,
+        )
 
 
 def test_plot_many_turns_and_reference(tmp_path):
     """The plot copes with many turns, no per-phase times and no baseline."""
-    rows = [{"turn": t, "seconds": {"total": 0.5 + 0.01 * t}, "wall_seconds": 0.6,
-             "refused": None if t % 50 else "x", "total_seconds": 0.5}
-            for t in range(1, 201)]
-    hist = [{"turn": t, "n_edits": 100 * t,
-             "metrics": {"ES": 0.9 - t / 1000, "GS": 0.8, "LS": 0.5, "LS_unedited": 0.7,
-                         "personas": None, "mhop": 0.1, "n": 100 * t}}
-            for t in range(20, 201, 20)]
-    results = {"config": {"turns": 200, "edits_per_turn": 100, "editor": "reference",
-                          "backend": "reference", "lr": 1e-6, "modules": MODULES,
-                          "model_name": "toy"},
-               "turns": rows, "eval_history": hist, "metrics_before": None,
-               "timing": {"mean_turn_seconds": 0.6, "edits_per_second": 166.0,
-                          "peak_memory_bytes": None, "peak_memory_kind": None}}
+    rows = [
+        {
+            "turn": t,
+            "seconds": {"total": 0.5 + 0.01 * t},
+            "wall_seconds": 0.6,
+            "refused": None if t % 50 else "x",
+            "total_seconds": 0.5,
+        }
+        for t in range(1, 201)
+    ]
+    hist = [
+        {
+            "turn": t,
+            "n_edits": 100 * t,
+            "metrics": {
+                "ES": 0.9 - t / 1000,
+                "GS": 0.8,
+                "LS": 0.5,
+                "LS_unedited": 0.7,
+                "personas": None,
+                "mhop": 0.1,
+                "n": 100 * t,
+            },
+        }
+        for t in range(20, 201, 20)
+    ]
+    results = {
+        "config": {
+            "turns": 200,
+            "edits_per_turn": 100,
+            "editor": "reference",
+            "backend": "reference",
+            "lr": 1e-6,
+            "modules": MODULES,
+            "model_name": "toy",
+        },
+        "turns": rows,
+        "eval_history": hist,
+        "metrics_before": None,
+        "timing": {
+            "mean_turn_seconds": 0.6,
+            "edits_per_second": 166.0,
+            "peak_memory_bytes": None,
+            "peak_memory_kind": None,
+        },
+    }
     path = plot_results(results, str(tmp_path / "p.png"))
     assert open(path, "rb").read(8) == PNG_MAGIC
 
 
 def test_counts_exactly_what_was_edited(model, toy_tokenizer):
     """eval_every that does not divide turns still ends with a score on everything."""
-    res = run_lifelong(model, toy_tokenizer, itertools.cycle(random_requests(4, seed=8)),
-                       turns=3, edits_per_turn=4, modules=MODULES, lr=LR, eval_every=2,
-                       progress=False, eval_before=False)
+    res = run_lifelong(
+        model,
+        toy_tokenizer,
+        itertools.cycle(random_requests(4, seed=8)),
+        turns=3,
+        edits_per_turn=4,
+        modules=MODULES,
+        lr=LR,
+        eval_every=2,
+        progress=False,
+        eval_before=False,
+    )
     assert [(h["turn"], h["metrics"]["n"]) for h in res["eval_history"]] == [(2, 8), (3, 12)]

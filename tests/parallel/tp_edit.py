@@ -1,13 +1,14 @@
-"""One rank of a tensor-parallel edit (run by tests/test_tp.py under torchrun): load the model
+"""One rank of a tensor-parallel edit (run by tests/parallel/test_tp.py under torchrun): load the model
 saved at argv[1] with tp_plan="auto", edit it 3 turns, and write the gathered edited weights,
 the gathered normaliser states and what each turn communicated to argv[2] (rank 0)."""
+
 import json
 import os
 import sys
 import warnings
 
 warnings.simplefilter("ignore")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # conftest.py
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -22,7 +23,13 @@ torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
 model.eval()
 rank, world = dist.get_rank(), dist.get_world_size()
-options = dict(modules=modules, lr=float(os.environ.get("TP_LR", "1e-3")), batch_size=4, undo=True, tokens_per_pass=0)
+options = dict(
+    modules=modules,
+    lr=float(os.environ.get("TP_LR", "1e-3")),
+    batch_size=4,
+    undo=True,
+    tokens_per_pass=0,
+)
 if mode == "auto":  # the facts regime's machinery: step search and preserved locality keys
     options.update(step="auto")
 ed = UltraEditor(model, ToyTokenizer(), **options)
@@ -62,10 +69,16 @@ for key, state in ed.normalizers.items():
 if rank == 0:
     torch.save(weights, os.path.join(out, "weights.pt"))
     with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump({"states": states, "turns": ed.turns,
-                   "comm_bytes": [r.comm_bytes for r in reports],
-                   "seconds": [r.total_seconds for r in reports],
-                   "step": [r.step_scale for r in reports],
-                   "kinds": {t.name: t.tp.kind for t in ed.targets}}, f)
+        json.dump(
+            {
+                "states": states,
+                "turns": ed.turns,
+                "comm_bytes": [r.comm_bytes for r in reports],
+                "seconds": [r.total_seconds for r in reports],
+                "step": [r.step_scale for r in reports],
+                "kinds": {t.name: t.tp.kind for t in ed.targets},
+            },
+            f,
+        )
 dist.barrier()
 dist.destroy_process_group()

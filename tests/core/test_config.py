@@ -1,5 +1,6 @@
 """The editor's configuration: typed and visible, resolved once, and every option with a
 flag accepted by the command line."""
+
 import dataclasses
 import inspect
 import typing
@@ -85,12 +86,32 @@ def test_a_refused_first_turn_leaves_the_editor_as_it_was(toy_tokenizer):
 def test_every_option_with_a_flag_is_accepted_by_run():
     from ultraedit_fast.cli.parser import build_parser
     from ultraedit_fast.core.config import _flag
-    values = {"modules": "a,b", "lr": "0.1", "batch_size": "2", "backend": "torch",
-              "tokens_per_pass": "0", "regime": "facts", "step": "paper", "step_target": "0.5",
-              "locality_budget": "0.1", "max_step_scale": "4"}
+
+    values = {
+        "modules": "a,b",
+        "lr": "0.1",
+        "batch_size": "2",
+        "backend": "torch",
+        "tokens_per_pass": "0",
+        "regime": "facts",
+        "step": "paper",
+        "step_target": "0.5",
+        "locality_budget": "0.1",
+        "max_step_scale": "4",
+    }
     for name in cli_option_names():
-        argv = ["run", "--data", "x.json", "--turns", "1", "--edits-per-turn", "1",
-                "--output-dir", "o", _flag(name)]
+        argv = [
+            "run",
+            "--data",
+            "x.json",
+            "--turns",
+            "1",
+            "--edits-per-turn",
+            "1",
+            "--output-dir",
+            "o",
+            _flag(name),
+        ]
         if name in values:
             argv.append(values[name])
         args = build_parser().parse_args(argv)

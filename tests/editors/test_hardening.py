@@ -1,6 +1,7 @@
 """Holes a hostile user found (one test per hole): edits of the output layer, one module under
 two names, lone surrogates, requests that bypass their own checks, flags that must be
 booleans, data files that are pipes, FIFOs, badly encoded or nested without end."""
+
 import json
 import os
 import subprocess
@@ -51,20 +52,35 @@ def test_a_module_under_two_names_is_refused():
     model, _ = make_tiny("llama")
     model.alias = model.model.layers[1].mlp  # the same MLP reachable twice
     for cls in (UltraEditor, ReferenceEditor):
-        with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj' and "
-                                             r"'alias\.up_proj' are the same module"):
-            cls(model, ToyTokenizer(), modules=["model.layers.1.mlp.up_proj", "alias.up_proj"],
-                lr=LR)
+        with pytest.raises(
+            ValueError,
+            match=r"'model\.layers\.1\.mlp\.up_proj' and "
+            r"'alias\.up_proj' are the same module",
+        ):
+            cls(
+                model,
+                ToyTokenizer(),
+                modules=["model.layers.1.mlp.up_proj", "alias.up_proj"],
+                lr=LR,
+            )
 
 
 # ----------------------------------------------------------------------------- requests
 @pytest.mark.parametrize("field", ["prompt", "target", "rephrase", "locality_prompt"])
 def test_lone_surrogates_are_refused_naming_the_request(field):
-    good = {"prompt": "The capital of France is", "target": "Paris", "rephrase": "France's "
-            "capital is", "locality_prompt": "Water boils at", "locality_answer": "100"}
+    good = {
+        "prompt": "The capital of France is",
+        "target": "Paris",
+        "rephrase": "France's capital is",
+        "locality_prompt": "Water boils at",
+        "locality_answer": "100",
+    }
     bad = dict(good, **{field: good[field] + "\ud800"})
-    with pytest.raises(ValueError, match=rf"requests\[1\]: EditRequest\.{field}: contains a "
-                                         "lone surrogate"):
+    with pytest.raises(
+        ValueError,
+        match=rf"requests\[1\]: EditRequest\.{field}: contains a "
+        "lone surrogate",
+    ):
         as_requests([good, bad])
     with pytest.raises(ValueError, match="lone surrogate"):
         EditRequest(**bad)
@@ -72,12 +88,19 @@ def test_lone_surrogates_are_refused_naming_the_request(field):
 
 def test_data_files_with_surrogate_escapes_name_the_record(tmp_path):
     p = tmp_path / "cf.json"
-    rec = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France",
-           "ground_truth": "Paris", "rephrase_prompt": "France's capital:",
-           "locality_prompt": "Water boils at", "locality_ground_truth": "100"}
+    rec = {
+        "prompt": "The capital of France is",
+        "target_new": "Rome",
+        "subject": "France",
+        "ground_truth": "Paris",
+        "rephrase_prompt": "France's capital:",
+        "locality_prompt": "Water boils at",
+        "locality_ground_truth": "100",
+    }
     bad = dict(rec, target_new="Ro\\ud800me")
-    p.write_text("[" + json.dumps(rec) + "," + json.dumps(bad).replace("\\\\ud800", "\\ud800")
-                 + "]")
+    p.write_text(
+        "[" + json.dumps(rec) + "," + json.dumps(bad).replace("\\\\ud800", "\\ud800") + "]"
+    )
     with pytest.raises(DataFormatError, match=r"record 1: .*lone surrogate"):
         list(load_requests(p))
     assert len(list(load_requests(p, on_error="skip"))) == 1
@@ -88,8 +111,11 @@ def test_requests_that_skipped_their_own_checks_are_refused():
         def __post_init__(self):  # skips the checks
             pass
 
-    with pytest.raises(ValueError, match=r"requests\[0\]: EditRequest\.target: expected a "
-                                         "non-empty string"):
+    with pytest.raises(
+        ValueError,
+        match=r"requests\[0\]: EditRequest\.target: expected a "
+        "non-empty string",
+    ):
         as_requests([Unchecked("The capital of France is", "")])
     r = EditRequest("The capital of France is", "Paris")
     object.__setattr__(r, "target", "   ")
@@ -118,15 +144,20 @@ def test_flags_must_be_booleans(flag, value):
 
 
 # ----------------------------------------------------------------------------- data files
-_REC = {"prompt": "The capital of France is", "target_new": "Rome", "subject": "France",
-        "ground_truth": "Paris", "rephrase_prompt": "France's capital:",
-        "locality_prompt": "Water boils at", "locality_ground_truth": "100"}
+_REC = {
+    "prompt": "The capital of France is",
+    "target_new": "Rome",
+    "subject": "France",
+    "ground_truth": "Paris",
+    "rephrase_prompt": "France's capital:",
+    "locality_prompt": "Water boils at",
+    "locality_ground_truth": "100",
+}
 
 
 @pytest.mark.parametrize("jsonl", [False, True])
 def test_a_pipe_is_read_once(tmp_path, jsonl):
-    text = ("\n".join(json.dumps(_REC) for _ in range(3)) + "\n" if jsonl
-            else json.dumps([_REC] * 3))
+    text = "\n".join(json.dumps(_REC) for _ in range(3)) + "\n" if jsonl else json.dumps([_REC] * 3)
     r, w = os.pipe()
 
     def write():
@@ -145,6 +176,7 @@ def test_a_pipe_is_read_once(tmp_path, jsonl):
 
 def test_a_fifo_nobody_writes_to_is_an_error_not_a_hang(tmp_path, monkeypatch):
     import ultraedit_fast.data.jsonstream as D
+
     monkeypatch.setattr(D, "_FIFO_WAIT_S", 0.5)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -157,8 +189,13 @@ def test_a_fifo_nobody_writes_to_is_an_error_not_a_hang(tmp_path, monkeypatch):
 def test_a_fifo_with_a_writer_is_read(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    writer = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'w').write("
-                               f"{json.dumps(json.dumps([_REC, _REC]))})"])
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"open({str(fifo)!r}, 'w').write({json.dumps(json.dumps([_REC, _REC]))})",
+        ]
+    )
     try:
         reqs = list(load_requests(fifo))
     finally:
@@ -170,12 +207,12 @@ def test_a_fifo_with_a_writer_is_read(tmp_path):
 def test_a_utf8_error_names_its_byte_offset(tmp_path, chunk):
     good = json.dumps([_REC, dict(_REC, target_new="Zürich")], ensure_ascii=False).encode()
     at = good.index("Zürich".encode()) + 1  # the first byte of "ü"
-    data = good[:at] + b"\xff" + good[at + 2:]
+    data = good[:at] + b"\xff" + good[at + 2 :]
     p = tmp_path / "bad.json"
     p.write_bytes(b"\xef\xbb\xbf" + data)  # with a byte-order mark: 3 bytes before
     with pytest.raises(DataFormatError, match=rf"not valid UTF-8 at byte {at + 3}\b"):
         list(load_requests(p, chunk_size=chunk))
-    lines = (json.dumps(_REC) + "\n").encode() + data[data.index(b"{", 2):] + b"\n"
+    lines = (json.dumps(_REC) + "\n").encode() + data[data.index(b"{", 2) :] + b"\n"
     q = tmp_path / "bad.jsonl"
     q.write_bytes(lines)
     want = lines.index(b"\xff")
@@ -200,11 +237,15 @@ def test_deeply_nested_json_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("command", ["run", "eval"])
 def test_the_cli_reports_deep_json_in_one_line(tmp_path, capsys, command):
     from ultraedit_fast.cli import main
+
     p = tmp_path / "deep.json"
     p.write_text("[" * 100000)
     argv = [command, "--data", str(p)]
-    argv += (["--turns", "1", "--edits-per-turn", "1", "--output-dir", str(tmp_path / "o")]
-             if command == "run" else [])
+    argv += (
+        ["--turns", "1", "--edits-per-turn", "1", "--output-dir", str(tmp_path / "o")]
+        if command == "run"
+        else []
+    )
     for extra in ([], ["--skip-malformed"]):
         assert main(argv + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()

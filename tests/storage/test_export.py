@@ -1,6 +1,7 @@
 """Edits that ship: a weight patch applied to a fresh base reproduces the edited weights
 exactly; an exact PEFT LoRA adapter reproduces the edited model's logits within float
 rounding; a rank-limited one reports its error; another base model is refused."""
+
 import pytest
 import torch
 
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _edited(arch, undo=True, dtype=torch.float32, turns=2, modules=None):
     model, default = make_tiny(arch, dtype=dtype)
     base = clone_model(model)
-    ed = UltraEditor(model, ToyTokenizer(), modules=modules or default, lr=LR, batch_size=4,
-                     undo=undo)
+    ed = UltraEditor(
+        model, ToyTokenizer(), modules=modules or default, lr=LR, batch_size=4, undo=undo
+    )
     for t in range(turns):
         ed.edit(random_requests(6, seed=t))
     return model, base, ed
@@ -122,57 +124,108 @@ def test_patches_survive_a_checkpoint(tmp_path):
     again.export_patch(tmp_path / "p")
     fresh = clone_model(base)
     apply_patch(fresh, tmp_path / "p")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                  fresh.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+    )
 
 
 def test_the_cli_exports(tmp_path, monkeypatch, capsys):
     import json
     from ultraedit_fast.cli import commands as cli
+
     model, modules = make_tiny("llama")
     base = clone_model(model)
     monkeypatch.setattr(cli, "_load", lambda args: (model, ToyTokenizer()))
     reqs = random_requests(8, seed=1)
     data = tmp_path / "d.json"
-    data.write_text(json.dumps([{"prompt": r.prompt, "target_new": r.target, "subject": "s",
-                                 "ground_truth": "g", "rephrase_prompt": r.rephrase,
-                                 "locality_prompt": r.locality_prompt,
-                                 "locality_ground_truth": r.locality_answer} for r in reqs]))
-    rc = cli.main(["run", "--data", str(data), "--turns", "2", "--edits-per-turn", "4",
-                   "--modules", ",".join(modules), "--lr", str(LR), "--no-generation",
-                   "--output-dir", str(tmp_path / "out"), "--no-plot", "--no-progress",
-                   "--save-editor", str(tmp_path / "ed"), "--export-patch", str(tmp_path / "p"),
-                   "--export-lora", str(tmp_path / "l")])
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": r.prompt,
+                    "target_new": r.target,
+                    "subject": "s",
+                    "ground_truth": "g",
+                    "rephrase_prompt": r.rephrase,
+                    "locality_prompt": r.locality_prompt,
+                    "locality_ground_truth": r.locality_answer,
+                }
+                for r in reqs
+            ]
+        )
+    )
+    rc = cli.main(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--turns",
+            "2",
+            "--edits-per-turn",
+            "4",
+            "--modules",
+            ",".join(modules),
+            "--lr",
+            str(LR),
+            "--no-generation",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--no-plot",
+            "--no-progress",
+            "--save-editor",
+            str(tmp_path / "ed"),
+            "--export-patch",
+            str(tmp_path / "p"),
+            "--export-lora",
+            str(tmp_path / "l"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "out" / "lifelong.json").read_text())
     assert set(res["files"]) >= {"patch", "lora", "editor", "json"}
     assert max(res["lora"]["relative_error"].values()) == 0.0
     import ultraedit_fast.model.loading as models
+
     monkeypatch.setattr(models, "load_model", lambda spec, **kw: (base, ToyTokenizer()))
-    rc = cli.main(["export", "--checkpoint", str(tmp_path / "ed"), "--patch",
-                   str(tmp_path / "p2"), "--lora", str(tmp_path / "l2"), "--rank", "3",
-                   "--base-model", "the-unedited-model"])
+    rc = cli.main(
+        [
+            "export",
+            "--checkpoint",
+            str(tmp_path / "ed"),
+            "--patch",
+            str(tmp_path / "p2"),
+            "--lora",
+            str(tmp_path / "l2"),
+            "--rank",
+            "3",
+            "--base-model",
+            "the-unedited-model",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "patch:" in out and "rank [3]" in out
     fresh = clone_model(base)
     apply_patch(fresh, tmp_path / "p2")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                  fresh.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+    )
     assert cli.main(["export", "--checkpoint", str(tmp_path / "ed")]) == 2  # nothing to do
 
 
 @pytest.mark.slow
 def test_an_exact_lora_on_smollm2(tmp_path, fresh_smollm2):
     from ultraedit_fast.data.demo import demo_requests
+
     model, tok = fresh_smollm2
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     ed = UltraEditor(model, tok, undo=True)
     ed.edit(demo_requests())
     ed.export_patch(tmp_path / "p")
     rep = ed.export_lora(tmp_path / "lora")
-    ids = tok(["The capital of France is", "Water boils at"], return_tensors="pt",
-              padding=True)["input_ids"]
+    ids = tok(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)[
+        "input_ids"
+    ]
     with torch.no_grad():
         want = model(input_ids=ids).logits.float()
     ed.rollback()  # the session's model is shared; the base again

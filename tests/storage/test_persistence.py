@@ -1,4 +1,5 @@
 """Checkpoints (UltraEditor.save / UltraEditor.load) and the undo log (rollback)."""
+
 import json
 import os
 import random
@@ -18,13 +19,11 @@ from ultraedit_fast.storage import checkpoint
 from ultraedit_fast.storage.checkpoint import CheckpointWeightsWarning
 
 LR = 1e-4
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # the tests root (conftest.py)
 ROOT = TESTS.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "quiet_checkpoints")
-
-
 
 
 def bits(t):
@@ -150,10 +149,21 @@ def test_resume_in_a_new_process_is_bit_exact(tmp_path):
     save_model(model, str(tmp_path / "w2.safetensors"))
     script = tmp_path / "resume.py"
     script.write_text(_RESUME)
-    res = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt2"),
-                          str(tmp_path / "w2.safetensors"), str(tmp_path / "ckpt3"),
-                          str(tmp_path / "w3.safetensors")], env=child_env(), cwd=TESTS,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "ckpt2"),
+            str(tmp_path / "w2.safetensors"),
+            str(tmp_path / "ckpt3"),
+            str(tmp_path / "w3.safetensors"),
+        ],
+        env=child_env(),
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
     ref_model, ref = run_turns("llama", 3, undo=True)
@@ -219,7 +229,9 @@ def tiny_editor(undo=2):
                               lr=1e-3, batch_size=3, undo=undo)
 """
 
-_KILLED = _TINY_SRC + r"""
+_KILLED = (
+    _TINY_SRC
+    + r"""
 import sys
 ckpt, progress = sys.argv[1:3]
 torch.set_num_threads(1)
@@ -233,6 +245,7 @@ while True:
     with open(progress, "a") as f:
         f.write(f"{i}\n")
 """
+)
 TINY = {}
 exec(compile(_TINY_SRC, "<tiny>", "exec"), TINY)
 
@@ -274,9 +287,13 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     seen = []
     for rnd in range(3):
         progress = tmp_path / f"progress{rnd}"
-        proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(progress)],
-                                env=child_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(ckpt), str(progress)],
+            env=child_env(),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         want = rng.randint(3, 8)
         deadline = time.time() + 240
         done = 0
@@ -306,6 +323,7 @@ def test_crash_at_every_step_of_save_leaves_old_or_new(tmp_path, monkeypatch):
     """Each file operation of a save (fsync, rename, delete) is made to 'crash' in turn;
     the directory then loads as the old checkpoint or the new one, never anything else."""
     import shutil
+
     model, ed = run_turns("llama", 1, undo=True)
     old_states = dict(ed.normalizers)
     ed.save(tmp_path / "old")
@@ -323,6 +341,7 @@ def test_crash_at_every_step_of_save_leaves_old_or_new(tmp_path, monkeypatch):
                     state["armed"] = False
                     raise _Crash(name)
             return real[name](*a, **k)
+
         return f
 
     for name in real:
@@ -407,6 +426,7 @@ def test_invalid_safetensors_with_matching_hash_is_refused(saved):
     """A consistent manifest naming a file that is not safetensors: the header error is
     a ValueError naming the file."""
     import hashlib
+
     model, path = saved
     f = _tensor_file(path)
     garbage = b"\xff" * 64
@@ -449,8 +469,16 @@ def test_manifest_path_is_accepted(saved):
 def _llama(**over):
     import transformers as T
     from transformers import AutoModelForCausalLM
-    cfg = dict(vocab_size=101, hidden_size=40, intermediate_size=72, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+    cfg = dict(
+        vocab_size=101,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     cfg.update(over)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(T.LlamaConfig(**cfg)).eval()
@@ -458,28 +486,52 @@ def _llama(**over):
 
 def test_checkpoint_of_another_model_is_refused(saved):
     _, path = saved
-    with pytest.raises(ValueError, match=r"mlp\.up_proj' shape: checkpoint \[72, 40\], "
-                                         r"model \[80, 40\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"mlp\.up_proj' shape: checkpoint \[72, 40\], "
+        r"model \[80, 40\]",
+    ):
         UltraEditor.load(path, _llama(intermediate_size=80), ToyTokenizer())
-    with pytest.raises(ValueError, match=r"module 'model\.layers\.2\.mlp\.up_proj': in the "
-                                         r"checkpoint, not an editable module"):
+    with pytest.raises(
+        ValueError,
+        match=r"module 'model\.layers\.2\.mlp\.up_proj': in the "
+        r"checkpoint, not an editable module",
+    ):
         UltraEditor.load(path, _llama(num_hidden_layers=2), ToyTokenizer())
     with pytest.raises(ValueError, match=r"dtype: checkpoint float32, model bfloat16"):
         UltraEditor.load(path, _llama().to(torch.bfloat16), ToyTokenizer())
     with pytest.raises(ValueError, match=r"parameter shapes differ: model\.embed_tokens"):
         UltraEditor.load(path, _llama(vocab_size=120), ToyTokenizer())
     gpt2, _ = make_tiny("gpt2")
-    with pytest.raises(ValueError, match=r"class: checkpoint 'LlamaForCausalLM', model "
-                                         r"'GPT2LMHeadModel'"):
+    with pytest.raises(
+        ValueError,
+        match=r"class: checkpoint 'LlamaForCausalLM', model "
+        r"'GPT2LMHeadModel'",
+    ):
         UltraEditor.load(path, gpt2, ToyTokenizer())
 
 
 def test_load_overrides(saved):
     model, path = saved
-    ed = UltraEditor.load(path, model, ToyTokenizer(), lr=3e-4, batch_size=2, undo=False,
-                          backend="torch", transactional=False, tokens_per_pass=0)
-    assert (ed.lr, ed.batch_size, ed.undo, ed.backend, ed.transactional, ed.tokens_per_pass) \
-        == (3e-4, 2, False, "torch", False, 0)
+    ed = UltraEditor.load(
+        path,
+        model,
+        ToyTokenizer(),
+        lr=3e-4,
+        batch_size=2,
+        undo=False,
+        backend="torch",
+        transactional=False,
+        tokens_per_pass=0,
+    )
+    assert (ed.lr, ed.batch_size, ed.undo, ed.backend, ed.transactional, ed.tokens_per_pass) == (
+        3e-4,
+        2,
+        False,
+        "torch",
+        False,
+        0,
+    )
     assert ed.undo_turns == 0
     with pytest.raises(ValueError, match="modules: fixed by the checkpoint"):
         UltraEditor.load(path, model, ToyTokenizer(), modules=["model.layers.1.mlp.up_proj"])
@@ -571,10 +623,14 @@ def test_undo_memory_matches_the_formula():
     assert n <= 40  # the dual side for every module (d_in >= 40)
     shapes = {t.name: t.shape for t in ed.targets}  # (d_in, d_out)
     # gate_proj and up_proj of layer 1 read the same input: 3 distinct key matrices
-    distinct_inputs = {"model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj",
-                       "model.layers.2.mlp.down_proj"}
-    per_turn = sum(n * d_out * 4 for _, d_out in shapes.values()) + \
-        sum(n * shapes[m][0] * 4 for m in distinct_inputs)
+    distinct_inputs = {
+        "model.layers.1.mlp.up_proj",
+        "model.layers.2.mlp.up_proj",
+        "model.layers.2.mlp.down_proj",
+    }
+    per_turn = sum(n * d_out * 4 for _, d_out in shapes.values()) + sum(
+        n * shapes[m][0] * 4 for m in distinct_inputs
+    )
     base = sum(d_in * d_out * 4 for d_in, d_out in shapes.values())
     assert ed.undo_memory() == {"base": base, "turns": [per_turn], "total": base + per_turn}
     assert run_turns("llama", 1)[1].undo_memory()["total"] == 0
@@ -600,6 +656,7 @@ def test_refused_turn_is_not_logged():
     before = weights(model)
     ed.configure(lr=1e38)  # the shifts overflow: the turn is refused
     from ultraedit_fast import EditRefused
+
     with pytest.raises(EditRefused):
         ed.edit(turn_requests(1))
     assert ed.undo_turns == 1 and ed.turns == 1

@@ -6,6 +6,7 @@ Properties: an edit either succeeds or raises one of the documented exceptions
 model is byte-identical and the editor's state untouched; when it succeeds, rolling it
 back restores the model byte for byte.
 """
+
 import warnings
 
 import pytest
@@ -21,12 +22,34 @@ from ultraedit_fast.model.requests import as_requests, make_minibatches, IGNORE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+TOKENIZERS = {
+    "toy": ToyTokenizer(),
+    "lossy": LossyTokenizer(),
+    "lossy-nobos": LossyTokenizer(False),
+}
 
-TOKENIZERS = {"toy": ToyTokenizer(), "lossy": LossyTokenizer(),
-              "lossy-nobos": LossyTokenizer(False)}
-
-SPECIAL = ["😀", "👍🏽", "👨‍👩‍👧", "東京", "北", "한국", "e\u0301", "\u0301", "\u0308\u0323", " ",
-           "\t", "\n", "\u3000", "\u200b", "\u00a0", "\x00", "\ufeff", "Paris", "the ", "42"]
+SPECIAL = [
+    "😀",
+    "👍🏽",
+    "👨‍👩‍👧",
+    "東京",
+    "北",
+    "한국",
+    "e\u0301",
+    "\u0301",
+    "\u0308\u0323",
+    " ",
+    "\t",
+    "\n",
+    "\u3000",
+    "\u200b",
+    "\u00a0",
+    "\x00",
+    "\ufeff",
+    "Paris",
+    "the ",
+    "42",
+]
 good_text = st.one_of(
     st.text(st.characters(codec="utf-8"), min_size=1, max_size=12),
     st.lists(st.sampled_from(SPECIAL), min_size=1, max_size=8).map("".join),
@@ -50,9 +73,13 @@ def _insert(reqs, add, thing, where):
 
 
 def request_lists():
-    return st.builds(_insert,
-                     st.lists(st.one_of(request, request.map(_maybe_request)), max_size=6),
-                     st.sampled_from([False] * 9 + [True]), junk, st.integers(0, 6))
+    return st.builds(
+        _insert,
+        st.lists(st.one_of(request, request.map(_maybe_request)), max_size=6),
+        st.sampled_from([False] * 9 + [True]),
+        junk,
+        st.integers(0, 6),
+    )
 
 
 def _maybe_request(d):
@@ -77,20 +104,32 @@ def _identical(model, original):
     return all(torch.equal(bits(v), bits(original[k])) for k, v in model.state_dict().items())
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(requests=request_lists(),
-       tokenizer=st.sampled_from(sorted(TOKENIZERS)),
-       batch_size=st.integers(1, 12),
-       lr=st.sampled_from([1e-4, 1e-4, 3e-2, 1e38]))
-def test_edit_is_refused_cleanly_or_rolls_back_exactly(shared_model, requests, tokenizer,
-                                                       batch_size, lr):
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    requests=request_lists(),
+    tokenizer=st.sampled_from(sorted(TOKENIZERS)),
+    batch_size=st.integers(1, 12),
+    lr=st.sampled_from([1e-4, 1e-4, 3e-2, 1e38]),
+)
+def test_edit_is_refused_cleanly_or_rolls_back_exactly(
+    shared_model, requests, tokenizer, batch_size, lr
+):
     model, modules, original = shared_model
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            ed = UltraEditor(model, TOKENIZERS[tokenizer], modules=modules, lr=lr,
-                             batch_size=batch_size, undo=True)
+            ed = UltraEditor(
+                model,
+                TOKENIZERS[tokenizer],
+                modules=modules,
+                lr=lr,
+                batch_size=batch_size,
+                undo=True,
+            )
         try:
             report = ed.edit(requests)
         except (ValueError, TypeError) as e:  # the documented refusals (EditRefused too)
@@ -111,8 +150,11 @@ def test_edit_is_refused_cleanly_or_rolls_back_exactly(shared_model, requests, t
 
 
 @settings(max_examples=40, deadline=None)
-@given(requests=st.lists(request, min_size=1, max_size=9), batch_size=st.integers(1, 5),
-       tokenizer=st.sampled_from(sorted(TOKENIZERS)))
+@given(
+    requests=st.lists(request, min_size=1, max_size=9),
+    batch_size=st.integers(1, 5),
+    tokenizer=st.sampled_from(sorted(TOKENIZERS)),
+)
 def test_minibatches_are_well_formed_or_refused(requests, batch_size, tokenizer):
     """Tokenisation never fails but with a ValueError/TypeError; when it succeeds every
     request is in exactly one right-padded mini-batch, longest first, with at least one

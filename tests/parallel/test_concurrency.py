@@ -5,6 +5,7 @@ Decisions under test (documented in UltraEditor's docstring):
 * all editors of one model share one lock: edit, rollback and save from any thread run
   one after another, and the outcome is that of some sequential order.
 """
+
 import gc
 import threading
 import time
@@ -53,6 +54,7 @@ def record_calls(ed, log, pause=0.0):
             return inner(requests)
         finally:
             log.append((start, time.perf_counter()))
+
     ed._edit = wrapped
 
 
@@ -97,14 +99,16 @@ def test_concurrent_edits_equal_a_sequential_run():
     def sequential():
         for s in order:
             ref.edit(jobs[s])
+
     in_thread(sequential)
     for k, v in model.state_dict().items():
         assert torch.equal(bits(v), bits(ref_model.state_dict()[k])), k
     assert set(ed.normalizers) == set(ref.normalizers)
     for key, s in ed.normalizers.items():
         r = ref.normalizers[key]
-        assert s.n == r.n and all(torch.equal(bits(getattr(s, p)), bits(getattr(r, p)))
-                                  for p in ("mean", "acc", "std"))
+        assert s.n == r.n and all(
+            torch.equal(bits(getattr(s, p)), bits(getattr(r, p))) for p in ("mean", "acc", "std")
+        )
 
 
 def test_second_live_editor_on_a_model_warns_and_shares_the_lock():
@@ -202,8 +206,9 @@ def test_save_and_rollback_while_editing(tmp_path):
 
     # rollback racing an edit: both run, one after the other, in either order
     def weights_are(turn):
-        return all(torch.equal(bits(v), w)
-                   for v, w in zip(model.state_dict().values(), snapshots[turn]))
+        return all(
+            torch.equal(bits(v), w) for v, w in zip(model.state_dict().values(), snapshots[turn])
+        )
 
     t = threading.Thread(target=lambda: ed.edit(random_requests(5, seed=99)))
     t.start()

@@ -1,8 +1,8 @@
 """The fused kernels (C++ CPU, CUDA, Triton) against the default kernels of
 ``ultraedit_fast.ops`` and a float64 reference of docs/algorithm.md.
 
-    python -m pytest -q tests/test_kernels.py                        # cpp (+ cuda, triton on a GPU)
-    TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py -k triton   # Triton on the CPU
+    python -m pytest -q tests/kernels/test_kernels.py                        # cpp (+ cuda, triton on a GPU)
+    TRITON_INTERPRET=1 python -m pytest -q tests/kernels/test_kernels.py -k triton   # Triton on the CPU
 
 ``TRITON_INTERPRET`` must be in the environment of the whole pytest process:
 Triton reads it when a kernel is decorated, i.e. when ``ultraedit_fast.kernels.triton_kernels``
@@ -23,6 +23,7 @@ small fraction of elements (``test_rank_update_tensor_core_ulps``).  Interpreted
 Triton rounds its operands to TF32 the same way, so the CPU run checks those
 numerics too.  A float32 ``w`` stays on the exact path everywhere.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,8 +74,11 @@ def _gen(*key) -> torch.Generator:
 
 
 def _rand(shape, gen, loc=0.0, scale=1.0, dtype=torch.float32, device="cpu"):
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + loc).to(
-        dtype=dtype).to(device)
+    return (
+        (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + loc)
+        .to(dtype=dtype)
+        .to(device)
+    )
 
 
 def _assert_within(out, default_out, ref, what, k_times=K_TIMES, ulps=4.0):
@@ -85,8 +89,8 @@ def _assert_within(out, default_out, ref, what, k_times=K_TIMES, ulps=4.0):
     err_default = (default_out - ref).abs().max().item()
     atol = ulps * EPS * max(ref.abs().max().item(), 1e-30)
     assert err == err and err <= k_times * err_default + atol, (
-        f"{what}: max error vs float64 {err:.3e} > {k_times} x default's {err_default:.3e} "
-        f"+ atol {atol:.3e}")
+        f"{what}: max error vs float64 {err:.3e} > {k_times} x default's {err_default:.3e} + atol {atol:.3e}"
+    )
 
 
 # --------------------------------------------------------------------------- float64 references
@@ -154,7 +158,7 @@ def _assert_tf32_bound(w, w0, a, k, transposed, what):
     a64, k64 = a.double().cpu().abs(), k.double().cpu().abs()
     s_abs = k64.t() @ a64 if transposed else a64.t() @ k64
     N = a.shape[0]
-    bound = (2.0 ** -10 * (1 + 2.0 ** -10) + (N + 8) * 2.0 ** -23) * s_abs
+    bound = (2.0**-10 * (1 + 2.0**-10) + (N + 8) * 2.0**-23) * s_abs
     out = w.detach().cpu().double()
     assert not torch.isnan(out).any(), f"{what}: NaN in w"
     err = (out - exact).abs()
@@ -162,7 +166,8 @@ def _assert_tf32_bound(w, w0, a, k, transposed, what):
     bad = err > tol
     assert not bad.any(), (
         f"{what}: {int(bad.sum())} of {bad.numel()} elements off by more than the TF32 bound; "
-        f"worst error / tolerance {(err / tol).max().item():.2f}")
+        f"worst error / tolerance {(err / tol).max().item():.2f}"
+    )
 
 
 def _check_rank(name, w, w0, a, k, transposed, what):
@@ -236,8 +241,9 @@ def test_normalizer_update_nothing_to_merge(name, device):
     be = _backend(name, device)
     state = [torch.full((10,), v, device=device) for v in (1.0, 2.0, 3.0)]
     be.normalizer_update_(*state, [], [], 5)
-    be.normalizer_update_(*state, [torch.empty(0, 4, device=device)],
-                          [torch.empty(0, 6, device=device)], 5)
+    be.normalizer_update_(
+        *state, [torch.empty(0, 4, device=device)], [torch.empty(0, 6, device=device)], 5
+    )
     for t, v in zip(state, (1.0, 2.0, 3.0)):
         assert torch.equal(t.cpu(), torch.full((10,), v))
 
@@ -254,12 +260,16 @@ def test_shift_values(name, device, wide, N, dtype):
     k = _rand((N, d_in), gen, 3.0, 0.5, dtype, device)
     g = _rand((N, d_out), gen, -1.0, 0.5, dtype, device)
     mean = _rand((d_in + d_out,), gen, 1.0, 1.0, device=device)
-    std = (_rand((d_in + d_out,), gen, 0.0, 0.5) .abs() + 0.05).to(device)
+    std = (_rand((d_in + d_out,), gen, 0.0, 0.5).abs() + 0.05).to(device)
     lr = 1e-3
     V = be.shift_values(k, g, mean, std, lr)
     assert V.shape == (N, d_out) and V.dtype == torch.float32 and V.device == k.device
-    _assert_within(V, ops.shift_values_default(k, g, mean, std, lr),
-                   _ref_shift(k, g, mean, std, lr), f"{name} shift_values")
+    _assert_within(
+        V,
+        ops.shift_values_default(k, g, mean, std, lr),
+        _ref_shift(k, g, mean, std, lr),
+        f"{name} shift_values",
+    )
 
 
 # --------------------------------------------------------------------------- rank_update_
@@ -295,17 +305,17 @@ def test_rank_update_strided_w_in_place(name, device, view, dtype):
     k = _rand((N, d_in), gen, 0.0, 1.0, device=device)
     if view == "transposed_view":
         base = _rand((d_in, d_out), gen, dtype=dtype, device=device)
-        w = base.t()                      # d_out x d_in, strides (1, d_out)
+        w = base.t()  # d_out x d_in, strides (1, d_out)
     else:
         base = _rand((d_out, d_in + 7), gen, dtype=dtype, device=device)
-        w = base[:, 3:3 + d_in]           # row stride d_in + 7
+        w = base[:, 3 : 3 + d_in]  # row stride d_in + 7
     before = base.clone()
     w0 = w.clone()
     be.rank_update_(w, a, k, False)
     _check_rank(name, w, w0, a, k, False, f"{name} strided rank_update_ {dtype}")
     if view == "column_slice":  # the columns outside the view are unchanged
         assert torch.equal(base[:, :3], before[:, :3])
-        assert torch.equal(base[:, 3 + d_in:], before[:, 3 + d_in:])
+        assert torch.equal(base[:, 3 + d_in :], before[:, 3 + d_in :])
 
 
 def _special_floats(n, gen):
@@ -315,9 +325,26 @@ def _special_floats(n, gen):
     expo = torch.randint(-30, 20, (n,), generator=gen).double()
     sign = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
     v = (sign * mant * torch.pow(2.0, expo)).float()
-    ties = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8, 1 + 3 * 2 ** -8,
-                         65520.0, 65519.0, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14 * (1 + 2 ** -11),
-                         float("inf"), -float("inf"), float("nan"), 3.4e38, -0.0, 0.0, 1e-45])
+    ties = torch.tensor(
+        [
+            1 + 2**-11,
+            1 + 3 * 2**-11,
+            1 + 2**-8,
+            1 + 3 * 2**-8,
+            65520.0,
+            65519.0,
+            2.0**-25,
+            3 * 2.0**-26,
+            2.0**-14 * (1 + 2**-11),
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            3.4e38,
+            -0.0,
+            0.0,
+            1e-45,
+        ]
+    )
     v[: len(ties)] = ties
     return v
 
@@ -326,8 +353,9 @@ def _assert_same_bits(got, want, what):
     got, want = got.cpu(), want.cpu()
     nan = torch.isnan(want.float())
     assert torch.equal(torch.isnan(got.float()), nan), f"{what}: NaNs differ"
-    assert torch.equal(got[~nan], want[~nan]), f"{what}: {(got[~nan] != want[~nan]).sum()} " \
-        "elements differ from torch's rounding"
+    assert torch.equal(got[~nan], want[~nan]), (
+        f"{what}: {(got[~nan] != want[~nan]).sum()} elements differ from torch's rounding"
+    )
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in Triton's interpreter: inf/nan
@@ -340,11 +368,10 @@ def test_rank_update_rounds_like_torch(name, device, dtype):
     every path: it is passed as three rows of k whose values are exact in TF32
     (``_tf32_pieces``) and sum to v in float32 whatever the order, with a = 1."""
     be = _backend(name, device)
-    w = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    w = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     w = w.reshape(256, 256).to(device)
     want = (w.float() + 0.0).to(dtype)
-    be.rank_update_(w, torch.zeros(1, 256, device=device), torch.ones(1, 256, device=device),
-                    False)
+    be.rank_update_(w, torch.zeros(1, 256, device=device), torch.ones(1, 256, device=device), False)
     _assert_same_bits(w, want, f"{name} {dtype} w += 0")
 
     gen = _gen("round", name, str(dtype))
@@ -361,6 +388,7 @@ def _tf32_pieces(v: torch.Tensor) -> torch.Tensor:
     summation order (and a tensor core's) is exact.  Non-finite v: (v, 0, 0); float32
     subnormals (below both 16-bit formats' range: they round to 0 on any path) as
     they are."""
+
     def trunc11(x):
         return (x.view(torch.int32) & -0x2000).view(torch.float32)
 
@@ -382,7 +410,7 @@ def test_rank_update_float32_w_is_exact(name, device, transposed):
     be = _backend(name, device)
     gen = _gen("fp32-exact", name, transposed)
     d_in, d_out = 40, 24
-    k = (1 + torch.rand(1, d_in, generator=gen)) * (1 + 2.0 ** -20)  # low mantissa bits set
+    k = (1 + torch.rand(1, d_in, generator=gen)) * (1 + 2.0**-20)  # low mantissa bits set
     a = torch.ones(1, d_out)
     want = k.t() @ a if transposed else a.t() @ k
     w = torch.zeros(want.shape, device=device)
@@ -408,10 +436,11 @@ def test_rank_update_tensor_core_ulps(name, device, wide, N, transposed, dtype):
     gen = _gen("tc-ulps", name, wide, N, transposed, str(dtype))
     shape = (d_in, d_out) if transposed else (d_out, d_in)
     sign = torch.randint(0, 2, shape, generator=gen).double() * 2 - 1
-    mag = (1 + torch.rand(shape, generator=gen, dtype=torch.float64)) \
-        * torch.pow(2.0, torch.randint(-2, 4, shape, generator=gen).double())
+    mag = (1 + torch.rand(shape, generator=gen, dtype=torch.float64)) * torch.pow(
+        2.0, torch.randint(-2, 4, shape, generator=gen).double()
+    )
     w0 = (sign * mag).to(dtype).to(device)
-    s = 1e-3 / N ** 0.5
+    s = 1e-3 / N**0.5
     a = (torch.randn(N, d_out, generator=gen, dtype=torch.float64) * s).clamp(-4 * s, 4 * s)
     k = (torch.randn(N, d_in, generator=gen, dtype=torch.float64) + 1).clamp(-3, 5)
     a, k = a.float().to(device), k.float().to(device)
@@ -464,22 +493,41 @@ def test_clear_errors(name, device):
     with pytest.raises(errs, match="same N"):
         be.rank_update_(torch.zeros(4, 8, **f), torch.ones(3, 4, **f), torch.ones(2, 8, **f), False)
     with pytest.raises(errs, match="float32, bfloat16 or float16"):
-        be.rank_update_(torch.zeros(4, 8, dtype=torch.int32, **f), torch.ones(2, 4, **f),
-                        torch.ones(2, 8, **f), False)
+        be.rank_update_(
+            torch.zeros(4, 8, dtype=torch.int32, **f),
+            torch.ones(2, 4, **f),
+            torch.ones(2, 8, **f),
+            False,
+        )
     with pytest.raises(errs, match=r"mean and std must have shape"):
-        be.shift_values(torch.ones(2, 4, **f), torch.ones(2, 6, **f), torch.zeros(9, **f),
-                        torch.ones(10, **f), 1.0)
+        be.shift_values(
+            torch.ones(2, 4, **f),
+            torch.ones(2, 6, **f),
+            torch.zeros(9, **f),
+            torch.ones(10, **f),
+            1.0,
+        )
     with pytest.raises(errs, match="same number of rows|same N"):
-        be.shift_values(torch.ones(2, 4, **f), torch.ones(3, 6, **f), torch.zeros(10, **f),
-                        torch.ones(10, **f), 1.0)
+        be.shift_values(
+            torch.ones(2, 4, **f),
+            torch.ones(3, 6, **f),
+            torch.zeros(10, **f),
+            torch.ones(10, **f),
+            1.0,
+        )
     state = [torch.zeros(10, **f) for _ in range(3)]
     with pytest.raises(errs, match="block 0|ks\\[0\\]"):
         be.normalizer_update_(*state, [torch.ones(2, 4, **f)], [torch.ones(2, 5, **f)], 0)
     with pytest.raises(errs, match="same length"):
         be.normalizer_update_(*state, [torch.ones(2, 4, **f)], [], 0)
     with pytest.raises(errs, match="float32"):
-        be.normalizer_update_(torch.zeros(10, dtype=torch.float64, **f), *state[1:],
-                              [torch.ones(2, 4, **f)], [torch.ones(2, 6, **f)], 0)
+        be.normalizer_update_(
+            torch.zeros(10, dtype=torch.float64, **f),
+            *state[1:],
+            [torch.ones(2, 4, **f)],
+            [torch.ones(2, 6, **f)],
+            0,
+        )
 
 
 # --------------------------------------------------------------------------- all_finite
@@ -497,8 +545,7 @@ def test_all_finite(name, device, shape, dtype):
         flat[1] = fin.smallest_normal / 4
     views = {"whole": lambda x: x}
     if w.dim() == 2:
-        views.update(transposed=lambda x: x.t(), columns=lambda x: x[:, 1:-1],
-                     rows=lambda x: x[1:])
+        views.update(transposed=lambda x: x.t(), columns=lambda x: x[:, 1:-1], rows=lambda x: x[1:])
     for view_name, view in views.items():
         v = view(w)
         assert bool(be.all_finite(v)) is True, view_name
@@ -529,21 +576,24 @@ def _opcheck_args(device):
     d_in, d_out, N = 24, 40, 5
     k = _rand((N, d_in), gen, 3.0, 0.5, torch.bfloat16, device)
     g = _rand((N, d_out), gen, 0.0, 1.0, device=device)
-    state = [torch.zeros(d_in + d_out, device=device) for _ in range(2)] + \
-        [torch.ones(d_in + d_out, device=device)]
+    state = [torch.zeros(d_in + d_out, device=device) for _ in range(2)] + [
+        torch.ones(d_in + d_out, device=device)
+    ]
     return {
         "normalizer_update_": (*state, [k, k[:1]], [g, g[:1]], 3),
         "shift_values": (k, g, state[0] + 1.0, state[2] + 0.5, 1e-3),
-        "rank_update_": (_rand((d_out, d_in), gen, dtype=torch.bfloat16, device=device),
-                         _rand((N, d_out), gen, device=device), _rand((N, d_in), gen,
-                                                                      device=device), False),
+        "rank_update_": (
+            _rand((d_out, d_in), gen, dtype=torch.bfloat16, device=device),
+            _rand((N, d_out), gen, device=device),
+            _rand((N, d_in), gen, device=device),
+            False,
+        ),
         "all_finite": (_rand((d_out, d_in), gen, dtype=torch.float16, device=device),),
     }
 
 
 def _opcheck(op, device):
-    torch.library.opcheck(getattr(torch.ops.ultraedit_fast, op).default,
-                          _opcheck_args(device)[op])
+    torch.library.opcheck(getattr(torch.ops.ultraedit_fast, op).default, _opcheck_args(device)[op])
 
 
 @pytest.mark.parametrize("op", ops.OP_NAMES + ["all_finite"])
@@ -569,12 +619,14 @@ def test_cpp_kernels_are_registered():
 def _peak_rss_delta(fn) -> int:
     """Bytes by which the resident set's high-water mark rises above its level
     before ``fn`` (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+
     def status(key):
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
         raise KeyError(key)
+
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS")
@@ -609,14 +661,17 @@ def test_rank_update_allocates_no_w_sized_temporary_cpu(name, dtype):
     be.rank_update_(w, a, k, False)  # warm-up: thread pools, BLAS buffers
 
     naive = _peak_rss_delta(lambda: w.add_((a.t() @ k).to(dtype)))
-    assert naive >= 0.9 * w.numel() * w.element_size(), \
+    assert naive >= 0.9 * w.numel() * w.element_size(), (
         f"probe failed to see the naive update's temporary ({naive} bytes)"
+    )
     ptr = w.data_ptr()
     delta = _peak_rss_delta(lambda: be.rank_update_(w, a, k, False))
     assert w.data_ptr() == ptr
     limit = 0.15 * w.numel() * w.element_size()
-    assert delta < limit, f"{name} rank_update_ raised peak RSS by {delta / 2**20:.1f} MiB " \
-                          f"(w is {w.numel() * w.element_size() / 2**20:.0f} MiB)"
+    assert delta < limit, (
+        f"{name} rank_update_ raised peak RSS by {delta / 2**20:.1f} MiB "
+        f"(w is {w.numel() * w.element_size() / 2**20:.0f} MiB)"
+    )
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ saved to disk with ``tp_plan="auto"`` (column-parallel gate/up projections, row-
 down projection), edit 3 turns, and the gathered edited weights and normaliser states equal
 a single-process edit of the same model. Checkpoints are per rank; step="auto" runs in
 lockstep. Bad setups are refused."""
+
 import json
 import os
 import shutil
@@ -15,20 +16,36 @@ import torch
 from conftest import ToyTokenizer, random_requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODULES = ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
-           "model.layers.2.mlp.down_proj"]
+MODULES = [
+    "model.layers.1.mlp.gate_proj",
+    "model.layers.1.mlp.up_proj",
+    "model.layers.2.mlp.down_proj",
+]
 LR = 1e-4
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+pytestmark = pytest.mark.skipif(
+    shutil.which("torchrun") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun not found",
+)
 
 
 def _save(arch, path):
     import transformers as T
+
     cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config}[arch]
-    cfg = cls(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = cls(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
 
@@ -37,10 +54,23 @@ def _torchrun(model_dir, out, mode):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TP_LR=str(LR))
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
-                        os.path.join(HERE, "tp_edit.py"), str(model_dir), str(out),
-                        ",".join(MODULES), mode], capture_output=True, text=True, env=env,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(HERE, "tp_edit.py"),
+            str(model_dir),
+            str(out),
+            ",".join(MODULES),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     with open(os.path.join(out, "result.json")) as f:
         return json.load(f), torch.load(os.path.join(out, "weights.pt"))
@@ -49,6 +79,7 @@ def _torchrun(model_dir, out, mode):
 def _single(model_dir, mode):
     from transformers import AutoModelForCausalLM
     from ultraedit_fast import UltraEditor
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -71,8 +102,10 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("arch,mode", [("llama", "paper"), ("qwen2", "paper"),
-                                       ("llama", "checkpoint"), ("llama", "auto")])
+@pytest.mark.parametrize(
+    "arch,mode",
+    [("llama", "paper"), ("qwen2", "paper"), ("llama", "checkpoint"), ("llama", "auto")],
+)
 def test_two_ranks_edit_as_one_process(tmp_path, arch, mode):
     model_dir = tmp_path / arch
     _save(arch, model_dir)
@@ -101,12 +134,14 @@ def test_two_ranks_edit_as_one_process(tmp_path, arch, mode):
 
 def test_unsupported_layouts_are_refused():
     from ultraedit_fast.parallel.distributed import tensor_parallel
+
     assert tensor_parallel("x", torch.zeros(2, 2), False) is None
 
     class FakeMesh:
         ndim = 2
 
     import ultraedit_fast.parallel.distributed as D
+
     orig = D.is_dtensor
     try:
         D.is_dtensor = lambda t: True
@@ -124,6 +159,7 @@ def test_unsupported_layouts_are_refused():
 def test_a_checkpoint_of_other_ranks_is_refused(tmp_path):
     from ultraedit_fast import UltraEditor
     from conftest import make_tiny
+
     model, modules = make_tiny("llama")
     ed = UltraEditor(model, ToyTokenizer(), modules=modules, lr=LR)
     ed.edit(random_requests(4))
@@ -131,6 +167,7 @@ def test_a_checkpoint_of_other_ranks_is_refused(tmp_path):
     m = tmp_path / "ck" / "manifest.json"
     from ultraedit_fast.storage import checkpoint
     import hashlib
+
     body = json.loads(m.read_text())
     body.pop("manifest_sha256")
     body["tensor_parallel"] = {"world": 2, "rank": 1}
@@ -146,19 +183,41 @@ def test_cli_runs_under_torchrun(tmp_path, small_zsre, tiny_model_dir):
     tokenise alike, so the scores barely move; the drift shows the edit), rank 0 alone writes the
     results, and --save-editor writes one checkpoint per rank."""
     from ultraedit_fast.cli import main
+
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = ["run", "--model", str(tiny_model_dir), "--data", str(small_zsre), "--turns", "2",
-            "--edits-per-turn", "2", "--modules",
-            "model.layers.1.mlp.up_proj,model.layers.2.mlp.up_proj,"  # column parallel
-            "model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj",  # row parallel
-            "--lr", "0.05",
-            "--batch-size", "2", "--tokens-per-pass", "0", "--no-progress", "--no-plot"]
+    args = [
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(small_zsre),
+        "--turns",
+        "2",
+        "--edits-per-turn",
+        "2",
+        "--modules",
+        "model.layers.1.mlp.up_proj,model.layers.2.mlp.up_proj,"  # column parallel
+        "model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj",  # row parallel
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "2",
+        "--tokens-per-pass",
+        "0",
+        "--no-progress",
+        "--no-plot",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m",
-                        "ultraedit_fast"] + args + ["--output-dir", str(tmp_path / "tp"),
-                                                    "--save-editor", str(tmp_path / "ck")],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "ultraedit_fast"]
+        + args
+        + ["--output-dir", str(tmp_path / "tp"), "--save-editor", str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("after:") == 1, r.stdout  # rank 0 reports, rank 1 is silent
     tp = json.loads((tmp_path / "tp" / "lifelong.json").read_text())
@@ -173,18 +232,33 @@ def test_cli_runs_under_torchrun(tmp_path, small_zsre, tiny_model_dir):
     for k in ("ES", "GS", "LS", "LS_unedited", "ES_gen", "GS_gen", "LS_gen_unedited"):
         assert tp["metrics"][k] == pytest.approx(one["metrics"][k], abs=1e-9), k
     assert tp["metrics"]["drift_kl"] > 1e-3  # the edit moved the model
-    assert tp["metrics"]["drift_kl"] == pytest.approx(one["metrics"]["drift_kl"], rel=1e-3,
-                                                      abs=1e-7)
+    assert tp["metrics"]["drift_kl"] == pytest.approx(
+        one["metrics"]["drift_kl"], rel=1e-3, abs=1e-7
+    )
 
 
-def test_cli_refuses_what_tensor_parallel_cannot_write(tmp_path, small_zsre, monkeypatch,
-                                                        capsys):
+def test_cli_refuses_what_tensor_parallel_cannot_write(tmp_path, small_zsre, monkeypatch, capsys):
     from ultraedit_fast.cli import main
+
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    rc = main(["run", "--model", "smollm2", "--data", str(small_zsre), "--turns", "1",
-               "--edits-per-turn", "1", "--output-dir", str(tmp_path / "o"),
-               "--export-lora", str(tmp_path / "l")])
+    rc = main(
+        [
+            "run",
+            "--model",
+            "smollm2",
+            "--data",
+            str(small_zsre),
+            "--turns",
+            "1",
+            "--edits-per-turn",
+            "1",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--export-lora",
+            str(tmp_path / "l"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--export-lora: not under tensor parallelism" in err, err
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -195,6 +269,7 @@ def test_cli_refuses_what_tensor_parallel_cannot_write(tmp_path, small_zsre, mon
 
 def test_load_model_refuses_mixed_placements():
     from ultraedit_fast.model.loading import load_model
+
     with pytest.raises(ValueError, match="tp_plan and device_map"):
         load_model("smollm2", tp_plan="auto", device_map="auto")
     with pytest.raises(ValueError, match="GGUF file .* cannot be loaded tensor-parallel"):

@@ -1,6 +1,7 @@
 """The benchmark instrumentation (``ultraedit_fast.bench``) on the CPU: fast checks that a
 tiny case runs end to end and that the results carry what they must. The benchmarks
 themselves live in ``benchmarks/`` and are not part of this suite."""
+
 import json
 import os
 import re
@@ -15,20 +16,20 @@ HAS_CUDA = torch.cuda.is_available()
 
 def test_measure_cpu_reports_time_cpu_and_peak_rss():
     def work():
-        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         return float(x.sum())
 
     value, m = bench.measure(work, "cpu")
-    assert value == 64 * 2 ** 20 // 4
+    assert value == 64 * 2**20 // 4
     assert m["wall_s"] > 0 and m["cpu_s"] >= 0
     assert m["peak_rss_bytes"] >= m["rss_before_bytes"]
     if m["peak_rss_reset"]:  # /proc/self/clear_refs works: the peak is this call's
-        assert m["peak_rss_increase_bytes"] >= 48 * 2 ** 20
+        assert m["peak_rss_increase_bytes"] >= 48 * 2**20
     assert "cuda_peak_allocated_bytes" not in m and "nvml" not in m
 
 
 def test_cpu_alloc_peak_counts_the_calls_live_tensors():
-    MB = 10 ** 6
+    MB = 10**6
     kept, peak = bench.cpu_alloc_peak(lambda: torch.empty(10 * MB // 4))  # 10 MB, kept alive
     assert peak == 10 * MB
 
@@ -62,11 +63,11 @@ def test_nvml_sampler_degrades_without_nvml_or_gpu():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_measure_cuda_peak_and_nvml():
     def work():
-        x = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda").fill_(1)
+        x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda").fill_(1)
         return int(x[:10].sum())
 
     _, m = bench.measure(work, "cuda")
-    assert m["cuda_peak_allocated_bytes"] - m["cuda_allocated_before_bytes"] >= 256 * 2 ** 20
+    assert m["cuda_peak_allocated_bytes"] - m["cuda_allocated_before_bytes"] >= 256 * 2**20
     nv = m["nvml"]
     if "samples" in nv:
         assert nv["mem_used_bytes_max"] > 0
@@ -77,8 +78,10 @@ def test_measure_cuda_peak_and_nvml():
 def test_quantiles_and_summary():
     assert bench.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert bench.quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
-    runs = [{"wall_s": w, "cpu_s": w, "cpu_util": 1.0, "peak_rss_increase_bytes": p}
-            for w, p in [(1.0, 10), (3.0, 30), (2.0, 20)]]
+    runs = [
+        {"wall_s": w, "cpu_s": w, "cpu_util": 1.0, "peak_rss_increase_bytes": p}
+        for w, p in [(1.0, 10), (3.0, 30), (2.0, 20)]
+    ]
     s = bench.summarize(runs)
     assert s["seconds"]["median"] == 2.0 and s["seconds"]["runs"] == 3
     assert s["peak_rss_increase_bytes"] == 30
@@ -92,17 +95,30 @@ def test_run_interleaved_warmup_slow_runs_and_errors():
 
     res = bench.run_interleaved(
         {"a": bench.Impl(lambda: calls.append("a")), "b": bench.Impl(boom)},
-        "cpu", repeats=3, nvml_sampling=False)
+        "cpu",
+        repeats=3,
+        nvml_sampling=False,
+    )
     assert calls == ["a"] * 4  # one warm-up, discarded, then three measured
     assert len(res["a"].runs) == 3 and not res["a"].error
     assert "kaput" in res["b"].error and res["b"].summary()["runs"] == 0
     # a first run slower than slow_s is kept: two runs in all, not three
-    res = bench.run_interleaved({"a": bench.Impl(lambda: calls.append("s"))}, "cpu",
-                                repeats=2, slow_s=0.0, nvml_sampling=False)
+    res = bench.run_interleaved(
+        {"a": bench.Impl(lambda: calls.append("s"))},
+        "cpu",
+        repeats=2,
+        slow_s=0.0,
+        nvml_sampling=False,
+    )
     assert calls.count("s") == 2 and len(res["a"].runs) == 2 and res["a"].notes
     # ... unless it is marked as allocating what later runs reuse: then it is a warm-up
-    res = bench.run_interleaved({"a": bench.Impl(lambda: calls.append("w"), always_warm_up=True)},
-                                "cpu", repeats=2, slow_s=0.0, nvml_sampling=False)
+    res = bench.run_interleaved(
+        {"a": bench.Impl(lambda: calls.append("w"), always_warm_up=True)},
+        "cpu",
+        repeats=2,
+        slow_s=0.0,
+        nvml_sampling=False,
+    )
     assert calls.count("w") == 3 and len(res["a"].runs) == 2 and not res["a"].notes
 
 
@@ -123,8 +139,7 @@ def test_floor_pass_stops_at_the_lowest_edited_module():
     flags = [p.requires_grad for p in mc.model.parameters()]
     reqs = bench.synthetic_requests(12, seed=1)
     out = bench.floor_pass(mc.model, mc.tokenizer, reqs, mc.modules, batch_size=5)
-    rep = UltraEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=1e-3,
-                      batch_size=5).edit(reqs)
+    rep = UltraEditor(mc.model, mc.tokenizer, modules=mc.modules, lr=1e-3, batch_size=5).edit(reqs)
     assert out["n_tokens"] == rep.n_tokens and out["seconds"] > 0
     assert [p.requires_grad for p in mc.model.parameters()] == flags  # restored as found
     changed = [k for k in before if not torch.equal(before[k], mc.model.state_dict()[k])]
@@ -137,10 +152,13 @@ def test_paper_configs_match_presets_and_shapes():
     from transformers import AutoModelForCausalLM
 
     from ultraedit_fast.core.presets import _expand, find_preset
-    expected = {"mistral-7b": ("Mistral-7B-v0.3", 2, (4096, 14336), 7.25e9),
-                "llama-3-8b": ("LLaMA-3-8B-Instruct", 12, (14336, 4096), 8.03e9),
-                "qwen2.5-7b": ("Qwen2.5-7B-Instruct", 18, (18944, 3584), 7.62e9),
-                "gpt-j-6b": ("GPT-J-6B", 9, (4096, 16384), 6.05e9)}
+
+    expected = {
+        "mistral-7b": ("Mistral-7B-v0.3", 2, (4096, 14336), 7.25e9),
+        "llama-3-8b": ("LLaMA-3-8B-Instruct", 12, (14336, 4096), 8.03e9),
+        "qwen2.5-7b": ("Qwen2.5-7B-Instruct", 18, (18944, 3584), 7.62e9),
+        "gpt-j-6b": ("GPT-J-6B", 9, (4096, 16384), 6.05e9),
+    }
     for name, cfg in bench.paper_configs().items():
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
@@ -157,13 +175,27 @@ def test_paper_configs_match_presets_and_shapes():
 
 def _deep_tiny_case(seed=0):
     import transformers as T
-    cfg = T.LlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=160,
-                        num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=256, tie_word_embeddings=False)
+
+    cfg = T.LlamaConfig(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = bench.random_model(cfg, "cpu", torch.float32, seed)
-    return bench.ModelCase("deep-tiny", model, bench.SyntheticTokenizer(211),
-                           ["model.layers.3.mlp.up_proj", "model.layers.4.mlp.down_proj"],
-                           1e-3, "synthetic", "5-layer tiny Llama")
+    return bench.ModelCase(
+        "deep-tiny",
+        model,
+        bench.SyntheticTokenizer(211),
+        ["model.layers.3.mlp.up_proj", "model.layers.4.mlp.down_proj"],
+        1e-3,
+        "synthetic",
+        "5-layer tiny Llama",
+    )
 
 
 def test_tying_layers_below_the_edited_ones_leaves_the_turns_allocations_unchanged():
@@ -196,6 +228,7 @@ def test_memory_case_frees_each_model_before_building_the_next(monkeypatch):
     """Two 7B models do not fit a host that holds one: the case's own variables must not
     keep the previous model alive while the pool builds the next."""
     import weakref
+
     built, alive_at_build = [], []
     real = bench.build_model
 
@@ -207,8 +240,11 @@ def test_memory_case_frees_each_model_before_building_the_next(monkeypatch):
         return mc
 
     monkeypatch.setattr(bench.workloads, "build_model", build)
-    s = bench.settings_from_args(bench.build_parser().parse_args(
-        ["--device", "cpu", "--tiny", "--cases", "memory", "--edits-per-turn", "12"]))
+    s = bench.settings_from_args(
+        bench.build_parser().parse_args(
+            ["--device", "cpu", "--tiny", "--cases", "memory", "--edits-per-turn", "12"]
+        )
+    )
     s.memory_models = ["a", "b", "c"]
     pool = bench.ModelPool(s.device, s.seed)
     turns, mems = bench.case_turn_and_memory(s, pool, log=lambda *a: None)
@@ -220,10 +256,27 @@ def test_memory_case_frees_each_model_before_building_the_next(monkeypatch):
 def test_bench_main_tiny_writes_json_table_and_chart(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
-        rc = bench.main(["--device", "cpu", "--tiny", "--output-dir", str(tmp_path),
-                         "--cases", "steps,turn,lifelong,memory", "--repeats", "1",
-                         "--lifelong-turns", "2", "--ref-turns", "1", "--edits-per-turn", "20",
-                         "--threads", "1"])
+        rc = bench.main(
+            [
+                "--device",
+                "cpu",
+                "--tiny",
+                "--output-dir",
+                str(tmp_path),
+                "--cases",
+                "steps,turn,lifelong,memory",
+                "--repeats",
+                "1",
+                "--lifelong-turns",
+                "2",
+                "--ref-turns",
+                "1",
+                "--edits-per-turn",
+                "20",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -243,8 +296,7 @@ def test_bench_main_tiny_writes_json_table_and_chart(tmp_path, capsys):
         assert r["fast"]["seconds"]["median"] > 0 and r["reference"]["seconds"]["median"] > 0
         assert r["speedup"] > 0 and "q20" in r["fast"]["seconds"]
     (turn,) = doc["cases"]["turn"]
-    assert set(turn["fast_phases_median_s"]) == {"capture", "statistics", "solve", "step",
-                                                 "apply"}
+    assert set(turn["fast_phases_median_s"]) == {"capture", "statistics", "solve", "step", "apply"}
     assert turn["floor"]["seconds"]["median"] > 0 and turn["n_tokens"] > 20
     assert turn["reference"]["seconds"]["median"] > 0 and turn["speedup"] > 0
     assert turn["shift_rel_diff_fast_vs_reference"] < 1e-3  # the same edit, both ways
@@ -265,12 +317,18 @@ def test_bench_main_tiny_writes_json_table_and_chart(tmp_path, capsys):
 
 
 def test_table_survives_skipped_and_failed_cases():
-    doc = {"env": {"device_type": "cpu"},
-           "cases": {"turn": [{"model": "smollm2", "skipped": "not installed"},
-                              {"model": "x", "error": "Traceback\nboom"}],
-                     "lifelong": {"model": "smollm2", "skipped": "not installed"},
-                     "memory": [{"model": "y", "skipped": "time budget"}],
-                     "steps": [{"shape": "s", "skipped": "time budget"}]}}
+    doc = {
+        "env": {"device_type": "cpu"},
+        "cases": {
+            "turn": [
+                {"model": "smollm2", "skipped": "not installed"},
+                {"model": "x", "error": "Traceback\nboom"},
+            ],
+            "lifelong": {"model": "smollm2", "skipped": "not installed"},
+            "memory": [{"model": "y", "skipped": "time budget"}],
+            "steps": [{"shape": "s", "skipped": "time budget"}],
+        },
+    }
     text = bench.format_table(doc)
     assert "not installed" in text and "time budget" in text
     assert bench.format_table(doc, markdown=True).startswith("| case")
@@ -285,5 +343,6 @@ def test_bad_arguments_are_reported():
     with pytest.raises(SystemExit, match="memory alone"):
         bench.main(["--device", "cpu", "--cases", "turn,memory", "--tie-below-edited"])
     with pytest.raises(SystemExit, match="memory alone, on the CPU"):
-        bench.main(["--device", "cuda" if HAS_CUDA else "cpu", "--cases", "turn",
-                    "--tie-below-edited"])
+        bench.main(
+            ["--device", "cuda" if HAS_CUDA else "cpu", "--cases", "turn", "--tie-below-edited"]
+        )

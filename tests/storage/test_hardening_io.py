@@ -2,6 +2,7 @@
 temporary files a kill leaves, manifest fields that pass the self-hash but are nonsense,
 unreadable or looping paths, CLI output paths found unusable only at the end, a missing
 plotting library, and peak-memory counters reset behind the user's back."""
+
 import hashlib
 import json
 import os
@@ -18,11 +19,9 @@ from conftest import ToyTokenizer, make_tiny, random_requests
 from ultraedit_fast import UltraEditor
 from ultraedit_fast.storage import checkpoint
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # the tests root (conftest.py)
 LR = 1e-4
 pytestmark = pytest.mark.usefixtures("quiet_checkpoints")
-
-
 
 
 def _editor(turns=1, **kw):
@@ -72,14 +71,20 @@ def test_a_load_racing_saves_sees_one_whole_checkpoint(tmp_path):
     path = tmp_path / "ckpt"
     _, ed1 = _editor(1)
     _, ed2 = _editor(2)
-    expected = {1: {k: s.n for k, s in ed1.normalizers.items()},
-                2: {k: s.n for k, s in ed2.normalizers.items()}}
+    expected = {
+        1: {k: s.n for k, s in ed1.normalizers.items()},
+        2: {k: s.n for k, s in ed2.normalizers.items()},
+    }
     ed1.save(path)
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    saver = subprocess.Popen([sys.executable, str(script), str(TESTS), str(path), str(seconds)],
-                             stdout=subprocess.PIPE, text=True, env=env)
+    saver = subprocess.Popen(
+        [sys.executable, str(script), str(TESTS), str(path), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert saver.stdout.readline().strip() == "ready"
     model, _ = make_tiny("llama")
     loads, failures = 0, []
@@ -105,8 +110,9 @@ def test_saves_leave_no_temporary_files_and_follow_the_umask(tmp_path):
     path.mkdir()
     # what a writer killed mid-save left: one of ours (its pid is gone) and one of the
     # kind safetensors' own writer makes
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     ours = path / f".state.safetensors.tmp-{dead}-0123abcd"
     foreign = path / ".tmpAb3xYz"
     for f in (ours, foreign):
@@ -126,25 +132,28 @@ def test_saves_leave_no_temporary_files_and_follow_the_umask(tmp_path):
 
 
 # ----------------------------------------------------------------------------- manifest fields
-@pytest.mark.parametrize("field,change", [
-    ("turns", lambda b: b.update(turns=-1)),
-    ("turns", lambda b: b.update(turns=10 ** 40)),
-    ("turns", lambda b: b.update(turns="3")),
-    ("normalizers", lambda b: b.update(normalizers=[])),
-    ("states[0].n", lambda b: b["states"][0].update(n=10 ** 40)),
-    ("states[0].n", lambda b: b["states"][0].update(n=-5)),
-    ("states[0].d_in", lambda b: b["states"][0].update(d_in=0)),
-    ("fingerprint", lambda b: b.update(fingerprint="a model")),
-    ("fingerprint", lambda b: b["fingerprint"].update(parameters={"x": 1})),
-    ("normalizers[0].state", lambda b: b["normalizers"][0].update(state=99)),
-    ("normalizers[0]", lambda b: b["normalizers"][0].update(key={"a": 1})),
-    ("config", lambda b: b.update(config=[1, 2])),
-    ("config.lr", lambda b: b["config"].update(lr="fast")),
-    ("config.batch_size", lambda b: b["config"].update(batch_size=0)),
-    ("config.modules", lambda b: b["config"].pop("modules")),
-    ("undo_log", lambda b: b.update(undo_log=[1])),
-    ("tensors.bytes", lambda b: b["tensors"].update(bytes=-1)),
-])
+@pytest.mark.parametrize(
+    "field,change",
+    [
+        ("turns", lambda b: b.update(turns=-1)),
+        ("turns", lambda b: b.update(turns=10**40)),
+        ("turns", lambda b: b.update(turns="3")),
+        ("normalizers", lambda b: b.update(normalizers=[])),
+        ("states[0].n", lambda b: b["states"][0].update(n=10**40)),
+        ("states[0].n", lambda b: b["states"][0].update(n=-5)),
+        ("states[0].d_in", lambda b: b["states"][0].update(d_in=0)),
+        ("fingerprint", lambda b: b.update(fingerprint="a model")),
+        ("fingerprint", lambda b: b["fingerprint"].update(parameters={"x": 1})),
+        ("normalizers[0].state", lambda b: b["normalizers"][0].update(state=99)),
+        ("normalizers[0]", lambda b: b["normalizers"][0].update(key={"a": 1})),
+        ("config", lambda b: b.update(config=[1, 2])),
+        ("config.lr", lambda b: b["config"].update(lr="fast")),
+        ("config.batch_size", lambda b: b["config"].update(batch_size=0)),
+        ("config.modules", lambda b: b["config"].pop("modules")),
+        ("undo_log", lambda b: b.update(undo_log=[1])),
+        ("tensors.bytes", lambda b: b["tensors"].update(bytes=-1)),
+    ],
+)
 def test_every_manifest_field_is_validated(tmp_path, field, change):
     model, ed = _editor(2)
     path = tmp_path / "ckpt"
@@ -158,8 +167,9 @@ def test_every_manifest_field_is_validated(tmp_path, field, change):
 
 def test_manifest_with_a_missing_normaliser_after_turns(tmp_path):
     model, modules = make_tiny("llama")
-    ed = UltraEditor(model, ToyTokenizer(), modules=modules, lr=LR, batch_size=4,
-                     share_normalizer=False)
+    ed = UltraEditor(
+        model, ToyTokenizer(), modules=modules, lr=LR, batch_size=4, share_normalizer=False
+    )
     ed.edit(random_requests(8))
     path = tmp_path / "ckpt"
     ed.save(path)
@@ -184,8 +194,11 @@ def test_an_unreadable_checkpoint_says_so(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="manifest.json: permission denied"):
         UltraEditor.load(path, model, ToyTokenizer())
     monkeypatch.setattr(checkpoint, "_read_bytes", real)
-    monkeypatch.setattr(checkpoint.os, "stat", lambda p, *a, **k: (_ for _ in ()).throw(
-        PermissionError(13, "Permission denied", p)))
+    monkeypatch.setattr(
+        checkpoint.os,
+        "stat",
+        lambda p, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", p)),
+    )
     with pytest.raises(ValueError, match="permission denied"):
         UltraEditor.load(path, model, ToyTokenizer())
 
@@ -204,10 +217,20 @@ def test_saving_into_a_symlink_loop_is_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI
 def _zsre(tmp_path, n=4):
-    recs = [{"subject": "s", "src": f"What is the capital of country {i}?", "pred": "x",
-             "rephrase": f"Capital of country {i}?", "alt": "Rome", "answers": ["Paris"],
-             "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare", "cond": "c"}
-            for i in range(n)]
+    recs = [
+        {
+            "subject": "s",
+            "src": f"What is the capital of country {i}?",
+            "pred": "x",
+            "rephrase": f"Capital of country {i}?",
+            "alt": "Rome",
+            "answers": ["Paris"],
+            "loc": "nq question: who wrote hamlet",
+            "loc_ans": "Shakespeare",
+            "cond": "c",
+        }
+        for i in range(n)
+    ]
     p = tmp_path / "zsre.json"
     p.write_text(json.dumps(recs))
     return p
@@ -215,16 +238,33 @@ def _zsre(tmp_path, n=4):
 
 def test_cli_output_paths_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
     from ultraedit_fast.cli import commands as cli
+
     data = _zsre(tmp_path)
     loaded = []
-    monkeypatch.setattr(cli, "_load", lambda args: loaded.append(1) or (_ for _ in ()).throw(
-        AssertionError("the model must not load")))
+    monkeypatch.setattr(
+        cli,
+        "_load",
+        lambda args: (
+            loaded.append(1) or (_ for _ in ()).throw(AssertionError("the model must not load"))
+        ),
+    )
     (tmp_path / "afile").write_text("x")
-    for flag, bad in (("--output-dir", tmp_path / "afile"),
-                      ("--output-dir", tmp_path / "afile" / "below"),
-                      ("--save-model", tmp_path / "afile")):
-        argv = ["run", "--data", str(data), "--turns", "1", "--edits-per-turn", "2",
-                "--output-dir", str(tmp_path / "out")]
+    for flag, bad in (
+        ("--output-dir", tmp_path / "afile"),
+        ("--output-dir", tmp_path / "afile" / "below"),
+        ("--save-model", tmp_path / "afile"),
+    ):
+        argv = [
+            "run",
+            "--data",
+            str(data),
+            "--turns",
+            "1",
+            "--edits-per-turn",
+            "2",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
         if flag == "--output-dir":
             argv[argv.index("--output-dir") + 1] = str(bad)
         else:
@@ -237,11 +277,21 @@ def test_cli_output_paths_are_checked_before_the_model_loads(tmp_path, capsys, m
 
 def test_results_survive_a_missing_plotting_library(tmp_path, monkeypatch, caplog):
     from ultraedit_fast.lifelong.runner import run_lifelong
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     model, modules = make_tiny("llama")
-    res = run_lifelong(model, ToyTokenizer(), random_requests(8), turns=2, edits_per_turn=4,
-                       modules=modules, lr=LR, batch_size=4, progress=False,
-                       output_dir=str(tmp_path))
+    res = run_lifelong(
+        model,
+        ToyTokenizer(),
+        random_requests(8),
+        turns=2,
+        edits_per_turn=4,
+        modules=modules,
+        lr=LR,
+        batch_size=4,
+        progress=False,
+        output_dir=str(tmp_path),
+    )
     assert os.path.exists(tmp_path / "lifelong.json") and "plot" not in res["files"]
     assert not os.path.exists(tmp_path / "lifelong.png")
     assert any("matplotlib is not installed" in r.getMessage() for r in caplog.records)
@@ -251,6 +301,7 @@ def test_results_survive_a_missing_plotting_library(tmp_path, monkeypatch, caplo
 
 def test_cli_names_the_record_that_is_too_long(tmp_path, capsys, monkeypatch):
     from ultraedit_fast.cli import commands as cli
+
     recs = json.loads(_zsre(tmp_path, 3).read_text())
     recs[2]["rephrase"] = "word " * 400  # beyond the tiny model's 128 positions
     data = tmp_path / "long.json"
@@ -264,6 +315,7 @@ def test_cli_names_the_record_that_is_too_long(tmp_path, capsys, monkeypatch):
 
 def test_bench_usage_errors_are_one_line(capsys):
     from ultraedit_fast.cli import main
+
     assert main(["bench", "--bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--bogus" in err[0], err
@@ -272,6 +324,7 @@ def test_bench_usage_errors_are_one_line(capsys):
 # ----------------------------------------------------------------------------- peak memory
 def test_an_edit_leaves_the_process_peak_counters_alone(monkeypatch):
     import ultraedit_fast.utils.environment as E
+
     resets = []
     monkeypatch.setattr(E, "reset_peak_rss", lambda: resets.append(1) or True)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: resets.append(2))
