@@ -59,6 +59,7 @@ def test_backend_choice_and_presets_are_logged(caplog):
 
 def test_cli_takes_hub_ids(monkeypatch, capsys):
     from ultraedit_fast.cli import commands as cli
+    from ultraedit_fast.cli import common
     import ultraedit_fast.model.loading as models
 
     seen = []
@@ -72,10 +73,10 @@ def test_cli_takes_hub_ids(monkeypatch, capsys):
     args = cli.build_parser().parse_args(
         ["eval", "--model", "some-org/some-model", "--data", "x.json"]
     )
-    cli._load(args)  # a hub id is not taken for a missing local path
+    common._load(args)  # a hub id is not taken for a missing local path
     assert seen == ["some-org/some-model"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli._check_model_spec("./no/such/dir")
+        common._check_model_spec("./no/such/dir")
 
 
 @pytest.mark.slow

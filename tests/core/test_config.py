@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_tiny
 from ultraedit_fast import EditRefused, EditorConfig, ReferenceEditor, UltraEditor
-from ultraedit_fast.core.config import EditorOptions, cli_option_names, option_names
+from ultraedit_fast.core.cli_options import cli_option_names
+from ultraedit_fast.core.config import EditorOptions, option_names
 from ultraedit_fast.core.presets import FACTS_TURN_MAX, choose_regime, resolve_config
 
 
@@ -85,7 +86,7 @@ def test_a_refused_first_turn_leaves_the_editor_as_it_was(toy_tokenizer):
 
 def test_every_option_with_a_flag_is_accepted_by_run():
     from ultraedit_fast.cli.parser import build_parser
-    from ultraedit_fast.core.config import _flag
+    from ultraedit_fast.core.cli_options import _flag
 
     values = {
         "modules": "a,b",

@@ -74,7 +74,8 @@ def run_turns(arch, n, **kw):
 
 def child_env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    here = str(Path(__file__).resolve().parent)  # this module, which the children import
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), here, env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHONWARNINGS"] = "ignore"

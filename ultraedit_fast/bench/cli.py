@@ -10,11 +10,11 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ..core.config import add_cli_options, options_from_cli
+from ..core.cli_options import add_cli_options, options_from_cli
 from ..utils.environment import device_slug, environment, loadavg
 from .cases import case_turn_and_memory
 from .lifelong import case_lifelong
@@ -33,35 +33,74 @@ DEFAULT_MODELS = {
 }
 
 
-def settings_from_args(args) -> Settings:
+def _device_from_args(args) -> torch.device:
+    """``--device``: ``auto`` is CUDA when torch has it; an explicit ``cuda`` must be there."""
     if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("bench: --device cuda but CUDA is not available to torch")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but CUDA is not available to torch")
+    return device
+
+
+def _cases_from_args(args) -> List[str]:
+    """``--cases``, checked against :data:`CASES`."""
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise SystemExit(f"bench: --cases: unknown {bad}; expected some of {list(CASES)}")
-    scale = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    return cases
+
+
+class _ScaleDefaults(NamedTuple):
+    """What a scale (``tiny``, ``quick``, ``full``) runs when the flags do not say."""
+
+    models: List[str]
+    lifelong_model: str
+    memory_models: List[str]
+    shapes: Sequence[Tuple[str, str, int, int]]
+    repeats: int
+    step_repeats: int
+    lifelong_turns: int
+    ref_turns: int
+
+
+def _scale_defaults(scale: str, device: torch.device) -> _ScaleDefaults:
     cuda = device.type == "cuda"
     if scale == "tiny":
-        models, life, memm = ["tiny"], "tiny", ["tiny"]
-        shapes = TINY_SHAPES
-        repeats, step_repeats, turns, ref_turns = 2, 3, 4, 2
-    elif scale == "quick":
+        return _ScaleDefaults(["tiny"], "tiny", ["tiny"], TINY_SHAPES, 2, 3, 4, 2)
+    if scale == "quick":
         models = ["mistral-7b"] if cuda else ["smollm2"]
-        life = "mistral-7b" if cuda else "smollm2"
-        memm = ["mistral-7b", "llama-3-8b"] if cuda else models
-        shapes = [sh for sh in STEP_SHAPES if cuda or sh[2] <= 4096]
-        repeats, step_repeats, turns, ref_turns = 2, (10 if cuda else 3), (20 if cuda else 5), 2
-    else:
-        models = list(DEFAULT_MODELS[device.type])
-        life = "mistral-7b" if cuda else "smollm2"
-        memm = list(models)
-        shapes = STEP_SHAPES
-        repeats, step_repeats, turns, ref_turns = 3, (20 if cuda else 5), (200 if cuda else 20), 3
+        return _ScaleDefaults(
+            models,
+            "mistral-7b" if cuda else "smollm2",
+            ["mistral-7b", "llama-3-8b"] if cuda else models,
+            [sh for sh in STEP_SHAPES if cuda or sh[2] <= 4096],
+            2,
+            10 if cuda else 3,
+            20 if cuda else 5,
+            2,
+        )
+    models = list(DEFAULT_MODELS[device.type])
+    return _ScaleDefaults(
+        models,
+        "mistral-7b" if cuda else "smollm2",
+        list(models),
+        STEP_SHAPES,
+        3,
+        20 if cuda else 5,
+        200 if cuda else 20,
+        3,
+    )
+
+
+def settings_from_args(args) -> Settings:
+    device = _device_from_args(args)
+    cases = _cases_from_args(args)
+    scale = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    cuda = device.type == "cuda"
+    dflt = _scale_defaults(scale, device)
+    models, life, memm = dflt.models, dflt.lifelong_model, dflt.memory_models
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         memm = list(models)
@@ -78,14 +117,14 @@ def settings_from_args(args) -> Settings:
         device=device,
         cases=cases,
         scale=scale,
-        repeats=args.repeats or repeats,
-        step_repeats=args.repeats or step_repeats,
-        lifelong_turns=args.lifelong_turns or turns,
-        ref_turns=args.ref_turns if args.ref_turns is not None else ref_turns,
+        repeats=args.repeats or dflt.repeats,
+        step_repeats=args.repeats or dflt.step_repeats,
+        lifelong_turns=args.lifelong_turns or dflt.lifelong_turns,
+        ref_turns=args.ref_turns if args.ref_turns is not None else dflt.ref_turns,
         models=models,
         lifelong_model=life,
         memory_models=memm,
-        step_shapes=list(shapes),
+        step_shapes=list(dflt.shapes),
         seed=args.seed,
         edits=args.edits_per_turn,
         slow_s=args.slow_s,
@@ -102,13 +141,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="ultraedit-fast bench",
-        description="Benchmark the fast editor against the reference: per-step kernels at "
-        "real shapes, one turn beside its forward/backward floor, lifelong turns, "
-        "and peak memory. Prints a table and writes <device>-<date>.json and .png.",
-    )
+def _add_scope_options(p: argparse.ArgumentParser) -> None:
+    """Where to run, which cases at what scale (and where their results go), on which models."""
     p.add_argument(
         "--device",
         default="auto",
@@ -144,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reference turns of the lifelong case, for the extrapolation (3)",
     )
+
+
+def _add_timing_options(p: argparse.ArgumentParser) -> None:
+    """How many runs to measure and how long to spend."""
     p.add_argument("--repeats", type=int, default=None, help="measured runs per case")
     p.add_argument(
         "--slow-s",
@@ -163,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds for the whole benchmark; later cases are cut short",
     )
+
+
+def _add_workload_options(p: argparse.ArgumentParser) -> None:
+    """The editor's options, the seed, and the requests and models the turns edit."""
     add_cli_options(p, EDITOR_FLAGS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -181,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "are counted untied)",
     )
     p.add_argument("--edits-per-turn", type=int, default=EDITS_PER_TURN, help=argparse.SUPPRESS)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """The process (threads) and the results files: their names, merging, the chart."""
     p.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
@@ -198,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="redraw the chart and reprint the table of a results file, then exit",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ultraedit-fast bench",
+        description="Benchmark the fast editor against the reference: per-step kernels at "
+        "real shapes, one turn beside its forward/backward floor, lifelong turns, "
+        "and peak memory. Prints a table and writes <device>-<date>.json and .png.",
+    )
+    _add_scope_options(p)
+    _add_timing_options(p)
+    _add_workload_options(p)
+    _add_output_options(p)
     return p
 
 

@@ -306,6 +306,98 @@ def smollm2_available() -> Optional[str]:
     return None
 
 
+def _smollm2_case(name: str, device, zsre_path: Optional[str]) -> ModelCase:
+    """SmolLM2-135M-Instruct's real weights; zsRE requests, or synthetic ones without them."""
+    reason = smollm2_available()
+    if reason:
+        raise RuntimeError(f"smollm2 unavailable: {reason}")
+    model, tok = load_model("smollm2", dtype=torch.float32, device=device)
+    pool = zsre_requests(zsre_path)
+    data = (
+        "zsre"
+        if pool
+        else (
+            "synthetic (zsRE token profile; no --zsre file)"
+            if not zsre_path
+            else f"synthetic (zsRE token profile; {zsre_path} absent)"
+        )
+    )
+    if not pool:
+        tok_ = SyntheticTokenizer(model.config.vocab_size)
+        return ModelCase(
+            name,
+            model,
+            tok_,
+            None,
+            None,
+            data,
+            "SmolLM2-135M-Instruct (real weights, fp32), preset layers",
+        )
+    preset = resolve_edit_config(model, None, None)
+    return ModelCase(
+        name,
+        model,
+        tok,
+        None,
+        None,
+        data,
+        "SmolLM2-135M-Instruct (real weights, fp32), preset layers "
+        f"{summarize_names(preset.modules)}, lr {preset.lr:g}",
+        requests_pool=pool,
+    )
+
+
+def _wide_shallow_case(name: str, device, seed: int) -> ModelCase:
+    """7B widths in 2 layers, random (bf16 on CUDA, fp32 on the CPU); edits layer 1's MLP."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = _wide_shallow_config()
+    model = random_model(cfg, device, dtype, seed)
+    mods = ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    return ModelCase(
+        name,
+        model,
+        SyntheticTokenizer(cfg.vocab_size),
+        mods,
+        1e-6,
+        "synthetic (zsRE token profile)",
+        f"Llama, hidden 4096, intermediate 14336, 2 layers, vocab 32000, random "
+        f"{str(dtype).replace('torch.', '')}; edits layer 1 up_proj + down_proj",
+    )
+
+
+def _tiny_case(name: str, device, seed: int) -> ModelCase:
+    """A tiny random fp32 Llama, for the tests."""
+    cfg = _tiny_config()
+    model = random_model(cfg, device, torch.float32, seed)
+    mods = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.down_proj"]
+    return ModelCase(
+        name,
+        model,
+        SyntheticTokenizer(cfg.vocab_size),
+        mods,
+        1e-3,
+        "synthetic (zsRE token profile)",
+        "tiny random Llama (tests)",
+    )
+
+
+def _paper_case(name: str, config, device, seed: int) -> ModelCase:
+    """One of the paper's 7B-class shapes at full depth, random bf16, its preset's layers."""
+    dtype = torch.bfloat16
+    model = random_model(config, device, dtype, seed)
+    preset = find_preset(model)
+    return ModelCase(
+        name,
+        model,
+        SyntheticTokenizer(config.vocab_size),
+        None,
+        None,
+        "synthetic (zsRE token profile)",
+        f"{PAPER_LABELS[name]} shape, full depth, random bf16; preset "
+        f"{preset.name if preset else 'none'} layers, lr 1e-6",
+    )
+
+
 def build_model(name: str, device, seed: int = 0, zsre_path: Optional[str] = None) -> ModelCase:
     """Models of the benchmarks: ``smollm2`` (real weights, zsRE), ``wide-shallow``
     (7B widths, 2 layers, random fp32 on the CPU / bf16 on CUDA), ``tiny`` (for tests), and
@@ -313,88 +405,15 @@ def build_model(name: str, device, seed: int = 0, zsre_path: Optional[str] = Non
     random bf16, the paper's edited layers). ``zsre_path``: zsRE records for SmolLM2's turns
     (without it, or when the file is absent, synthetic requests)."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
     if name == "smollm2":
-        reason = smollm2_available()
-        if reason:
-            raise RuntimeError(f"smollm2 unavailable: {reason}")
-        model, tok = load_model("smollm2", dtype=torch.float32, device=device)
-        pool = zsre_requests(zsre_path)
-        data = (
-            "zsre"
-            if pool
-            else (
-                "synthetic (zsRE token profile; no --zsre file)"
-                if not zsre_path
-                else f"synthetic (zsRE token profile; {zsre_path} absent)"
-            )
-        )
-        if not pool:
-            tok_ = SyntheticTokenizer(model.config.vocab_size)
-            return ModelCase(
-                name,
-                model,
-                tok_,
-                None,
-                None,
-                data,
-                "SmolLM2-135M-Instruct (real weights, fp32), preset layers",
-            )
-        preset = resolve_edit_config(model, None, None)
-        return ModelCase(
-            name,
-            model,
-            tok,
-            None,
-            None,
-            data,
-            "SmolLM2-135M-Instruct (real weights, fp32), preset layers "
-            f"{summarize_names(preset.modules)}, lr {preset.lr:g}",
-            requests_pool=pool,
-        )
+        return _smollm2_case(name, device, zsre_path)
     if name == "wide-shallow":
-        dtype = torch.bfloat16 if cuda else torch.float32
-        cfg = _wide_shallow_config()
-        model = random_model(cfg, device, dtype, seed)
-        mods = ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
-        return ModelCase(
-            name,
-            model,
-            SyntheticTokenizer(cfg.vocab_size),
-            mods,
-            1e-6,
-            "synthetic (zsRE token profile)",
-            f"Llama, hidden 4096, intermediate 14336, 2 layers, vocab 32000, random "
-            f"{str(dtype).replace('torch.', '')}; edits layer 1 up_proj + down_proj",
-        )
+        return _wide_shallow_case(name, device, seed)
     if name == "tiny":
-        cfg = _tiny_config()
-        model = random_model(cfg, device, torch.float32, seed)
-        mods = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.down_proj"]
-        return ModelCase(
-            name,
-            model,
-            SyntheticTokenizer(cfg.vocab_size),
-            mods,
-            1e-3,
-            "synthetic (zsRE token profile)",
-            "tiny random Llama (tests)",
-        )
+        return _tiny_case(name, device, seed)
     cfgs = paper_configs()
     if name in cfgs:
-        dtype = torch.bfloat16
-        model = random_model(cfgs[name], device, dtype, seed)
-        preset = find_preset(model)
-        return ModelCase(
-            name,
-            model,
-            SyntheticTokenizer(cfgs[name].vocab_size),
-            None,
-            None,
-            "synthetic (zsRE token profile)",
-            f"{PAPER_LABELS[name]} shape, full depth, random bf16; preset "
-            f"{preset.name if preset else 'none'} layers, lr 1e-6",
-        )
+        return _paper_case(name, cfgs[name], device, seed)
     raise ValueError(
         f"model: expected one of smollm2, wide-shallow, tiny, {', '.join(cfgs)}; got {name!r}"
     )

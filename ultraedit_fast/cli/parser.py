@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.config import add_cli_options, cli_int_at_least, cli_option_names
+from ..core.cli_options import add_cli_options, cli_option_names
+from ..core.options import cli_int_at_least
 
 PROG = "ultraedit-fast"
 

@@ -6,7 +6,9 @@ check (which raises ``TypeError``/``ValueError`` naming the option), what a chec
 with it on load (``fixed``: the lifelong state depends on it; ``overridable``), whether the
 reference editor takes it, and its command-line flag. The editor, the checkpoint format,
 lifelong runs, the benchmarks and the CLI all read these declarations; a new option is one
-field here plus its use.
+field here plus its use. The checks and flag parsers the fields name are in
+:mod:`ultraedit_fast.core.options`; the flags built from the fields, in
+:mod:`ultraedit_fast.core.cli_options`.
 
 ``modules`` and ``lr`` may be ``None``: the model's preset fills them
 (:mod:`ultraedit_fast.core.presets`); an editor's ``config`` holds the resolved values.
@@ -14,162 +16,34 @@ field here plus its use.
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    Iterable,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    TypedDict,
-    Union,
-)
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, TypedDict, Union
 
 from ..kernels import BACKENDS
-from ..utils.checks import check_bool, check_positive_float, check_positive_int
-
-DEFAULT_TOKENS_PER_PASS = 512
+from ..utils.checks import check_bool
+from .options import (
+    DEFAULT_TOKENS_PER_PASS,
+    REGIMES,
+    STEPS,
+    check_backend,
+    check_fraction,
+    check_lr,
+    check_modules,
+    check_positive_count,
+    check_regime,
+    check_scale,
+    check_step,
+    check_tokens_per_pass,
+    check_undo,
+    cli_fraction,
+    cli_int_at_least,
+    cli_modules,
+    cli_positive_float,
+)
 
 FIXED = "fixed"
 OVERRIDABLE = "overridable"
-
-
-# ----------------------------------------------------------------------------- checks
-def _check_modules(name: str, v):
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = [v]
-    try:
-        v = list(v)
-    except TypeError:
-        raise TypeError(
-            f"{name}: expected a list of module names, got {type(v).__name__}"
-        ) from None
-    if not v:
-        raise ValueError(f"{name}: expected at least one module name, got an empty list")
-    for m in v:
-        if not isinstance(m, str):
-            raise TypeError(f"{name}: expected module names (str), got {type(m).__name__}")
-    if len(set(v)) != len(v):
-        raise ValueError(f"{name}: duplicate names in {v}")
-    return tuple(v)
-
-
-def check_lr(name: str, v):
-    return None if v is None else check_positive_float(name, v)
-
-
-def _check_positive_int(name: str, v):
-    return check_positive_int(name, v)
-
-
-def _check_backend(name: str, v):
-    if v is None:
-        return None
-    if not isinstance(v, str) or v.lower() not in BACKENDS:
-        raise ValueError(f"{name}: expected one of {list(BACKENDS)}, got {v!r}")
-    return v.lower()
-
-
-STEPS = ("auto", "paper")
-REGIMES = ("stream", "facts")
-
-
-def _check_regime(name: str, v):
-    if v is None:
-        return None
-    if not isinstance(v, str) or v.lower() not in REGIMES:
-        raise ValueError(f"{name}: expected one of {list(REGIMES)} or None, got {v!r}")
-    return v.lower()
-
-
-def _check_step(name: str, v):
-    if v is None:
-        return None
-    if not isinstance(v, str) or v.lower() not in STEPS:
-        raise ValueError(f"{name}: expected one of {list(STEPS)} or None, got {v!r}")
-    return v.lower()
-
-
-def _check_fraction(name: str, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-        raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
-    return float(v)
-
-
-def _check_scale(name: str, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
-        raise ValueError(f"{name}: expected a finite number >= 1, got {v!r}")
-    return float(v)
-
-
-def _cli_fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = None
-    if v is None or not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
-
-
-def _check_undo(name: str, v):
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        if v < 0:
-            raise ValueError(f"{name}: expected True, False or a number of turns >= 0, got {v}")
-        return v if v > 0 else False
-    raise TypeError(
-        f"{name}: expected True, False or an int number of turns, got {type(v).__name__}"
-    )
-
-
-def _check_tokens_per_pass(name: str, v):
-    if v is None:
-        return DEFAULT_TOKENS_PER_PASS
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{name}: expected an int >= 0 (0: no packing), got {v!r}")
-    return v
-
-
-# ----------------------------------------------------------------------------- CLI parsers
-def _cli_modules(text: str) -> List[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated module names")
-    return names
-
-
-def cli_positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def cli_int_at_least(low: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-
-    return parse
 
 
 # ----------------------------------------------------------------------------- declarations
@@ -195,12 +69,12 @@ class EditorConfig:
 
     modules: Optional[Tuple[str, ...]] = _option(
         None,
-        _check_modules,
+        check_modules,
         "names of the nn.Linear / GPT-2 Conv1D modules to edit (None: the model's preset)",
         load=FIXED,
         reference=True,
         cli={
-            "type": _cli_modules,
+            "type": cli_modules,
             "help": "comma-separated names of the layers to edit (default: the model's preset)",
         },
     )
@@ -216,7 +90,7 @@ class EditorConfig:
     )
     batch_size: int = _option(
         10,
-        _check_positive_int,
+        check_positive_count,
         "requests per forward/backward mini-batch (10 in the paper); it sets the loss of "
         "each token (its mini-batch's mean) and the normaliser's blocks",
         reference=True,
@@ -227,7 +101,7 @@ class EditorConfig:
     )
     backend: Optional[str] = _option(
         None,
-        _check_backend,
+        check_backend,
         f"kernels: one of {', '.join(BACKENDS)} (None: $ULTRAEDIT_FAST_BACKEND, else auto)",
         cli={"choices": BACKENDS, "help": "kernels (default: $ULTRAEDIT_FAST_BACKEND or auto)"},
     )
@@ -246,12 +120,12 @@ class EditorConfig:
     )
     undo: Union[bool, int] = _option(
         False,
-        _check_undo,
+        check_undo,
         "keep an undo log for rollback(): False (none), True (every turn) or k (the last k turns)",
     )
     tokens_per_pass: int = _option(
         None,
-        _check_tokens_per_pass,
+        check_tokens_per_pass,
         f"pack consecutive mini-batches into forward/backward passes of at most this many "
         f"tokens (None: {DEFAULT_TOKENS_PER_PASS}; 0: one padded mini-batch per pass)",
         cli={
@@ -264,7 +138,7 @@ class EditorConfig:
 
     regime: Optional[str] = _option(
         None,
-        _check_regime,
+        check_regime,
         "which of the preset's regimes, when modules and lr come from it: 'stream' (turns "
         "of about 100 edits, the paper's setting and layers) or 'facts' (a handful of facts "
         "at a time: the layers measured for that where the preset has them, and step "
@@ -277,7 +151,7 @@ class EditorConfig:
     )
     step: Optional[str] = _option(
         None,
-        _check_step,
+        check_step,
         "the turn's step: 'auto' scales each solved turn by the smallest power of 2 (up to "
         "max_step_scale) at which step_target of its edits take within locality_budget "
         "(ultraedit_fast.core.step_search); 'paper' writes the published fixed step; None: 'auto' in the "
@@ -291,26 +165,26 @@ class EditorConfig:
     )
     step_target: float = _option(
         0.9,
-        _check_fraction,
+        check_fraction,
         "step='auto': the share of a turn's edits that must take",
         cli={
-            "type": _cli_fraction,
+            "type": cli_fraction,
             "help": "step auto: share of a turn's edits that must take (default 0.9)",
         },
     )
     locality_budget: float = _option(
         0.2,
-        _check_fraction,
+        check_fraction,
         "step='auto': the largest share of the turn's locality prompts (or of the anchor "
         "prompts) whose greedy answer a larger step may change",
         cli={
-            "type": _cli_fraction,
+            "type": cli_fraction,
             "help": "step auto: largest share of locality prompts whose answer may change (default 0.2)",
         },
     )
     max_step_scale: float = _option(
         64.0,
-        _check_scale,
+        check_scale,
         "step='auto': the largest scale of the published step tried",
         cli={"type": cli_positive_float, "help": "step auto: largest scale tried (default 64)"},
     )
@@ -455,51 +329,6 @@ def check_overrides(overrides: Mapping[str, Any], what: str = "load") -> None:
                 f"{what}() got an unexpected option {k!r}; options that may be "
                 f"overridden: {list(overridable)}"
             )
-
-
-# ----------------------------------------------------------------------------- the CLI
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_cli_options(
-    parser: argparse.ArgumentParser,
-    names: Optional[Iterable[str]] = None,
-    overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
-) -> List[str]:
-    """Add a ``--flag`` for each option that declares one (``names``: a subset;
-    ``overrides``: per-option argparse keywords, a command's own help, say). Every flag
-    defaults to ``None`` (the editor's default). Returns the options added."""
-    added = []
-    wanted = None if names is None else set(names)
-    for f in fields(EditorConfig):
-        cli = f.metadata["cli"]
-        if cli is None or (wanted is not None and f.name not in wanted):
-            continue
-        kw = {"default": None, **cli, **dict((overrides or {}).get(f.name, {}))}
-        parser.add_argument(_flag(f.name), dest=f.name, **kw)
-        added.append(f.name)
-    return added
-
-
-def cli_option_names() -> Tuple[str, ...]:
-    """The options that declare a command-line flag."""
-    return tuple(f.name for f in fields(EditorConfig) if f.metadata["cli"] is not None)
-
-
-def options_from_cli(
-    args: argparse.Namespace, names: Optional[Iterable[str]] = None
-) -> Dict[str, Any]:
-    """The options given on the command line (those left at ``None`` are omitted, so the
-    editor's defaults apply)."""
-    out = {}
-    for f in fields(EditorConfig):
-        if f.metadata["cli"] is None or (names is not None and f.name not in set(names)):
-            continue
-        v = getattr(args, f.name, None)
-        if v is not None:
-            out[f.name] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- signatures

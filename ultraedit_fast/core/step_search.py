@@ -135,42 +135,15 @@ class StepSearch:
             ],
             CHECK_SAMPLE,
         )
-        if given:
-            self.locality_kind = "requests"
-            prompts = [p for p, _ in given]
-            budgets = [
-                len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + EXTRA_TOKENS
-                for _, a in given
-            ]
-        else:
-            self.locality_kind = "anchors"
-            edit_prompts = {r.prompt.strip() for r in requests}
-            prompts = spread(
-                [p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts], CHECK_SAMPLE
-            )
-            budgets = [ANCHOR_TOKENS] * len(prompts)
+        self.locality_kind, prompts, budgets = _locality_prompts(tokenizer, requests, given)
         ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
         conts = greedy_decode(model, tokenizer, ids, budgets, batch_size)
         # the keys to preserve (locality_keys): at the model's own continuation and, for the
         # requests' locality prompts, at their given answer too
-        self.preserved: List[TokenizedRequest] = []
-        if given:
-            for p, a in given:
-                try:
-                    self.preserved.append(
-                        tokenize_pair(tokenizer, p, a, max_length, chat_template=chat_template)
-                    )
-                except ValueError:  # too long for the context: not preserved
-                    pass
-        self.locality: List[TokenizedRequest] = []
-        for p, c in zip(ids, conts):
-            if not c:  # the model ends its text at once: nothing to compare
-                continue
-            if max_length is not None and len(p) + len(c) - 1 > max_length:
-                continue
-            self.locality.append(
-                TokenizedRequest(list(p) + list(c[:-1]), [IGNORE] * (len(p) - 1) + list(c))
-            )
+        self.preserved: List[TokenizedRequest] = _given_answers(
+            tokenizer, given, max_length, chat_template
+        )
+        self.locality: List[TokenizedRequest] = _continuations(ids, conts, max_length)
 
     @torch.no_grad()
     def locality_keys(self, targets) -> Dict[str, torch.Tensor]:
@@ -277,3 +250,50 @@ class StepSearch:
         for i in lagging | (unchecked if lagging else set()):
             out[i] = min(max_scale, scales[i] * SCALE_FACTOR)
         return None if out == scales else out
+
+
+def _locality_prompts(
+    tokenizer, requests, given: List[Tuple[str, str]]
+) -> Tuple[str, List[str], List[int]]:
+    """``(kind, prompts, budgets)``: the locality set (the requests' ``given`` locality
+    prompts, else the anchor prompts that are no edit prompt) and how many tokens of each
+    prompt's greedy continuation to check."""
+    if given:
+        prompts = [p for p, _ in given]
+        budgets = [
+            len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + EXTRA_TOKENS
+            for _, a in given
+        ]
+        return "requests", prompts, budgets
+    edit_prompts = {r.prompt.strip() for r in requests}
+    prompts = spread([p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts], CHECK_SAMPLE)
+    return "anchors", prompts, [ANCHOR_TOKENS] * len(prompts)
+
+
+def _given_answers(
+    tokenizer, given: List[Tuple[str, str]], max_length: Optional[int], chat_template: bool
+) -> List[TokenizedRequest]:
+    """The requests' locality prompts with their given answers, tokenised as for editing
+    (those too long for the context left out)."""
+    out: List[TokenizedRequest] = []
+    for p, a in given:
+        try:
+            out.append(tokenize_pair(tokenizer, p, a, max_length, chat_template=chat_template))
+        except ValueError:  # too long for the context: not preserved
+            pass
+    return out
+
+
+def _continuations(
+    ids: List[List[int]], conts: List[List[int]], max_length: Optional[int]
+) -> List[TokenizedRequest]:
+    """Each locality prompt fed its greedy continuation, labelled with the continuation's
+    next tokens (prompts the model ends at once, or too long for the context, left out)."""
+    out: List[TokenizedRequest] = []
+    for p, c in zip(ids, conts):
+        if not c:  # the model ends its text at once: nothing to compare
+            continue
+        if max_length is not None and len(p) + len(c) - 1 > max_length:
+            continue
+        out.append(TokenizedRequest(list(p) + list(c[:-1]), [IGNORE] * (len(p) - 1) + list(c)))
+    return out

@@ -13,7 +13,9 @@ import torch
 
 from ..core.config import check_overrides
 from ..model.targets import resolve_target
+from ..parallel.concurrency import model_locks
 from ..storage import checkpoint as ckpt
+from .turn import Setup
 from ..storage.export import delta_factors, exact_factors, weight_sha256, write_lora, write_patch
 
 
@@ -46,7 +48,7 @@ def model_tensor_parallel(model):
     return None
 
 
-def save(editor, path, undo_log: bool) -> str:
+def _save(editor, path, undo_log: bool) -> str:
     undo = editor._undo
     return ckpt.write_checkpoint(
         rank_path(path, editor._tp),
@@ -78,10 +80,11 @@ def _check_model(saved, model) -> None:
         )
 
 
-def load(cls, path, model, tokenizer, overrides):
+def _load(cls, path, model, tokenizer, overrides):
     check_overrides(overrides)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model_locks(model).weights.refuse_writer_inside_reading("load")
     tp = model_tensor_parallel(model)
     saved = ckpt.load_checkpoint(rank_path(path, tp))
     if saved.tensor_parallel != tp_record(tp):
@@ -114,7 +117,7 @@ def _exportable(editor, what: str) -> None:
         raise ValueError(f"{what}: no turn was made; there is nothing to export")
 
 
-def export_patch(editor, path) -> str:
+def _export_patch(editor, path) -> str:
     _exportable(editor, "export_patch")
     return write_patch(
         path,
@@ -126,7 +129,7 @@ def export_patch(editor, path) -> str:
     )
 
 
-def export_lora(editor, path, rank: Optional[int], base) -> dict:
+def _export_lora(editor, path, rank: Optional[int], base) -> dict:
     _exportable(editor, "export_lora")
     targets, base_sha = editor.targets, editor._base_sha
     log_data = editor._undo.export() if editor._undo is not None else None
@@ -165,3 +168,72 @@ def original_weight(base, name: str) -> torch.Tensor:
     raise TypeError(
         f"base: expected the unedited model or its state dict, got {type(base).__name__}"
     )
+
+
+class LifelongState:
+    """The persistence and export methods of
+    :class:`~ultraedit_fast.editors.ultraedit.UltraEditor` (a base class of it): each
+    holds the lock its kind needs (:mod:`ultraedit_fast.parallel.concurrency`: ``save`` and
+    the exports only read, under the model's read lock) and calls the functions above."""
+
+    def save(self, path, *, undo_log: bool = True) -> str:
+        """Save the lifelong state (normaliser states, turn count, configuration, model
+        fingerprint and, with ``undo_log``, the undo log) to the directory ``path``,
+        atomically: a crash at any moment leaves the previous checkpoint loadable.
+        Returns the manifest's path. The model's weights are not saved: save them too
+        (``safetensors.torch.save_model(model, ...)``). Format:
+        :mod:`ultraedit_fast.storage.checkpoint`."""
+        with self._weights_lock.reading():  # the state changes only under the write lock
+            return _save(self, path, undo_log)
+
+    @classmethod
+    def load(cls, path, model, tokenizer, **overrides):
+        """An editor that continues the lifelong state saved at ``path`` on ``model``
+        (whose weights should be those saved with it: a mismatch warns with
+        :class:`~ultraedit_fast.storage.CheckpointWeightsWarning`). ``overrides`` may
+        change the options that do not shape the lifelong state (``lr``, ``batch_size``,
+        ``backend``, ``transactional``, ``undo``, ...); ``modules`` and
+        ``share_normalizer`` are fixed by the checkpoint. Continuing with the saved
+        settings gives bit for bit the turns an uninterrupted editor would.
+
+        Raises ``ValueError`` naming the difference when ``model`` is not the model the
+        checkpoint was saved from (architecture, edited modules' shapes and dtypes,
+        parameter names and shapes), and naming the file when the checkpoint is
+        truncated, tampered with or not one; ``FileNotFoundError`` when ``path`` does
+        not exist. Reads JSON and safetensors only: loading never runs code."""
+        return _load(cls, path, model, tokenizer, overrides)
+
+    def _restore(self, saved) -> None:
+        """Take the lifelong state of a loaded checkpoint (``load``'s last step)."""
+        if saved.preset is not None:
+            self._setup = Setup(self.config, saved.preset, self.targets, self._tp, self.backends)
+        devices = {self.normalizer_key(t): t.weight.device for t in reversed(self.targets)}
+        shapes = {self.normalizer_key(t): t.local_shape for t in self.targets}
+        normalizers = saved.normalizers(shapes, devices)
+        undo = None if self._undo is None else saved.undo(self.targets, shapes, devices)
+        with self._lock, self._weights_lock.writing():
+            self.normalizers = normalizers
+            self.turns = saved.turns
+            self._base_sha = dict(saved.base_sha256)
+            self._regime_open = False
+            if self._undo is not None:
+                self._undo.restore(undo, self.targets, self._rank_update)
+
+    # ------------------------------------------------------------------ export
+    def export_patch(self, path) -> str:
+        """Write the edited modules' weights and a manifest naming their base model to the
+        directory ``path`` (:mod:`ultraedit_fast.storage.export`);
+        :func:`ultraedit_fast.storage.apply_patch` writes them into a fresh copy of the base
+        model, bit for bit. Returns the manifest's path."""
+        with self._weights_lock.reading():
+            return _export_patch(self, path)
+
+    def export_lora(self, path, rank: Optional[int] = None, *, base=None) -> dict:
+        """Write a PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``)
+        whose ``lora_B @ lora_A`` is each edited module's accumulated shift to the directory
+        ``path``. ``rank=None``: exact, from the undo log's factors when it holds every turn
+        (``undo=True``), else from ``W_now - W_original`` with ``base`` (the unedited model, or
+        its state dict); ``rank=r``: the best rank-``r`` approximation. Returns
+        ``{"rank", "relative_error", "bytes", "files"}`` (per-module ranks and errors)."""
+        with self._weights_lock.reading():
+            return _export_lora(self, path, rank, base)

@@ -55,7 +55,7 @@ from ..parallel.concurrency import model_locks, serving
 from ..parallel.distributed import COUNTER
 from ..storage.export import weight_sha256
 from ..utils.environment import PeakMemory
-from . import persistence
+from .persistence import LifelongState
 from .turn import EditRefused, Setup, Turn, tensor_parallel_of
 
 __all__ = ["UltraEditor", "EditRefused", "SharedModelWarning", "fast_edit"]
@@ -76,7 +76,7 @@ def _option(name: str):
     )
 
 
-class UltraEditor:
+class UltraEditor(LifelongState):
     """Lifelong UltraEdit editor for a Hugging Face causal LM.
 
     ``UltraEditor(model, tokenizer, modules=None, lr=None, batch_size=10, **options)``
@@ -258,6 +258,7 @@ class UltraEditor:
         check_overrides(changes, what="configure")
         if "undo" in changes:
             raise ValueError("undo: fixed at construction (the undo log starts with the editor)")
+        self._weights_lock.refuse_writer_inside_reading("configure")
         with self._lock:
             config = self.config.replace(**changes)
             setup = Setup(config, self.preset, self.targets, self._tp)
@@ -312,6 +313,7 @@ class UltraEditor:
         transaction: if it raises, the model, the editor's state and its configuration
         are as they were."""
         requests = as_requests(requests)
+        self._weights_lock.refuse_writer_inside_reading("edit")  # lock order: see concurrency
         with self._lock:
             return self._edit(requests)
 
@@ -355,8 +357,8 @@ class UltraEditor:
             self.normalizers.update(new_states)  # commit
             self._setup, self._base_sha, self._regime_open = setup, base_sha, False
             self.turns += 1
-        if undo_entry is not None:
-            self._undo.push(undo_entry, self.targets, self._rank_update)
+            if undo_entry is not None:  # readers (save, exports) see the log with its turn
+                self._undo.push(undo_entry, self.targets, self._rank_update)
         return EditReport(
             n_requests=len(requests),
             n_tokens=n_tokens,
@@ -412,6 +414,7 @@ class UltraEditor:
             raise TypeError(f"turns: expected an int, got {type(turns).__name__}")
         if turns < 1:
             raise ValueError(f"turns: expected a number of turns >= 1, got {turns}")
+        self._weights_lock.refuse_writer_inside_reading("rollback")
         with self._lock:
             if self._undo is None:
                 raise ValueError(
@@ -427,69 +430,6 @@ class UltraEditor:
             with self._weights_lock.writing():
                 self.normalizers = self._undo.rollback(self.targets, turns, self._rank_update)
                 self.turns -= turns
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path, *, undo_log: bool = True) -> str:
-        """Save the lifelong state (normaliser states, turn count, configuration, model
-        fingerprint and, with ``undo_log``, the undo log) to the directory ``path``,
-        atomically: a crash at any moment leaves the previous checkpoint loadable.
-        Returns the manifest's path. The model's weights are not saved: save them too
-        (``safetensors.torch.save_model(model, ...)``). Format:
-        :mod:`ultraedit_fast.storage.checkpoint`."""
-        with self._lock:
-            return persistence.save(self, path, undo_log)
-
-    @classmethod
-    def load(cls, path, model, tokenizer, **overrides) -> "UltraEditor":
-        """An editor that continues the lifelong state saved at ``path`` on ``model``
-        (whose weights should be those saved with it: a mismatch warns with
-        :class:`~ultraedit_fast.storage.CheckpointWeightsWarning`). ``overrides`` may
-        change the options that do not shape the lifelong state (``lr``, ``batch_size``,
-        ``backend``, ``transactional``, ``undo``, ...); ``modules`` and
-        ``share_normalizer`` are fixed by the checkpoint. Continuing with the saved
-        settings gives bit for bit the turns an uninterrupted editor would.
-
-        Raises ``ValueError`` naming the difference when ``model`` is not the model the
-        checkpoint was saved from (architecture, edited modules' shapes and dtypes,
-        parameter names and shapes), and naming the file when the checkpoint is
-        truncated, tampered with or not one; ``FileNotFoundError`` when ``path`` does
-        not exist. Reads JSON and safetensors only: loading never runs code."""
-        return persistence.load(cls, path, model, tokenizer, overrides)
-
-    def _restore(self, saved) -> None:
-        """Take the lifelong state of a loaded checkpoint (``load``'s last step)."""
-        if saved.preset is not None:
-            self._setup = Setup(self.config, saved.preset, self.targets, self._tp, self.backends)
-        devices = {self.normalizer_key(t): t.weight.device for t in reversed(self.targets)}
-        shapes = {self.normalizer_key(t): t.local_shape for t in self.targets}
-        normalizers = saved.normalizers(shapes, devices)
-        undo = None if self._undo is None else saved.undo(self.targets, shapes, devices)
-        with self._lock, self._weights_lock.writing():
-            self.normalizers = normalizers
-            self.turns = saved.turns
-            self._base_sha = dict(saved.base_sha256)
-            self._regime_open = False
-            if self._undo is not None:
-                self._undo.restore(undo, self.targets, self._rank_update)
-
-    # ------------------------------------------------------------------ export
-    def export_patch(self, path) -> str:
-        """Write the edited modules' weights and a manifest naming their base model to the
-        directory ``path`` (:mod:`ultraedit_fast.storage.export`);
-        :func:`ultraedit_fast.storage.apply_patch` writes them into a fresh copy of the base
-        model, bit for bit. Returns the manifest's path."""
-        with self._lock:
-            return persistence.export_patch(self, path)
-
-    def export_lora(self, path, rank: Optional[int] = None, *, base=None) -> dict:
-        """Write a PEFT LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``)
-        whose ``lora_B @ lora_A`` is each edited module's accumulated shift to the directory
-        ``path``. ``rank=None``: exact, from the undo log's factors when it holds every turn
-        (``undo=True``), else from ``W_now - W_original`` with ``base`` (the unedited model, or
-        its state dict); ``rank=r``: the best rank-``r`` approximation. Returns
-        ``{"rank", "relative_error", "bytes", "files"}`` (per-module ranks and errors)."""
-        with self._lock:
-            return persistence.export_lora(self, path, rank, base)
 
     @classmethod
     def from_hparams(cls, hparams, model, tokenizer, **options) -> "UltraEditor":

@@ -51,6 +51,36 @@ def _listify(name, v, n) -> Optional[List[str]]:
     return v
 
 
+def _locality(locality_inputs, n: int) -> Dict[str, Dict[str, List[str]]]:
+    """``locality_inputs`` checked: per key, ``n`` prompts and their ``n`` ground truths."""
+    loc: Dict[str, Dict[str, List[str]]] = {}
+    for key, entry in (locality_inputs or {}).items():
+        if not isinstance(entry, Mapping) or "prompt" not in entry or "ground_truth" not in entry:
+            raise ValueError(
+                f"locality_inputs[{key!r}]: expected {{'prompt': [...], 'ground_truth': [...]}}"
+            )
+        loc[key] = {
+            "prompt": _listify(f"locality_inputs[{key!r}]['prompt']", entry["prompt"], n),
+            "ground_truth": _listify(
+                f"locality_inputs[{key!r}]['ground_truth']", entry["ground_truth"], n
+            ),
+        }
+    return loc
+
+
+def _case_metrics(prompts, targets, pre, post) -> List[dict]:
+    """EasyEdit's record per request: the rewrite asked for, its ``pre`` and ``post`` scores."""
+    return [
+        {
+            "case_id": i,
+            "requested_rewrite": {"prompt": prompts[i], "target_new": targets[i]},
+            "pre": pre[i]["metrics"],
+            "post": post[i]["metrics"],
+        }
+        for i in range(len(prompts))
+    ]
+
+
 class BaseEditor:
     """EasyEdit's ``BaseEditor`` for UltraEdit: ``from_hparams`` then ``batch_edit``."""
 
@@ -94,22 +124,7 @@ class BaseEditor:
         targets = _listify("target_new", target_new, n)
         rephrases = _listify("rephrase_prompts", rephrase_prompts, n)
         _listify("ground_truth", ground_truth, n)
-        loc: Dict[str, Dict[str, List[str]]] = {}
-        for key, entry in (locality_inputs or {}).items():
-            if (
-                not isinstance(entry, Mapping)
-                or "prompt" not in entry
-                or "ground_truth" not in entry
-            ):
-                raise ValueError(
-                    f"locality_inputs[{key!r}]: expected {{'prompt': [...], 'ground_truth': [...]}}"
-                )
-            loc[key] = {
-                "prompt": _listify(f"locality_inputs[{key!r}]['prompt']", entry["prompt"], n),
-                "ground_truth": _listify(
-                    f"locality_inputs[{key!r}]['ground_truth']", entry["ground_truth"], n
-                ),
-            }
+        loc = _locality(locality_inputs, n)
         requests = [
             EditRequest(p, t, rephrase=rephrases[i] if rephrases else None)
             for i, (p, t) in enumerate(zip(prompts, targets))
@@ -117,11 +132,18 @@ class BaseEditor:
         per_turn = self.edits_per_turn or n
         turns = [list(range(s, min(n, s + per_turn))) for s in range(0, n, per_turn)]
         pre = self._scores(requests, loc, base=None, generation=False)
+        editor, post = self._edit_and_score(requests, loc, turns, pre, sequential_edit)
+        return _case_metrics(prompts, targets, pre, post), self.model, editor
+
+    def _edit_and_score(self, requests, loc, turns, pre, sequential_edit: bool):
+        """Edit the turns (lists of request indices) with one editor and score the edited
+        model: every request after the last turn (``sequential_edit``), or each turn's right
+        after it, its edits then rolled back. Returns the editor and the ``post`` scores."""
         options = dict(self.options)
         if not sequential_edit:  # each turn from the original model: undo puts it back
             options["undo"] = True
         editor = UltraEditor(self.model, self.tokenizer, **options)
-        post: List[Optional[dict]] = [None] * n
+        post: List[Optional[dict]] = [None] * len(requests)
         for idx in turns:
             editor.edit([requests[i] for i in idx])
             if not sequential_edit:
@@ -136,16 +158,7 @@ class BaseEditor:
                 editor.rollback(editor.undo_turns)
         if sequential_edit:
             post = self._scores(requests, loc, base=pre)
-        metrics = [
-            {
-                "case_id": i,
-                "requested_rewrite": {"prompt": prompts[i], "target_new": targets[i]},
-                "pre": pre[i]["metrics"],
-                "post": post[i]["metrics"],
-            }
-            for i in range(n)
-        ]
-        return metrics, self.model, editor
+        return editor, post
 
     def _scores(self, requests, loc, base, generation=True, subset=None) -> List[dict]:
         """Per request: ``{"metrics": {...}, "loc_pred": {key: predictions}}``."""

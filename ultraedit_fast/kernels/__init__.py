@@ -1,6 +1,6 @@
 """The ground floor: the arithmetic of a turn and the kernels that run it.
 
-Nothing here imports anything else of the package.
+Nothing here imports anything else of the package but its logger (``_log``).
 
 - :mod:`.formulas`: ``EPS`` and the normaliser-merge and shift-value formulas, shared by the
   default kernels and the reference editor.
@@ -8,7 +8,8 @@ Nothing here imports anything else of the package.
   pure-PyTorch default kernels.
 - :mod:`.extension`: the compiled kernels (C++ CPU and CUDA, registered with
   ``TORCH_LIBRARY_IMPL``), built at install or for the torch at hand on first use.
-- :mod:`.triton_kernels`: the Triton kernels (imported only when the ``triton`` backend runs).
+- :mod:`.triton_kernels`: the Triton kernels (imported only when the ``triton`` backend runs),
+  and :mod:`.triton_host`, their launchers' plain-PyTorch checks and helpers.
 - :mod:`.backends`: the one place that chooses which kernels a turn runs.
 """
 

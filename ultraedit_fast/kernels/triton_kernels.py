@@ -38,11 +38,12 @@ signature and semantics as the default kernel in :mod:`ultraedit_fast.kernels.op
 
 They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set
 before ``triton`` is first imported), which is how the CPU-only CI checks them.
+The launchers' host-side plumbing (device checks, stacking the blocks) is in
+:mod:`ultraedit_fast.kernels.triton_host`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import List, Sequence
 
 import torch
@@ -50,43 +51,39 @@ import triton
 import triton.language as tl
 
 from .ops import EPS, check_no_alias
+from .triton_host import check_device, has_overlap, interpreting, on_device, stacked_rows
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_device(op: str, *tensors: torch.Tensor) -> torch.device:
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"{op}: all tensors must be on one device, got {t.device} and {dev}")
-    if dev.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 "
-            f"set before triton is imported), got tensors on {dev}"
-        )
-    return dev
-
-
-class _on_device:
-    """Make ``device`` current for a launch (Triton launches on the current CUDA device)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 # --------------------------------------------------------------------------- normaliser
+@triton.jit
+def _block_moments(x_ptr, cols, cmask, r0, r1, width, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Mean and sum of squared deviations of rows [r0, r1) of x in columns ``cols``,
+    # BLOCK_M rows at a time: each chunk's mean and squared deviations from it,
+    # merged into the running ones with Chan's formula.
+    cnt = tl.zeros([BLOCK_D], dtype=tl.float32)
+    bmean = tl.zeros([BLOCK_D], dtype=tl.float32)
+    bm2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for rs in range(r0, r1, BLOCK_M):
+        rows = rs + tl.arange(0, BLOCK_M)
+        rmask = rows < r1
+        msk = rmask[:, None] & cmask[None, :]
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * width + cols[None, :], mask=msk, other=0.0
+        ).to(tl.float32)
+        c = tl.sum(rmask.to(tl.float32), axis=0)
+        cmean = tl.div_rn(tl.sum(x, axis=0), c)
+        dev = tl.where(msk, x - cmean[None, :], 0.0)
+        cm2 = tl.sum(dev * dev, axis=0)
+        tot = cnt + c
+        d = cmean - bmean
+        bmean = bmean + d * tl.div_rn(c, tot)
+        bm2 = bm2 + cm2 + d * d * tl.div_rn(cnt * c, tot)
+        cnt = tot
+    return bmean, bm2
+
+
 @triton.jit
 def _normalizer_kernel(
     x_ptr,
@@ -112,27 +109,9 @@ def _normalizer_kernel(
     for b in range(nblocks):
         s0 = tl.load(offs_ptr + b)
         s1 = tl.load(offs_ptr + b + 1)
-        r0 = s0 - base
-        r1 = s1 - base
-        cnt = tl.zeros([BLOCK_D], dtype=tl.float32)
-        bmean = tl.zeros([BLOCK_D], dtype=tl.float32)
-        bm2 = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for rs in range(r0, r1, BLOCK_M):
-            rows = rs + tl.arange(0, BLOCK_M)
-            rmask = rows < r1
-            msk = rmask[:, None] & cmask[None, :]
-            x = tl.load(
-                x_ptr + rows[:, None].to(tl.int64) * width + cols[None, :], mask=msk, other=0.0
-            ).to(tl.float32)
-            c = tl.sum(rmask.to(tl.float32), axis=0)
-            cmean = tl.div_rn(tl.sum(x, axis=0), c)
-            dev = tl.where(msk, x - cmean[None, :], 0.0)
-            cm2 = tl.sum(dev * dev, axis=0)
-            tot = cnt + c
-            d = cmean - bmean
-            bmean = bmean + d * tl.div_rn(c, tot)
-            bm2 = bm2 + cm2 + d * d * tl.div_rn(cnt * c, tot)
-            cnt = tot
+        bmean, bm2 = _block_moments(
+            x_ptr, cols, cmask, s0 - base, s1 - base, width, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D
+        )
         n = s0.to(tl.float64)
         m = (s1 - s0).to(tl.float64)
         n_new = tl.maximum(n + m, 1.0)
@@ -151,54 +130,22 @@ def _normalizer_kernel(
     tl.store(std_ptr + cols, tl.sqrt_rn(tl.div_rn(acc, denom)), mask=cmask)
 
 
-def _stacked_rows(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The blocks as one contiguous (sum of rows) x width tensor, without a copy when they
-    already are consecutive row ranges of one buffer (as a capture usually produces)."""
-    first = blocks[0]
-    base = first.untyped_storage().data_ptr()
-    # Same storage too: separate allocations can be adjacent (CUDA caching allocator),
-    # and a view may not reach past its own storage.
-    same = all(
-        b.dtype == first.dtype and b.is_contiguous() and b.untyped_storage().data_ptr() == base
-        for b in blocks
-    )
-    if same:
-        item = first.element_size()
-        ptr = first.data_ptr()
-        for b in blocks:
-            if b.data_ptr() != ptr:
-                same = False
-                break
-            ptr += b.numel() * item
-    if same:
-        rows = sum(b.shape[0] for b in blocks)
-        return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
-    return torch.cat([b.contiguous() for b in blocks], dim=0)
-
-
-def normalizer_update_(
-    mean: torch.Tensor,
-    acc: torch.Tensor,
-    std: torch.Tensor,
-    ks: Sequence[torch.Tensor],
-    gs: Sequence[torch.Tensor],
-    n: int,
+def _check_normalizer_state(
+    op: str, mean: torch.Tensor, acc: torch.Tensor, std: torch.Tensor
 ) -> None:
-    op = "triton normalizer_update_"
-    if len(ks) != len(gs):
-        raise ValueError(f"{op}: ks and gs must have the same length, got {len(ks)} and {len(gs)}")
-    if n < 0:
-        raise ValueError(f"{op}: n (rows merged so far) must be >= 0, got {n}")
+    """The state tensors: contiguous float32 vectors of one length."""
     D = mean.numel()
     for name, t in (("mean", mean), ("acc", acc), ("std", std)):
         if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != D or not t.is_contiguous():
             raise ValueError(
                 f"{op}: {name} must be contiguous float32 of shape [{D}], got {t.dtype} {tuple(t.shape)}"
             )
-    if not ks:
-        return
-    d_in = ks[0].shape[1] if ks[0].dim() == 2 else -1
-    d_out = D - d_in
+
+
+def _block_rows(
+    op: str, ks: Sequence[torch.Tensor], gs: Sequence[torch.Tensor], d_in: int, d_out: int
+) -> List[int]:
+    """The rows of each (k, g) block, after checking their shapes and dtypes."""
     rows: List[int] = []
     for i, (k, g) in enumerate(zip(ks, gs)):
         if (
@@ -217,15 +164,14 @@ def normalizer_update_(
                 f"{op}: block {i}: ks/gs must be float32, bfloat16 or float16, got {k.dtype} and {g.dtype}"
             )
         rows.append(k.shape[0])
-    dev = _check_device(op, mean, acc, std, *ks, *gs)
-    if sum(rows) == 0:
-        return  # nothing merged: state unchanged, as in the default kernel
-    offs = torch.tensor([n] + rows, dtype=torch.int64).cumsum(0).to(dev)
-    K = _stacked_rows(ks)
-    G = _stacked_rows(gs)
-    small = _interpreting()
+    return rows
+
+
+def _launch_normalizer(K, G, offs, nblocks, mean, acc, std, d_in, d_out, dev) -> None:
+    """One launch over ``K``'s columns (the state's first ``d_in``), one over ``G``'s."""
+    small = interpreting()
     BLOCK_M, BLOCK_D = (16, 32) if small else (32, 64)
-    with _on_device(dev):
+    with on_device(dev):
         for x, width, off in ((K, d_in, 0), (G, d_out, d_in)):
             if width == 0:
                 continue
@@ -233,7 +179,7 @@ def normalizer_update_(
             _normalizer_kernel[grid](
                 x,
                 offs,
-                len(rows),
+                nblocks,
                 mean[off:],
                 acc[off:],
                 std[off:],
@@ -242,6 +188,34 @@ def normalizer_update_(
                 BLOCK_M=BLOCK_M,
                 BLOCK_D=BLOCK_D,
             )
+
+
+def normalizer_update_(
+    mean: torch.Tensor,
+    acc: torch.Tensor,
+    std: torch.Tensor,
+    ks: Sequence[torch.Tensor],
+    gs: Sequence[torch.Tensor],
+    n: int,
+) -> None:
+    op = "triton normalizer_update_"
+    if len(ks) != len(gs):
+        raise ValueError(f"{op}: ks and gs must have the same length, got {len(ks)} and {len(gs)}")
+    if n < 0:
+        raise ValueError(f"{op}: n (rows merged so far) must be >= 0, got {n}")
+    _check_normalizer_state(op, mean, acc, std)
+    if not ks:
+        return
+    d_in = ks[0].shape[1] if ks[0].dim() == 2 else -1
+    d_out = mean.numel() - d_in
+    rows = _block_rows(op, ks, gs, d_in, d_out)
+    dev = check_device(op, mean, acc, std, *ks, *gs)
+    if sum(rows) == 0:
+        return  # nothing merged: state unchanged, as in the default kernel
+    offs = torch.tensor([n] + rows, dtype=torch.int64).cumsum(0).to(dev)
+    K = stacked_rows(ks)
+    G = stacked_rows(gs)
+    _launch_normalizer(K, G, offs, len(rows), mean, acc, std, d_in, d_out, dev)
 
 
 # --------------------------------------------------------------------------- shift values
@@ -291,12 +265,12 @@ def shift_values(
         )
     if mean.dtype != torch.float32 or std.dtype != torch.float32:
         raise TypeError(f"{op}: mean and std must be float32, got {mean.dtype} and {std.dtype}")
-    dev = _check_device(op, k, g, mean, std)
+    dev = check_device(op, k, g, mean, std)
     V = torch.empty((N, d_out), dtype=torch.float32, device=dev)
     if N == 0 or d_out == 0:
         return V
-    BLOCK = 128 if _interpreting() else 1024
-    with _on_device(dev):
+    BLOCK = 128 if interpreting() else 1024
+    with on_device(dev):
         _shift_values_kernel[(N,)](
             k.contiguous(),
             g.contiguous(),
@@ -410,19 +384,6 @@ RANK_CONFIGS_TO_TRY = [
 ]
 
 
-def _has_overlap(w: torch.Tensor) -> bool:
-    """True when two elements of w share memory (an expanded view): no in-place update then."""
-    if w.is_contiguous():
-        return False
-    dims = sorted((s, n) for s, n in zip(w.stride(), w.shape) if n > 1)
-    span = 1
-    for s, n in dims:
-        if s < span:
-            return True
-        span = s * n
-    return False
-
-
 def rank_update_(w: torch.Tensor, a: torch.Tensor, k: torch.Tensor, transposed: bool) -> None:
     op = "triton rank_update_"
     if w.dim() != 2 or a.dim() != 2 or k.dim() != 2 or a.shape[0] != k.shape[0]:
@@ -442,12 +403,12 @@ def rank_update_(w: torch.Tensor, a: torch.Tensor, k: torch.Tensor, transposed: 
         raise TypeError(
             f"{op}: w, a and k must be float32, bfloat16 or float16, got {w.dtype}, {a.dtype} and {k.dtype}"
         )
-    if _has_overlap(w):
+    if has_overlap(w):
         raise ValueError(
             f"{op}: w has overlapping memory (e.g. an expanded view); it cannot be updated in place"
         )
     check_no_alias(op, w, a, k)
-    dev = _check_device(op, w, a, k)
+    dev = check_device(op, w, a, k)
     if N == 0 or w.numel() == 0:
         return
     a32 = a.to(torch.float32).contiguous()  # small (N rows)
@@ -463,13 +424,13 @@ def _launch_rank_update(w, L, Rm, dev, config) -> None:
     C = Rm.shape[1]
     tf32 = w.dtype != torch.float32
     if config is None:
-        if _interpreting():
+        if interpreting():
             config = _RANK_CONFIG_INTERPRET
         else:
             config = _RANK_CONFIG_TF32 if tf32 else _RANK_CONFIG_IEEE
     BM, BN, BK, warps, stages = config
     grid = (triton.cdiv(R, BM), triton.cdiv(C, BN))
-    with _on_device(dev):
+    with on_device(dev):
         _rank_update_kernel[grid](
             w,
             L,

@@ -29,6 +29,24 @@ _GEN_STYLE = {
 _SELF = ("LS_unedited", "LS_gen_unedited", "drift_top1")  # 1.0 for the unedited model
 
 
+def _end_labels(ax, ends, turns: int) -> None:
+    """Each curve's final value beside its end, spread so that the labels do not overlap."""
+    ends.sort()  # final values, spread so that their labels do not overlap
+    for i in range(1, len(ends)):
+        ends[i][1] = max(ends[i][1], ends[i - 1][1] + 4.5)
+    for y, y_label, x_end, colour in ends:
+        ax.annotate(
+            f"{y:.1f}",
+            (x_end, y),
+            xytext=(x_end + 0.03 * turns + 0.1, y_label),
+            textcoords="data",
+            va="center",
+            fontsize=9,
+            color=colour,
+            fontweight="bold",
+        )
+
+
 def _score_panel(ax, results, style, title):
     """One panel of scores over turns: at each checkpoint the requests it scored (all edited
     so far, or those since the previous checkpoint: solid) and the retention sample
@@ -72,20 +90,7 @@ def _score_panel(ax, results, style, title):
                 markersize=5,
             )
         ends.append([100 * ys[-1], 100 * ys[-1], xs[-1], colour])
-    ends.sort()  # final values, spread so that their labels do not overlap
-    for i in range(1, len(ends)):
-        ends[i][1] = max(ends[i][1], ends[i - 1][1] + 4.5)
-    for y, y_label, x_end, colour in ends:
-        ax.annotate(
-            f"{y:.1f}",
-            (x_end, y),
-            xytext=(x_end + 0.03 * cfg["turns"] + 0.1, y_label),
-            textcoords="data",
-            va="center",
-            fontsize=9,
-            color=colour,
-            fontweight="bold",
-        )
+    _end_labels(ax, ends, cfg["turns"])
     ax.set_xlim(-0.03 * cfg["turns"] - 0.2, cfg["turns"] * 1.13 + 0.6)
     ax.set_ylim(-3, 105)
     ax.set_xlabel("turn (0 = unedited model)")

@@ -31,100 +31,31 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import os
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 
 from .._log import log
 from ..core.config import EditorConfig
 from ..core.presets import choose_regime, regime_is_open
-from ..core.report import PHASES
-from ..editors import EditRefused, Editor, ReferenceEditor, UltraEditor
+from ..editors import Editor, ReferenceEditor, UltraEditor
 from ..model.forward import input_device
-from ..model.requests import EditRequest, as_requests
-from ..scoring.generation import spread
-from ..scoring.metrics import capture_baseline, evaluate, mean, token_accuracy
 from ..utils.checks import check_positive_int
-from ..utils.display import pct
-from ..utils.environment import environment, peak_rss
+from ..utils.environment import environment
 from ..utils.files import atomic_write_json, check_output_dir
 from .plot import plot_results
+from .scores import Scorer, _split, score
+from .stream import Stream, timing_summary
 
 __all__ = ["run_lifelong", "score", "plot_results", "RESULTS_JSON", "RESULTS_PNG", "SCHEMA"]
 
-SCHEMA = "ultraedit_fast.lifelong.runner/1"
+SCHEMA = "ultraedit_fast.lifelong/1"
 RESULTS_JSON = "lifelong.json"
 RESULTS_PNG = "lifelong.png"
 EDITORS = ("fast", "reference")
 METRICS = ("ES", "GS", "LS", "LS_unedited", "personas", "mhop")
-
-
-# ----------------------------------------------------------------------------- scoring
-def _split(items: Sequence[Any]):
-    """``(requests, extras)`` from Examples, EditRequests or dicts."""
-    requests: List[Any] = []
-    extras: List[Dict[str, Any]] = []
-    for i, it in enumerate(items):
-        if hasattr(it, "request") and hasattr(it, "extras"):  # data.Example
-            requests.append(it.request)
-            extras.append(dict(it.extras or {}))
-        elif isinstance(it, (EditRequest, Mapping)):
-            requests.append(it)
-            extras.append({})
-        else:
-            raise TypeError(
-                f"examples_or_requests[{i}]: expected an Example, EditRequest or "
-                f"dict, got {type(it).__name__}"
-            )
-    return as_requests(requests, "examples_or_requests"), extras
-
-
-def score(
-    model,
-    tokenizer,
-    requests,
-    extras: Optional[Sequence[Mapping]] = None,
-    *,
-    base=None,
-    generation: bool = True,
-    batch_size: int = 32,
-    chat_template: bool = False,
-) -> Dict[str, Any]:
-    """:func:`~ultraedit_fast.scoring.metrics` (teacher-forced and, with ``generation``,
-    generation-based scores) plus the WikiBigEdit scores: ``personas``, ``n_personas``,
-    ``mhop``, ``n_mhop`` (fractions, ``None`` when absent)."""
-    requests = as_requests(requests)
-    out = dict(
-        evaluate(
-            model,
-            tokenizer,
-            requests,
-            base=base,
-            generation=generation,
-            batch_size=batch_size,
-            chat_template=chat_template,
-        )
-    )
-    extras = list(extras) if extras is not None else [{}] * len(requests)
-    persona_pairs = [
-        (p, r.target)
-        for r, x in zip(requests, extras)
-        for p in (x.get("personas") or [])
-        if isinstance(p, str) and p.strip()
-    ]
-    mhop_pairs = [(x["mhop"], x["mhop_ans"]) for x in extras if x.get("mhop") and x.get("mhop_ans")]
-    out["personas"] = mean(
-        token_accuracy(model, tokenizer, persona_pairs, batch_size) if persona_pairs else []
-    )
-    out["n_personas"] = len(persona_pairs)
-    out["mhop"] = mean(
-        token_accuracy(model, tokenizer, mhop_pairs, batch_size) if mhop_pairs else []
-    )
-    out["n_mhop"] = len(mhop_pairs)
-    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -265,26 +196,17 @@ def run_lifelong(
 
     Returns the results dict (the JSON's content); ``results["files"]`` has the paths written.
     """
-    _check_run(turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor)
-    options.setdefault("measure_memory", True)  # a run reports each turn's peak memory
-    cfg = EditorConfig.build(None, options, owner="run_lifelong")
     out = _Outputs(output_dir, plot, export_patch, export_lora, lora_rank, save_editor)
-    if editor == "reference":
-        _check_reference(cfg, options, out)
-    _check_outputs(out)
+    cfg = _check_run(
+        turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor, options, out
+    )
     requests, extras, seconds_load = _take(examples_or_requests, turns, edits_per_turn)
     ed = _make_editor(model, tokenizer, editor, cfg, edits_per_turn)
-    originals = None
-    if export_lora is not None:  # the base of the LoRA's shift: host copies, before any turn
-        originals = {f"{t.name}.weight": t.weight.detach().to("cpu", copy=True) for t in ed.targets}
-    settings = {
-        "eval_every": eval_every,
-        "eval_sample": eval_sample,
-        "eval_batch_size": eval_batch_size,
-        "generation": generation,
-    }
+    originals = _originals(ed) if export_lora is not None else None
+    settings = {"eval_every": eval_every, "eval_sample": eval_sample}
+    settings.update(eval_batch_size=eval_batch_size, generation=generation)
     results = _header(model, ed, turns, edits_per_turn, settings, dict(config_extra or {}))
-    scorer = _Scorer(
+    scorer = Scorer(
         model, tokenizer, requests, extras, generation, eval_batch_size, cfg.chat_template
     )
     timing = {"load_seconds": seconds_load, "base_predictions_seconds": scorer.capture_base(base)}
@@ -293,14 +215,14 @@ def run_lifelong(
         t0 = time.perf_counter()
         metrics_before = scorer.at(range(len(requests)))
         timing["eval_before_seconds"] = time.perf_counter() - t0
-    stream = _Stream(ed, requests, turns, edits_per_turn, eval_every, eval_sample, scorer)
+    stream = Stream(ed, requests, turns, edits_per_turn, eval_every, eval_sample, scorer)
     stream.run(progress)
     results.update(
         metrics=stream.history[-1]["metrics"],
         metrics_before=metrics_before,
         eval_history=stream.history,
         turns=stream.rows,
-        timing=_timing(stream, timing, editor),
+        timing=timing_summary(stream, timing, editor),
         refused_turns=[r["turn"] for r in stream.rows if r["refused"] is not None],
     )
     _write_outputs(results, ed, out, originals)
@@ -342,7 +264,23 @@ run_lifelong.__doc__ = (
 )
 
 
-def _check_run(turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor):
+def _originals(ed) -> Dict[str, Any]:
+    """The edited weights before any turn, as host copies: the base of a LoRA's shift."""
+    return {f"{t.name}.weight": t.weight.detach().to("cpu", copy=True) for t in ed.targets}
+
+
+def _check_run(
+    turns,
+    edits_per_turn,
+    eval_every,
+    eval_sample,
+    eval_batch_size,
+    editor,
+    options,
+    out: "_Outputs",
+) -> EditorConfig:
+    """Every argument of a run checked, and the outputs writable, before any work; the
+    editor's configuration."""
     for name, v in (
         ("turns", turns),
         ("edits_per_turn", edits_per_turn),
@@ -353,6 +291,12 @@ def _check_run(turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, 
     check_positive_int("eval_sample", eval_sample, allow_none=True)
     if editor not in EDITORS:
         raise ValueError(f"editor: expected one of {EDITORS}, got {editor!r}")
+    options.setdefault("measure_memory", True)  # a run reports each turn's peak memory
+    cfg = EditorConfig.build(None, options, owner="run_lifelong")
+    if editor == "reference":
+        _check_reference(cfg, options, out)
+    _check_outputs(out)
+    return cfg
 
 
 def _header(model, ed, turns, edits_per_turn, settings, config_extra) -> Dict[str, Any]:
@@ -363,166 +307,6 @@ def _header(model, ed, turns, edits_per_turn, settings, config_extra) -> Dict[st
         "date": _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds"),
         "config": _run_config(model, ed, turns, edits_per_turn, settings, config_extra),
         "environment": environment(device),
-    }
-
-
-class _Scorer:
-    """Scores subsets of the run's requests against the unedited model's baseline."""
-
-    def __init__(self, model, tokenizer, requests, extras, generation, batch_size, chat):
-        self.model, self.tokenizer = model, tokenizer
-        self.requests, self.extras = requests, extras
-        self.generation, self.batch_size, self.chat = generation, batch_size, chat
-        self.base = None
-
-    def capture_base(self, base) -> float:
-        """The unedited model's answers on every request (given, or captured now)."""
-        n = len(self.requests)
-        log.info("scoring the unedited model on the %d requests to edit ...", n)
-        t0 = time.perf_counter()
-        if base is None:
-            base = capture_baseline(
-                self.model,
-                self.tokenizer,
-                self.requests,
-                generation=self.generation,
-                batch_size=self.batch_size,
-                chat_template=self.chat,
-            )
-        if len(base) != n:
-            raise ValueError(f"base: expected {n} entries, got {len(base)}")
-        self.base = base
-        return time.perf_counter() - t0
-
-    def at(self, idx) -> Dict[str, Any]:
-        idx = list(idx)
-        return score(
-            self.model,
-            self.tokenizer,
-            [self.requests[i] for i in idx],
-            [self.extras[i] for i in idx],
-            base=self.base.subset(idx),
-            generation=self.generation,
-            batch_size=self.batch_size,
-            chat_template=self.chat,
-        )
-
-
-class _Stream:
-    """The turns of a run, with its checkpoints' scores."""
-
-    def __init__(
-        self, ed: Editor, requests, turns, edits_per_turn, eval_every, eval_sample, scorer: _Scorer
-    ):
-        self.ed, self.requests, self.scorer = ed, requests, scorer
-        self.turns, self.per_turn = turns, edits_per_turn
-        self.eval_every, self.eval_sample = eval_every, eval_sample
-        self.retention_pool = spread(range(len(requests)), eval_sample) if eval_sample else []
-        self.rows: List[Dict[str, Any]] = []
-        self.history: List[Dict[str, Any]] = []
-        self.eval_seconds = 0.0
-        self.last_checkpoint = 0  # edits made at the previous checkpoint
-
-    def run(self, progress: bool) -> None:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=len(self.requests),
-                unit="edit",
-                desc="editing",
-                file=sys.stderr,
-                dynamic_ncols=True,
-                smoothing=0.3,
-                maxinterval=float("inf"),
-            )
-        try:
-            for t in range(self.turns):
-                chunk = self.requests[t * self.per_turn : (t + 1) * self.per_turn]
-                self.rows.append(self.turn(t, chunk))
-                if bar is not None:
-                    bar.update(len(chunk))
-                    bar.refresh()
-                last = t + 1 == self.turns
-                if last or (self.eval_every is not None and (t + 1) % self.eval_every == 0):
-                    self.checkpoint(t + 1, last, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def turn(self, t: int, chunk) -> Dict[str, Any]:
-        t0 = time.perf_counter()
-        try:
-            row = self.ed.edit(chunk).to_dict()
-            row["refused"] = None
-        except EditRefused as e:
-            row = {
-                "turn": t + 1,
-                "n_requests": len(chunk),
-                "seconds": {},
-                "total_seconds": None,
-                "peak_memory_bytes": None,
-                "refused": str(e),
-            }
-        row["turn"] = t + 1  # the run's turn (the editor's count would skip refusals)
-        row["wall_seconds"] = time.perf_counter() - t0
-        row.pop("modules", None)  # in config
-        return row
-
-    def checkpoint(self, turn: int, last: bool, bar) -> None:
-        n_done = turn * self.per_turn
-        if bar is not None:
-            bar.set_postfix_str(f"turn {turn}: scoring ...", refresh=True)
-        t0 = time.perf_counter()
-        entry: Dict[str, Any] = {"turn": turn, "n_edits": n_done}
-        if last or not self.eval_sample:  # everything edited so far
-            entry["metrics"] = m = self.scorer.at(range(n_done))
-        else:
-            recent = spread(range(self.last_checkpoint, n_done), self.eval_sample)
-            older = [i for i in self.retention_pool if i < self.last_checkpoint]
-            entry["recent"] = m = self.scorer.at(recent)
-            entry["retention"] = self.scorer.at(older) if older else None
-        entry["seconds"] = dt = time.perf_counter() - t0
-        self.eval_seconds += dt
-        self.history.append(entry)
-        self.last_checkpoint = n_done
-        if bar is not None:
-            bar.unpause()  # the bar's rate counts editing time, not scoring time
-            gen = f" ES_gen {pct(m.get('ES_gen'))}" if self.scorer.generation else ""
-            bar.set_postfix_str(
-                f"turn {turn}: ES {pct(m['ES'])} GS {pct(m['GS'])} LS {pct(m['LS'])}{gen}",
-                refresh=True,
-            )
-
-
-def _timing(stream: _Stream, timing: Dict[str, Any], editor: str) -> Dict[str, Any]:
-    rows = stream.rows
-    done = [r for r in rows if r["refused"] is None]
-    edit_wall = sum(r["wall_seconds"] for r in rows)
-    n_total = len(stream.requests)
-    peaks = [r["peak_memory_bytes"] for r in done if r["peak_memory_bytes"] is not None]
-    return {
-        "edit_seconds": edit_wall,
-        "edits_per_second": n_total / edit_wall if edit_wall > 0 else None,
-        "mean_turn_seconds": edit_wall / stream.turns,
-        "phase_seconds": {p: sum(r["seconds"].get(p, 0.0) for r in done) for p in PHASES}
-        if editor == "fast"
-        else None,
-        "peak_memory_bytes": max(peaks) if peaks else None,
-        "peak_memory_kind": done[0]["peak_memory_kind"] if done else None,
-        "process_peak_rss_bytes": peak_rss(),
-        **timing,
-        "eval_seconds": stream.eval_seconds,
-        # flatness over the run (turn 1 carries one-time costs): least-squares slopes
-        "turn_seconds_slope": _slope([(r["turn"], r["total_seconds"]) for r in done[1:]]),
-        "peak_memory_slope_bytes": _slope(
-            [
-                (r["turn"], r["peak_memory_bytes"])
-                for r in done[1:]
-                if r["peak_memory_bytes"] is not None
-            ]
-        ),
     }
 
 
@@ -551,16 +335,6 @@ def _write_outputs(results: Dict[str, Any], ed, out: _Outputs, originals) -> Non
         if drawn:
             files["plot"] = png_path
             write_json(results, json_path)
-
-
-def _slope(points) -> Optional[float]:
-    """Least-squares slope of ``[(x, y)]`` (``None`` with fewer than 3 points)."""
-    if len(points) < 3:
-        return None
-    mx = sum(x for x, _ in points) / len(points)
-    my = sum(y for _, y in points) / len(points)
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
 
 
 def write_json(doc: Mapping[str, Any], path: str) -> None:

@@ -238,24 +238,10 @@ def _generation_scores(
     gen = base.generation if base is not None else None
     ls_u: List[float] = []
     if gen is not None:
-        for i, t in zip(li, loc):
-            b = gen.locality[i]
-            if b is None:
-                raise ValueError(
-                    f"base: no unedited continuation for request {i}'s locality "
-                    "prompt; capture the baseline on the same requests"
-                )
-            ls_u.append(float(G.normalize_text(t) == G.normalize_text(b)))
-        out["LS_gen_unedited"] = mean(ls_u)
-        if gen.drift_prompts and gen.drift_logprobs is not None:
-            out.update(
-                G.drift(
-                    gen.drift_logprobs,
-                    G.next_token_logprobs(
-                        model, tokenizer, gen.drift_prompts, gen_batch, chat_template
-                    ),
-                )
-            )
+        ls_u, unedited = _scores_against_unedited(
+            model, tokenizer, gen, li, loc, gen_batch, chat_template
+        )
+        out.update(unedited)
     out["fluency"] = G.fluency(
         model,
         tokenizer,
@@ -270,6 +256,41 @@ def _generation_scores(
         _put(rows, li, "LS_gen", ls)
         _put(rows, li, "LS_gen_unedited", ls_u)
     return out
+
+
+def _scores_against_unedited(
+    model,
+    tokenizer,
+    gen: G.GenerationBaseline,
+    li: Sequence[int],
+    loc: Sequence[str],
+    gen_batch: int,
+    chat_template: bool,
+) -> Tuple[List[float], Dict[str, object]]:
+    """Each locality continuation ``loc`` (of the requests ``li``) against the unedited
+    model's, and the drift of the next-token distributions on the baseline's drift prompts:
+    ``(per-request agreement, {"LS_gen_unedited", and "drift_kl"/"drift_top1" when the
+    baseline has drift prompts})``."""
+    ls_u: List[float] = []
+    for i, t in zip(li, loc):
+        b = gen.locality[i]
+        if b is None:
+            raise ValueError(
+                f"base: no unedited continuation for request {i}'s locality "
+                "prompt; capture the baseline on the same requests"
+            )
+        ls_u.append(float(G.normalize_text(t) == G.normalize_text(b)))
+    out: Dict[str, object] = {"LS_gen_unedited": mean(ls_u)}
+    if gen.drift_prompts and gen.drift_logprobs is not None:
+        out.update(
+            G.drift(
+                gen.drift_logprobs,
+                G.next_token_logprobs(
+                    model, tokenizer, gen.drift_prompts, gen_batch, chat_template
+                ),
+            )
+        )
+    return ls_u, out
 
 
 def _put(rows: List[dict], idx, key: str, values) -> None:

@@ -215,8 +215,23 @@ def write_lora(
     """Write a PEFT LoRA adapter whose ``lora_B @ lora_A`` is each target's shift.
     ``factors[name] = (B, A)`` with ``B @ A = Delta W`` in the ``d_out x d_in`` layout.
     Returns ``{"rank": {module: r}, "relative_error": {module: e}, "bytes": n, "files": [...]}``."""
-    from safetensors.torch import save_file
+    _check_lora_request(model, targets, rank)
+    d = _directory(path)
+    tensors, ranks, errors = _lora_tensors(targets, factors, rank)
+    config = _adapter_config(model, targets, ranks, base_model_name_or_path)
+    if len({t.transposed for t in targets}) > 1:
+        raise ValueError(
+            "export_lora: the edited modules mix nn.Linear and Conv1D layouts; "
+            "one adapter has one fan_in_fan_out"
+        )
+    files = _write_adapter(d, model, targets, tensors, config, base_sha256, errors)
+    n = sum(v.numel() * v.element_size() for v in tensors.values())
+    return {"rank": ranks, "relative_error": errors, "bytes": n, "files": files}
 
+
+def _check_lora_request(model, targets: Sequence[EditTarget], rank: Optional[int]) -> None:
+    """Refuse a ``rank`` that is not ``None`` or a positive int, and targets whose weight is
+    shared with another module (tied embeddings)."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank: expected None (exact) or a positive int, got {rank!r}")
     shared = _shared_weights(model)
@@ -227,7 +242,16 @@ def write_lora(
             "embeddings); a LoRA on one of them would not change the other as the "
             "edit did: export a patch instead"
         )
-    d = _directory(path)
+
+
+def _lora_tensors(
+    targets: Sequence[EditTarget],
+    factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+    rank: Optional[int],
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, int], Dict[str, float]]:
+    """The adapter's ``lora_A``/``lora_B`` tensors under PEFT's names, each target's rank
+    and each one's relative error (truncated to ``rank``; exact ones at most their full
+    rank)."""
     tensors, ranks, errors = {}, {}, {}
     for t in targets:
         b, a = factors[t.name]
@@ -240,8 +264,19 @@ def write_lora(
         ranks[t.name], errors[t.name] = int(b.shape[1]), err
         tensors[f"base_model.model.{t.name}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{t.name}.lora_B.weight"] = b.contiguous()
+    return tensors, ranks, errors
+
+
+def _adapter_config(
+    model,
+    targets: Sequence[EditTarget],
+    ranks: Mapping[str, int],
+    base_model_name_or_path: Optional[str],
+) -> dict:
+    """``adapter_config.json``: the largest rank as ``r`` (and ``lora_alpha``, so the scaling
+    is 1), the others in ``rank_pattern``/``alpha_pattern``."""
     r0 = max(ranks.values())
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "inference_mode": True,
@@ -260,11 +295,21 @@ def write_lora(
         "init_lora_weights": True,
         "modules_to_save": None,
     }
-    if len({t.transposed for t in targets}) > 1:
-        raise ValueError(
-            "export_lora: the edited modules mix nn.Linear and Conv1D layouts; "
-            "one adapter has one fan_in_fan_out"
-        )
+
+
+def _write_adapter(
+    d: str,
+    model,
+    targets: Sequence[EditTarget],
+    tensors: Dict[str, torch.Tensor],
+    config: dict,
+    base_sha256: Optional[Mapping[str, str]],
+    errors: Mapping[str, float],
+) -> List[str]:
+    """Write the adapter's tensors, its config and (:data:`BASE_FILE`) the base it was made
+    for into the directory ``d``; returns the three files' paths."""
+    from safetensors.torch import save_file
+
     save_file(tensors, os.path.join(d, "adapter_model.safetensors"), metadata={"format": "pt"})
     atomic_write_json(os.path.join(d, "adapter_config.json"), config)
     atomic_write_json(
@@ -277,17 +322,11 @@ def write_lora(
             "relative_error": errors,
         },
     )
-    n = sum(v.numel() * v.element_size() for v in tensors.values())
-    return {
-        "rank": ranks,
-        "relative_error": errors,
-        "bytes": n,
-        "files": [
-            os.path.join(d, "adapter_config.json"),
-            os.path.join(d, "adapter_model.safetensors"),
-            os.path.join(d, BASE_FILE),
-        ],
-    }
+    return [
+        os.path.join(d, "adapter_config.json"),
+        os.path.join(d, "adapter_model.safetensors"),
+        os.path.join(d, BASE_FILE),
+    ]
 
 
 def load_lora(model, path):

@@ -1,0 +1,148 @@
+"""The values of the editor's options: the check of each (which raises ``TypeError``/
+``ValueError`` naming the option and returns the value normalised) and the parser of its
+command-line flag (which raises ``argparse.ArgumentTypeError``). The declarations in
+:mod:`ultraedit_fast.core.config` name these; the checks hold no state and know nothing of
+:class:`~ultraedit_fast.core.config.EditorConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, List
+
+from ..kernels import BACKENDS
+from ..utils.checks import check_positive_float, check_positive_int
+
+DEFAULT_TOKENS_PER_PASS = 512
+
+
+# ----------------------------------------------------------------------------- checks
+def check_modules(name: str, v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = [v]
+    try:
+        v = list(v)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected a list of module names, got {type(v).__name__}"
+        ) from None
+    if not v:
+        raise ValueError(f"{name}: expected at least one module name, got an empty list")
+    for m in v:
+        if not isinstance(m, str):
+            raise TypeError(f"{name}: expected module names (str), got {type(m).__name__}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{name}: duplicate names in {v}")
+    return tuple(v)
+
+
+def check_lr(name: str, v):
+    return None if v is None else check_positive_float(name, v)
+
+
+def check_positive_count(name: str, v):
+    """An int >= 1 (:func:`~ultraedit_fast.utils.checks.check_positive_int` as a field check)."""
+    return check_positive_int(name, v)
+
+
+def check_backend(name: str, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in BACKENDS:
+        raise ValueError(f"{name}: expected one of {list(BACKENDS)}, got {v!r}")
+    return v.lower()
+
+
+STEPS = ("auto", "paper")
+REGIMES = ("stream", "facts")
+
+
+def check_regime(name: str, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in REGIMES:
+        raise ValueError(f"{name}: expected one of {list(REGIMES)} or None, got {v!r}")
+    return v.lower()
+
+
+def check_step(name: str, v):
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in STEPS:
+        raise ValueError(f"{name}: expected one of {list(STEPS)} or None, got {v!r}")
+    return v.lower()
+
+
+def check_fraction(name: str, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+    return float(v)
+
+
+def check_scale(name: str, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
+        raise ValueError(f"{name}: expected a finite number >= 1, got {v!r}")
+    return float(v)
+
+
+def cli_fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def check_undo(name: str, v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError(f"{name}: expected True, False or a number of turns >= 0, got {v}")
+        return v if v > 0 else False
+    raise TypeError(
+        f"{name}: expected True, False or an int number of turns, got {type(v).__name__}"
+    )
+
+
+def check_tokens_per_pass(name: str, v):
+    if v is None:
+        return DEFAULT_TOKENS_PER_PASS
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name}: expected an int >= 0 (0: no packing), got {v!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------- CLI parsers
+def cli_modules(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated module names")
+    return names
+
+
+def cli_positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def cli_int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
