@@ -529,3 +529,81 @@ def test_a_bug_keeps_its_traceback(monkeypatch, capsys, small_zsre):
         monkeypatch.setattr(commands, "_run_inputs", fn)
         with pytest.raises(kind):
             main(argv)
+
+
+@pytest.mark.parametrize("kind", ["directory", "under_a_file", "dangling_link"])
+def test_eval_output_is_checked_before_any_scoring(monkeypatch, capsys, small_zsre, tmp_path, kind):
+    """An unusable --output fails at once, as one line, before the model is even loaded."""
+    from ultraedit_fast.cli import commands
+
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    target = {
+        "directory": tmp_path,
+        "under_a_file": a_file / "scores.json",
+        "dangling_link": tmp_path / "link.json",
+    }[kind]
+    if kind == "dangling_link":
+        target.symlink_to(tmp_path / "nowhere" / "x.json")
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(commands, "_load", no_load)
+    _one_line_error(
+        capsys, ["eval", "--data", str(small_zsre), "--output", str(target)], "--output"
+    )
+
+
+def test_ctrl_c_in_run_leaves_a_resumable_record(
+    capsys, tmp_path, small_zsre, tiny_model_dir, monkeypatch
+):
+    """Ctrl-C during the third turn: exit 130 with the path of what was finished; then
+    ``run --resume DIR`` alone goes on and ends with the uninterrupted run's scores."""
+    from ultraedit_fast import UltraEditor
+
+    def argv(out):
+        return [
+            "run",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(small_zsre),
+            "--turns",
+            "4",
+            "--edits-per-turn",
+            "1",
+            "--output-dir",
+            str(out),
+            "--modules",
+            "model.layers.1.mlp.up_proj",
+            "--lr",
+            "0.05",
+            "--no-progress",
+            "--no-plot",
+            "--no-generation",
+        ]
+
+    assert main(argv(tmp_path / "full")) == 0
+    full = json.loads((tmp_path / "full" / "lifelong.json").read_text())
+    capsys.readouterr()
+    inner, calls = UltraEditor.edit, []
+
+    def edit(self, requests):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return inner(self, requests)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(UltraEditor, "edit", edit)
+        assert main(argv(out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "interrupted after 2 turns" in err and f"run --resume {out}" in err
+    partial = json.loads((out / "lifelong.json").read_text())
+    assert partial["interrupted"]["turns_done"] == 2 and len(partial["turns"]) == 2
+    assert main(["run", "--resume", str(out)]) == 0
+    res = json.loads((out / "lifelong.json").read_text())
+    assert res["resumed_at_turn"] == 2 and len(res["turns"]) == 4
+    assert res["metrics"] == full["metrics"]

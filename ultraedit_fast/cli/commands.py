@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import linecache
 import os
 import sys
@@ -21,7 +20,9 @@ import time
 from typing import List, Optional
 
 from ..core.cli_options import options_from_cli
+from ..utils.files import atomic_write_json
 from .common import (
+    _check_output_file,
     _check_device,
     _load,
     _is_rank0,
@@ -155,11 +156,13 @@ def cmd_run(args) -> int:
             "dtype": args.dtype or "float32",
             "tensor_parallel": _world() if _tp_plan(args) else 1,
             "device_map": args.device_map,
+            "argv": _without_resume(getattr(args, "argv", [])),
         },
         export_patch=args.export_patch,
         export_lora=args.export_lora,
         lora_rank=args.lora_rank,
         save_editor=args.save_editor,
+        resume=args.resume,
         **options_from_cli(args),
     )
     _report_run(args, res, name, reader, t0)
@@ -225,6 +228,8 @@ def cmd_eval(args) -> int:
 
     reader = _reader(args, args.limit)
     _check_device(args.device)
+    if args.output:  # before hours of scoring, not after
+        _check_output_file(args.output, "--output")
     examples = list(reader.examples())  # malformed data fails here, before the slow load
     if not examples:
         raise ValueError(
@@ -265,11 +270,7 @@ def cmd_eval(args) -> int:
             "seconds": dt,
             "environment": environment(next(model.parameters()).device),
         }
-        d = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(d, exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+        atomic_write_json(args.output, out)
         print(f"json: {args.output}")
     return 0
 
@@ -368,9 +369,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv and argv[0] == "bench":
             return cmd_bench(argv[1:])
+        argv = _resumed_argv(argv)
         parser = build_parser()
         try:
             args = parser.parse_args(argv)
+            args.argv = [a for a in argv]
         except SystemExit as e:  # --help / --version
             return int(e.code or 0)
         if args.command is None:
@@ -392,9 +395,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         kind = "data error" if isinstance(e, DataFormatError) else "error"
         print(f"{cmd}: {kind}: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_interrupted_line(e), file=sys.stderr)
         return 130
+
+
+def _interrupted_line(e: KeyboardInterrupt) -> str:
+    from ..lifelong.resume import RunInterrupted
+
+    if not isinstance(e, RunInterrupted) or e.results_path is None:
+        return f"{PROG}: interrupted"
+    line = f"{PROG}: interrupted after {e.turns_done} turns; results so far: {e.results_path}"
+    if e.resume_dir is not None:
+        line += f"; go on with: {PROG} run --resume {os.path.dirname(e.results_path)}"
+    return line
+
+
+def _without_resume(argv: List[str]) -> List[str]:
+    if "--resume" not in argv:
+        return list(argv)
+    i = argv.index("--resume")
+    return argv[:i] + argv[i + 2 :]
+
+
+def _resumed_argv(argv: List[str]) -> List[str]:
+    """``run --resume DIR``: the interrupted run's own command line, with ``--resume DIR``
+    (given alone, or beside the same arguments, which are then checked by the run)."""
+    if not argv or argv[0] != "run" or "--resume" not in argv:
+        return argv
+    i = argv.index("--resume")
+    if i + 1 >= len(argv):
+        raise UsageError(f"{PROG} run: error: argument --resume: expected one argument")
+    directory = argv[i + 1]
+    rest = argv[1:i] + argv[i + 2 :]
+    if rest:
+        return argv
+    from ..lifelong.resume import read_saved_argv
+
+    return read_saved_argv(directory) + ["--resume", directory]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -187,3 +187,18 @@ def _metrics_line(m) -> str:
     if m.get("fluency") is not None:
         out += f"  fluency {m['fluency']:.2f}"
     return out + f"  (n={m['n']}, %)"
+
+
+def _check_output_file(path: str, what: str) -> None:
+    """A results file can be written at ``path``: its directory is made (or is there) and
+    writable, and ``path`` is not a directory or a dangling link; ``ValueError`` naming
+    ``what`` otherwise."""
+    from ..utils.files import check_output_dir
+
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path!r} is a directory; name a file")
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise ValueError(f"{what}: {path!r} is a symbolic link that leads nowhere")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), what)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{what}: {path!r} cannot be written")

@@ -198,6 +198,13 @@ def _run_output_args(r) -> None:
     )
     r.add_argument("--no-plot", action="store_true", help="do not draw lifelong.png")
     r.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="go on with the run interrupted in DIR (its --output-dir): alone, it takes that "
+        "run's own arguments; the turns and scores already done are kept",
+    )
+    r.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars (editing, scoring, model loading)",

@@ -46,6 +46,13 @@ from ..utils.checks import check_positive_int
 from ..utils.environment import environment
 from ..utils.files import atomic_write_json, check_output_dir
 from .plot import plot_results
+from .resume import (
+    RunInterrupted,
+    read_interrupted,
+    reconcile_rows,
+    restore_editor,
+    save_interrupted,
+)
 from .scores import Scorer, _split, score
 from .stream import Stream, timing_summary
 
@@ -190,6 +197,7 @@ def run_lifelong(
     export_lora: Optional[str] = None,
     lora_rank: Optional[int] = None,
     save_editor: Optional[str] = None,
+    resume: Optional[str] = None,
     **options,
 ) -> Dict[str, Any]:
     """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it.
@@ -201,32 +209,84 @@ def run_lifelong(
         turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor, options, out
     )
     requests, extras, seconds_load = _take(examples_or_requests, turns, edits_per_turn)
-    ed = _make_editor(model, tokenizer, editor, cfg, edits_per_turn)
-    originals = _originals(ed) if export_lora is not None else None
+    prior = read_interrupted(resume, turns, edits_per_turn, editor) if resume else None
     settings = {"eval_every": eval_every, "eval_sample": eval_sample}
     settings.update(eval_batch_size=eval_batch_size, generation=generation)
-    results = _header(model, ed, turns, edits_per_turn, settings, dict(config_extra or {}))
     scorer = Scorer(
         model, tokenizer, requests, extras, generation, eval_batch_size, cfg.chat_template
     )
-    timing = {"load_seconds": seconds_load, "base_predictions_seconds": scorer.capture_base(base)}
-    metrics_before, timing["eval_before_seconds"] = None, 0.0
-    if eval_before:
-        t0 = time.perf_counter()
-        metrics_before = scorer.at(range(len(requests)))
-        timing["eval_before_seconds"] = time.perf_counter() - t0
+    timing = {"load_seconds": seconds_load}
+    ed, originals = _editor_and_base(
+        model, tokenizer, (editor, cfg, edits_per_turn), prior, out, scorer, timing, base
+    )
+    results = _header(model, ed, turns, edits_per_turn, settings, dict(config_extra or {}))
+    metrics_before = _score_before(scorer, eval_before, prior, timing)
     stream = Stream(ed, requests, turns, edits_per_turn, eval_every, eval_sample, scorer)
-    stream.run(progress)
+    if prior is not None:
+        stream.resume(prior)
+        results["resumed_at_turn"] = stream.next_turn
+    try:
+        stream.run(progress)
+    except KeyboardInterrupt:
+        _stop(results, stream, ed, out, timing, metrics_before, editor)
+    _finish(results, stream, timing, metrics_before, editor)
+    _write_outputs(results, ed, out, originals)
+    return results
+
+
+def _editor_and_base(model, tokenizer, spec, prior, out, scorer, timing, base):
+    """The run's editor and the unedited model's answers (captured before any edit is
+    written: a resumed run writes its saved patch only after that); with ``export_lora``,
+    host copies of the edited weights before any turn."""
+    if prior is None:  # built first: a bad option fails before the baseline's scoring
+        ed = _make_editor(model, tokenizer, *spec)
+    timing["base_predictions_seconds"] = scorer.capture_base(base)
+    if prior is not None:
+        names = prior["config"]["modules"]
+        originals = (
+            {
+                f"{n}.weight": model.get_submodule(n).weight.detach().to("cpu", copy=True)
+                for n in names
+            }
+            if out.export_lora is not None
+            else None
+        )
+        return restore_editor(model, tokenizer, prior), originals
+    return ed, (_originals(ed) if out.export_lora is not None else None)
+
+
+def _score_before(scorer: Scorer, eval_before: bool, prior, timing) -> Optional[Dict[str, Any]]:
+    if prior is not None:  # scored before the interruption
+        timing["eval_before_seconds"] = prior["timing"].get("eval_before_seconds", 0.0)
+        return prior.get("metrics_before")
+    timing["eval_before_seconds"] = 0.0
+    if not eval_before:
+        return None
+    t0 = time.perf_counter()
+    metrics = scorer.at(range(len(scorer.requests)))
+    timing["eval_before_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def _finish(results, stream: Stream, timing, metrics_before, editor: str) -> None:
+    last = stream.history[-1] if stream.history else {}
     results.update(
-        metrics=stream.history[-1]["metrics"],
+        metrics=last.get("metrics"),
         metrics_before=metrics_before,
         eval_history=stream.history,
         turns=stream.rows,
         timing=timing_summary(stream, timing, editor),
         refused_turns=[r["turn"] for r in stream.rows if r["refused"] is not None],
     )
-    _write_outputs(results, ed, out, originals)
-    return results
+
+
+def _stop(results, stream: Stream, ed, out: _Outputs, timing, metrics_before, editor: str):
+    """Ctrl-C: record what the run finished, and its resumable state, then stop."""
+    reconcile_rows(stream.rows, getattr(ed, "turns", None))
+    stream.next_turn = len(stream.rows)
+    _finish(results, stream, timing, metrics_before, editor)
+    path, state = save_interrupted(results, ed, out.output_dir, stream.next_turn)
+    raise RunInterrupted(path, state, stream.next_turn) from None
 
 
 run_lifelong.__doc__ = (
@@ -260,6 +320,10 @@ run_lifelong.__doc__ = (
             a weight patch and as a PEFT LoRA adapter (``lora_rank``: its rank; ``None``:
             exact); :mod:`ultraedit_fast.storage.export`. ``save_editor``: a directory to save the
             editor's lifelong state to (:meth:`UltraEditor.save`).
+        resume: the output directory of an interrupted run of the same shape
+            (:mod:`ultraedit_fast.lifelong.resume`): it goes on from the next turn; an
+            interrupted run (KeyboardInterrupt) writes its partial results there and raises
+            :class:`~ultraedit_fast.lifelong.resume.RunInterrupted`.
 """
 )
 

@@ -29,6 +29,15 @@ class Stream:
         self.history: List[Dict[str, Any]] = []
         self.eval_seconds = 0.0
         self.last_checkpoint = 0  # edits made at the previous checkpoint
+        self.next_turn = 0  # turns 0 .. next_turn - 1 are done (made or refused)
+
+    def resume(self, prior: Dict[str, Any]) -> None:
+        """Go on from an interrupted run's results: its turns, checkpoints and timings."""
+        self.rows = list(prior["turns"])
+        self.history = list(prior.get("eval_history") or [])
+        self.eval_seconds = float(prior["timing"].get("eval_seconds") or 0.0)
+        self.next_turn = len(self.rows)
+        self.last_checkpoint = self.history[-1]["n_edits"] if self.history else 0
 
     def run(self, progress: bool) -> None:
         bar = None
@@ -37,6 +46,7 @@ class Stream:
 
             bar = tqdm(
                 total=len(self.requests),
+                initial=self.next_turn * self.per_turn,
                 unit="edit",
                 desc="editing",
                 file=sys.stderr,
@@ -45,9 +55,10 @@ class Stream:
                 maxinterval=float("inf"),
             )
         try:
-            for t in range(self.turns):
+            self._checkpoint_left_undone(bar)
+            for t in range(self.next_turn, self.turns):
                 chunk = self.requests[t * self.per_turn : (t + 1) * self.per_turn]
-                self.rows.append(self.turn(t, chunk))
+                self.turn(t, chunk)
                 if bar is not None:
                     bar.update(len(chunk))
                     bar.refresh()
@@ -58,7 +69,15 @@ class Stream:
             if bar is not None:
                 bar.close()
 
-    def turn(self, t: int, chunk) -> Dict[str, Any]:
+    def _checkpoint_left_undone(self, bar) -> None:
+        """A resumed run interrupted while it scored a checkpoint scores it first."""
+        t = self.next_turn
+        due = t == self.turns or (self.eval_every is not None and t % self.eval_every == 0)
+        if t and due and (not self.history or self.history[-1]["turn"] != t):
+            self.checkpoint(t, t == self.turns, bar)
+
+    def turn(self, t: int, chunk) -> None:
+        """Turn ``t`` through the editor; its row is recorded as soon as the editor returns."""
         t0 = time.perf_counter()
         try:
             row = self.ed.edit(chunk).to_dict()
@@ -75,7 +94,8 @@ class Stream:
         row["turn"] = t + 1  # the run's turn (the editor's count would skip refusals)
         row["wall_seconds"] = time.perf_counter() - t0
         row.pop("modules", None)  # in config
-        return row
+        self.rows.append(row)
+        self.next_turn = t + 1
 
     def checkpoint(self, turn: int, last: bool, bar) -> None:
         n_done = turn * self.per_turn
@@ -106,13 +126,13 @@ class Stream:
 def timing_summary(stream: Stream, timing: Dict[str, Any], editor: str) -> Dict[str, Any]:
     rows = stream.rows
     done = [r for r in rows if r["refused"] is None]
-    edit_wall = sum(r["wall_seconds"] for r in rows)
-    n_total = len(stream.requests)
+    edit_wall = sum(r["wall_seconds"] or 0.0 for r in rows)
+    n_total = sum(r["n_requests"] for r in rows)
     peaks = [r["peak_memory_bytes"] for r in done if r["peak_memory_bytes"] is not None]
     return {
         "edit_seconds": edit_wall,
         "edits_per_second": n_total / edit_wall if edit_wall > 0 else None,
-        "mean_turn_seconds": edit_wall / stream.turns,
+        "mean_turn_seconds": edit_wall / len(rows) if rows else None,
         "phase_seconds": {p: sum(r["seconds"].get(p, 0.0) for r in done) for p in PHASES}
         if editor == "fast"
         else None,
