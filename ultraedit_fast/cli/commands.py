@@ -11,6 +11,7 @@ malformed data) end with one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import linecache
@@ -163,6 +164,7 @@ def cmd_run(args) -> int:
         lora_rank=args.lora_rank,
         save_editor=args.save_editor,
         resume=args.resume,
+        health=False if args.no_health else (args.health_text or True),
         **options_from_cli(args),
     )
     _report_run(args, res, name, reader, t0)
@@ -235,6 +237,7 @@ def cmd_eval(args) -> int:
         raise ValueError(
             f"data: no records to score in {args.data} (offset {args.offset}, limit {args.limit})"
         )
+    health = _eval_health_baseline(args)
     model, tok = _load(args)
     _check_lengths(args, model, tok, examples)
     t0 = time.perf_counter()
@@ -250,6 +253,10 @@ def cmd_eval(args) -> int:
     dt = time.perf_counter() - t0
     for k in ("LS_unedited", "LS_gen_unedited", "drift_kl", "drift_top1"):
         m.pop(k, None)  # no edited model here: they would compare the model to itself
+    if health is not None:  # against the unedited model given as --base-model
+        from ..scoring.health import measure_health
+
+        m.update(measure_health(model, tok, health))
     line = _metrics_line(m)
     print(
         f"{_model_name(args.model, model)} on {os.path.basename(args.data)} "
@@ -273,6 +280,26 @@ def cmd_eval(args) -> int:
         atomic_write_json(args.output, out)
         print(f"json: {args.output}")
     return 0
+
+
+def _eval_health_baseline(args):
+    """eval --base-model: the unedited model's side of the health figures (captured, then
+    that model is freed before the model to score is loaded)."""
+    from ..scoring.health import capture_health, read_health_text
+
+    if args.base_model is None:
+        if args.health_text is not None:
+            raise ValueError(
+                "--health-text: the health is measured against the unedited "
+                "model; give it as --base-model"
+            )
+        return None
+    read_health_text(args.health_text)  # a bad file fails before any model is loaded
+    base_args = argparse.Namespace(**{**vars(args), "model": args.base_model})
+    base, tok = _load(base_args)
+    health = capture_health(base, tok, args.health_text)
+    del base
+    return health
 
 
 def cmd_export(args) -> int:

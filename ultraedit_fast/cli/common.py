@@ -186,6 +186,11 @@ def _metrics_line(m) -> str:
         out += f"  drift KL {m['drift_kl']:.3f} (top-1 kept {_pct(m['drift_top1'])})"
     if m.get("fluency") is not None:
         out += f"  fluency {m['fluency']:.2f}"
+    if m.get("health_ppl_ratio") is not None:
+        out += (
+            f"  health: perplexity x{m['health_ppl_ratio']:.3f}, next token kept "
+            f"{_pct(m['health_top1'])}, unrelated answers kept {_pct(m['health_unrelated_kept'])}"
+        )
     return out + f"  (n={m['n']}, %)"
 
 

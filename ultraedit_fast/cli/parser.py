@@ -161,6 +161,7 @@ def _run_parser(sub) -> None:
         action="store_true",
         help="teacher-forced scores only (no greedy decoding)",
     )
+    _health_args(r)
     _run_output_args(r)
 
 
@@ -211,6 +212,25 @@ def _run_output_args(r) -> None:
     )
 
 
+def _health_args(sp, base_model: bool = False) -> None:
+    sp.add_argument(
+        "--health-text",
+        default=None,
+        metavar="FILE",
+        help="general text (UTF-8) on which to measure the model's health against the "
+        "unedited model: perplexity ratio and next-token agreement (default: the package's "
+        "own sample)",
+    )
+    if base_model:
+        sp.add_argument(
+            "--base-model",
+            default=None,
+            help="the unedited model: report the health figures of --model against it",
+        )
+    else:
+        sp.add_argument("--no-health", action="store_true", help="do not measure the health")
+
+
 def _eval_parser(sub) -> None:
     e = sub.add_parser(
         "eval",
@@ -228,6 +248,7 @@ def _eval_parser(sub) -> None:
         help="teacher-forced scores only (no greedy decoding)",
     )
     add_cli_options(e, ["chat_template"])
+    _health_args(e, base_model=True)
     e.add_argument("--output", default=None, help="write the scores to this JSON file")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -25,8 +25,28 @@ _GEN_STYLE = {
     "LS_gen": ("#2ca02c", "^", "LS_gen - locality answer generated"),
     "LS_gen_unedited": ("#7f7f7f", "D", "LS_gen_unedited - same text as unedited"),
     "drift_top1": ("#9467bd", "v", "drift_top1 - unrelated next token unchanged"),
+    "health_ppl_ratio": ("#8c564b", "P", "health: unedited / edited perplexity of general text"),
+    "health_top1": ("#17becf", "X", "health: general text's next token unchanged"),
+    "health_unrelated_kept": ("#bcbd22", "*", "health: unrelated prompts' greedy answer kept"),
 }
-_SELF = ("LS_unedited", "LS_gen_unedited", "drift_top1")  # 1.0 for the unedited model
+# 1.0 for the unedited model
+_SELF = (
+    "LS_unedited",
+    "LS_gen_unedited",
+    "drift_top1",
+    "health_ppl_ratio",
+    "health_top1",
+    "health_unrelated_kept",
+)
+
+
+def _value(m, key):
+    """The plotted value of ``key`` in scores ``m`` (a perplexity ratio as its inverse, so
+    that every curve reads 'higher is better, 1 is the unedited model')."""
+    v = (m or {}).get(key)
+    if key == "health_ppl_ratio" and v:
+        return 1.0 / v
+    return v
 
 
 def _end_labels(ax, ends, turns: int) -> None:
@@ -56,7 +76,7 @@ def _score_panel(ax, results, style, title):
     before = results.get("metrics_before")
     ends, drew_retention = [], False
     for key, (colour, marker, label) in style.items():
-        main = [(h["turn"], (h.get("metrics") or h.get("recent") or {}).get(key)) for h in hist]
+        main = [(h["turn"], _value(h.get("metrics") or h.get("recent"), key)) for h in hist]
         main = [(x, y) for x, y in main if y is not None]
         if not main:
             continue
@@ -74,7 +94,7 @@ def _score_panel(ax, results, style, title):
             linewidth=2,
             markersize=5,
         )
-        ret = [(h["turn"], h["retention"].get(key)) for h in hist if h.get("retention")]
+        ret = [(h["turn"], _value(h["retention"], key)) for h in hist if h.get("retention")]
         ret = [(x, y) for x, y in ret if y is not None]
         if ret:
             drew_retention = True
@@ -116,7 +136,7 @@ def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
     if plt is None:
         return None
     generated = any(
-        "ES_gen" in (h.get("metrics") or h.get("recent") or {})
+        {"ES_gen", "health_top1"} & set(h.get("metrics") or h.get("recent") or {})
         for h in results.get("eval_history", [])
     )
     if generated:
@@ -131,7 +151,7 @@ def plot_results(results: Mapping[str, Any], path: str) -> Optional[str]:
     _time_panel(ax_t, results)
     _score_panel(ax_m, results, _METRIC_STYLE, "Teacher-forced token accuracy")
     if ax_g is not None:
-        _score_panel(ax_g, results, _GEN_STYLE, "Generation-based (greedy decoding)")
+        _score_panel(ax_g, results, _GEN_STYLE, "Generated (greedy decoding) and health")
     _titles(fig, results)
     return save_figure(plt, fig, path)
 

@@ -33,7 +33,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -45,6 +45,7 @@ from ..model.forward import input_device
 from ..utils.checks import check_positive_int
 from ..utils.environment import environment
 from ..utils.files import atomic_write_json, check_output_dir
+from ..scoring.health import read_health_text
 from .plot import plot_results
 from .resume import (
     RunInterrupted,
@@ -198,6 +199,7 @@ def run_lifelong(
     lora_rank: Optional[int] = None,
     save_editor: Optional[str] = None,
     resume: Optional[str] = None,
+    health: Union[bool, str] = True,
     **options,
 ) -> Dict[str, Any]:
     """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it.
@@ -208,12 +210,14 @@ def run_lifelong(
     cfg = _check_run(
         turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor, options, out
     )
+    if health is not False:  # a bad health text is refused before any work
+        read_health_text(None if health is True else health)
     requests, extras, seconds_load = _take(examples_or_requests, turns, edits_per_turn)
     prior = read_interrupted(resume, turns, edits_per_turn, editor) if resume else None
     settings = {"eval_every": eval_every, "eval_sample": eval_sample}
     settings.update(eval_batch_size=eval_batch_size, generation=generation)
     scorer = Scorer(
-        model, tokenizer, requests, extras, generation, eval_batch_size, cfg.chat_template
+        model, tokenizer, requests, extras, generation, eval_batch_size, cfg.chat_template, health
     )
     timing = {"load_seconds": seconds_load}
     ed, originals = _editor_and_base(
@@ -320,6 +324,9 @@ run_lifelong.__doc__ = (
             a weight patch and as a PEFT LoRA adapter (``lora_rank``: its rank; ``None``:
             exact); :mod:`ultraedit_fast.storage.export`. ``save_editor``: a directory to save the
             editor's lifelong state to (:meth:`UltraEditor.save`).
+        health: measure the model's health against the unedited model at every checkpoint
+            (:mod:`ultraedit_fast.scoring.health`): ``True`` on the package's general-text
+            sample, a path on that text file, ``False`` not at all.
         resume: the output directory of an interrupted run of the same shape
             (:mod:`ultraedit_fast.lifelong.resume`): it goes on from the next turn; an
             interrupted run (KeyboardInterrupt) writes its partial results there and raises

@@ -3,11 +3,13 @@ on any subset of the run's requests, against the unedited model's baseline."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .._log import log
 from ..model.requests import EditRequest, as_requests
+from ..scoring.health import capture_health
 from ..scoring.metrics import capture_baseline, evaluate, mean, token_accuracy
 
 
@@ -78,10 +80,13 @@ def score(
 class Scorer:
     """Scores subsets of the run's requests against the unedited model's baseline."""
 
-    def __init__(self, model, tokenizer, requests, extras, generation, batch_size, chat):
+    def __init__(
+        self, model, tokenizer, requests, extras, generation, batch_size, chat, health=True
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.requests, self.extras = requests, extras
         self.generation, self.batch_size, self.chat = generation, batch_size, chat
+        self.health = health  # True: the package's general text; a path; False: none
         self.base = None
 
     def capture_base(self, base) -> float:
@@ -100,6 +105,11 @@ class Scorer:
             )
         if len(base) != n:
             raise ValueError(f"base: expected {n} entries, got {len(base)}")
+        if self.health is not False and self.health is not None and base.health is None:
+            path = None if self.health is True else self.health
+            base = dataclasses.replace(
+                base, health=capture_health(self.model, self.tokenizer, path)
+            )
         self.base = base
         return time.perf_counter() - t0
 

@@ -22,11 +22,12 @@ request has the needed field or no baseline was given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import generation as G
+from .health import HealthBaseline, capture_health, measure_health
 from ..parallel.concurrency import model_locks
 from ..utils.display import bar
 from ..model.forward import answer_logits, preserved_model_state
@@ -146,10 +147,12 @@ class Baseline:
     """The unedited model's answers, captured before editing with :func:`capture_baseline`:
     its teacher-forced locality predictions (for ``LS_unedited``) and, with ``generation``,
     its greedy locality continuations and next-token distributions (for
-    ``LS_gen_unedited`` and the drift)."""
+    ``LS_gen_unedited`` and the drift) and, with ``health``, the unedited side of the health
+    figures (:mod:`ultraedit_fast.scoring.health`)."""
 
     predictions: List[Optional[List[int]]]
     generation: Optional[G.GenerationBaseline] = None
+    health: Optional[HealthBaseline] = None
 
     def __len__(self) -> int:
         return len(self.predictions)
@@ -161,7 +164,7 @@ class Baseline:
             gen = G.GenerationBaseline(
                 [gen.locality[i] for i in idx], gen.drift_prompts, gen.drift_logprobs
             )
-        return Baseline([self.predictions[i] for i in idx], gen)
+        return Baseline([self.predictions[i] for i in idx], gen, self.health)
 
 
 def capture_baseline(
@@ -173,14 +176,20 @@ def capture_baseline(
     batch_size: int = 32,
     chat_template: bool = False,
     drift_prompts: Optional[Sequence[str]] = None,
+    health: Union[bool, str, None] = None,
 ) -> Baseline:
     """What the unedited model answers on ``requests``; call before editing and pass it to
     :func:`evaluate` as ``base``. ``drift_prompts``: the unrelated prompts of the drift
-    score (default: a fixed sample of the requests' locality prompts)."""
+    score (default: a fixed sample of the requests' locality prompts). ``health``: also
+    capture the unedited side of the health figures, on the general text of the file it
+    names (``True``: the package's sample); :func:`evaluate` then reports them."""
     requests = as_requests(requests)
+    hb = None
+    if health is not None and health is not False:
+        hb = capture_health(model, tokenizer, None if health is True else health)
     preds = capture_predictions(model, tokenizer, requests, batch_size, chat_template)
     if not generation:
-        return Baseline(preds)
+        return Baseline(preds, None, hb)
     li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
     texts = G.continuations(
         model,
@@ -199,7 +208,7 @@ def capture_baseline(
         if prompts
         else None
     )
-    return Baseline(preds, G.GenerationBaseline(loc, prompts, lp))
+    return Baseline(preds, G.GenerationBaseline(loc, prompts, lp), hb)
 
 
 def _generation_scores(
@@ -320,7 +329,9 @@ def evaluate(
 
     Returns ``{"ES", "GS", "LS", "LS_unedited", "n"}`` and, with ``generation``, ``ES_gen``,
     ``GS_gen``, ``LS_gen``, ``LS_gen_unedited``, ``fluency``, ``drift_kl``, ``drift_top1``
-    (``None`` where not measurable), plus ``"per_request"`` (a list of dicts) when asked.
+    (``None`` where not measurable), the health figures ``health_ppl_ratio``,
+    ``health_top1``, ``health_unrelated_kept`` when ``base`` carries their unedited side,
+    plus ``"per_request"`` (a list of dicts) when asked.
     """
     requests = as_requests(requests)
     base, base_predictions = _resolve_base(base, len(requests))
@@ -331,6 +342,8 @@ def evaluate(
         out.update(
             _generation_scores(model, tokenizer, requests, base, batch_size, chat_template, rows)
         )
+    if base is not None and base.health is not None:
+        out.update(measure_health(model, tokenizer, base.health))
     if per_request:
         out["per_request"] = rows
     return out
