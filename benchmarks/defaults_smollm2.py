@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from facts import HELD_OUT_FACTS, TUNING_FACTS, requests  # noqa: E402
 from ultraedit_fast import UltraEditor, capture_baseline, evaluate, fast_edit  # noqa: E402
-from ultraedit_fast import generation as G  # noqa: E402
+from ultraedit_fast.scoring import generation as G  # noqa: E402
 from ultraedit_fast.core.step_search import ANCHOR_PROMPTS  # noqa: E402
 from ultraedit_fast.data.demo import demo_requests  # noqa: E402
 from ultraedit_fast.utils.environment import environment  # noqa: E402

@@ -33,13 +33,31 @@ DEFAULT_MODELS = {
 }
 
 
+PROG = "ultraedit-fast bench"
+
+
+class BenchUsageError(SystemExit):
+    """A usage error found after the flags are parsed: exit status 2 (as the parser's own
+    errors), its message the one line ``main`` prints on stderr (``str()`` of it)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _device_from_args(args) -> torch.device:
     """``--device``: ``auto`` is CUDA when torch has it; an explicit ``cuda`` must be there."""
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but CUDA is not available to torch")
+        raise BenchUsageError(
+            "--device cuda: CUDA is not available on this machine (torch "
+            f"{torch.__version__} sees no CUDA device); use --device cpu or --device auto"
+        )
     return device
 
 
@@ -48,7 +66,7 @@ def _cases_from_args(args) -> List[str]:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
     if bad:
-        raise SystemExit(f"bench: --cases: unknown {bad}; expected some of {list(CASES)}")
+        raise BenchUsageError(f"--cases: unknown {bad}; expected some of {list(CASES)}")
     return cases
 
 
@@ -107,8 +125,8 @@ def settings_from_args(args) -> Settings:
     if args.lifelong_model:
         life = args.lifelong_model
     if args.tie_below_edited and (cases != ["memory"] or cuda):
-        raise SystemExit(
-            "bench: --tie-below-edited changes the models: it goes with "
+        raise BenchUsageError(
+            "--tie-below-edited changes the models: it goes with "
             "--cases memory alone, on the CPU (CUDA's peak counts the weights "
             "actually held)"
         )
@@ -248,7 +266,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="ultraedit-fast bench",
+        prog=PROG,
         description="Benchmark the fast editor against the reference: per-step kernels at "
         "real shapes, one turn beside its forward/backward floor, lifelong turns, "
         "and peak memory. Prints a table and writes <device>-<date>.json and .png.",
@@ -429,7 +447,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if args.replot:
         return replot(args.replot)
-    s = settings_from_args(args)
+    try:
+        s = settings_from_args(args)
+    except BenchUsageError as e:  # one line, as the parser's errors; exit status 2
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise
     run = start_run(s, args, argv)
     run_cases(run, s)
     if run.prev:

@@ -27,6 +27,7 @@ from .options import (
     REGIMES,
     STEPS,
     check_backend,
+    check_count,
     check_fraction,
     check_lr,
     check_modules,
@@ -34,8 +35,10 @@ from .options import (
     check_regime,
     check_scale,
     check_step,
+    check_text_path,
     check_tokens_per_pass,
     check_undo,
+    check_weight,
     cli_fraction,
     cli_int_at_least,
     cli_modules,
@@ -207,6 +210,43 @@ class EditorConfig:
             "(instruct models), for editing and scoring",
         },
     )
+    ridge: float = _option(
+        1.0,
+        check_weight,
+        "stabiliser: the regulariser r of the solve, Delta = K^T (K K^T + r I)^-1 V (1: the "
+        "paper's); larger keeps each turn's update smaller",
+        cli={
+            "type": cli_positive_float,
+            "help": "stabiliser: the solve's regulariser (default 1, the paper's)",
+        },
+    )
+    preserve_general: int = _option(
+        0,
+        check_count,
+        "stabiliser: the number of keys from general text (preserve_text) that every turn's "
+        "solve asks to leave alone, as rows of value zero (ultraedit_fast.core.preserve); "
+        "0: none (the paper's solve)",
+        cli={
+            "type": cli_int_at_least(0, "an integer >= 0"),
+            "help": "stabiliser: general-text keys preserved by every turn's solve (default 0)",
+        },
+    )
+    preserve_weight: float = _option(
+        1.0,
+        check_weight,
+        "stabiliser: the weight of a preserved key against an edit's in the solve",
+        cli={
+            "type": cli_positive_float,
+            "help": "stabiliser: weight of the preserved keys (default 1)",
+        },
+    )
+    preserve_text: Optional[str] = _option(
+        None,
+        check_text_path,
+        "stabiliser: the general text (UTF-8 file) the preserved keys come from (None: the "
+        "package's sample)",
+        cli={"help": "stabiliser: UTF-8 file the preserved keys come from"},
+    )
     measure_memory: bool = _option(
         False,
         check_bool,
@@ -352,6 +392,10 @@ class EditorOptions(TypedDict, total=False):
     max_step_scale: float
     preserve_locality: bool
     chat_template: bool
+    ridge: float
+    preserve_general: int
+    preserve_weight: float
+    preserve_text: Optional[str]
     measure_memory: bool
 
 

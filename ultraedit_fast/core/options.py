@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Callable, List
 
 from ..kernels import BACKENDS
@@ -115,6 +116,26 @@ def check_tokens_per_pass(name: str, v):
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"{name}: expected an int >= 0 (0: no packing), got {v!r}")
     return v
+
+
+def check_count(name: str, v):
+    """An int >= 0 (0: off)."""
+    return check_positive_int(name, v, minimum=0)
+
+
+def check_weight(name: str, v):
+    return check_positive_float(name, v)
+
+
+def check_text_path(name: str, v):
+    """``None`` (the package's general-text sample) or the path of a text file (read, and
+    checked, when the editor is built)."""
+    if v is None:
+        return None
+    try:
+        return os.fsdecode(os.fspath(v))
+    except TypeError:
+        raise TypeError(f"{name}: expected a path or None, got {type(v).__name__}") from None
 
 
 # ----------------------------------------------------------------------------- CLI parsers

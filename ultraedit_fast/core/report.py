@@ -24,7 +24,8 @@ class EditReport:
     ``step``: the search of ``step="auto"``, 0 with ``step="paper"``; ``apply``: the rank-N
     weight update), ``total_seconds`` the whole turn (their sum). ``step_scale``: the
     scale of the published step the turn wrote (``None`` with ``step="paper"``),
-    ``step_search``: the search's record (its trials).
+    ``step_search``: the search's record (its trials). ``stabilisers``: the stabilisers
+    that acted in the turn (``preserve_general``, ...; empty for the paper's turn).
     ``peak_memory_bytes`` is CUDA peak allocated on a GPU, peak RSS of the process
     during the turn on the CPU (``peak_memory_kind`` says which), when the editor was
     built with ``measure_memory=True``; ``None`` otherwise.
@@ -43,6 +44,7 @@ class EditReport:
     step_scale: Optional[float] = None
     step_search: Optional[dict] = None
     comm_bytes: Optional[int] = None  # a tensor-parallel turn: bytes this rank all-reduced
+    stabilisers: List[str] = field(default_factory=list)  # the stabilisers that acted
 
     def to_dict(self) -> dict:
         return asdict(self)

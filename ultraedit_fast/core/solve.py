@@ -28,8 +28,8 @@ class SolveError(ValueError):
     """The turn's system could not be solved (non-finite or degenerate keys)."""
 
 
-def _cholesky_plus_identity(gram: torch.Tensor) -> torch.Tensor:
-    gram.diagonal().add_(1.0)
+def _cholesky_plus_identity(gram: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
+    gram.diagonal().add_(ridge)
     factor, info = torch.linalg.cholesky_ex(gram)
     if bool(info.ne(0).any()):
         raise SolveError(
@@ -46,17 +46,20 @@ class ShiftSolver:
 
     ``reduce``: for keys split by columns over the ranks of a tensor-parallel model (each
     rank holds ``K_r``), the in-place sum over the ranks; ``K K^T`` is then the sum of the
-    ranks' ``K_r K_r^T``, and only the dual system is used (the primal one would be split)."""
+    ranks' ``K_r K_r^T``, and only the dual system is used (the primal one would be split).
 
-    def __init__(self, k: torch.Tensor, reduce: Optional[Callable] = None):
+    ``ridge``: the regulariser ``r`` of ``K K^T + r I`` (1: the paper's)."""
+
+    def __init__(self, k: torch.Tensor, reduce: Optional[Callable] = None, ridge: float = 1.0):
         self.k = k
         self.reduce = reduce
+        self.ridge = ridge
         n, d_in = k.shape
         self.dual = n <= d_in or reduce is not None
         gram = k @ k.t() if self.dual else k.t() @ k
         if reduce is not None:
             reduce(gram)
-        self.factor = _cholesky_plus_identity(gram)
+        self.factor = _cholesky_plus_identity(gram, ridge)
         self._eye: Optional[torch.Tensor] = None
 
     def factors(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

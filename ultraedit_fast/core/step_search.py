@@ -27,8 +27,9 @@ At most :data:`CHECK_SAMPLE` of each are checked (spread evenly over the turn).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,6 +73,65 @@ ANCHOR_PROMPTS = (
 )
 
 
+class ConflictingRequestsWarning(UserWarning):
+    """A turn whose requests work against each other in the step search (warned once per
+    turn, naming the requests; the turn still runs): a locality prompt that is an edit
+    prompt of the turn (its own, or another request's), whose check then fights that edit,
+    or one prompt given two different targets, which cannot both take."""
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def conflicts(requests: Sequence) -> List[str]:
+    """What in a turn's requests fights the step search (see
+    :class:`ConflictingRequestsWarning`), one sentence per kind; empty when nothing does."""
+    by_prompt: Dict[str, List[int]] = {}
+    for i, r in enumerate(requests):
+        by_prompt.setdefault(_norm(r.prompt), []).append(i)
+    own: List[int] = []
+    other: List[Tuple[int, int]] = []
+    for i, r in enumerate(requests):
+        if r.locality_prompt is not None:
+            for j in by_prompt.get(_norm(r.locality_prompt), []):
+                if i == j:
+                    own.append(i)
+                else:
+                    other.append((i, j))
+    out = []
+    if own:
+        out.append(
+            f"requests {own}: the locality prompt is the request's own prompt, so the "
+            "locality check fights the edit"
+        )
+    if other:
+        pairs = ", ".join(f"requests[{i}]'s is the prompt of requests[{j}]" for i, j in other)
+        out.append(
+            f"locality prompts that are edit prompts of the turn ({pairs}) fight those edits"
+        )
+    for prompt, idx in by_prompt.items():
+        targets = sorted({_norm(requests[i].target) for i in idx})
+        if len(targets) > 1:
+            out.append(
+                f"requests {idx} give the prompt {prompt!r} different targets {targets}, "
+                "which cannot all take"
+            )
+    return out
+
+
+def warn_conflicts(requests: Sequence) -> None:
+    """One :class:`ConflictingRequestsWarning` for the turn, when its requests conflict."""
+    found = conflicts(requests)
+    if found:
+        warnings.warn(
+            "step='auto': " + "; ".join(found) + " (the turn runs; its step search "
+            "cannot satisfy them all)",
+            ConflictingRequestsWarning,
+            stacklevel=3,
+        )
+
+
 @dataclass
 class StepResult:
     """What the search did: the per-request scales chosen (``None``: the published step for
@@ -112,6 +172,7 @@ class StepSearch:
         chat_template: bool = False,
         max_length: Optional[int] = None,
     ):
+        warn_conflicts(requests)
         self.model = model
         self.batch_size = batch_size
         self.n_requests = len(requests)
@@ -137,7 +198,7 @@ class StepSearch:
         )
         self.locality_kind, prompts, budgets = _locality_prompts(tokenizer, requests, given)
         ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
-        conts = greedy_decode(model, tokenizer, ids, budgets, batch_size)
+        conts = _decode_within(model, tokenizer, ids, budgets, batch_size, max_length)
         # the keys to preserve (locality_keys): at the model's own continuation and, for the
         # requests' locality prompts, at their given answer too
         self.preserved: List[TokenizedRequest] = _given_answers(
@@ -268,6 +329,35 @@ def _locality_prompts(
     edit_prompts = {r.prompt.strip() for r in requests}
     prompts = spread([p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts], CHECK_SAMPLE)
     return "anchors", prompts, [ANCHOR_TOKENS] * len(prompts)
+
+
+def _decode_within(
+    model,
+    tokenizer,
+    ids: List[List[int]],
+    budgets: List[int],
+    batch_size: int,
+    max_length: Optional[int],
+) -> List[List[int]]:
+    """Greedy continuations that never run past the context: each budget cut to what fits
+    after its prompt (none for a prompt longer than the context). One batch of decoding
+    runs every row as long as its longest, so prompts too near the context's end for the
+    longest budget are decoded one by one."""
+    if max_length is None:
+        return greedy_decode(model, tokenizer, ids, budgets, batch_size)
+    budgets = [max(0, min(b, max_length - len(p) + 1)) for p, b in zip(ids, budgets)]
+    longest = max(budgets, default=0)
+    roomy = [i for i, p in enumerate(ids) if len(p) + longest - 1 <= max_length]
+    out: List[List[int]] = [[] for _ in ids]
+    conts = greedy_decode(
+        model, tokenizer, [ids[i] for i in roomy], [budgets[i] for i in roomy], batch_size
+    )
+    for i, c in zip(roomy, conts):
+        out[i] = c
+    for i in sorted(set(range(len(ids))) - set(roomy)):
+        if budgets[i] > 0:
+            out[i] = greedy_decode(model, tokenizer, [ids[i]], [budgets[i]], 1)[0]
+    return out
 
 
 def _given_answers(

@@ -28,6 +28,7 @@ import torch
 from ..core.capture import Capture, capture_passes
 from ..core.config import EditorConfig
 from ..core.normalizer import NormalizerState
+from ..core.preserve import GeneralKeys
 from ..core.report import PHASES
 from ..core.solve import ShiftSolver, SolveError
 from ..core.step_search import StepResult, StepSearch
@@ -53,6 +54,7 @@ class Setup:
     targets: List[EditTarget]
     tp: Optional[TensorParallel]
     backends: Dict[torch.device, Backend] = field(default_factory=dict)
+    general: Optional[GeneralKeys] = None  # preserve_general: the general-text keys
 
     def normalizer_key(self, target: EditTarget):
         return target.shape if self.config.share_normalizer else target.name
@@ -101,6 +103,8 @@ class Turn:
         self.backend, self.state = backend, state
         self.device = input_device(model)
         self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.extra_rows = 0  # value rows of zero added to the system (preserved keys)
+        self.stabilisers: List[str] = []  # those that acted in this turn
         self._t = time.perf_counter()
 
     def restart(self) -> None:
@@ -152,7 +156,8 @@ class Turn:
 
     # ------------------------------------------------------------------ 3. solve
     def solve(self, cap: Captured, states: Dict[object, NormalizerState]) -> Plan:
-        keep_values = self.config.step == "auto"  # step="paper" frees each V at once
+        # step="paper" without stabilisers frees each V at once
+        keep_values = self.config.step == "auto" or self.setup.general is not None
         updates: List[Update] = []
         values: List[Tuple[ShiftSolver, torch.Tensor]] = []
         solvers: Dict[Tuple[int, ...], ShiftSolver] = {}
@@ -164,6 +169,7 @@ class Turn:
                     solvers[shared] = ShiftSolver(
                         torch.cat(cap.keys[t.name]).to(torch.float32),
                         reduce=t.tp.all_reduce_ if row else None,
+                        ridge=self.config.ridge,
                     )
                 except SolveError as e:
                     raise EditRefused(
@@ -209,6 +215,19 @@ class Turn:
                 "the model and the editor state are unchanged"
             )
 
+    def preserve_general(self, cap: Captured, plan: Plan) -> Plan:
+        """``preserve_general``: the turn solved again with keys of general text, on the
+        model as it is now, as rows of value zero (:mod:`ultraedit_fast.core.preserve`)."""
+        general = self.setup.general
+        if general is None:
+            return plan
+        scale = self.config.preserve_weight**0.5
+        keys = {n: k * scale for n, k in general.keys(self.model, self.setup.targets).items()}
+        plan, self.extra_rows = self._preserving(cap, plan, keys)
+        self.stabilisers.append("preserve_general")
+        self.lap("solve")
+        return plan
+
     # ------------------------------------------------------------------ 4. step
     def prepare_step(
         self, cap: Captured, plan: Plan
@@ -220,6 +239,7 @@ class Turn:
             return plan, None, None
         t0 = time.perf_counter()
         rows = request_of_rows(self.batches)
+        rows = torch.cat([rows, torch.zeros(self.extra_rows, dtype=torch.long)])
         search = StepSearch(
             self.model,
             self.tokenizer,
@@ -249,7 +269,9 @@ class Turn:
             if shared not in solvers:
                 kl = loc_keys[t.name].to(solver.k.device, torch.float32)
                 try:
-                    solvers[shared] = ShiftSolver(torch.cat([solver.k, kl]), solver.reduce)
+                    solvers[shared] = ShiftSolver(
+                        torch.cat([solver.k, kl]), solver.reduce, solver.ridge
+                    )
                 except SolveError as e:
                     raise EditRefused(
                         f"{e} for module {t.name!r} with its locality keys; the "

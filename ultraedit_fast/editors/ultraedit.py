@@ -56,6 +56,7 @@ from ..parallel.distributed import COUNTER
 from ..storage.export import weight_sha256
 from ..utils.environment import PeakMemory
 from .persistence import LifelongState
+from ..core.preserve import general_keys_for
 from .turn import EditRefused, Setup, Turn, tensor_parallel_of
 
 __all__ = ["UltraEditor", "EditRefused", "SharedModelWarning", "fast_edit"]
@@ -199,7 +200,13 @@ class UltraEditor(LifelongState):
                 config.step,
             )
         targets = resolve_targets(self.model, list(config.modules))
-        setup = Setup(config, preset, targets, tensor_parallel_of(targets))
+        setup = Setup(
+            config,
+            preset,
+            targets,
+            tensor_parallel_of(targets),
+            general=general_keys_for(self.tokenizer, config, targets),
+        )
         for t in targets:
             _backend_of(setup, t.weight.device)
         return setup
@@ -343,6 +350,7 @@ class UltraEditor(LifelongState):
         n_tokens = cap.n_tokens
         new_states = turn.statistics(cap)
         plan = turn.solve(cap, new_states)
+        plan = turn.preserve_general(cap, plan)
         plan, search, rows = turn.prepare_step(cap, plan)
         del cap
         step = None
@@ -373,6 +381,7 @@ class UltraEditor(LifelongState):
             step_scale=None if step is None else step.scale,
             step_search=None if step is None else step.to_dict(),
             comm_bytes=None if self._tp is None else COUNTER.bytes - sent0,
+            stabilisers=list(turn.stabilisers),
         )
 
     def _snapshot(self, t: EditTarget) -> torch.Tensor:

@@ -35,9 +35,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..core import hparams as H
+from ..core.config import EditorConfig
 from ..editors.ultraedit import UltraEditor
 from ..scoring.metrics import capture_predictions, evaluate
-from ..model.requests import EditRequest
+from ..model.requests import EditRequest, as_requests, check_fits, context_length, tokenize_pair
+from ..utils.checks import check_bool, check_positive_int
 
 
 def _listify(name, v, n) -> Optional[List[str]]:
@@ -68,6 +70,18 @@ def _locality(locality_inputs, n: int) -> Dict[str, Dict[str, List[str]]]:
     return loc
 
 
+def _with_locality(requests: List[EditRequest], key, entry) -> List[EditRequest]:
+    """The requests with one ``locality_inputs`` key's prompts and ground truths (checked,
+    naming ``locality_inputs[key][i]``)."""
+    return as_requests(
+        [
+            {"prompt": r.prompt, "target": r.target, "locality_prompt": p, "locality_answer": a}
+            for r, p, a in zip(requests, entry["prompt"], entry["ground_truth"])
+        ],
+        argument=f"locality_inputs[{key!r}]",
+    )
+
+
 def _case_metrics(prompts, targets, pre, post) -> List[dict]:
     """EasyEdit's record per request: the rewrite asked for, its ``pre`` and ``post`` scores."""
     return [
@@ -92,10 +106,15 @@ class BaseEditor:
                 "model, tokenizer: pass the loaded model and its tokenizer "
                 "(ultraedit_fast.model.loading.load_model loads them)"
             )
+        if not isinstance(options, Mapping):
+            raise TypeError(
+                f"options: expected a mapping of UltraEditor options, got {type(options).__name__}"
+            )
+        EditorConfig.build(None, options, owner="BaseEditor")  # every option checked, now
         self.model = model
         self.tokenizer = tokenizer
         self.options = dict(options)
-        self.edits_per_turn = edits_per_turn
+        self.edits_per_turn = check_positive_int("edits_per_turn", edits_per_turn, allow_none=True)
 
     @classmethod
     def from_hparams(cls, hparams, model, tokenizer) -> "BaseEditor":
@@ -119,21 +138,47 @@ class BaseEditor:
             raise TypeError(
                 f"batch_edit() got arguments this adapter does not take: {sorted(unused)}"
             )
-        prompts = _listify("prompts", prompts, len(prompts) if prompts is not None else 0)
+        check_bool("sequential_edit", sequential_edit)
+        if prompts is None or isinstance(prompts, str) or not hasattr(prompts, "__len__"):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        prompts = _listify("prompts", prompts, len(prompts))
         n = len(prompts)
         targets = _listify("target_new", target_new, n)
         rephrases = _listify("rephrase_prompts", rephrase_prompts, n)
         _listify("ground_truth", ground_truth, n)
         loc = _locality(locality_inputs, n)
-        requests = [
-            EditRequest(p, t, rephrase=rephrases[i] if rephrases else None)
-            for i, (p, t) in enumerate(zip(prompts, targets))
-        ]
+        requests = as_requests(
+            [
+                {"prompt": p, "target": t, "rephrase": rephrases[i] if rephrases else None}
+                for i, (p, t) in enumerate(zip(prompts, targets))
+            ],
+            argument="prompts",
+        )
+        self._check_fit(requests, loc)  # nothing is edited when any text is too long
         per_turn = self.edits_per_turn or n
         turns = [list(range(s, min(n, s + per_turn))) for s in range(0, n, per_turn)]
         pre = self._scores(requests, loc, base=None, generation=False)
         editor, post = self._edit_and_score(requests, loc, turns, pre, sequential_edit)
         return _case_metrics(prompts, targets, pre, post), self.model, editor
+
+    def _check_fit(self, requests: List[EditRequest], loc) -> None:
+        """Every prompt (with its target), rephrase and locality prompt (with its ground
+        truth) fits the model's context: checked before the first turn, not in the middle."""
+        limit = context_length(self.model)
+        chat = bool(self.options.get("chat_template", False))
+        for i, r in enumerate(requests):
+            tokenize_pair(
+                self.tokenizer, r.prompt, r.target, limit, where=f"prompts[{i}]", chat_template=chat
+            )
+        check_fits(self.tokenizer, requests, limit, chat, argument="prompts")
+        for key, entry in loc.items():
+            check_fits(
+                self.tokenizer,
+                _with_locality(requests, key, entry),
+                limit,
+                chat,
+                argument=f"locality_inputs[{key!r}]",
+            )
 
     def _edit_and_score(self, requests, loc, turns, pre, sequential_edit: bool):
         """Edit the turns (lists of request indices) with one editor and score the edited
@@ -176,10 +221,7 @@ class BaseEditor:
                     metrics["rephrase_gen"] = row["GS_gen"]
             out.append({"metrics": metrics, "loc_pred": {}})
         for key, entry in loc.items():
-            reqs = [
-                EditRequest(r.prompt, r.target, locality_prompt=p, locality_answer=a)
-                for r, p, a in zip(requests, entry["prompt"], entry["ground_truth"])
-            ]
+            reqs = _with_locality(requests, key, entry)
             preds = capture_predictions(self.model, self.tokenizer, reqs)
             for j, pr in enumerate(preds):
                 out[j]["loc_pred"][key] = pr

@@ -10,8 +10,9 @@ It is loaded on first use (when a backend is chosen), in this order:
    for this torch from the sources shipped in the package, and cached
    (``$ULTRAEDIT_FAST_CACHE``, default ``~/.cache/ultraedit_fast``), with one log line while
    it compiles;
-3. if that cannot be done (no compiler, ``ULTRAEDIT_FAST_JIT=0``), a warning says why and
-   how to fix it, and the package runs on its pure-PyTorch default kernels.
+3. if that cannot be done (no compiler, ``ULTRAEDIT_FAST_JIT=0``, a cache path that is a
+   file, lies under one or cannot be written), a warning says why and how to fix it, and
+   the package runs on its pure-PyTorch default kernels.
 
 Nothing here imports the rest of the package.
 """
@@ -52,11 +53,34 @@ def sources_dir() -> Optional[str]:
     return None
 
 
-def _fix() -> str:
+BAD_CACHE = "the kernel cache"
+
+
+def _fix(err: Optional[str] = None) -> str:
+    if err is not None and BAD_CACHE in err:
+        return "set ULTRAEDIT_FAST_CACHE to a writable directory (or unset it for the default)"
     return (
         "install a C++ compiler (g++) and `pip install ninja`, or build at install time "
         "with `pip install --no-build-isolation .` against the installed torch"
     )
+
+
+def _cache_dir(name: str):
+    """``(build_dir, None)`` with the build directory created (and listable) under the
+    cache, or ``(None, why not)``: a cache path that is a file, lies under a file, or sits
+    in a directory that cannot be written is a fallback, never an exception."""
+    cache = os.environ.get("ULTRAEDIT_FAST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ultraedit_fast"
+    )
+    build_dir = os.path.join(cache, name)
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+        if not os.path.isdir(build_dir):
+            raise NotADirectoryError(f"{build_dir} is not a directory")
+        os.listdir(build_dir)
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        return None, f"{BAD_CACHE} {cache!r} cannot be used ({type(e).__name__}: {e})"
+    return build_dir, None
 
 
 def _load_prebuilt() -> Optional[str]:
@@ -112,11 +136,9 @@ def _build_here(why: str) -> Optional[str]:
         if os.path.exists(p):
             with open(p, "rb") as f:
                 h.update(f.read())
-    cache = os.environ.get("ULTRAEDIT_FAST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "ultraedit_fast"
-    )
-    build_dir = os.path.join(cache, f"kernels-{h.hexdigest()[:16]}")
-    os.makedirs(build_dir, exist_ok=True)
+    build_dir, bad = _cache_dir(f"kernels-{h.hexdigest()[:16]}")
+    if build_dir is None:
+        return f"{why}; {bad}"
     flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
     if with_cuda:
         flags.append("-DULTRAEDIT_WITH_CUDA")
@@ -177,7 +199,7 @@ def ensure() -> Optional[str]:
                 "ultraedit_fast: the compiled kernels are not available (%s); running "
                 "on the PyTorch default kernels. To fix: %s",
                 err,
-                _fix(),
+                _fix(err),
             )
         else:
             log.info("ultraedit_fast: compiled kernels loaded (%s)", source)

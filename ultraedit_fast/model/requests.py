@@ -298,6 +298,37 @@ def context_length(model) -> Optional[int]:
     return None
 
 
+def check_fits(
+    tokenizer,
+    requests: Sequence[EditRequest],
+    max_length: Optional[int],
+    chat_template: bool = False,
+    argument: str = "requests",
+) -> None:
+    """Every request's other texts fit the model's context of ``max_length`` tokens as they
+    will be fed when scored and checked: the ``rephrase`` with the target, the
+    ``locality_prompt`` with its ``locality_answer``. A ``ValueError`` names
+    ``requests[i] (field)`` otherwise (the prompt with its target: :func:`tokenize_pair`)."""
+    if max_length is None:
+        return
+    for i, r in enumerate(requests):
+        for field, prompt, answer in (
+            ("rephrase", r.rephrase, r.target),
+            ("locality_prompt", r.locality_prompt, r.locality_answer),
+        ):
+            if prompt is None or answer is None:
+                continue
+            p = prompt_ids(tokenizer, prompt, chat_template)
+            a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+            n = len(p) + max(len(a), 1) - 1
+            if n > max_length:
+                raise ValueError(
+                    f"{argument}[{i}] ({field}): {n} tokens exceed the model's context of "
+                    f"{max_length} tokens; shorten the {field}"
+                    + (" or the target" if field == "rephrase" else " or the locality_answer")
+                )
+
+
 def make_minibatches(
     tokenizer,
     requests: Sequence[EditRequest],
@@ -306,7 +337,9 @@ def make_minibatches(
     chat_template: bool = False,
 ) -> List[MiniBatch]:
     """Tokenise the edit prompts/targets, sort longest first (stable) and cut into
-    right-padded mini-batches of ``batch_size`` (``docs/algorithm.md`` section 1)."""
+    right-padded mini-batches of ``batch_size`` (``docs/algorithm.md`` section 1). Every
+    text of every request must fit ``max_length`` (:func:`check_fits`): what scores and
+    checks a turn never meets one longer than the context."""
     toks = [
         tokenize_pair(
             tokenizer,
@@ -318,6 +351,7 @@ def make_minibatches(
         )
         for i, r in enumerate(requests)
     ]
+    check_fits(tokenizer, requests, max_length, chat_template)
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))  # stable
     batches = []
     for s in range(0, len(order), batch_size):

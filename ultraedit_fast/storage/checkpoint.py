@@ -29,7 +29,8 @@ save never overwrites a tensor file that the current manifest names; the manifes
 is replaced only after the new tensor file is durable, and the old tensor file is
 deleted only after the new manifest is durable. A crash or ``kill -9`` at any
 moment therefore leaves either the previous checkpoint or the new one, both whole.
-``load`` checks the tensor file's size and sha256 against the manifest before it
+``load`` reads regular files only (a FIFO, a device or a directory in their place is
+refused unread) and checks the tensor file's size and sha256 against the manifest before it
 parses it. One writer per directory at a time: ``save`` holds an exclusive
 ``flock`` on ``<dir>/.lock`` (Linux/macOS) while it writes, and removes the
 temporary files of writers that died (their pid is gone). A ``load`` that races a
@@ -52,16 +53,14 @@ import torch
 
 from ..core.config import EditorConfig
 from ..core.normalizer import NormalizerState
-from ..utils.files import atomic_write_bytes, unlink_quietly
+from ..utils.files import atomic_write_bytes, read_regular_file, unlink_quietly
 from .directory import LOCKFILE, DirLock, as_path, checked_directory, remove_stale_tmp
 from .fingerprint import fingerprint, fingerprint_diff, weights_digest
 from .manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    MAX_MANIFEST_BYTES,
     TENSOR_FILE,
-    bad,
     canonical,
     decode_key,
     encode_key,
@@ -69,6 +68,7 @@ from .manifest import (
     parse_manifest,
     seal,
 )
+from .validation import MAX_MANIFEST_BYTES, bad
 
 __all__ = [
     "FORMAT",
@@ -201,9 +201,10 @@ def _commit(directory: str, data: bytes, body: dict) -> str:
 
 
 # ============================================================================ load
-def _read_bytes(path: str, limit: Optional[int] = None) -> bytes:
-    with open(path, "rb") as f:
-        return f.read() if limit is None else f.read(limit + 1)
+def _read_bytes(path: str, limit: Optional[int] = None, what: str = "checkpoint") -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes (a FIFO, a device or
+    a directory is refused without being read: ``ValueError`` naming it)."""
+    return read_regular_file(path, what, limit)
 
 
 def read_checkpoint(path) -> Tuple[dict, Dict[str, torch.Tensor], str]:
@@ -262,7 +263,7 @@ def _checkpoint_directory(path) -> str:
 def _read_manifest(mpath: str) -> bytes:
     """The manifest file's bytes, read whole (``ValueError`` naming it when it cannot be)."""
     try:
-        raw = _read_bytes(mpath, MAX_MANIFEST_BYTES)
+        return _read_bytes(mpath, MAX_MANIFEST_BYTES, "checkpoint manifest")
     except FileNotFoundError:
         raise bad(
             mpath,
@@ -270,11 +271,6 @@ def _read_manifest(mpath: str) -> bytes:
         ) from None
     except PermissionError:
         raise bad(mpath, "permission denied (cannot read the manifest)") from None
-    except IsADirectoryError:
-        raise bad(mpath, "is a directory, not a manifest") from None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise bad(mpath, "too large to be a manifest")
-    return raw
 
 
 def _read_tensor_file(tpath: str, info: dict) -> Tuple[Optional[bytes], Optional[ValueError]]:
@@ -282,7 +278,7 @@ def _read_tensor_file(tpath: str, info: dict) -> Tuple[Optional[bytes], Optional
     ``info``; ``(None, error)`` when it is missing or differs (a save may have replaced it:
     the caller decides). A file that cannot be read raises."""
     try:
-        data = _read_bytes(tpath)
+        data = _read_bytes(tpath, None, "checkpoint tensor file")
     except FileNotFoundError:
         return None, bad(tpath, "missing; the checkpoint is incomplete")
     except PermissionError:
@@ -301,8 +297,8 @@ def _read_tensor_file(tpath: str, info: dict) -> Tuple[Optional[bytes], Optional
 
 def _changed(mpath: str, raw: bytes) -> bool:
     try:
-        return _read_bytes(mpath, MAX_MANIFEST_BYTES) != raw
-    except OSError:
+        return _read_bytes(mpath, MAX_MANIFEST_BYTES, "checkpoint manifest") != raw
+    except (OSError, ValueError):
         return True
 
 

@@ -23,12 +23,16 @@ A LoRA adapter is applied beside the base weights, in the adapter's precision: t
 logits equal the edited model's within float rounding, not bit for bit (a patch is exact).
 A module whose weight is shared with another (tied input and output embeddings) cannot be a
 LoRA target (the adapter would change one use and not the other): refused.
+
+**Reading back** (:func:`read_patch`, :func:`read_adapter`) validates both as a checkpoint is
+(:mod:`.validation`) before anything is built or written: regular files only, the manifest
+(``patch.json``, or :data:`BASE_FILE` beside an adapter) against its schema, and every tensor
+against the sha256 of its bytes, dtype and shape that the manifest records (an adapter's
+tensors must be finite too). A patch is then written whole or not at all.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -39,21 +43,46 @@ from .._version import __version__
 from ..model.targets import EditTarget, resolve_target
 from ..parallel.concurrency import model_locks
 from ..utils.files import atomic_write_json
-from .fingerprint import fingerprint, fingerprint_diff
+from .fingerprint import fingerprint, fingerprint_diff, weight_sha256
+from .validation import (
+    MAX_MANIFEST_BYTES,
+    bad,
+    check_names,
+    check_tensors,
+    count,
+    fingerprint_field,
+    is_object,
+    parse_json,
+    read_artefact,
+    read_manifest,
+    read_tensors,
+    sha256_map,
+)
 
 PATCH_FORMAT = "ultraedit_fast.patch"
 PATCH_VERSION = 1
 PATCH_TENSORS = "patch.safetensors"
 PATCH_MANIFEST = "patch.json"
 BASE_FILE = "ultraedit_fast_base.json"  # beside a LoRA adapter: the base it was made for
+BASE_FORMAT = "ultraedit_fast.lora-base"
+BASE_VERSION = 1
+ADAPTER_TENSORS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
-
-def weight_sha256(w: torch.Tensor) -> str:
-    """sha256 of a weight's bytes in its own dtype, with its shape and dtype."""
-    t = w.detach().to("cpu").contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+# the manifests' fields and their types (:func:`.validation.check_fields`)
+_PATCH_FIELDS = {
+    "base": is_object,
+    "base.fingerprint": fingerprint_field,
+    "base.weights_sha256": sha256_map,
+    "edited_weights_sha256": sha256_map,
+    "config": is_object,
+    "turns": count,
+}
+_BASE_FIELDS = {
+    "fingerprint": fingerprint_field,
+    "weights_sha256": sha256_map,
+    "adapter_weights_sha256": sha256_map,
+}
 
 
 def _directory(path) -> str:
@@ -112,30 +141,30 @@ def write_patch(
 
 
 def read_patch(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+    """The patch at ``path`` (``FileNotFoundError`` when there is none), every part of it
+    checked before it is used (``ValueError`` naming the file and the field or module): the
+    manifest's schema; each module of the base's fingerprint recorded in both hash maps; its
+    tensor present, with the module's shape and dtype and the recorded sha256; no other
+    tensor; regular files only."""
     d = os.fspath(path)
     mpath = os.path.join(d, PATCH_MANIFEST)
-    if not os.path.isfile(mpath):
+    if not os.path.lexists(mpath):
         raise FileNotFoundError(f"path: no patch at {d!r} ({PATCH_MANIFEST} missing)")
-    try:
-        with open(mpath) as f:
-            body = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{mpath}: not a patch manifest ({e})") from None
-    if not isinstance(body, dict) or body.get("format") != PATCH_FORMAT:
-        raise ValueError(f"{mpath}: not an ultraedit_fast patch")
-    if not isinstance(body.get("format_version"), int) or body["format_version"] > PATCH_VERSION:
-        raise ValueError(
-            f"{mpath}: patch format version {body.get('format_version')!r}; this "
-            f"package reads version {PATCH_VERSION} and older"
-        )
-    tensors = load_file(os.path.join(d, PATCH_TENSORS), device="cpu")
-    for name, sha in body.get("edited_weights_sha256", {}).items():
-        if name not in tensors or weight_sha256(tensors[name]) != sha:
-            raise ValueError(
-                f"{os.path.join(d, PATCH_TENSORS)}: tensor {name!r} is missing or "
-                "does not match the manifest's hash (a corrupt or altered patch)"
+    body = read_manifest(mpath, "patch", PATCH_FORMAT, PATCH_VERSION, _PATCH_FIELDS)
+    modules = body["base"]["fingerprint"]["modules"]
+    check_names(mpath, "base.weights_sha256", body["base"]["weights_sha256"], modules)
+    check_names(mpath, "edited_weights_sha256", body["edited_weights_sha256"], modules)
+    tpath = os.path.join(d, PATCH_TENSORS)
+    tensors = read_tensors(tpath, "patch")
+    check_tensors(tpath, tensors, body["edited_weights_sha256"])
+    for name, m in modules.items():
+        t = tensors[name]
+        shape, dtype = list(t.shape), str(t.dtype).replace("torch.", "")
+        if shape != m.get("shape") or dtype != m.get("dtype"):
+            raise bad(
+                tpath,
+                f"tensor {name!r} has shape {shape} and dtype {dtype}; the module's weight "
+                f"has {m.get('shape')} and {m.get('dtype')} (an altered patch)",
             )
     return body, tensors
 
@@ -167,9 +196,11 @@ def apply_patch(model, path) -> List[str]:
             "edited, or another checkpoint of the architecture); a patch applies "
             "to the unedited base model"
         )
+    # every check passed: the patch is written whole (each tensor on its module's device first)
+    staged = [(t, tensors[t.name].to(t.weight.device)) for t in targets]
     with torch.no_grad(), model_locks(model).weights.writing():
-        for t in targets:
-            t.weight.data.copy_(tensors[t.name].to(t.weight.device))
+        for t, w in staged:
+            t.weight.data.copy_(w)
     return names
 
 
@@ -310,35 +341,57 @@ def _write_adapter(
     for into the directory ``d``; returns the three files' paths."""
     from safetensors.torch import save_file
 
-    save_file(tensors, os.path.join(d, "adapter_model.safetensors"), metadata={"format": "pt"})
-    atomic_write_json(os.path.join(d, "adapter_config.json"), config)
+    save_file(tensors, os.path.join(d, ADAPTER_TENSORS), metadata={"format": "pt"})
+    atomic_write_json(os.path.join(d, ADAPTER_CONFIG), config)
     atomic_write_json(
         os.path.join(d, BASE_FILE),
         {
-            "format": "ultraedit_fast.lora-base",
+            "format": BASE_FORMAT,
+            "format_version": BASE_VERSION,
             "ultraedit_fast": __version__,
             "fingerprint": fingerprint(model, targets),
             "weights_sha256": dict(base_sha256 or {}),
+            "adapter_weights_sha256": {n: weight_sha256(w) for n, w in tensors.items()},
             "relative_error": errors,
         },
     )
-    return [
-        os.path.join(d, "adapter_config.json"),
-        os.path.join(d, "adapter_model.safetensors"),
-        os.path.join(d, BASE_FILE),
+    return [os.path.join(d, f) for f in (ADAPTER_CONFIG, ADAPTER_TENSORS, BASE_FILE)]
+
+
+def read_adapter(path) -> dict:
+    """The base file (:data:`BASE_FILE`) of the adapter at ``path`` (``FileNotFoundError``
+    when there is none), after every file of the adapter was checked (``ValueError`` naming
+    the file and the field or tensor): regular files only, the base file's schema, the
+    config a JSON object, and each tensor recorded for the base's modules present, finite,
+    with the sha256 of its bytes, dtype and shape that the base file records; no other."""
+    d = os.fspath(path)
+    if not os.path.exists(d):
+        raise FileNotFoundError(f"path: no LoRA adapter at {d!r}")
+    bpath = os.path.join(d, BASE_FILE)
+    base = read_manifest(bpath, "LoRA adapter", BASE_FORMAT, BASE_VERSION, _BASE_FIELDS)
+    hashes = base["adapter_weights_sha256"]
+    expected = [
+        f"base_model.model.{n}.lora_{ab}.weight"
+        for n in base["fingerprint"]["modules"]
+        for ab in "AB"
     ]
+    check_names(bpath, "adapter_weights_sha256", hashes, expected)
+    cpath = os.path.join(d, ADAPTER_CONFIG)
+    config = parse_json(cpath, read_artefact(cpath, "LoRA adapter", MAX_MANIFEST_BYTES), "config")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise bad(cpath, "not the config of a PEFT LoRA adapter")
+    tpath = os.path.join(d, ADAPTER_TENSORS)
+    check_tensors(tpath, read_tensors(tpath, "LoRA adapter"), hashes, finite=True)
+    return base
 
 
 def load_lora(model, path):
-    """``peft.PeftModel.from_pretrained(model, path)`` after checking that ``model`` is the
-    adapter's base (the fingerprint and original weights recorded beside it): ``ValueError``
-    naming the difference otherwise. (PEFT itself loads an adapter onto any model whose module
-    names match.)"""
-    bpath = os.path.join(os.fspath(path), BASE_FILE)
-    if not os.path.isfile(bpath):
-        raise FileNotFoundError(f"path: {bpath} is missing: not an adapter written by export_lora")
-    with open(bpath) as f:
-        base = json.load(f)
+    """``peft.PeftModel.from_pretrained(model, path)`` after checking the adapter's files
+    (:func:`read_adapter`) and that ``model`` is the adapter's base (the fingerprint and
+    original weights recorded beside it): ``ValueError`` naming the difference otherwise,
+    and nothing built. (PEFT itself loads an adapter onto any model whose module names
+    match.)"""
+    base = read_adapter(path)
     names = list(base["fingerprint"]["modules"])
     targets = []
     for n in names:

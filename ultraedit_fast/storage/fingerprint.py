@@ -1,7 +1,9 @@
 """What identifies the model a checkpoint, a patch or an adapter was made for: its
 architecture, every parameter's name and shape, each edited module's kind, shape and dtype
-(:func:`fingerprint`), a cheap hash of the edited weights (:func:`weights_digest`), and the
-differences between two fingerprints, one line each (:func:`fingerprint_diff`)."""
+(:func:`fingerprint`), a cheap hash of the edited weights (:func:`weights_digest`), the
+differences between two fingerprints, one line each (:func:`fingerprint_diff`), and the sha256
+of one weight's bytes with its dtype and shape (:func:`weight_sha256`: patches and adapters
+record it for every tensor they hold)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,14 @@ from typing import List
 import torch
 
 _SAMPLE = 4096  # elements of each edited weight hashed into the fingerprint
+
+
+def weight_sha256(w: torch.Tensor) -> str:
+    """sha256 of a weight's bytes in its own dtype, with its shape and dtype."""
+    t = w.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def weights_digest(targets) -> str:

@@ -99,7 +99,9 @@ def read_regular_file(path: str, what: str, limit: Optional[int] = None) -> byte
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{what}: {path!r} is not a regular file")
+            raise ValueError(
+                f"{what}: {path!r} is not a regular file ({_kind(st.st_mode)}); refused unread"
+            )
         if limit is not None and st.st_size > limit:
             raise ValueError(
                 f"{what}: {path!r} is {st.st_size} bytes, more than the {limit} expected"
@@ -110,3 +112,17 @@ def read_regular_file(path: str, what: str, limit: Optional[int] = None) -> byte
             return f.read()
     finally:
         os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "of an unknown kind"

@@ -1,0 +1,197 @@
+"""A model that stays healthy over many edits: the stabilisers side by side on SmolLM2.
+
+    python benchmarks/health_smollm2.py [--scenarios daily,stream] [--configs NAME,...]
+        [--output benchmarks/results/health-smollm2-cpu.json]
+
+Scenarios (CounterFact, counterfactual targets, records no tuning saw: the held-out split
+below; nothing in the package was tuned on them):
+
+- ``daily``: 30 turns x 10 facts, records 5000-5299 (the facts regime's defaults);
+- ``stream``: 10 turns x 100 facts, records 6000-6999 (the stream preset).
+
+Each configuration edits a fresh copy of the unedited model and is scored once, after the
+last turn, on every edit of the run against the unedited model's baseline (captured once
+per scenario): ES_gen (the target generated after the edit prompt), LS_gen_unedited (the
+edited records' locality prompts keep their unedited greedy answer), and the health figures
+(:mod:`ultraedit_fast.scoring.health`): unrelated prompts' greedy answers kept, perplexity
+ratio and next-token agreement on held-out general text (``../shared/data/general``, the
+Lee news corpus; the preserved keys come from the package's own sample, a different text).
+
+Configurations (``--configs``, see :func:`options`): ``defaults`` (no option), ``paper``
+(``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``w<W>`` (``preserve_weight``),
+``ridge<R>`` (the solve's regulariser), joined with ``+`` on top of the defaults.
+Results: one JSON (appended per configuration, so a stopped run keeps what it measured)
+and a PNG of ES_gen against each health figure, one point per configuration.
+"""
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from ultraedit_fast import capture_baseline  # noqa: E402
+from ultraedit_fast.data.datasets import load_requests  # noqa: E402
+from ultraedit_fast.lifelong import run_lifelong  # noqa: E402
+from ultraedit_fast.model.loading import load_model  # noqa: E402
+from ultraedit_fast.utils.environment import environment  # noqa: E402
+from ultraedit_fast.utils.files import atomic_write_json  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data")
+COUNTERFACT = os.path.join(DATA, "counterfact", "counterfact_easyedit_train-10k.json")
+GENERAL = os.path.join(DATA, "general", "lee_background.txt")
+SCENARIOS = {"daily": (30, 10, 5000), "stream": (10, 100, 6000)}
+KEYS = (
+    "ES",
+    "ES_gen",
+    "GS_gen",
+    "LS_gen_unedited",
+    "health_unrelated_kept",
+    "health_ppl_ratio",
+    "health_top1",
+    "drift_top1",
+)
+
+
+def options(name):
+    """The editor options of a configuration name: ``defaults``, or ``+``-joined parts
+    ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
+    ``ridge<R>`` (the solve's regulariser)."""
+    if name == "defaults":
+        return {}
+    out = {}
+    for part in name.split("+"):
+        m = re.fullmatch(r"(paper|preserve|w|ridge)([0-9.]*)", part)
+        if not m or (m.group(1) != "paper" and not m.group(2)):
+            raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
+        key, val = m.groups()
+        if key == "paper":
+            out["step"] = "paper"
+        elif key == "preserve":
+            out["preserve_general"] = int(val)
+        elif key == "w":
+            out["preserve_weight"] = float(val)
+        else:
+            out["ridge"] = float(val)
+    return out
+
+
+def run_config(model0, tok, reqs, base, turns, per_turn, name):
+    model = copy.deepcopy(model0)
+    t0 = time.perf_counter()
+    res = run_lifelong(
+        model,
+        tok,
+        reqs,
+        turns=turns,
+        edits_per_turn=per_turn,
+        eval_before=False,
+        base=base,
+        progress=False,
+        plot=False,
+        eval_batch_size=64,
+        **options(name),
+    )
+    m = res["metrics"]
+    rows = [r for r in res["turns"] if r["refused"] is None]
+    acted = sorted({s for r in rows for s in r.get("stabilisers") or []})
+    return {
+        "options": options(name),
+        "metrics": {k: m.get(k) for k in KEYS},
+        "stabilisers_acted": acted,
+        "refused_turns": res["refused_turns"],
+        "mean_turn_seconds": res["timing"]["mean_turn_seconds"],
+        "edit_seconds": res["timing"]["edit_seconds"],
+        "scoring_seconds": res["timing"]["eval_seconds"],
+        "wall_seconds": time.perf_counter() - t0,
+        "config": {k: res["config"][k] for k in ("modules", "lr", "preset")},
+    }
+
+
+def plot(doc, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("health_ppl_ratio", "perplexity ratio, general text (lower is better)"),
+        ("health_top1", "next token unchanged, general text"),
+        ("health_unrelated_kept", "unrelated prompts: greedy answer kept"),
+        ("LS_gen_unedited", "edited records' locality prompts kept"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6))
+    for ax, (key, title) in zip(axes, panels):
+        for scen, marker in (("daily", "o"), ("stream", "s")):
+            for name, r in doc["scenarios"].get(scen, {}).get("configs", {}).items():
+                x, y = r["metrics"].get(key), r["metrics"].get("ES_gen")
+                if x is None or y is None:
+                    continue
+                ax.scatter([x], [y], marker=marker)
+                ax.annotate(
+                    f"{scen}:{name}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+        ax.set_xlabel(title)
+        ax.set_ylabel("ES_gen over all edits")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, CounterFact held-out: ES_gen against health "
+        f"({doc['environment'].get('cpu_model', 'CPU')})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scenarios", default="daily,stream")
+    p.add_argument("--configs", default="defaults,paper,preserve256,preserve1024")
+    p.add_argument("--output", default=os.path.join(HERE, "results", "health-smollm2-cpu.json"))
+    p.add_argument("--quick", action="store_true", help="2 turns x 5 facts: a smoke test")
+    args = p.parse_args(argv)
+    for path in (COUNTERFACT, GENERAL):
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} is absent (../shared/data): nothing to measure")
+    model0, tok = load_model("smollm2")
+    doc = {
+        "schema": "ultraedit_fast.health/1",
+        "environment": environment("cpu"),
+        "general_text": os.path.relpath(GENERAL, os.path.join(HERE, "..")),
+        "scenarios": {},
+    }
+    if os.path.exists(args.output):
+        doc = json.load(open(args.output))
+    for scen in args.scenarios.split(","):
+        turns, per_turn, offset = SCENARIOS[scen]
+        if args.quick:  # a check that the script runs, not a measurement
+            turns, per_turn = 2, 5
+        reqs = list(load_requests(COUNTERFACT, "auto", offset=offset, limit=turns * per_turn))
+        t0 = time.perf_counter()
+        base = capture_baseline(model0, tok, reqs, batch_size=64, health=GENERAL)
+        entry = doc["scenarios"].setdefault(scen, {"configs": {}})
+        entry.update(
+            turns=turns,
+            edits_per_turn=per_turn,
+            records=f"counterfact_easyedit_train-10k.json[{offset}:{offset + turns * per_turn}]",
+            baseline_seconds=time.perf_counter() - t0,
+        )
+        for name in args.configs.split(","):
+            print(f"{scen}: {name} ...", file=sys.stderr, flush=True)
+            entry["configs"][name] = run_config(model0, tok, reqs, base, turns, per_turn, name)
+            print(json.dumps(entry["configs"][name]["metrics"]), file=sys.stderr, flush=True)
+            atomic_write_json(args.output, doc)
+    plot(doc, args.output.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()

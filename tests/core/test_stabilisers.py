@@ -1,0 +1,92 @@
+"""The stabilisers: options beside the paper's turn, each off by default where the paper
+mode must stay exactly the paper's, each doing what it says when on."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny, random_requests
+from ultraedit_fast import UltraEditor
+from ultraedit_fast.core.preserve import GeneralKeys
+from ultraedit_fast.core.solve import ShiftSolver
+from ultraedit_fast.model.targets import resolve_targets
+
+
+@pytest.mark.parametrize("n, d", [(7, 13), (19, 5)])  # dual and primal
+def test_the_ridge_is_the_solves_regulariser(n, d):
+    g = torch.Generator().manual_seed(n)
+    k = torch.randn(n, d, generator=g, dtype=torch.float64).float()
+    v = torch.randn(n, 3, generator=g, dtype=torch.float64).float()
+    for r in (1.0, 10.0):
+        a, kk = ShiftSolver(k.clone(), ridge=r).factors(v)
+        delta = (a.t() @ kk).t()  # d x 3
+        k64, v64 = k.double(), v.double()
+        want = k64.t() @ torch.linalg.solve(
+            k64 @ k64.t() + r * torch.eye(n, dtype=torch.float64), v64
+        )
+        assert torch.allclose(delta.double(), want, rtol=1e-4, atol=1e-5), r
+    # ridge 1 is bit for bit the paper's solve
+    a1, _ = ShiftSolver(k.clone()).factors(v)
+    a2, _ = ShiftSolver(k.clone(), ridge=1.0).factors(v)
+    assert torch.equal(a1, a2)
+
+
+def test_preserved_general_keys_keep_the_modules_outputs(toy_tokenizer):
+    """With a heavy weight, the update leaves the edited modules' outputs at the preserved
+    keys (almost) as they were, where the plain turn moves them; the report says so."""
+    model, modules = make_tiny("llama")
+    reqs = random_requests(8, seed=5)
+    keys = GeneralKeys(toy_tokenizer, 96)
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in modules}
+    kp = keys.keys(model, resolve_targets(model, modules))
+
+    def moved(**kw):
+        m = copy.deepcopy(model)
+        rep = UltraEditor(m, toy_tokenizer, modules=modules, lr=0.5, **kw).edit(reqs)
+        out = {}
+        for n in modules:
+            dw = m.get_submodule(n).weight.detach() - before[n]
+            out[n] = float((kp[n] @ dw.t()).norm())
+        return out, rep
+
+    plain, rep0 = moved()
+    kept, rep1 = moved(preserve_general=96, preserve_weight=1e4)
+    assert rep0.stabilisers == [] and rep1.stabilisers == ["preserve_general"]
+    for n in modules:
+        assert kept[n] < 0.05 * plain[n], (n, kept[n], plain[n])
+
+
+def test_the_paper_turn_is_untouched_with_the_stabilisers_off(toy_tokenizer):
+    model, modules = make_tiny("llama")
+    reqs = random_requests(6, seed=6)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    UltraEditor(a, toy_tokenizer, modules=modules, lr=0.5).edit(reqs)
+    UltraEditor(b, toy_tokenizer, modules=modules, lr=0.5, preserve_general=0, ridge=1.0).edit(reqs)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_bad_preserve_text_is_refused_at_construction(toy_tokenizer, tmp_path):
+    model, modules = make_tiny("llama")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    with pytest.raises(ValueError, match="short.txt"):
+        UltraEditor(
+            model,
+            toy_tokenizer,
+            modules=modules,
+            lr=0.5,
+            preserve_general=8,
+            preserve_text=str(short),
+        )
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        UltraEditor(
+            model,
+            toy_tokenizer,
+            modules=modules,
+            lr=0.5,
+            preserve_general=8,
+            preserve_text=str(tmp_path / "missing.txt"),
+        )
+    with pytest.raises(ValueError, match="ridge"):
+        UltraEditor(model, toy_tokenizer, modules=modules, lr=0.5, ridge=0.0)

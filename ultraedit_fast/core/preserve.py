@@ -1,0 +1,94 @@
+"""Preserved keys: inputs of the edited modules on general text, which a turn's solve asks to
+leave alone.
+
+With ``preserve_general=P`` the editor reads a general text once (a file, ``preserve_text``,
+or the package's sample), and at every turn runs the current model over a fixed set of its
+windows, keeping each edited module's input at ``P`` fixed positions. These rows join the
+turn's system with value zero: with ``K' = [K; s K_p]`` and ``V' = [V; 0]``,
+
+    Delta = K'^T (K' K'^T + I)^-1 V',
+
+the regularised least squares that also asks the module's output at those keys to stay as
+it is (``s^2 = preserve_weight`` weighs them against the edits). Taken from the current
+model each turn, the keys are no state: a checkpoint needs nothing more, and a resumed run
+takes the turns an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..model.forward import input_device, preserved_model_state
+from ..model.targets import EditTarget
+from ..parallel.concurrency import ThreadOwned
+from ..scoring.generation import spread
+from ..scoring.health import read_health_text
+
+PRESERVE_WINDOW = 64  # tokens per window of the preserved text
+
+
+class GeneralKeys:
+    """The fixed token positions of a general text whose keys a turn preserves."""
+
+    def __init__(self, tokenizer, rows: int, path: Optional[str] = None):
+        text, self.source = read_health_text(path)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = len(ids) // PRESERVE_WINDOW
+        if n < 1:
+            raise ValueError(
+                f"preserve_text: {self.source!r} is too short for one window of "
+                f"{PRESERVE_WINDOW} tokens ({len(ids)} tokens)"
+            )
+        # enough windows for ``rows`` positions (the first token of a window has no context)
+        need = -(-rows // (PRESERVE_WINDOW - 1))
+        starts = spread([k * PRESERVE_WINDOW for k in range(n)], max(need, 1))
+        self.windows = torch.tensor(
+            [ids[s : s + PRESERVE_WINDOW] for s in starts], dtype=torch.long
+        )
+        positions = [(w, p) for w in range(len(starts)) for p in range(1, PRESERVE_WINDOW)]
+        self.positions = spread(positions, rows)
+        self.rows = len(self.positions)
+
+    def keys(self, model, targets: Sequence[EditTarget]) -> Dict[str, torch.Tensor]:
+        """Each target's input (fp32, ``rows x d_in``) at the fixed positions, on the model
+        as it is now."""
+        seen: Dict[str, List[torch.Tensor]] = {t.name: [] for t in targets}
+        thread = ThreadOwned()
+
+        def hook(name):
+            def keep(module, args, *rest):
+                if thread.owns():
+                    seen[name].append(args[0].detach().float())
+
+            return keep
+
+        handles = [t.module.register_forward_hook(hook(t.name)) for t in targets]
+        try:
+            with preserved_model_state(model), torch.no_grad():
+                model.eval()
+                model(input_ids=self.windows.to(input_device(model)), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        w = torch.tensor([w for w, _ in self.positions])
+        p = torch.tensor([p for _, p in self.positions])
+        out = {}
+        for t in targets:
+            x = seen[t.name][0]
+            out[t.name] = x[w.to(x.device), p.to(x.device)]
+        return out
+
+
+def general_keys_for(tokenizer, config, targets) -> Optional[GeneralKeys]:
+    """``preserve_general``'s keys, refused (naming the module) where they cannot apply."""
+    if not config.preserve_general:
+        return None
+    for t in targets:
+        if t.tp is not None:
+            raise ValueError(
+                f"preserve_general: module {t.name!r} is tensor-parallel; the "
+                "preserved keys support unsharded modules only"
+            )
+    return GeneralKeys(tokenizer, config.preserve_general, config.preserve_text)
