@@ -19,7 +19,8 @@ Lee news corpus; the preserved keys come from the package's own sample, a differ
 
 Configurations (``--configs``, see :func:`options`): ``defaults`` (no option), ``paper``
 (``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``w<W>`` (``preserve_weight``),
-``ridge<R>`` (the solve's regulariser), joined with ``+`` on top of the defaults.
+``ridge<R>`` (the solve's regulariser), ``lb<X>`` (the step search's locality budget),
+``max<S>`` (its largest scale), joined with ``+`` on top of the defaults.
 Results: one JSON (appended per configuration, so a stopped run keeps what it measured)
 and a PNG of ES_gen against each health figure, one point per configuration.
 """
@@ -64,12 +65,13 @@ KEYS = (
 def options(name):
     """The editor options of a configuration name: ``defaults``, or ``+``-joined parts
     ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
-    ``ridge<R>`` (the solve's regulariser)."""
+    ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
+    ``max<S>`` (step="auto"'s largest scale)."""
     if name == "defaults":
         return {}
     out = {}
     for part in name.split("+"):
-        m = re.fullmatch(r"(paper|preserve|w|ridge)([0-9.]*)", part)
+        m = re.fullmatch(r"(paper|preserve|w|ridge|lb|max)([0-9.]*)", part)
         if not m or (m.group(1) != "paper" and not m.group(2)):
             raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
         key, val = m.groups()
@@ -79,6 +81,10 @@ def options(name):
             out["preserve_general"] = int(val)
         elif key == "w":
             out["preserve_weight"] = float(val)
+        elif key == "lb":
+            out["locality_budget"] = float(val)
+        elif key == "max":
+            out["max_step_scale"] = float(val)
         else:
             out["ridge"] = float(val)
     return out
@@ -144,7 +150,7 @@ def plot(doc, path):
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"SmolLM2-135M-Instruct, CounterFact held-out: ES_gen against health "
-        f"({doc['environment'].get('cpu_model', 'CPU')})",
+        f"({doc['environment'].get('device_name', 'CPU')})",
         fontsize=10,
     )
     fig.tight_layout()

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._log import log
 from ..model.forward import input_device, preserved_model_state
 from ..model.targets import EditTarget
 from ..parallel.concurrency import ThreadOwned
@@ -50,6 +51,16 @@ class GeneralKeys:
         positions = [(w, p) for w in range(len(starts)) for p in range(1, PRESERVE_WINDOW)]
         self.positions = spread(positions, rows)
         self.rows = len(self.positions)
+        if self.rows < rows:
+            log.warning(
+                "ultraedit_fast: preserve_general=%d, but %s has room for %d keys (%d tokens); "
+                "preserving %d",
+                rows,
+                self.source,
+                self.rows,
+                len(ids),
+                self.rows,
+            )
 
     def keys(self, model, targets: Sequence[EditTarget]) -> Dict[str, torch.Tensor]:
         """Each target's input (fp32, ``rows x d_in``) at the fixed positions, on the model

@@ -370,7 +370,7 @@ def _rank_update_kernel(
 # within 180 KB of shared memory; benchmarks/bench_ops.py times them on the
 # Mistral-7B down_proj: make the fastest the default.
 _RANK_CONFIG_TF32 = (128, 128, 32, 8, 3)
-_RANK_CONFIG_IEEE = (64, 64, 32, 4, 3)  # as before, with Triton's default num_stages
+_RANK_CONFIG_IEEE = (64, 64, 32, 4, 3)  # Triton's default num_stages
 _RANK_CONFIG_INTERPRET = (32, 32, 16, 4, 1)
 RANK_CONFIGS_TO_TRY = [
     (128, 128, 32, 8, 3),
