@@ -108,3 +108,53 @@ def test_an_unusable_kernel_cache_falls_back_to_the_pytorch_kernels(tmp_path):
         assert "kernel cache" in warned[0] and "ULTRAEDIT_FAST_CACHE" in warned[0], warned
     if frozen is None:
         pytest.skip("chattr +i is not available here: the immutable case did not run")
+
+
+LOAD = textwrap.dedent("""
+    import json, logging, os, sys
+    sys.path.insert(0, sys.argv[1])
+    from conftest import make_tiny, ToyTokenizer
+    import ultraedit_fast as u
+    from ultraedit_fast.kernels import extension
+
+    extension._load_prebuilt = lambda: "forced: no install-time extension"
+    warnings = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelname == "WARNING":
+                warnings.append(record.getMessage())
+
+    logging.getLogger("ultraedit_fast").addHandler(Keep())
+    model, modules = make_tiny("llama")
+    ed = u.UltraEditor(model, ToyTokenizer(), modules=modules)
+    print("RESULT " + json.dumps({"backend": ed.backend, "warnings": warnings}))
+""")
+
+
+def _load_in_child(cache):
+    env = dict(os.environ, ULTRAEDIT_FAST_CACHE=str(cache), ULTRAEDIT_FAST_JIT="1")
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD, TESTS], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.mark.slow
+def test_an_altered_cached_library_is_not_loaded(tmp_path):
+    """The compiled library in the cache is loaded only with the sha256 recorded when it
+    was compiled: a flipped byte falls back to the PyTorch kernels, naming the file."""
+    first = _load_in_child(tmp_path)
+    if first["backend"] != "cpp":
+        pytest.skip(f"the kernels could not be compiled here: {first['warnings']}")
+    (lib,) = [p for p in tmp_path.rglob("ultraedit_fast_kernels.so")]
+    assert (lib.parent / "ultraedit_fast_kernels.so.sha256").exists()
+    assert _load_in_child(tmp_path)["backend"] == "cpp"  # as built: loaded again
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    lib.write_bytes(bytes(data))
+    after = _load_in_child(tmp_path)
+    assert after["backend"] == "torch"
+    assert any("cannot be trusted" in w and str(lib) in w for w in after["warnings"])

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import threading
 from typing import Dict, Optional
 
@@ -142,6 +143,9 @@ def _build_here(why: str) -> Optional[str]:
     flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
     if with_cuda:
         flags.append("-DULTRAEDIT_WITH_CUDA")
+    altered = _check_cached_library(build_dir)
+    if altered is not None:
+        return f"{why}; {altered}"
     built_before = any(f.endswith(".so") for f in os.listdir(build_dir))
     if not built_before:
         log.warning(
@@ -174,7 +178,55 @@ def _build_here(why: str) -> Optional[str]:
     except Exception as e:  # noqa: BLE001 - any build failure falls back, with the reason
         first = str(e).strip().splitlines()
         return f"{why}; compiling the kernels for this torch failed ({first[0] if first else e})"
+    _record_cached_library(build_dir)
     return None
+
+
+LIBRARY = "ultraedit_fast_kernels.so"
+LIBRARY_HASH = LIBRARY + ".sha256"
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_cached_library(build_dir: str) -> Optional[str]:
+    """A cached library is loaded only as it was built: a regular file whose sha256 is the
+    one recorded beside it when it was compiled here; else why not (the package then runs
+    on its PyTorch kernels, and deleting the directory makes it compile again)."""
+    lib, rec = os.path.join(build_dir, LIBRARY), os.path.join(build_dir, LIBRARY_HASH)
+    if not os.path.lexists(lib) or not os.path.exists(rec):
+        return None  # nothing cached yet, or cached before hashes were recorded
+    try:
+        if os.path.islink(lib) or not stat.S_ISREG(os.stat(lib).st_mode):
+            raise ValueError("it is not a regular file")
+        with open(rec) as f:
+            want = f.read().strip()
+        if _file_sha256(lib) != want:
+            raise ValueError("its sha256 is not the one recorded when it was compiled")
+    except (OSError, ValueError) as e:
+        return (
+            f"{BAD_CACHE} holds a compiled library {lib!r} that cannot be trusted ({e}); "
+            f"delete {build_dir!r} to compile it again"
+        )
+    return None
+
+
+def _record_cached_library(build_dir: str) -> None:
+    lib = os.path.join(build_dir, LIBRARY)
+    if not os.path.isfile(lib):
+        return
+    tmp = os.path.join(build_dir, f".{LIBRARY_HASH}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(_file_sha256(lib) + "\n")
+        os.replace(tmp, os.path.join(build_dir, LIBRARY_HASH))
+    except OSError:  # a cache we cannot write into still serves this process
+        pass
 
 
 def ensure() -> Optional[str]:
