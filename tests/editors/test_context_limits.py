@@ -119,3 +119,20 @@ def test_the_step_search_leaves_out_anchor_prompts_longer_than_the_context():
     ed = UltraEditor(model, ToyTokenizer(), modules=["transformer.h.2.mlp.c_fc"], step="auto")
     ed.edit([EditRequest("x is", "Rome"), EditRequest("y is", "Paris")])
     assert ed.turns == 1
+
+
+def test_scoring_stays_within_the_context():
+    """evaluate() decodes len(answer) + 3 tokens after each prompt: for texts that just fit,
+    greedy decoding is cut at the context (GPT-2's learned positions end at 128)."""
+    from ultraedit_fast import capture_baseline, evaluate
+
+    model, _ = make_tiny("gpt2")
+    reqs = [
+        EditRequest(
+            "q is", "r", rephrase="f" * 125, locality_prompt="g" * 100, locality_answer="h" * 27
+        ),
+        EditRequest("s is", "t", rephrase="u", locality_prompt="v", locality_answer="w" * 30),
+    ]
+    base = capture_baseline(model, ToyTokenizer(), reqs)
+    m = evaluate(model, ToyTokenizer(), reqs, base=base)
+    assert m["n"] == 2 and m["ES_gen"] is not None

@@ -198,7 +198,7 @@ class StepSearch:
         )
         self.locality_kind, prompts, budgets = _locality_prompts(tokenizer, requests, given)
         ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
-        conts = _decode_within(model, tokenizer, ids, budgets, batch_size, max_length)
+        conts = greedy_decode(model, tokenizer, ids, budgets, batch_size)
         # the keys to preserve (locality_keys): at the model's own continuation and, for the
         # requests' locality prompts, at their given answer too
         self.preserved: List[TokenizedRequest] = _given_answers(
@@ -329,35 +329,6 @@ def _locality_prompts(
     edit_prompts = {r.prompt.strip() for r in requests}
     prompts = spread([p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts], CHECK_SAMPLE)
     return "anchors", prompts, [ANCHOR_TOKENS] * len(prompts)
-
-
-def _decode_within(
-    model,
-    tokenizer,
-    ids: List[List[int]],
-    budgets: List[int],
-    batch_size: int,
-    max_length: Optional[int],
-) -> List[List[int]]:
-    """Greedy continuations that never run past the context: each budget cut to what fits
-    after its prompt (none for a prompt longer than the context). One batch of decoding
-    runs every row as long as its longest, so prompts too near the context's end for the
-    longest budget are decoded one by one."""
-    if max_length is None:
-        return greedy_decode(model, tokenizer, ids, budgets, batch_size)
-    budgets = [max(0, min(b, max_length - len(p) + 1)) for p, b in zip(ids, budgets)]
-    longest = max(budgets, default=0)
-    roomy = [i for i, p in enumerate(ids) if len(p) + longest - 1 <= max_length]
-    out: List[List[int]] = [[] for _ in ids]
-    conts = greedy_decode(
-        model, tokenizer, [ids[i] for i in roomy], [budgets[i] for i in roomy], batch_size
-    )
-    for i, c in zip(roomy, conts):
-        out[i] = c
-    for i in sorted(set(range(len(ids))) - set(roomy)):
-        if budgets[i] > 0:
-            out[i] = greedy_decode(model, tokenizer, [ids[i]], [budgets[i]], 1)[0]
-    return out
 
 
 def _given_answers(

@@ -38,7 +38,7 @@ import torch
 from ..parallel.concurrency import model_locks
 from ..utils.display import bar
 from ..model.forward import preserved_model_state
-from ..model.requests import prompt_ids
+from ..model.requests import context_length, prompt_ids
 
 EXTRA_TOKENS = 3  # new tokens beyond the target's length
 FLUENCY_PROMPTS = 32
@@ -132,12 +132,39 @@ def greedy_decode(
     stop_at_eos: bool = True,
 ) -> List[List[int]]:
     """Greedy continuations (new token ids) of the token-id ``prompts``, each of at most
-    ``max_new_tokens[i]`` tokens, stopping at an end-of-sequence token (not included).
+    ``max_new_tokens[i]`` tokens, stopping at an end-of-sequence token (not included), and
+    never past the model's context: each budget is cut to what fits after its prompt (none
+    for a prompt longer than the context).
 
     Prompts of similar length run together, left-padded, with a KV cache: one pass over the
-    prompts, then one single-token pass per new token."""
+    prompts, then one single-token pass per new token. A batch runs every row as long as its
+    longest, so prompts too near the context's end for the longest budget run one by one."""
     if len(prompts) != len(max_new_tokens):
         raise ValueError("max_new_tokens: expected one count per prompt")
+    ctx = context_length(model)
+    if ctx is None:
+        return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_eos)
+    budgets = [max(0, min(b, ctx - len(p) + 1)) for p, b in zip(prompts, max_new_tokens)]
+    longest = max(budgets, default=0)
+    roomy = [i for i, p in enumerate(prompts) if len(p) + longest - 1 <= ctx]
+    out: List[List[int]] = [[] for _ in prompts]
+    conts = _greedy(
+        model,
+        tokenizer,
+        [prompts[i] for i in roomy],
+        [budgets[i] for i in roomy],
+        batch_size,
+        stop_at_eos,
+    )
+    for i, c in zip(roomy, conts):
+        out[i] = c
+    for i in sorted(set(range(len(prompts))) - set(roomy)):
+        if budgets[i] > 0:
+            out[i] = _greedy(model, tokenizer, [prompts[i]], [budgets[i]], 1, stop_at_eos)[0]
+    return out
+
+
+def _greedy(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_eos):
     device = _device(model)
     pad = _pad_id(tokenizer)
     eos = _eos_ids(tokenizer, model) if stop_at_eos else set()
