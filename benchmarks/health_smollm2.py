@@ -20,7 +20,8 @@ Lee news corpus; the preserved keys come from the package's own sample, a differ
 Configurations (``--configs``, see :func:`options`): ``defaults`` (no option), ``paper``
 (``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``w<W>`` (``preserve_weight``),
 ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (the step search's locality budget),
-``max<S>`` (its largest scale), joined with ``+`` on top of the defaults.
+``max<S>`` (its largest scale), ``drift<X>`` (its budget of general text's next tokens
+changed per turn), joined with ``+`` on top of the defaults.
 Results: one JSON (appended per configuration, so a stopped run keeps what it measured)
 and a PNG of ES_gen against each health figure, one point per configuration.
 """
@@ -66,12 +67,13 @@ def options(name):
     """The editor options of a configuration name: ``defaults``, or ``+``-joined parts
     ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
     ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
-    ``max<S>`` (step="auto"'s largest scale)."""
+    ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
+    text)."""
     if name == "defaults":
         return {}
     out = {}
     for part in name.split("+"):
-        m = re.fullmatch(r"(paper|preserve|w|ridge|lb|max)([0-9.]*)", part)
+        m = re.fullmatch(r"(paper|preserve|w|ridge|lb|max|drift)([0-9.]*)", part)
         if not m or (m.group(1) != "paper" and not m.group(2)):
             raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
         key, val = m.groups()
@@ -85,6 +87,8 @@ def options(name):
             out["locality_budget"] = float(val)
         elif key == "max":
             out["max_step_scale"] = float(val)
+        elif key == "drift":
+            out["drift_budget"] = float(val)
         else:
             out["ridge"] = float(val)
     return out

@@ -99,6 +99,7 @@ def test_every_option_with_a_flag_is_accepted_by_run():
         "step_target": "0.5",
         "locality_budget": "0.1",
         "max_step_scale": "4",
+        "drift_budget": "0.1",
         "ridge": "2",
         "preserve_general": "4",
         "preserve_weight": "2",

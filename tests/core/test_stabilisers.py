@@ -90,3 +90,23 @@ def test_a_bad_preserve_text_is_refused_at_construction(toy_tokenizer, tmp_path)
         )
     with pytest.raises(ValueError, match="ridge"):
         UltraEditor(model, toy_tokenizer, modules=modules, lr=0.5, ridge=0.0)
+
+
+def test_the_drift_budget_bounds_the_step_search(toy_tokenizer):
+    """drift_budget: every try of step="auto" also measures the share of general text's next
+    tokens it changes; the kept step is one within the budget (or the published step)."""
+    model, modules = make_tiny("llama")
+    reqs = random_requests(8, seed=7)
+    free = UltraEditor(
+        copy.deepcopy(model), toy_tokenizer, modules=modules, lr=0.05, step="auto"
+    ).edit(reqs)
+    assert free.step_search["general_changed"] is None and free.stabilisers == []
+    rep = UltraEditor(
+        copy.deepcopy(model), toy_tokenizer, modules=modules, lr=0.05, step="auto", drift_budget=0.0
+    ).edit(reqs)
+    s = rep.step_search
+    assert rep.stabilisers == ["drift_budget"]
+    assert len(s["general_changed"]) == len(s["trials"])
+    kept = [t["mean_scale"] for t, g in zip(s["trials"], s["general_changed"]) if g <= 0.0]
+    assert rep.step_scale in kept + [1.0]
+    assert rep.step_scale <= free.step_scale

@@ -31,6 +31,7 @@ from .options import (
     check_fraction,
     check_lr,
     check_modules,
+    check_optional_fraction,
     check_positive_count,
     check_regime,
     check_scale,
@@ -220,6 +221,18 @@ class EditorConfig:
             "help": "stabiliser: the solve's regulariser (default 1, the paper's)",
         },
     )
+    drift_budget: Optional[float] = _option(
+        None,
+        check_optional_fraction,
+        "stabiliser, step='auto': the largest share of positions of a few windows of general "
+        "text (preserve_text) whose most likely next token a larger step may change against "
+        "the pre-turn model; None: not checked (only the locality prompts are)",
+        cli={
+            "type": cli_fraction,
+            "help": "stabiliser, step auto: largest share of general "
+            "text's next tokens a step may change (default: not checked)",
+        },
+    )
     preserve_general: int = _option(
         0,
         check_count,
@@ -393,6 +406,7 @@ class EditorOptions(TypedDict, total=False):
     preserve_locality: bool
     chat_template: bool
     ridge: float
+    drift_budget: Optional[float]
     preserve_general: int
     preserve_weight: float
     preserve_text: Optional[str]

@@ -118,6 +118,10 @@ def check_tokens_per_pass(name: str, v):
     return v
 
 
+def check_optional_fraction(name: str, v):
+    return None if v is None else check_fraction(name, v)
+
+
 def check_count(name: str, v):
     """An int >= 0 (0: off)."""
     return check_positive_int(name, v, minimum=0)

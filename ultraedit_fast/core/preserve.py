@@ -103,3 +103,40 @@ def general_keys_for(tokenizer, config, targets) -> Optional[GeneralKeys]:
                 "preserved keys support unsharded modules only"
             )
     return GeneralKeys(tokenizer, config.preserve_general, config.preserve_text)
+
+
+DRIFT_WINDOWS = 4  # windows of general text the drift budget checks
+
+
+class GeneralDrift:
+    """``drift_budget``: the share of positions of a few windows of general text whose most
+    likely next token a candidate step changes, against the pre-turn model (captured when
+    the turn's step search is prepared)."""
+
+    def __init__(self, windows: torch.Tensor, model):
+        self.windows = windows
+        self.reference = self._argmax(model)
+
+    @classmethod
+    def windows_of(cls, tokenizer, path: Optional[str] = None) -> torch.Tensor:
+        text, source = read_health_text(path)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = len(ids) // PRESERVE_WINDOW
+        if n < 1:
+            raise ValueError(
+                f"preserve_text: {source!r} is too short for one window of {PRESERVE_WINDOW} "
+                f"tokens ({len(ids)} tokens)"
+            )
+        starts = spread([k * PRESERVE_WINDOW for k in range(n)], DRIFT_WINDOWS)
+        return torch.tensor([ids[s : s + PRESERVE_WINDOW] for s in starts], dtype=torch.long)
+
+    @torch.no_grad()
+    def _argmax(self, model) -> torch.Tensor:
+        with preserved_model_state(model):
+            model.eval()
+            x = self.windows.to(input_device(model))
+            return model(input_ids=x, use_cache=False).logits.argmax(-1).cpu()
+
+    def changed(self, model) -> float:
+        """The share of positions whose most likely next token differs from the reference."""
+        return float((self._argmax(model) != self.reference).double().mean())

@@ -141,6 +141,7 @@ class StepResult:
     scales: Optional[List[float]] = None
     trials: List[Tuple[float, float, float]] = field(default_factory=list)
     locality: str = "requests"  # "requests" or "anchors"
+    general_changed: List[float] = field(default_factory=list)  # per try, with drift_budget
 
     @property
     def scale(self) -> float:
@@ -156,6 +157,7 @@ class StepResult:
                 {"mean_scale": s, "edits_taken": e, "locality_changed": c}
                 for s, e, c in self.trials
             ],
+            "general_changed": self.general_changed or None,
         }
 
 
@@ -171,9 +173,12 @@ class StepSearch:
         batch_size: int = 16,
         chat_template: bool = False,
         max_length: Optional[int] = None,
+        drift=None,
+        drift_budget: Optional[float] = None,
     ):
         warn_conflicts(requests)
         self.model = model
+        self.drift, self.drift_budget = drift, drift_budget
         self.batch_size = batch_size
         self.n_requests = len(requests)
         self.checked = spread(range(len(requests)), CHECK_SAMPLE)  # request indices
@@ -253,6 +258,28 @@ class StepSearch:
         changed = (1.0 - sum(kept) / len(kept)) if kept else 0.0
         return taken, changed
 
+    def _over(self, changed: float, drift: float, budget: float) -> bool:
+        """Whether a try spends a budget: the locality prompts', or the drift budget."""
+        if changed > budget:
+            return True
+        return (
+            self.drift is not None and self.drift_budget is not None and drift > self.drift_budget
+        )
+
+    def _try(self, write, restore, scales, result: StepResult):
+        write(scales)
+        try:
+            taken, changed = self.measure()
+            # the share of general text's next tokens changed (drift_budget; 0 without)
+            drift = self.drift.changed(self.model) if self.drift is not None else 0.0
+        finally:
+            restore()
+        n = self.n_requests
+        result.trials.append((sum(scales) / n, sum(taken) / max(1, len(taken)), changed))
+        if self.drift is not None:
+            result.general_changed.append(drift)
+        return taken, changed, drift
+
     def run(
         self,
         write: Callable[[List[float]], None],
@@ -267,32 +294,19 @@ class StepSearch:
         back. When a candidate spends the budget, the geometric mean of it and the last
         good one is tried once."""
         result = StepResult(locality=self.locality_kind)
-        n = self.n_requests
-        good = [1.0] * n
+        good = [1.0] * self.n_requests
         cand = list(good)
         while True:
-            write(cand)
-            try:
-                taken, changed = self.measure()
-            finally:
-                restore()
-            result.trials.append((sum(cand) / n, sum(taken) / max(1, len(taken)), changed))
+            taken, changed, drift = self._try(write, restore, cand, result)
             first = len(result.trials) == 1
-            if changed > budget and not first:
+            if self._over(changed, drift, budget) and not first:
                 mid = [(g * c) ** 0.5 for g, c in zip(good, cand)]
-                write(mid)
-                try:
-                    taken_mid, changed_mid = self.measure()
-                finally:
-                    restore()
-                result.trials.append(
-                    (sum(mid) / n, sum(taken_mid) / max(1, len(taken_mid)), changed_mid)
-                )
-                if changed_mid <= budget:
+                _, changed_mid, drift_mid = self._try(write, restore, mid, result)
+                if not self._over(changed_mid, drift_mid, budget):
                     good = mid
                 break
             good = cand
-            if changed > budget or sum(taken) >= target * len(taken):
+            if self._over(changed, drift, budget) or sum(taken) >= target * len(taken):
                 break
             grow = self._grow(cand, taken, max_scale)
             if grow is None:

@@ -28,7 +28,7 @@ import torch
 from ..core.capture import Capture, capture_passes
 from ..core.config import EditorConfig
 from ..core.normalizer import NormalizerState
-from ..core.preserve import GeneralKeys
+from ..core.preserve import GeneralDrift, GeneralKeys
 from ..core.report import PHASES
 from ..core.solve import ShiftSolver, SolveError
 from ..core.step_search import StepResult, StepSearch
@@ -55,6 +55,7 @@ class Setup:
     tp: Optional[TensorParallel]
     backends: Dict[torch.device, Backend] = field(default_factory=dict)
     general: Optional[GeneralKeys] = None  # preserve_general: the general-text keys
+    drift_windows: Optional[torch.Tensor] = None  # drift_budget: its windows of general text
 
     def normalizer_key(self, target: EditTarget):
         return target.shape if self.config.share_normalizer else target.name
@@ -247,7 +248,13 @@ class Turn:
             batch_size=16,
             chat_template=self.config.chat_template,
             max_length=context_length(self.model),
+            drift=None
+            if self.setup.drift_windows is None
+            else GeneralDrift(self.setup.drift_windows, self.model),
+            drift_budget=self.config.drift_budget,
         )
+        if self.setup.drift_windows is not None:
+            self.stabilisers.append("drift_budget")
         if self.config.preserve_locality:
             plan, n_loc = self._preserving(cap, plan, search.locality_keys(self.setup.targets))
             rows = torch.cat([rows, torch.zeros(n_loc, dtype=torch.long)])

@@ -56,7 +56,7 @@ from ..parallel.distributed import COUNTER
 from ..storage.export import weight_sha256
 from ..utils.environment import PeakMemory
 from .persistence import LifelongState
-from ..core.preserve import general_keys_for
+from ..core.preserve import GeneralDrift, general_keys_for
 from .turn import EditRefused, Setup, Turn, tensor_parallel_of
 
 __all__ = ["UltraEditor", "EditRefused", "SharedModelWarning", "fast_edit"]
@@ -206,6 +206,9 @@ class UltraEditor(LifelongState):
             targets,
             tensor_parallel_of(targets),
             general=general_keys_for(self.tokenizer, config, targets),
+            drift_windows=None
+            if config.drift_budget is None
+            else GeneralDrift.windows_of(self.tokenizer, config.preserve_text),
         )
         for t in targets:
             _backend_of(setup, t.weight.device)
