@@ -110,3 +110,19 @@ def test_the_drift_budget_bounds_the_step_search(toy_tokenizer):
     kept = [t["mean_scale"] for t, g in zip(s["trials"], s["general_changed"]) if g <= 0.0]
     assert rep.step_scale in kept + [1.0]
     assert rep.step_scale <= free.step_scale
+
+
+def test_the_drift_windows_are_never_preserved(toy_tokenizer):
+    """With preserve_general and drift_budget together, the drift budget checks windows
+    whose keys are not preserved (a check on preserved text would be blind)."""
+    from ultraedit_fast.core.config import EditorConfig
+    from ultraedit_fast.core.preserve import GeneralDrift, general_keys_for
+
+    model, modules = make_tiny("llama")
+    cfg = EditorConfig(modules=modules, lr=0.1, preserve_general=100000, drift_budget=0.1)
+    keys = general_keys_for(toy_tokenizer, cfg, resolve_targets(model, modules))
+    drift = GeneralDrift.windows_of(toy_tokenizer)
+    used = {int(w) for w, _ in keys.positions}
+    preserved = {tuple(keys.windows[w].tolist()) for w in used}
+    assert drift.shape[0] == 4
+    assert not preserved & {tuple(row.tolist()) for row in drift}

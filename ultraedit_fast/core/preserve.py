@@ -28,15 +28,18 @@ from ..scoring.generation import spread
 from ..scoring.health import read_health_text
 
 PRESERVE_WINDOW = 64  # tokens per window of the preserved text
+DRIFT_WINDOWS = 4  # windows of general text the drift budget checks
 
 
 class GeneralKeys:
     """The fixed token positions of a general text whose keys a turn preserves."""
 
-    def __init__(self, tokenizer, rows: int, path: Optional[str] = None):
+    def __init__(self, tokenizer, rows: int, path: Optional[str] = None, reserve: int = 0):
         text, self.source = read_health_text(path)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        n = len(ids) // PRESERVE_WINDOW
+        # the last ``reserve`` windows are the drift budget's: a check on text whose keys
+        # are preserved would be blind
+        n = len(ids) // PRESERVE_WINDOW - reserve
         if n < 1:
             raise ValueError(
                 f"preserve_text: {self.source!r} is too short for one window of "
@@ -102,16 +105,15 @@ def general_keys_for(tokenizer, config, targets) -> Optional[GeneralKeys]:
                 f"preserve_general: module {t.name!r} is tensor-parallel; the "
                 "preserved keys support unsharded modules only"
             )
-    return GeneralKeys(tokenizer, config.preserve_general, config.preserve_text)
-
-
-DRIFT_WINDOWS = 4  # windows of general text the drift budget checks
+    reserve = DRIFT_WINDOWS if config.drift_budget is not None else 0
+    return GeneralKeys(tokenizer, config.preserve_general, config.preserve_text, reserve)
 
 
 class GeneralDrift:
-    """``drift_budget``: the share of positions of a few windows of general text whose most
-    likely next token a candidate step changes, against the pre-turn model (captured when
-    the turn's step search is prepared)."""
+    """``drift_budget``: the share of positions of the last windows of a general text whose
+    most likely next token a candidate step changes, against the pre-turn model (captured
+    when the turn's step search is prepared). With ``preserve_general`` too, those windows
+    are kept out of the preserved keys."""
 
     def __init__(self, windows: torch.Tensor, model):
         self.windows = windows
@@ -127,7 +129,7 @@ class GeneralDrift:
                 f"preserve_text: {source!r} is too short for one window of {PRESERVE_WINDOW} "
                 f"tokens ({len(ids)} tokens)"
             )
-        starts = spread([k * PRESERVE_WINDOW for k in range(n)], DRIFT_WINDOWS)
+        starts = [k * PRESERVE_WINDOW for k in range(max(0, n - DRIFT_WINDOWS), n)]
         return torch.tensor([ids[s : s + PRESERVE_WINDOW] for s in starts], dtype=torch.long)
 
     @torch.no_grad()
