@@ -25,7 +25,7 @@ from ..model.forward import input_device, preserved_model_state
 from ..model.targets import EditTarget
 from ..parallel.concurrency import ThreadOwned
 from ..scoring.generation import spread
-from ..scoring.health import read_health_text
+from ..scoring.health import text_windows
 
 PRESERVE_WINDOW = 64  # tokens per window of the preserved text
 DRIFT_WINDOWS = 4  # windows of general text the drift budget checks
@@ -35,33 +35,29 @@ class GeneralKeys:
     """The fixed token positions of a general text whose keys a turn preserves."""
 
     def __init__(self, tokenizer, rows: int, path: Optional[str] = None, reserve: int = 0):
-        text, self.source = read_health_text(path)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        wins, self.source = text_windows(tokenizer, path, PRESERVE_WINDOW, "preserve_text")
         # the last ``reserve`` windows are the drift budget's: a check on text whose keys
         # are preserved would be blind
-        n = len(ids) // PRESERVE_WINDOW - reserve
+        n = len(wins) - reserve
         if n < 1:
             raise ValueError(
-                f"preserve_text: {self.source!r} is too short for one window of "
-                f"{PRESERVE_WINDOW} tokens ({len(ids)} tokens)"
+                f"preserve_text: {self.source!r} has {len(wins)} windows of {PRESERVE_WINDOW} "
+                f"tokens; {reserve} go to the drift budget and none is left to preserve"
             )
         # enough windows for ``rows`` positions (the first token of a window has no context)
         need = -(-rows // (PRESERVE_WINDOW - 1))
-        starts = spread([k * PRESERVE_WINDOW for k in range(n)], max(need, 1))
-        self.windows = torch.tensor(
-            [ids[s : s + PRESERVE_WINDOW] for s in starts], dtype=torch.long
-        )
-        positions = [(w, p) for w in range(len(starts)) for p in range(1, PRESERVE_WINDOW)]
+        self.windows = torch.tensor(spread(wins[:n], max(need, 1)), dtype=torch.long)
+        positions = [(w, p) for w in range(len(self.windows)) for p in range(1, PRESERVE_WINDOW)]
         self.positions = spread(positions, rows)
         self.rows = len(self.positions)
         if self.rows < rows:
             log.warning(
-                "ultraedit_fast: preserve_general=%d, but %s has room for %d keys (%d tokens); "
+                "ultraedit_fast: preserve_general=%d, but %s has room for %d keys (%d windows); "
                 "preserving %d",
                 rows,
                 self.source,
                 self.rows,
-                len(ids),
+                n,
                 self.rows,
             )
 
@@ -121,16 +117,9 @@ class GeneralDrift:
 
     @classmethod
     def windows_of(cls, tokenizer, path: Optional[str] = None) -> torch.Tensor:
-        text, source = read_health_text(path)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        n = len(ids) // PRESERVE_WINDOW
-        if n < 1:
-            raise ValueError(
-                f"preserve_text: {source!r} is too short for one window of {PRESERVE_WINDOW} "
-                f"tokens ({len(ids)} tokens)"
-            )
-        starts = [k * PRESERVE_WINDOW for k in range(max(0, n - DRIFT_WINDOWS), n)]
-        return torch.tensor([ids[s : s + PRESERVE_WINDOW] for s in starts], dtype=torch.long)
+        """The last :data:`DRIFT_WINDOWS` windows of the general text at ``path``."""
+        wins, _ = text_windows(tokenizer, path, PRESERVE_WINDOW, "preserve_text")
+        return torch.tensor(wins[-DRIFT_WINDOWS:], dtype=torch.long)
 
     @torch.no_grad()
     def _argmax(self, model) -> torch.Tensor:

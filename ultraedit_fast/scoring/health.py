@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -117,16 +117,21 @@ def read_health_text(path: Optional[str]) -> tuple:
     return text, source
 
 
-def _windows(tokenizer, text: str, source: str, window: int, max_windows: int) -> torch.Tensor:
+def text_windows(
+    tokenizer, path: Optional[str], window: int, what: str
+) -> Tuple[List[List[int]], str]:
+    """``(windows, source)``: the general text at ``path`` (:func:`read_health_text`) cut
+    into every whole window of ``window`` tokens, in order; a text shorter than one window is
+    a ``ValueError`` naming ``what`` and the file."""
+    text, source = read_health_text(path)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = len(ids) // window
     if n < 1:
         raise ValueError(
-            f"health text: {source!r} is too short for one context window: "
+            f"{what}: {source!r} is too short for one context window: "
             f"{len(ids)} tokens, {window} needed"
         )
-    starts = spread([k * window for k in range(n)], max_windows)
-    return torch.tensor([ids[s : s + window] for s in starts], dtype=torch.long)
+    return [ids[k * window : (k + 1) * window] for k in range(n)], source
 
 
 def _window_stats(model, windows: torch.Tensor, batch_size: int):
@@ -164,8 +169,8 @@ def capture_health(
 ) -> HealthBaseline:
     """The unedited model's side of the health figures; call before editing. ``path``: a
     general-text file (``None``: the package's sample); errors name the file."""
-    text, source = read_health_text(path)
-    windows = _windows(tokenizer, text, source, window, max_windows)
+    wins, source = text_windows(tokenizer, path, window, "health text")
+    windows = torch.tensor(spread(wins, max_windows), dtype=torch.long)
     nll, top = _window_stats(model, windows, batch_size)
     conts = _continuations(model, tokenizer, prompts, 2 * batch_size)
     return HealthBaseline(source, windows, nll, top, list(prompts), conts)
