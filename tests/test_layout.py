@@ -21,6 +21,7 @@ FLOORS = {
     "storage": 6,
     "editors": 7,
     "lifelong": 8,
+    "baselines": 8,
     "integrations": 8,
     "cli": 9,
     "bench": 9,

@@ -402,3 +402,72 @@ def test_counts_exactly_what_was_edited(model, toy_tokenizer):
         eval_before=False,
     )
     assert [(h["turn"], h["metrics"]["n"]) for h in res["eval_history"]] == [(2, 8), (3, 12)]
+
+
+class _Counting:
+    """A built editor (the Editor protocol): wraps the fast editor and counts its turns,
+    as a baseline of ultraedit_fast.baselines would be driven."""
+
+    name = "counting"
+
+    def __init__(self, model, tok):
+        from ultraedit_fast import UltraEditor
+
+        self._inner = UltraEditor(model, tok, modules=MODULES, lr=LR, step="paper")
+        self.model, self.tokenizer, self.calls = model, tok, []
+
+    @property
+    def turns(self):
+        return self._inner.turns
+
+    @property
+    def config(self):
+        return self._inner.config
+
+    def edit(self, requests):
+        self.calls.append(len(requests))
+        return self._inner.edit(requests)
+
+    def describe(self):
+        return {**self._inner.describe(), "editor": self.name}
+
+
+def test_run_drives_a_built_editor(model, toy_tokenizer, tmp_path):
+    ed = _Counting(model, toy_tokenizer)
+    before = model.get_submodule(MODULES[0]).weight.clone()
+    res = run_lifelong(
+        model,
+        toy_tokenizer,
+        random_requests(12, seed=3),
+        turns=3,
+        edits_per_turn=4,
+        editor=ed,
+        generation=False,
+        progress=False,
+        health=False,
+        output_dir=str(tmp_path / "run"),
+        plot=False,
+    )
+    assert ed.calls == [4, 4, 4] and ed.turns == 3
+    assert res["config"]["editor"] == "counting"
+    assert len(res["turns"]) == 3 and res["metrics"]["n"] == 12
+    assert not torch.equal(before, model.get_submodule(MODULES[0]).weight)
+
+
+def test_built_editor_refusals(model, base_model, toy_tokenizer, tmp_path):
+    ed = _Counting(model, toy_tokenizer)
+    common = dict(turns=1, edits_per_turn=2, progress=False, health=False, eval_before=False)
+    reqs = random_requests(2, seed=1)
+    with pytest.raises(ValueError, match="^lr: an editor given built"):
+        run_lifelong(model, toy_tokenizer, reqs, editor=ed, lr=1.0, **common)
+    with pytest.raises(ValueError, match="export_patch"):
+        run_lifelong(
+            model, toy_tokenizer, reqs, editor=ed, export_patch=str(tmp_path / "p"), **common
+        )
+    with pytest.raises(ValueError, match="^resume: only"):
+        run_lifelong(model, toy_tokenizer, reqs, editor=ed, resume=str(tmp_path), **common)
+    with pytest.raises(ValueError, match="another model"):
+        run_lifelong(base_model, toy_tokenizer, reqs, editor=ed, **common)
+    with pytest.raises(ValueError, match="^editor: expected"):
+        run_lifelong(model, toy_tokenizer, reqs, editor=object(), **common)
+    assert ed.turns == 0

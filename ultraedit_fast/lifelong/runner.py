@@ -33,7 +33,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -113,6 +113,38 @@ def _check_reference(cfg: EditorConfig, options: Mapping[str, Any], out: _Output
         raise ValueError("save_editor: the reference editor has no checkpoint; use editor='fast'")
 
 
+def _check_built(editor, options: Mapping[str, Any], out: _Outputs) -> None:
+    """An editor given built (a baseline, ...): it carries its own options, and the run
+    can neither save nor export what it does not know how to."""
+    if not isinstance(editor, Editor):
+        raise ValueError(
+            f"editor: expected 'fast', 'reference' or an Editor (editors.protocol), "
+            f"got {type(editor).__name__}"
+        )
+    if options:
+        raise ValueError(
+            f"{sorted(options)[0]}: an editor given built takes its options at construction"
+        )
+    if out.export_patch or out.export_lora or out.save_editor:
+        raise ValueError(
+            "export_patch, export_lora, save_editor: only with editor='fast' "
+            f"(got the built editor {editor.name!r})"
+        )
+
+
+def _label_and_chat(model, editor, cfg: Optional[EditorConfig], resume) -> Tuple[str, bool]:
+    """The editor's name in the results, and whether its prompts take the chat template."""
+    if isinstance(editor, str):
+        return editor, bool(cfg is not None and cfg.chat_template)
+    if resume or editor.model is not model:
+        raise ValueError(
+            f"resume: only a run of editor='fast' can be resumed, got {editor.name!r}"
+            if resume
+            else f"editor: {editor.name!r} was built on another model than `model`"
+        )
+    return editor.name, bool(getattr(editor.config, "chat_template", False))
+
+
 def _check_outputs(out: _Outputs) -> None:
     for what, d in (
         ("export_patch", out.export_patch),
@@ -139,9 +171,11 @@ def _take(examples_or_requests, turns: int, edits_per_turn: int):
     return requests, extras, time.perf_counter() - t0
 
 
-def _make_editor(model, tokenizer, editor: str, cfg: EditorConfig, edits_per_turn: int) -> Editor:
+def _make_editor(model, tokenizer, editor, cfg: Optional[EditorConfig], edits_per_turn: int):
     """The run's editor; the preset's regime, when left open, is chosen from the turn size
-    the run will use (as the first turn would choose it)."""
+    the run will use (as the first turn would choose it). An editor given built is used."""
+    if cfg is None:
+        return editor
     if editor == "reference":
         return ReferenceEditor(model, tokenizer, cfg.replace(backend=None, tokens_per_pass=None))
     if regime_is_open(cfg):
@@ -183,7 +217,7 @@ def run_lifelong(
     *,
     turns: int,
     edits_per_turn: int,
-    editor: str = "fast",
+    editor: Union[str, Editor] = "fast",
     eval_every: Optional[int] = None,
     eval_sample: Optional[int] = None,
     eval_batch_size: int = 32,
@@ -210,15 +244,14 @@ def run_lifelong(
     cfg = _check_run(
         turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor, options, out
     )
+    label, chat = _label_and_chat(model, editor, cfg, resume)
     if health is not False:  # a bad health text is refused before any work
         read_health_text(None if health is True else health)
     requests, extras, seconds_load = _take(examples_or_requests, turns, edits_per_turn)
-    prior = read_interrupted(resume, turns, edits_per_turn, editor) if resume else None
+    prior = read_interrupted(resume, turns, edits_per_turn, label) if resume else None
     settings = {"eval_every": eval_every, "eval_sample": eval_sample}
     settings.update(eval_batch_size=eval_batch_size, generation=generation)
-    scorer = Scorer(
-        model, tokenizer, requests, extras, generation, eval_batch_size, cfg.chat_template, health
-    )
+    scorer = Scorer(model, tokenizer, requests, extras, generation, eval_batch_size, chat, health)
     timing = {"load_seconds": seconds_load}
     ed, originals = _editor_and_base(
         model, tokenizer, (editor, cfg, edits_per_turn), prior, out, scorer, timing, base
@@ -232,8 +265,8 @@ def run_lifelong(
     try:
         stream.run(progress)
     except KeyboardInterrupt:
-        _stop(results, stream, ed, out, timing, metrics_before, editor)
-    _finish(results, stream, timing, metrics_before, editor)
+        _stop(results, stream, ed, out, timing, metrics_before, label)
+    _finish(results, stream, timing, metrics_before, label)
     _write_outputs(results, ed, out, originals)
     return results
 
@@ -300,8 +333,11 @@ run_lifelong.__doc__ = (
         examples_or_requests: an iterable (a stream is fine) of
             :class:`~ultraedit_fast.data.datasets.Example`, ``EditRequest`` or dicts; its first
             ``turns * edits_per_turn`` items are used (``ValueError`` if it has fewer).
-        editor: ``"fast"`` (:class:`UltraEditor`) or ``"reference"`` (:class:`ReferenceEditor`,
-            which has no ``backend`` and reports no per-phase times).
+        editor: ``"fast"`` (:class:`UltraEditor`), ``"reference"`` (:class:`ReferenceEditor`,
+            which has no ``backend`` and reports no per-phase times), or an editor already
+            built on ``model`` (any :class:`~ultraedit_fast.editors.protocol.Editor`, e.g. a
+            baseline of :mod:`ultraedit_fast.baselines`; it takes no ``options``, no
+            exports and no ``resume``).
         options: the editor's (:class:`~ultraedit_fast.core.config.EditorConfig`: ``modules``,
             ``lr``, ``batch_size``, ...; the reference editor takes a subset).
         eval_every: also score every this many turns (checkpoints).
@@ -360,6 +396,10 @@ def _check_run(
         check_positive_int(name, v)
     check_positive_int("eval_every", eval_every, allow_none=True)
     check_positive_int("eval_sample", eval_sample, allow_none=True)
+    if not isinstance(editor, str):
+        _check_built(editor, options, out)
+        _check_outputs(out)
+        return None
     if editor not in EDITORS:
         raise ValueError(f"editor: expected one of {EDITORS}, got {editor!r}")
     options.setdefault("measure_memory", True)  # a run reports each turn's peak memory
