@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .._log import log
-from ..model.forward import input_device, preserved_model_state
+from ..model.forward import forward_until, input_device, preserved_model_state
+from ..model.partial import ResumedForward, lowest_block
+from ..model.requests import TokenizedRequest
 from ..model.targets import EditTarget
 from ..parallel.concurrency import ThreadOwned
 from ..scoring.generation import spread
@@ -78,7 +80,12 @@ class GeneralKeys:
         try:
             with preserved_model_state(model), torch.no_grad():
                 model.eval()
-                model(input_ids=self.windows.to(input_device(model)), use_cache=False)
+                # the blocks above the highest edited module do not change the keys
+                forward_until(
+                    model,
+                    [t.module for t in targets],
+                    input_ids=self.windows.to(input_device(model)),
+                )
         finally:
             for h in handles:
                 h.remove()
@@ -111,9 +118,13 @@ class GeneralDrift:
     when the turn's step search is prepared). With ``preserve_general`` too, those windows
     are kept out of the preserved keys."""
 
-    def __init__(self, windows: torch.Tensor, model):
+    def __init__(self, windows: torch.Tensor, model, modules: Sequence[torch.nn.Module] = ()):
         self.windows = windows
-        self.reference = self._argmax(model)
+        # every position labelled (with itself: only the positions matter); each try
+        # changes only ``modules``, so the checks run from the lowest block holding one
+        toks = [TokenizedRequest(w.tolist(), w.tolist()) for w in windows]
+        self.checks = ResumedForward(model, toks, lowest_block(model, modules), DRIFT_WINDOWS)
+        self.reference = self._argmax()
 
     @classmethod
     def windows_of(cls, tokenizer, path: Optional[str] = None) -> torch.Tensor:
@@ -121,13 +132,12 @@ class GeneralDrift:
         wins, _ = text_windows(tokenizer, path, PRESERVE_WINDOW, "preserve_text")
         return torch.tensor(wins[-DRIFT_WINDOWS:], dtype=torch.long)
 
-    @torch.no_grad()
-    def _argmax(self, model) -> torch.Tensor:
-        with preserved_model_state(model):
-            model.eval()
-            x = self.windows.to(input_device(model))
-            return model(input_ids=x, use_cache=False).logits.argmax(-1).cpu()
+    def _argmax(self) -> torch.Tensor:
+        return torch.tensor([p for p, _ in self.checks.predictions()])
 
     def changed(self, model) -> float:
-        """The share of positions whose most likely next token differs from the reference."""
-        return float((self._argmax(model) != self.reference).double().mean())
+        """The share of positions whose most likely next token differs from the reference,
+        on ``model`` (the model the drift was built on) as it is now."""
+        if model is not self.checks.model:
+            raise ValueError("model: the drift budget was measured on another model")
+        return float((self._argmax() != self.reference).double().mean())

@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..parallel.concurrency import ThreadOwned
-from ..scoring.metrics import predictions_at_labels
-from ..model.forward import input_device, preserved_model_state
+from ..model.forward import forward_until, input_device, preserved_model_state
+from ..model.partial import ResumedForward, lowest_block
 from ..scoring.generation import EXTRA_TOKENS, greedy_decode, spread
 from ..model.requests import IGNORE, TokenizedRequest, pad_batch, prompt_ids, tokenize_pair
 
@@ -175,6 +175,7 @@ class StepSearch:
         max_length: Optional[int] = None,
         drift=None,
         drift_budget: Optional[float] = None,
+        modules: Sequence[torch.nn.Module] = (),
     ):
         warn_conflicts(requests)
         self.model = model
@@ -210,6 +211,11 @@ class StepSearch:
             tokenizer, given, max_length, chat_template
         )
         self.locality: List[TokenizedRequest] = _continuations(ids, conts, max_length)
+        # every try changes only the edited ``modules``: the checks run from the lowest
+        # block holding one of them, on the state the pre-turn model leaves there
+        self.checks = ResumedForward(
+            model, self.edits + self.locality, lowest_block(model, modules), batch_size
+        )
 
     @torch.no_grad()
     def locality_keys(self, targets) -> Dict[str, torch.Tensor]:
@@ -239,10 +245,11 @@ class StepSearch:
                     idx = list(range(s, min(s + self.batch_size, len(rows))))
                     batch = pad_batch([rows[i] for i in idx], idx).to(device)
                     mask_box["m"] = batch.labels != IGNORE
-                    self.model(
+                    forward_until(  # the top of the network does not change the keys
+                        self.model,
+                        [t.module for t in targets],
                         input_ids=batch.input_ids,
                         attention_mask=batch.attention_mask,
-                        use_cache=False,
                     )
         finally:
             for h in handles:
@@ -252,7 +259,7 @@ class StepSearch:
     def measure(self) -> Tuple[List[bool], float]:
         """(whether each checked edit takes, share of locality prompts whose answer
         changed) on the model as it is now."""
-        res = predictions_at_labels(self.model, self.edits + self.locality, self.batch_size)
+        res = self.checks.predictions()
         taken = [pr == lb for pr, lb in res[: len(self.edits)]]
         kept = [pr == lb for pr, lb in res[len(self.edits) :]]
         changed = (1.0 - sum(kept) / len(kept)) if kept else 0.0

@@ -250,8 +250,11 @@ class Turn:
             max_length=context_length(self.model),
             drift=None
             if self.setup.drift_windows is None
-            else GeneralDrift(self.setup.drift_windows, self.model),
+            else GeneralDrift(
+                self.setup.drift_windows, self.model, [t.module for t in self.setup.targets]
+            ),
             drift_budget=self.config.drift_budget,
+            modules=[t.module for t in self.setup.targets],
         )
         if self.setup.drift_windows is not None:
             self.stabilisers.append("drift_budget")

@@ -221,3 +221,33 @@ def answer_logits(
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+class _Reached(Exception):
+    """Raised inside a forward pass once every module asked for has run."""
+
+
+def forward_until(model, modules, **inputs) -> bool:
+    """Run ``model(**inputs, use_cache=False)`` only as far as it takes for every module of
+    ``modules`` to have run once (their forward hooks, registered by the caller before, see
+    their inputs as in a whole pass): the blocks above the highest of them and the output
+    layer are skipped. Returns whether it stopped early (``False``: the whole pass ran, e.g.
+    a module the pass does not reach)."""
+    waiting = {id(m) for m in modules}
+    thread = ThreadOwned()
+
+    def seen(module, args, out):
+        if thread.owns():
+            waiting.discard(id(module))
+            if not waiting:
+                raise _Reached
+
+    handles = [m.register_forward_hook(seen) for m in {id(m): m for m in modules}.values()]
+    try:
+        model(**inputs, use_cache=False)
+    except _Reached:
+        return True
+    finally:
+        for h in handles:
+            h.remove()
+    return False

@@ -1,0 +1,128 @@
+"""A facts-regime turn against a paper-step turn of the same requests, on SmolLM2-135M.
+
+    python benchmarks/facts_turn.py [--repeats 5] [--output benchmarks/results/facts-turn-cpu.json]
+
+For each fact set of ``benchmarks/facts.py`` (held-out, then tuning), from the unedited model
+each time:
+
+- ``paper``: ``UltraEditor(model, tok, regime="facts", step="paper")`` (the facts regime's
+  layers and lr, the published fixed step: no search);
+- ``auto``: the defaults (``UltraEditor(model, tok)``: the facts regime, ``step="auto"``);
+- ``auto, full passes``: the same with every step-search check run through the whole network
+  (how the search ran before its checks started at the lowest edited block), for comparison.
+
+Each way is timed ``--repeats`` times (median; weights reset between), its phases from the
+turn's report; ES_gen and LS_gen_unedited scored once per way against the unedited model.
+The bar (issue 25): an ``auto`` turn at most 5x a ``paper`` turn, with ES_gen and locality
+no worse than before.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from facts import HELD_OUT_FACTS, TUNING_FACTS, requests  # noqa: E402
+from ultraedit_fast import UltraEditor, capture_baseline, evaluate  # noqa: E402
+from ultraedit_fast.core import step_search  # noqa: E402
+from ultraedit_fast.model.loading import load_model  # noqa: E402
+from ultraedit_fast.utils.environment import environment  # noqa: E402
+
+WAYS = {
+    "paper": dict(regime="facts", step="paper"),
+    "auto": {},
+    "auto, full passes": {},
+}
+
+
+def _one(model, tok, reqs, way, reset):
+    reset()
+    real = step_search.lowest_block
+    if way == "auto, full passes":  # no lowest block known: every check runs the whole model
+        step_search.lowest_block = lambda *a, **k: None
+    try:
+        t0 = time.perf_counter()
+        rep = UltraEditor(model, tok, **WAYS[way]).edit(reqs)
+        return time.perf_counter() - t0, rep
+    finally:
+        step_search.lowest_block = real
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, tok = load_model("smollm2")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def reset():
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(original[k])
+
+    rows = []
+    for sname, facts in (("held_out", HELD_OUT_FACTS), ("tuning", TUNING_FACTS)):
+        reqs = requests(facts)
+        base = capture_baseline(model, tok, reqs)
+        for way in WAYS:
+            times, rep = [], None
+            for _ in range(args.repeats):
+                s, rep = _one(model, tok, reqs, way, reset)
+                times.append(s)
+            m = evaluate(model, tok, reqs, base=base)  # the last repeat's edit
+            row = {
+                "facts": sname,
+                "n": len(reqs),
+                "way": way,
+                "seconds": times,
+                "median_seconds": statistics.median(times),
+                "phases": rep.seconds,
+                "step_scale": rep.step_scale,
+                "trials": len(rep.step_search["trials"]) if rep.step_search else 0,
+                "ES_gen": m["ES_gen"],
+                "GS_gen": m["GS_gen"],
+                "LS_gen_unedited": m["LS_gen_unedited"],
+            }
+            rows.append(row)
+            print(
+                f"{sname:8s} {way:18s} median {row['median_seconds']:.3f} s "
+                f"(trials {row['trials']}) ES_gen {m['ES_gen']:.2f} "
+                f"LS_gen_unedited {m['LS_gen_unedited']:.2f}",
+                flush=True,
+            )
+        paper = next(r for r in rows if r["facts"] == sname and r["way"] == "paper")
+        for r in rows:
+            if r["facts"] == sname:
+                r["x_paper"] = r["median_seconds"] / paper["median_seconds"]
+        print(
+            "  x paper: "
+            + ", ".join(f"{r['way']} {r['x_paper']:.2f}" for r in rows if r["facts"] == sname)
+        )
+    reset()
+    doc = {
+        "schema": "ultraedit_fast.facts_turn/1",
+        "command": "python benchmarks/facts_turn.py " + " ".join(argv or sys.argv[1:]),
+        "environment": environment("cpu"),
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        print(f"json: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
