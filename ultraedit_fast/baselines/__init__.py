@@ -5,3 +5,15 @@ LocFT-BF (localised fine-tuning of one MLP down-projection), AlphaEdit (MEMIT-st
 and multi-layer spread with a null-space projection) and MEMIT. Each implements the
 :class:`~ultraedit_fast.editors.protocol.Editor` protocol.
 """
+
+from .alphaedit import AlphaEditConfig, AlphaEditEditor, MEMITConfig, MEMITEditor
+from .locft import LocFTConfig, LocFTEditor
+
+__all__ = [
+    "AlphaEditConfig",
+    "AlphaEditEditor",
+    "LocFTConfig",
+    "LocFTEditor",
+    "MEMITConfig",
+    "MEMITEditor",
+]
