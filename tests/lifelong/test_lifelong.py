@@ -450,6 +450,7 @@ def test_run_drives_a_built_editor(model, toy_tokenizer, tmp_path):
     )
     assert ed.calls == [4, 4, 4] and ed.turns == 3
     assert res["config"]["editor"] == "counting"
+    assert res["config"]["editor_options"]["modules"] == MODULES  # its own description
     assert len(res["turns"]) == 3 and res["metrics"]["n"] == 12
     assert not torch.equal(before, model.get_submodule(MODULES[0]).weight)
 
