@@ -11,7 +11,9 @@ each time:
 - ``auto, full passes``: the same with every step-search check run through the whole network
   (how the search ran before its checks started at the lowest edited block), for comparison.
 
-Each way is timed ``--repeats`` times (median; weights reset between), its phases from the
+Each way is timed ``--repeats`` times (median of wall and of process CPU seconds, one torch
+thread by default so that CPU time measures the work on a shared machine; weights reset
+between), its phases from the
 turn's report; ES_gen and LS_gen_unedited scored once per way against the unedited model.
 The bar (issue 25): an ``auto`` turn at most 5x a ``paper`` turn, with ES_gen and locality
 no worse than before.
@@ -49,9 +51,9 @@ def _one(model, tok, reqs, way, reset):
     if way == "auto, full passes":  # no lowest block known: every check runs the whole model
         step_search.lowest_block = lambda *a, **k: None
     try:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         rep = UltraEditor(model, tok, **WAYS[way]).edit(reqs)
-        return time.perf_counter() - t0, rep
+        return time.perf_counter() - t0, time.process_time() - c0, rep
     finally:
         step_search.lowest_block = real
 
@@ -60,8 +62,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", default=None)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)  # 1: CPU time is the turn's work on a shared machine
     model, tok = load_model("smollm2")
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -75,10 +78,11 @@ def main(argv=None):
         reqs = requests(facts)
         base = capture_baseline(model, tok, reqs)
         for way in WAYS:
-            times, rep = [], None
+            times, cpu, rep = [], [], None
             for _ in range(args.repeats):
-                s, rep = _one(model, tok, reqs, way, reset)
+                s, c, rep = _one(model, tok, reqs, way, reset)
                 times.append(s)
+                cpu.append(c)
             m = evaluate(model, tok, reqs, base=base)  # the last repeat's edit
             row = {
                 "facts": sname,
@@ -86,6 +90,8 @@ def main(argv=None):
                 "way": way,
                 "seconds": times,
                 "median_seconds": statistics.median(times),
+                "cpu_seconds": cpu,
+                "median_cpu_seconds": statistics.median(cpu),
                 "phases": rep.seconds,
                 "step_scale": rep.step_scale,
                 "trials": len(rep.step_search["trials"]) if rep.step_search else 0,
@@ -104,9 +110,14 @@ def main(argv=None):
         for r in rows:
             if r["facts"] == sname:
                 r["x_paper"] = r["median_seconds"] / paper["median_seconds"]
+                r["x_paper_cpu"] = r["median_cpu_seconds"] / paper["median_cpu_seconds"]
         print(
             "  x paper: "
-            + ", ".join(f"{r['way']} {r['x_paper']:.2f}" for r in rows if r["facts"] == sname)
+            + ", ".join(
+                f"{r['way']} {r['x_paper']:.2f} (cpu {r['x_paper_cpu']:.2f})"
+                for r in rows
+                if r["facts"] == sname
+            )
         )
     reset()
     doc = {
