@@ -40,10 +40,9 @@ from ultraedit_fast.model.loading import load_model  # noqa: E402
 from ultraedit_fast.utils.environment import environment  # noqa: E402
 from ultraedit_fast.utils.files import atomic_write_json, atomic_write_bytes  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "..", "shared", "data")
-COUNTERFACT = os.path.join(DATA, "counterfact", "counterfact_easyedit_train-10k.json")
-GENERAL = os.path.join(DATA, "general", "lee_background.txt")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from health_smollm2 import COUNTERFACT, GENERAL, HERE  # noqa: E402  (one place for the data)
+
 OFFSET = 7000
 KEYS = (
     "ES",

@@ -63,7 +63,6 @@ SCHEMA = "ultraedit_fast.lifelong/1"
 RESULTS_JSON = "lifelong.json"
 RESULTS_PNG = "lifelong.png"
 EDITORS = ("fast", "reference")
-EDITORS_DESCRIBED = EDITORS  # describe()["editor"] of the package's editors
 METRICS = ("ES", "GS", "LS", "LS_unedited", "personas", "mhop")
 
 
@@ -205,7 +204,7 @@ def _run_config(
         "backend": d["backend"],
         "tokens_per_pass": d.get("tokens_per_pass"),  # the package's editors only
         # a built editor's own description (its options), beside the common fields
-        **({} if d["editor"] in EDITORS_DESCRIBED else {"editor_options": d}),
+        **({} if d["editor"] in EDITORS else {"editor_options": d}),
         **settings,
         "model_name": _model_label(model, config_extra),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
