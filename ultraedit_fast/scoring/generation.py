@@ -21,6 +21,9 @@ success that the model never produces on its own; these scores ask the model to 
 
 Decoding is batched with a KV cache, prompts left-padded (positions counted from each
 prompt's first real token), and checked against one-prompt-at-a-time decoding in the tests.
+:func:`~ultraedit_fast.scoring.metrics.evaluate` gets the same scores with far less of it:
+teacher-forced passes show most continuations' first tokens, and a row decodes only until
+its score is settled (:mod:`.shortcuts`, :mod:`.generated`).
 """
 
 from __future__ import annotations
@@ -322,12 +325,15 @@ def drift(base: torch.Tensor, edited: torch.Tensor) -> Dict[str, float]:
 @dataclass
 class GenerationBaseline:
     """What the unedited model says, captured before editing: the greedy continuation of
-    each request's locality prompt (``None`` without one), and the next-token
-    log-probabilities on the drift prompts."""
+    each request's locality prompt (``None`` without one), as text and as token ids
+    (``locality_ids``; ``None`` in a baseline from before they were kept: the edited model's
+    continuations are then decoded in full), and the next-token log-probabilities on the
+    drift prompts."""
 
     locality: List[Optional[str]]
     drift_prompts: List[str] = field(default_factory=list)
     drift_logprobs: Optional[torch.Tensor] = None
+    locality_ids: Optional[List[Optional[List[int]]]] = None
 
 
 def drift_sample(requests, limit: int = DRIFT_PROMPTS) -> List[str]:

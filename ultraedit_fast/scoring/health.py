@@ -29,7 +29,8 @@ from ..model.forward import input_device, preserved_model_state
 from ..model.requests import prompt_ids
 from ..parallel.concurrency import model_locks
 from ..utils.files import read_regular_file
-from .generation import greedy_decode, normalize_text, spread
+from . import shortcuts as S
+from .generation import _eos_ids, greedy_decode, normalize_text, spread
 
 WINDOW = 128  # tokens per window of general text
 MAX_WINDOWS = 16  # windows measured, spread over the text
@@ -93,6 +94,8 @@ class HealthBaseline:
     argmax: torch.Tensor  # [W, WINDOW - 1] the unedited most likely next tokens
     prompts: List[str]
     continuations: List[str]  # normalised greedy continuations
+    # their token ids (None in a baseline from before they were kept: decode in full)
+    continuation_ids: Optional[List[List[int]]] = None
 
 
 def read_health_text(path: Optional[str]) -> tuple:
@@ -151,10 +154,32 @@ def _window_stats(model, windows: torch.Tensor, batch_size: int):
     return torch.cat(nll), torch.cat(top)
 
 
-def _continuations(model, tokenizer, prompts: Sequence[str], batch_size: int) -> List[str]:
+def _continuation_ids(model, tokenizer, prompts: Sequence[str], batch_size: int) -> List[List[int]]:
     ids = [prompt_ids(tokenizer, p) for p in prompts]
-    gen = greedy_decode(model, tokenizer, ids, [RETENTION_TOKENS] * len(ids), batch_size)
-    return [normalize_text(tokenizer.decode(g, skip_special_tokens=True)) for g in gen]
+    return greedy_decode(model, tokenizer, ids, [RETENTION_TOKENS] * len(ids), batch_size)
+
+
+def _texts(tokenizer, conts: Sequence[List[int]]) -> List[str]:
+    return [normalize_text(tokenizer.decode(g, skip_special_tokens=True)) for g in conts]
+
+
+def _kept(model, tokenizer, base: "HealthBaseline", batch_size: int) -> List[bool]:
+    """Per unrelated prompt, whether the greedy continuation is the unedited model's
+    (normalised): where the stored token ids are reproduced token for token (one
+    teacher-forced pass over prompt ++ ids, :mod:`.shortcuts`), with no decoding; the others
+    decode until their text leaves the unedited one, or ends."""
+    if S._EXACT_DECODE or base.continuation_ids is None:
+        conts = _continuation_ids(model, tokenizer, base.prompts, batch_size)
+        return [a == b for a, b in zip(_texts(tokenizer, conts), base.continuations)]
+    eos = _eos_ids(tokenizer, model)
+    rows = []
+    for p, ref in zip(base.prompts, base.continuations):
+        ids = prompt_ids(tokenizer, p)
+        rows.append(S.Pending(ids, S.budget(model, ids, RETENTION_TOKENS), [("same", ref)]))
+        rows[-1].start([], rows[-1].budget == 0)
+    S.known_from(model, rows, base.continuation_ids, eos, batch_size)
+    S.settle(model, tokenizer, rows, batch_size)
+    return [r.answers[0] == 1.0 for r in rows]
 
 
 def capture_health(
@@ -172,8 +197,9 @@ def capture_health(
     wins, source = text_windows(tokenizer, path, window, "health text")
     windows = torch.tensor(spread(wins, max_windows), dtype=torch.long)
     nll, top = _window_stats(model, windows, batch_size)
-    conts = _continuations(model, tokenizer, prompts, 2 * batch_size)
-    return HealthBaseline(source, windows, nll, top, list(prompts), conts)
+    ids = _continuation_ids(model, tokenizer, prompts, 2 * batch_size)
+    texts = _texts(tokenizer, ids)
+    return HealthBaseline(source, windows, nll, top, list(prompts), texts, ids)
 
 
 def measure_health(
@@ -184,8 +210,7 @@ def measure_health(
     nll, top = _window_stats(model, base.windows, batch_size)
     n_tok = base.argmax.numel()
     ratio = math.exp(float(nll.sum() - base.nll.sum()) / n_tok)
-    conts = _continuations(model, tokenizer, base.prompts, 2 * batch_size)
-    kept = [a == b for a, b in zip(conts, base.continuations)]
+    kept = _kept(model, tokenizer, base, 2 * batch_size)
     return {
         "health_ppl_ratio": ratio,
         "health_top1": float((top == base.argmax).double().mean()),

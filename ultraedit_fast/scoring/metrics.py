@@ -24,86 +24,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-
 from . import generation as G
+from .generated import capture_generation, generation_scores
 from .health import HealthBaseline, capture_health, measure_health
-from ..parallel.concurrency import model_locks
-from ..utils.display import bar
-from ..model.forward import answer_logits, preserved_model_state
-from ..model.requests import (
-    IGNORE,
-    TokenizedRequest,
-    as_requests,
-    context_length,
-    pad_batch,
-    tokenize_pair,
-)
+from . import shortcuts as S
+from .teacher import argmax_at_answers as _argmax_at_answers
+from .teacher import argmax_with_next
+from .teacher import mean, predictions_at_labels
+from ..model.requests import as_requests
 
-
-def _device(model):
-    return model.get_input_embeddings().weight.device
-
-
-def _argmax_at_answers(
-    model,
-    tokenizer,
-    pairs: Sequence[Tuple[str, str]],
-    batch_size: int,
-    names: Optional[Sequence[str]] = None,
-    chat_template: bool = False,
-) -> List[Tuple[List[int], List[int]]]:
-    """For each (prompt, answer): (predicted ids, label ids) at the answer tokens.
-    ``names``: what to call each pair in an error (default ``pairs[i]``)."""
-    limit = context_length(model)
-    toks = [
-        tokenize_pair(
-            tokenizer,
-            p,
-            a,
-            limit,
-            where=names[i] if names is not None else f"pairs[{i}]",
-            chat_template=chat_template,
-        )
-        for i, (p, a) in enumerate(pairs)
-    ]
-    return predictions_at_labels(model, toks, batch_size)
-
-
-@torch.no_grad()
-def predictions_at_labels(
-    model, toks: Sequence[TokenizedRequest], batch_size: int = 16
-) -> List[Tuple[List[int], List[int]]]:
-    """For each tokenised request: (argmax ids, label ids) at its labelled positions, with
-    teacher forcing, in batches of similar length."""
-    device = _device(model)
-    out: List[Optional[Tuple[List[int], List[int]]]] = [None] * len(toks)
-    order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))
-    weights = model_locks(model).weights
-    progress = bar(len(order), "scoring (teacher forced)")
-    with preserved_model_state(model):
-        model.eval()
-        for s in range(0, len(order), batch_size):
-            progress.update(len(order[s : s + batch_size]))
-            idx = order[s : s + batch_size]
-            batch = pad_batch([toks[i] for i in idx], idx).to(device)
-            mask = batch.labels != IGNORE
-            with weights.reading():  # a concurrent turn is seen whole or not at all
-                pred = answer_logits(model, batch.input_ids, batch.attention_mask, mask).argmax(-1)
-            counts = mask.sum(dim=1).tolist()
-            preds = pred.tolist()
-            labels = batch.labels[mask].tolist()
-            start = 0
-            for i, c in zip(idx, counts):  # rows of the mask are row-major
-                out[i] = (preds[start : start + c], labels[start : start + c])
-                start += c
-    progress.close()
-    return out  # type: ignore[return-value]
-
-
-def mean(xs: Sequence[float]) -> Optional[float]:
-    """The mean of ``xs`` (``None`` when empty)."""
-    return float(sum(xs) / len(xs)) if xs else None
+__all__ = [
+    "Baseline",
+    "capture_baseline",
+    "capture_predictions",
+    "evaluate",
+    "mean",
+    "predictions_at_labels",
+    "token_accuracy",
+]
 
 
 def token_accuracy(
@@ -161,8 +99,12 @@ class Baseline:
         """The baseline of ``[requests[i] for i in idx]`` (the drift prompts are kept)."""
         gen = self.generation
         if gen is not None:
+            ids = gen.locality_ids
             gen = G.GenerationBaseline(
-                [gen.locality[i] for i in idx], gen.drift_prompts, gen.drift_logprobs
+                [gen.locality[i] for i in idx],
+                gen.drift_prompts,
+                gen.drift_logprobs,
+                None if ids is None else [ids[i] for i in idx],
             )
         return Baseline([self.predictions[i] for i in idx], gen, self.health)
 
@@ -190,116 +132,10 @@ def capture_baseline(
     preds = capture_predictions(model, tokenizer, requests, batch_size, chat_template)
     if not generation:
         return Baseline(preds, None, hb)
-    li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
-    texts = G.continuations(
-        model,
-        tokenizer,
-        [requests[i].locality_prompt for i in li],
-        [requests[i].locality_answer for i in li],
-        2 * batch_size,
-        chat_template,
+    gen = capture_generation(
+        model, tokenizer, requests, preds, batch_size, chat_template, drift_prompts
     )
-    loc: List[Optional[str]] = [None] * len(requests)
-    for i, t in zip(li, texts):
-        loc[i] = t
-    prompts = list(drift_prompts) if drift_prompts is not None else G.drift_sample(requests)
-    lp = (
-        G.next_token_logprobs(model, tokenizer, prompts, 2 * batch_size, chat_template)
-        if prompts
-        else None
-    )
-    return Baseline(preds, G.GenerationBaseline(loc, prompts, lp), hb)
-
-
-def _generation_scores(
-    model, tokenizer, requests, base: Optional[Baseline], batch_size, chat_template, rows
-) -> Dict[str, object]:
-    n = len(requests)
-    gi = [i for i, r in enumerate(requests) if r.rephrase is not None]
-    li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
-    prompts = (
-        [r.prompt for r in requests]
-        + [requests[i].rephrase for i in gi]
-        + [requests[i].locality_prompt for i in li]
-    )
-    answers = (
-        [r.target for r in requests]
-        + [requests[i].target for i in gi]
-        + [requests[i].locality_answer for i in li]
-    )
-    gen_batch = 2 * batch_size  # one token a step: larger batches keep the matmuls busy
-    texts = G.continuations(model, tokenizer, prompts, answers, gen_batch, chat_template)
-    es = [float(G.starts_with_answer(t, a)) for t, a in zip(texts[:n], answers[:n])]
-    gs = [
-        float(G.starts_with_answer(t, a))
-        for t, a in zip(texts[n : n + len(gi)], answers[n : n + len(gi)])
-    ]
-    loc = texts[n + len(gi) :]
-    ls = [float(G.starts_with_answer(t, requests[i].locality_answer)) for i, t in zip(li, loc)]
-    out: Dict[str, object] = {
-        "ES_gen": mean(es),
-        "GS_gen": mean(gs),
-        "LS_gen": mean(ls),
-        "LS_gen_unedited": None,
-        "drift_kl": None,
-        "drift_top1": None,
-    }
-    gen = base.generation if base is not None else None
-    ls_u: List[float] = []
-    if gen is not None:
-        ls_u, unedited = _scores_against_unedited(
-            model, tokenizer, gen, li, loc, gen_batch, chat_template
-        )
-        out.update(unedited)
-    out["fluency"] = G.fluency(
-        model,
-        tokenizer,
-        G.spread([r.prompt for r in requests], G.FLUENCY_PROMPTS),
-        batch_size=gen_batch,
-        chat_template=chat_template,
-    )
-    if rows is not None:
-        _put(rows, range(n), "ES_gen", es)
-        _put(rows, range(n), "ES_gen_text", texts[:n])
-        _put(rows, gi, "GS_gen", gs)
-        _put(rows, li, "LS_gen", ls)
-        _put(rows, li, "LS_gen_unedited", ls_u)
-    return out
-
-
-def _scores_against_unedited(
-    model,
-    tokenizer,
-    gen: G.GenerationBaseline,
-    li: Sequence[int],
-    loc: Sequence[str],
-    gen_batch: int,
-    chat_template: bool,
-) -> Tuple[List[float], Dict[str, object]]:
-    """Each locality continuation ``loc`` (of the requests ``li``) against the unedited
-    model's, and the drift of the next-token distributions on the baseline's drift prompts:
-    ``(per-request agreement, {"LS_gen_unedited", and "drift_kl"/"drift_top1" when the
-    baseline has drift prompts})``."""
-    ls_u: List[float] = []
-    for i, t in zip(li, loc):
-        b = gen.locality[i]
-        if b is None:
-            raise ValueError(
-                f"base: no unedited continuation for request {i}'s locality "
-                "prompt; capture the baseline on the same requests"
-            )
-        ls_u.append(float(G.normalize_text(t) == G.normalize_text(b)))
-    out: Dict[str, object] = {"LS_gen_unedited": mean(ls_u)}
-    if gen.drift_prompts and gen.drift_logprobs is not None:
-        out.update(
-            G.drift(
-                gen.drift_logprobs,
-                G.next_token_logprobs(
-                    model, tokenizer, gen.drift_prompts, gen_batch, chat_template
-                ),
-            )
-        )
-    return ls_u, out
+    return Baseline(preds, gen, hb)
 
 
 def _put(rows: List[dict], idx, key: str, values) -> None:
@@ -335,12 +171,20 @@ def evaluate(
     """
     requests = as_requests(requests)
     base, base_predictions = _resolve_base(base, len(requests))
-    out, rows = _teacher_forced_scores(
-        model, tokenizer, requests, base_predictions, batch_size, chat_template, per_request
+    out, rows, tf = _teacher_forced_scores(
+        model,
+        tokenizer,
+        requests,
+        base_predictions,
+        batch_size,
+        chat_template,
+        per_request,
+        probe=generation and not S._EXACT_DECODE,
     )
     if generation:
+        gen = base.generation if base is not None else None
         out.update(
-            _generation_scores(model, tokenizer, requests, base, batch_size, chat_template, rows)
+            generation_scores(model, tokenizer, requests, gen, tf, batch_size, chat_template, rows)
         )
     if base is not None and base.health is not None:
         out.update(measure_health(model, tokenizer, base.health))
@@ -370,38 +214,33 @@ def _resolve_base(base, n: int) -> Tuple[Optional[Baseline], Optional[List[Optio
 
 
 def _teacher_forced_scores(
-    model, tokenizer, requests, base_predictions, batch_size, chat_template, per_request
-) -> Tuple[Dict[str, object], Optional[List[dict]]]:
-    """``ES``, ``GS``, ``LS``, ``LS_unedited`` and ``n``, and the per-request rows (``None``
-    unless ``per_request``)."""
-    kw = dict(batch_size=batch_size, chat_template=chat_template)
-    es = token_accuracy(
-        model,
-        tokenizer,
-        [(r.prompt, r.target) for r in requests],
-        names=[f"requests[{i}] (prompt)" for i in range(len(requests))],
-        **kw,
-    )
+    model, tokenizer, requests, base_predictions, batch_size, chat_template, per_request, probe
+) -> Tuple[Dict[str, object], Optional[List[dict]], tuple]:
+    """``ES``, ``GS``, ``LS``, ``LS_unedited`` and ``n``, the per-request rows (``None``
+    unless ``per_request``), and the (argmax, answer ids) of the edit prompts, paraphrases
+    and locality prompts they come from (the generated scores reuse them); ``probe``: with
+    the argmax after the whole answer too (:func:`.teacher.argmax_with_next`)."""
+    teacher = argmax_with_next if probe else _argmax_at_answers
     gi = [i for i, r in enumerate(requests) if r.rephrase is not None]
-    gs = token_accuracy(
-        model,
-        tokenizer,
-        [(requests[i].rephrase, requests[i].target) for i in gi],
-        names=[f"requests[{i}] (rephrase)" for i in gi],
-        **kw,
-    )
     li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
-    loc = _argmax_at_answers(
-        model,
-        tokenizer,
-        [(requests[i].locality_prompt, requests[i].locality_answer) for i in li],
-        batch_size,
-        [f"requests[{i}] (locality_prompt)" for i in li],
-        chat_template,
+    tf = tuple(
+        teacher(
+            model,
+            tokenizer,
+            [(getattr(requests[i], field), getattr(requests[i], answer)) for i in idx],
+            batch_size,
+            [f"requests[{i}] ({field})" for i in idx],
+            chat_template,
+        )
+        for field, answer, idx in (
+            ("prompt", "target", range(len(requests))),
+            ("rephrase", "target", gi),
+            ("locality_prompt", "locality_answer", li),
+        )
     )
-    ls = [sum(p == l for p, l in zip(pr, lb)) / len(lb) for pr, lb in loc]
+    es, gs, ls = ([sum(p == q for p, q in zip(t[0], t[1])) / len(t[1]) for t in res] for res in tf)
     ls_u = (
-        _unedited_agreement(li, [pr for pr, _ in loc], base_predictions)
+        _unedited_agreement(li, [t[0] for t in tf[2]], base_predictions)
         if base_predictions is not None
         else []
     )
@@ -418,7 +257,7 @@ def _teacher_forced_scores(
         _put(rows, gi, "GS", gs)
         _put(rows, li, "LS", ls)
         _put(rows, li, "LS_unedited", ls_u)
-    return out, rows
+    return out, rows, tf
 
 
 def _unedited_agreement(
