@@ -21,7 +21,10 @@ Configurations (``--configs``, see :func:`options`): ``defaults`` (no option), `
 (``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``w<W>`` (``preserve_weight``),
 ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (the step search's locality budget),
 ``max<S>`` (its largest scale), ``drift<X>`` (its budget of general text's next tokens
-changed per turn), joined with ``+`` on top of the defaults.
+changed per turn), ``null<X>`` (``null_space``: the updates projected onto the null space
+of general text's inputs, eigenvalues under ``X`` of the largest), ``unedited``
+(``drift_from="unedited"``: the drift budget counts all turns so far), joined with ``+`` on
+top of the defaults.
 Results: one JSON (appended per configuration, so a stopped run keeps what it measured)
 and a PNG of ES_gen against each health figure, one point per configuration.
 """
@@ -68,17 +71,19 @@ def options(name):
     ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
     ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
-    text)."""
+    text), ``null<X>`` (null_space), ``unedited`` (drift_from)."""
     if name == "defaults":
         return {}
     out = {}
     for part in name.split("+"):
-        m = re.fullmatch(r"(paper|preserve|w|ridge|lb|max|drift)([0-9.]*)", part)
-        if not m or (m.group(1) != "paper" and not m.group(2)):
+        m = re.fullmatch(r"(paper|unedited|preserve|w|ridge|lb|max|drift|null)([0-9.]*)", part)
+        if not m or (m.group(1) not in ("paper", "unedited")) != bool(m.group(2)):
             raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
         key, val = m.groups()
         if key == "paper":
             out["step"] = "paper"
+        elif key == "unedited":
+            out["drift_from"] = "unedited"
         elif key == "preserve":
             out["preserve_general"] = int(val)
         elif key == "w":
@@ -89,6 +94,8 @@ def options(name):
             out["max_step_scale"] = float(val)
         elif key == "drift":
             out["drift_budget"] = float(val)
+        elif key == "null":
+            out["null_space"] = float(val)
         else:
             out["ridge"] = float(val)
     return out

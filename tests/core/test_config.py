@@ -104,6 +104,8 @@ def test_every_option_with_a_flag_is_accepted_by_run():
         "preserve_general": "4",
         "preserve_weight": "2",
         "preserve_text": "x.txt",
+        "null_space": "0.01",
+        "drift_from": "unedited",
     }
     for name in cli_option_names():
         argv = [

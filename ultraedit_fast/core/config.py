@@ -24,10 +24,12 @@ from ..kernels import BACKENDS
 from ..utils.checks import check_bool
 from .options import (
     DEFAULT_TOKENS_PER_PASS,
+    DRIFT_FROM,
     REGIMES,
     STEPS,
     check_backend,
     check_count,
+    check_drift_from,
     check_fraction,
     check_lr,
     check_modules,
@@ -233,6 +235,19 @@ class EditorConfig:
             "text's next tokens a step may change (default: not checked)",
         },
     )
+    drift_from: str = _option(
+        "turn",
+        check_drift_from,
+        "stabiliser, step='auto': what drift_budget compares with: 'turn' (the pre-turn "
+        "model: each turn's own damage) or 'unedited' (the model before the editor's first "
+        "turn, captured then and kept in its state: the damage of all turns so far)",
+        load=FIXED,
+        cli={
+            "choices": DRIFT_FROM,
+            "help": "stabiliser: drift budget against the pre-turn "
+            "model (turn, default) or the unedited one (all turns so far)",
+        },
+    )
     preserve_general: int = _option(
         0,
         check_count,
@@ -259,6 +274,20 @@ class EditorConfig:
         "stabiliser: the general text (UTF-8 file) the preserved keys come from (None: the "
         "package's sample)",
         cli={"help": "stabiliser: UTF-8 file the preserved keys come from"},
+    )
+    null_space: Optional[float] = _option(
+        None,
+        check_optional_fraction,
+        "stabiliser: solve every turn with its keys projected onto the null space of the "
+        "edited modules' inputs on general text (preserve_text), measured before the first "
+        "turn: the directions whose eigenvalue is at most this share of the largest "
+        "(AlphaEdit's projection; ultraedit_fast.core.nullspace); None: off (the paper's solve)",
+        load=FIXED,
+        cli={
+            "type": cli_fraction,
+            "help": "stabiliser: project updates onto the null space of general text's "
+            "inputs (eigenvalues at most this share of the largest; default: off)",
+        },
     )
     measure_memory: bool = _option(
         False,
@@ -407,9 +436,11 @@ class EditorOptions(TypedDict, total=False):
     chat_template: bool
     ridge: float
     drift_budget: Optional[float]
+    drift_from: str
     preserve_general: int
     preserve_weight: float
     preserve_text: Optional[str]
+    null_space: Optional[float]
     measure_memory: bool
 
 

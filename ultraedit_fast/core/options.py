@@ -58,6 +58,13 @@ def check_backend(name: str, v):
 
 STEPS = ("auto", "paper")
 REGIMES = ("stream", "facts")
+DRIFT_FROM = ("turn", "unedited")
+
+
+def check_drift_from(name: str, v):
+    if not isinstance(v, str) or v.lower() not in DRIFT_FROM:
+        raise ValueError(f"{name}: expected one of {list(DRIFT_FROM)}, got {v!r}")
+    return v.lower()
 
 
 def check_regime(name: str, v):

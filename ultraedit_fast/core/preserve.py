@@ -36,7 +36,14 @@ DRIFT_WINDOWS = 4  # windows of general text the drift budget checks
 class GeneralKeys:
     """The fixed token positions of a general text whose keys a turn preserves."""
 
-    def __init__(self, tokenizer, rows: int, path: Optional[str] = None, reserve: int = 0):
+    def __init__(
+        self,
+        tokenizer,
+        rows: int,
+        path: Optional[str] = None,
+        reserve: int = 0,
+        what: str = "preserve_general",
+    ):
         wins, self.source = text_windows(tokenizer, path, PRESERVE_WINDOW, "preserve_text")
         # the last ``reserve`` windows are the drift budget's: a check on text whose keys
         # are preserved would be blind
@@ -54,8 +61,9 @@ class GeneralKeys:
         self.rows = len(self.positions)
         if self.rows < rows:
             log.warning(
-                "ultraedit_fast: preserve_general=%d, but %s has room for %d keys (%d windows); "
-                "preserving %d",
+                "ultraedit_fast: %s: %d keys asked for, but %s has room for %d (%d windows); "
+                "using %d",
+                what,
                 rows,
                 self.source,
                 self.rows,
@@ -115,16 +123,32 @@ def general_keys_for(tokenizer, config, targets) -> Optional[GeneralKeys]:
 class GeneralDrift:
     """``drift_budget``: the share of positions of the last windows of a general text whose
     most likely next token a candidate step changes, against the pre-turn model (captured
-    when the turn's step search is prepared). With ``preserve_general`` too, those windows
-    are kept out of the preserved keys."""
+    when the turn's step search is prepared) or, with ``drift_from="unedited"``, against
+    the model before the editor's first turn (its argmax captured then, a ``reference``
+    kept in the editor's state). With ``preserve_general`` too, those windows are kept out
+    of the preserved keys."""
 
-    def __init__(self, windows: torch.Tensor, model, modules: Sequence[torch.nn.Module] = ()):
+    def __init__(
+        self,
+        windows: torch.Tensor,
+        model,
+        modules: Sequence[torch.nn.Module] = (),
+        reference: Optional[torch.Tensor] = None,
+    ):
         self.windows = windows
         # every position labelled (with itself: only the positions matter); each try
         # changes only ``modules``, so the checks run from the lowest block holding one
         toks = [TokenizedRequest(w.tolist(), w.tolist()) for w in windows]
         self.checks = ResumedForward(model, toks, lowest_block(model, modules), DRIFT_WINDOWS)
-        self.reference = self._argmax()
+        # ``reference``: the argmax of an earlier model (drift_from="unedited"), else now
+        now = self._argmax()
+        if reference is not None and reference.shape != now.shape:
+            raise ValueError(
+                f"drift_from: the saved reference covers {reference.numel()} positions, the "
+                f"drift windows of preserve_text have {now.numel()} (another text?)"
+            )
+        self.reference = now if reference is None else reference
+        self.before = float((now != self.reference).double().mean())  # pre-turn drift
 
     @classmethod
     def windows_of(cls, tokenizer, path: Optional[str] = None) -> torch.Tensor:
@@ -141,3 +165,22 @@ class GeneralDrift:
         if model is not self.checks.model:
             raise ValueError("model: the drift budget was measured on another model")
         return float((self._argmax() != self.reference).double().mean())
+
+
+def stabiliser_inputs(tokenizer, config, targets) -> Dict[str, object]:
+    """What the stabilisers of ``config`` read before any turn (the preserved keys' text
+    positions, the drift windows), as :class:`~ultraedit_fast.editors.turn.Setup` fields;
+    ``ValueError`` naming the module where one cannot apply."""
+    if config.null_space is not None:
+        for t in targets:
+            if t.tp is not None:
+                raise ValueError(
+                    f"null_space: module {t.name!r} is tensor-parallel; the null-space "
+                    "projection supports unsharded modules only"
+                )
+    return {
+        "general": general_keys_for(tokenizer, config, targets),
+        "drift_windows": None
+        if config.drift_budget is None
+        else GeneralDrift.windows_of(tokenizer, config.preserve_text),
+    }

@@ -48,15 +48,28 @@ class ShiftSolver:
     rank holds ``K_r``), the in-place sum over the ranks; ``K K^T`` is then the sum of the
     ranks' ``K_r K_r^T``, and only the dual system is used (the primal one would be split).
 
-    ``ridge``: the regulariser ``r`` of ``K K^T + r I`` (1: the paper's)."""
+    ``ridge``: the regulariser ``r`` of ``K K^T + r I`` (1: the paper's).
 
-    def __init__(self, k: torch.Tensor, reduce: Optional[Callable] = None, ridge: float = 1.0):
+    ``project``: ``K -> K P`` (``null_space``, :mod:`ultraedit_fast.core.nullspace`): the
+    system is solved with the projected keys, so every update's rows lie in the range of
+    ``P``; ``k`` stays the keys as captured (the shift values are computed from them)."""
+
+    def __init__(
+        self,
+        k: torch.Tensor,
+        reduce: Optional[Callable] = None,
+        ridge: float = 1.0,
+        project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
         self.k = k
         self.reduce = reduce
         self.ridge = ridge
+        self.project = project
+        self.kp = k if project is None else project(k)
         n, d_in = k.shape
         self.dual = n <= d_in or reduce is not None
-        gram = k @ k.t() if self.dual else k.t() @ k
+        kp = self.kp
+        gram = kp @ kp.t() if self.dual else kp.t() @ kp
         if reduce is not None:
             reduce(gram)
         self.factor = _cholesky_plus_identity(gram, ridge)
@@ -64,8 +77,8 @@ class ShiftSolver:
 
     def factors(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.dual:
-            return torch.cholesky_solve(v, self.factor), self.k
-        delta = torch.cholesky_solve(self.k.t() @ v, self.factor)  # d_in x d_out
+            return torch.cholesky_solve(v, self.factor), self.kp
+        delta = torch.cholesky_solve(self.kp.t() @ v, self.factor)  # d_in x d_out
         if self._eye is None:
             self._eye = torch.eye(self.k.shape[1], dtype=self.k.dtype, device=self.k.device)
         return delta, self._eye

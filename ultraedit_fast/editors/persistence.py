@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from ..core.config import check_overrides
+from ..core.nullspace import NullSpace
 from ..model.targets import resolve_target
 from ..parallel.concurrency import model_locks
 from ..storage import checkpoint as ckpt
-from .turn import Setup
 from ..storage.export import delta_factors, exact_factors, weight_sha256, write_lora, write_patch
+
+
+DRIFT_REFERENCE = "drift.reference"  # drift_from="unedited": the first turn's argmax
 
 
 def rank_path(path, tp):
@@ -61,6 +65,44 @@ def _save(editor, path, undo_log: bool) -> str:
         weights_sample_sha256=ckpt.weights_digest(editor.targets),
         undo=undo.export() if undo_log and undo is not None else None,
         base_sha256=editor._base_sha,
+        extra_tensors=_stabiliser_tensors(editor._setup),
+    )
+
+
+def _stabiliser_tensors(setup) -> dict:
+    """The stabilisers' state the editor took on its first turn, by tensor name."""
+    out = {} if setup.null is None else setup.null.tensors()
+    if setup.drift_reference is not None:
+        out[DRIFT_REFERENCE] = setup.drift_reference
+    return out
+
+
+def _restored_setup(setup, saved):
+    """``setup`` (resolved on the model: the stabilisers' inputs) with the checkpoint's
+    preset and the stabilisers' saved state; ``ValueError`` naming the checkpoint when a
+    state its options need is missing or malformed."""
+    cfg, where = setup.config, saved.manifest_path
+    if saved.preset is not None:
+        setup = replace(setup, preset=saved.preset)
+    tensors = saved.extra_tensors()
+    try:
+        null = NullSpace.from_tensors(tensors, setup.targets, cfg.null_space)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    ref = tensors.get(DRIFT_REFERENCE)
+    unedited = cfg.drift_from == "unedited" and cfg.drift_budget is not None
+    for name, on, have in (
+        ("null_space", cfg.null_space is not None, null),
+        ("drift_from='unedited'", unedited, ref),
+    ):
+        if on and have is None and saved.turns:
+            raise ValueError(f"{where}: {name} is set but the checkpoint holds no state for it")
+    if ref is not None and ref.dtype != torch.long:  # its shape: checked by GeneralDrift
+        raise ValueError(f"{where}: {DRIFT_REFERENCE!r} is not an int64 tensor")
+    return replace(
+        setup,
+        null=null if cfg.null_space is not None else None,
+        drift_reference=ref if unedited else None,
     )
 
 
@@ -205,13 +247,13 @@ class LifelongState:
 
     def _restore(self, saved) -> None:
         """Take the lifelong state of a loaded checkpoint (``load``'s last step)."""
-        if saved.preset is not None:
-            self._setup = Setup(self.config, saved.preset, self.targets, self._tp, self.backends)
+        setup = _restored_setup(self._setup, saved)
         devices = {self.normalizer_key(t): t.weight.device for t in reversed(self.targets)}
         shapes = {self.normalizer_key(t): t.local_shape for t in self.targets}
         normalizers = saved.normalizers(shapes, devices)
         undo = None if self._undo is None else saved.undo(self.targets, shapes, devices)
         with self._lock, self._weights_lock.writing():
+            self._setup = setup
             self.normalizers = normalizers
             self.turns = saved.turns
             self._base_sha = dict(saved.base_sha256)

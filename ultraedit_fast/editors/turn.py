@@ -20,7 +20,7 @@ configuration and the turn count once :meth:`Turn.apply` has returned.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -28,6 +28,7 @@ import torch
 from ..core.capture import Capture, capture_passes
 from ..core.config import EditorConfig
 from ..core.normalizer import NormalizerState
+from ..core.nullspace import NullSpace
 from ..core.preserve import GeneralDrift, GeneralKeys
 from ..core.report import PHASES
 from ..core.solve import ShiftSolver, SolveError
@@ -56,6 +57,8 @@ class Setup:
     backends: Dict[torch.device, Backend] = field(default_factory=dict)
     general: Optional[GeneralKeys] = None  # preserve_general: the general-text keys
     drift_windows: Optional[torch.Tensor] = None  # drift_budget: its windows of general text
+    null: Optional[NullSpace] = None  # null_space: the projection (built before turn 1)
+    drift_reference: Optional[torch.Tensor] = None  # drift_from="unedited": turn 1's argmax
 
     def normalizer_key(self, target: EditTarget):
         return target.shape if self.config.share_normalizer else target.name
@@ -106,6 +109,7 @@ class Turn:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.extra_rows = 0  # value rows of zero added to the system (preserved keys)
         self.stabilisers: List[str] = []  # those that acted in this turn
+        self.drift_reference: Optional[torch.Tensor] = None  # new state, taken this turn
         self._t = time.perf_counter()
 
     def restart(self) -> None:
@@ -171,6 +175,7 @@ class Turn:
                         torch.cat(cap.keys[t.name]).to(torch.float32),
                         reduce=t.tp.all_reduce_ if row else None,
                         ridge=self.config.ridge,
+                        project=self._projection(t),
                     )
                 except SolveError as e:
                     raise EditRefused(
@@ -186,6 +191,15 @@ class Turn:
         self._check_finite(updates, states)
         self.lap("solve")
         return Plan(updates, values)
+
+    def _projection(self, t: EditTarget):
+        """``null_space``: the projection of ``t``'s keys (``None``: the paper's solve)."""
+        null = self.setup.null
+        if null is None:
+            return None
+        if "null_space" not in self.stabilisers:
+            self.stabilisers.append("null_space")
+        return null.projector(t.name, t.weight.device)
 
     def _values(
         self,
@@ -248,11 +262,7 @@ class Turn:
             batch_size=16,
             chat_template=self.config.chat_template,
             max_length=context_length(self.model),
-            drift=None
-            if self.setup.drift_windows is None
-            else GeneralDrift(
-                self.setup.drift_windows, self.model, [t.module for t in self.setup.targets]
-            ),
+            drift=self._drift(),
             drift_budget=self.config.drift_budget,
             modules=[t.module for t in self.setup.targets],
         )
@@ -264,6 +274,30 @@ class Turn:
         self.seconds["step"] += time.perf_counter() - t0
         self._t = time.perf_counter()
         return plan, search, rows
+
+    def committed(self) -> Setup:
+        """The setup the editor keeps after this turn: with the state it took (the
+        null-space projection, the drift reference)."""
+        if self.drift_reference is None:
+            return self.setup
+        return replace(self.setup, drift_reference=self.drift_reference)
+
+    def _drift(self) -> Optional[GeneralDrift]:
+        """``drift_budget``'s check; with ``drift_from="unedited"``, against the reference
+        of the editor's first turn (taken now on the first: ``drift_reference``)."""
+        setup = self.setup
+        if setup.drift_windows is None:
+            return None
+        unedited = self.config.drift_from == "unedited"
+        drift = GeneralDrift(
+            setup.drift_windows,
+            self.model,
+            [t.module for t in setup.targets],
+            setup.drift_reference if unedited else None,
+        )
+        if unedited and setup.drift_reference is None:
+            self.drift_reference = drift.reference  # the editor commits it with the turn
+        return drift
 
     def _preserving(self, cap: Captured, plan: Plan, loc_keys) -> Tuple[Plan, int]:
         """The turn solved again with the locality set's keys as rows of value zero:
@@ -280,7 +314,7 @@ class Turn:
                 kl = loc_keys[t.name].to(solver.k.device, torch.float32)
                 try:
                     solvers[shared] = ShiftSolver(
-                        torch.cat([solver.k, kl]), solver.reduce, solver.ridge
+                        torch.cat([solver.k, kl]), solver.reduce, solver.ridge, solver.project
                     )
                 except SolveError as e:
                     raise EditRefused(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 from typing_extensions import Unpack
@@ -45,6 +46,7 @@ from ..core.config import (
 )
 from ..core.hparams import to_options
 from ..core.normalizer import NormalizerState
+from ..core.nullspace import NullSpace
 from ..core.presets import choose_regime, regime_is_open, resolve_config
 from ..core.report import EditReport
 from ..core.undo import UndoLog
@@ -56,7 +58,7 @@ from ..parallel.distributed import COUNTER
 from ..storage.export import weight_sha256
 from ..utils.environment import PeakMemory
 from .persistence import LifelongState
-from ..core.preserve import GeneralDrift, general_keys_for
+from ..core.preserve import stabiliser_inputs
 from .turn import EditRefused, Setup, Turn, tensor_parallel_of
 
 __all__ = ["UltraEditor", "EditRefused", "SharedModelWarning", "fast_edit"]
@@ -200,15 +202,9 @@ class UltraEditor(LifelongState):
                 config.step,
             )
         targets = resolve_targets(self.model, list(config.modules))
+        tp = tensor_parallel_of(targets)
         setup = Setup(
-            config,
-            preset,
-            targets,
-            tensor_parallel_of(targets),
-            general=general_keys_for(self.tokenizer, config, targets),
-            drift_windows=None
-            if config.drift_budget is None
-            else GeneralDrift.windows_of(self.tokenizer, config.preserve_text),
+            config, preset, targets, tp, **stabiliser_inputs(self.tokenizer, config, targets)
         )
         for t in targets:
             _backend_of(setup, t.weight.device)
@@ -271,7 +267,14 @@ class UltraEditor(LifelongState):
         self._weights_lock.refuse_writer_inside_reading("configure")
         with self._lock:
             config = self.config.replace(**changes)
-            setup = Setup(config, self.preset, self.targets, self._tp)
+            if config.drift_from == "unedited" and config.drift_budget is not None:
+                if self.turns and self._setup.drift_reference is None:
+                    raise ValueError(
+                        "drift_budget: with drift_from='unedited' it must be set before "
+                        "the first turn (its reference is the unedited model's)"
+                    )
+            inputs = stabiliser_inputs(self.tokenizer, config, self.targets)
+            setup = replace(self._setup, config=config, backends={}, **inputs)
             for t in setup.targets:
                 _backend_of(setup, t.weight.device)
             self._setup = setup
@@ -349,6 +352,11 @@ class UltraEditor(LifelongState):
         )
         peak = PeakMemory(turn.device, cfg.measure_memory)
         sent0 = COUNTER.bytes
+        if cfg.null_space is not None and setup.null is None:  # on the pre-turn model,
+            setup = turn.setup = replace(
+                setup, null=NullSpace.of(model, self.tokenizer, setup)
+            )  # committed
+            turn.lap("solve")  # with the turn
         cap = turn.capture()
         n_tokens = cap.n_tokens
         new_states = turn.statistics(cap)
@@ -366,7 +374,7 @@ class UltraEditor(LifelongState):
             )
             turn.apply(plan.updates, self._snapshot if cfg.transactional else None)
             self.normalizers.update(new_states)  # commit
-            self._setup, self._base_sha, self._regime_open = setup, base_sha, False
+            self._setup, self._base_sha, self._regime_open = turn.committed(), base_sha, False
             self.turns += 1
             if undo_entry is not None:  # readers (save, exports) see the log with its turn
                 self._undo.push(undo_entry, self.targets, self._rank_update)

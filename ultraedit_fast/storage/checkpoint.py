@@ -106,11 +106,13 @@ def write_checkpoint(
     undo: Optional[dict] = None,
     base_sha256: Optional[Mapping[str, str]] = None,
     tensor_parallel: Optional[Mapping[str, int]] = None,
+    extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> str:
     """Write a checkpoint to the directory ``path`` (created if missing), atomically.
 
     ``config``: the editor's options (:meth:`EditorConfig.to_dict`), ``normalizers``:
-    normaliser key -> state, ``undo``: :meth:`UndoLog.export`'s data or ``None``.
+    normaliser key -> state, ``undo``: :meth:`UndoLog.export`'s data or ``None``,
+    ``extra_tensors``: more state by name (a stabiliser's, e.g. ``nullspace.*``).
     Returns the path of the manifest. One writer per directory: the caller's process
     holds the directory's lock while this runs."""
     from safetensors.torch import save as to_bytes
@@ -129,6 +131,11 @@ def write_checkpoint(
         normalizers=entries,
         undo_log=log_meta,
     )
+    for name, t in (extra_tensors or {}).items():
+        if name in tensors:
+            raise ValueError(f"extra_tensors: {name!r} is a name the checkpoint uses")
+        tensors[name] = t.detach().to("cpu").contiguous()
+    body["extra_tensors"] = sorted(extra_tensors or {})
     data = to_bytes(tensors, metadata={"format": FORMAT})
     tensors.clear()  # the bytes hold them now
     return _commit(directory, data, body)
@@ -335,6 +342,16 @@ class Checkpoint:
                 f"dtype {t.dtype}, expected {tuple(shape)} and {dtype}",
             )
         return t
+
+    def extra_tensors(self) -> Dict[str, torch.Tensor]:
+        """The ``extra_tensors`` it was written with (none in an older checkpoint)."""
+        names = self._body.get("extra_tensors") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise bad(self.manifest_path, "field 'extra_tensors': expected a list of names")
+        missing = [n for n in names if n not in self._tensors]
+        if missing:
+            raise bad(self.manifest_path, f"tensor {missing[0]!r} is missing")
+        return {n: self._tensors[n] for n in names}
 
     def _state(self, j, key, shapes, devices) -> NormalizerState:
         states_meta = self._body["states"]
