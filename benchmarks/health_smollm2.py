@@ -3,11 +3,13 @@
     python benchmarks/health_smollm2.py [--scenarios daily,stream] [--configs NAME,...]
         [--output benchmarks/results/health-smollm2-cpu.json]
 
-Scenarios (CounterFact, counterfactual targets, records no tuning saw: the held-out split
-below; nothing in the package was tuned on them):
+Scenarios (records no tuning saw: CounterFact's held-out split below, counterfactual
+targets, and the WikiBigEdit sample; nothing in the package was tuned on them):
 
 - ``daily``: 30 turns x 10 facts, records 5000-5299 (the facts regime's defaults);
-- ``stream``: 10 turns x 100 facts, records 6000-6999 (the stream preset).
+- ``stream``: 10 turns x 100 facts, records 6000-6999 (the stream preset);
+- ``wiki-daily`` / ``wiki-stream``: the same on the WikiBigEdit sample
+  (``../shared/data/wikibigedit``, real Wikidata updates), records 0-299 / 1000-1999.
 
 Each configuration edits a fresh copy of the unedited model and is scored once, after the
 last turn, on every edit of the run against the unedited model's baseline (captured once
@@ -23,7 +25,8 @@ Configurations (``--configs``, see :func:`options`): ``defaults`` (no option), `
 ``max<S>`` (its largest scale), ``drift<X>`` (its budget of general text's next tokens
 changed per turn), ``null<X>`` (``null_space``: the updates projected onto the null space
 of general text's inputs, eigenvalues under ``X`` of the largest), ``unedited``
-(``drift_from="unedited"``: the drift budget counts all turns so far), joined with ``+`` on
+(``drift_from="unedited"``: the drift budget counts all turns so far), ``anchor``
+(``norm_anchor``: no target lengthens an output), joined with ``+`` on
 top of the defaults.
 Results: one JSON (appended per configuration, so a stopped run keeps what it measured)
 and a PNG of ES_gen against each health figure, one point per configuration.
@@ -53,7 +56,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 COUNTERFACT = os.path.join(DATA, "counterfact", "counterfact_easyedit_train-10k.json")
 GENERAL = os.path.join(DATA, "general", "lee_background.txt")
-SCENARIOS = {"daily": (30, 10, 5000), "stream": (10, 100, 6000)}
+WIKI = os.path.join(DATA, "wikibigedit", "wikibigedit_locft_first2000.json")
+# name: (turns, edits per turn, first record, data file)
+SCENARIOS = {
+    "daily": (30, 10, 5000, COUNTERFACT),
+    "stream": (10, 100, 6000, COUNTERFACT),
+    "wiki-daily": (30, 10, 0, WIKI),
+    "wiki-stream": (10, 100, 1000, WIKI),
+}
 KEYS = (
     "ES",
     "ES_gen",
@@ -71,19 +81,23 @@ def options(name):
     ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
     ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
-    text), ``null<X>`` (null_space), ``unedited`` (drift_from)."""
+    text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor)."""
     if name == "defaults":
         return {}
     out = {}
     for part in name.split("+"):
-        m = re.fullmatch(r"(paper|unedited|preserve|w|ridge|lb|max|drift|null)([0-9.]*)", part)
-        if not m or (m.group(1) not in ("paper", "unedited")) != bool(m.group(2)):
+        m = re.fullmatch(
+            r"(paper|unedited|anchor|preserve|w|ridge|lb|max|drift|null)([0-9.]*)", part
+        )
+        if not m or (m.group(1) not in ("paper", "unedited", "anchor")) != bool(m.group(2)):
             raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
         key, val = m.groups()
         if key == "paper":
             out["step"] = "paper"
         elif key == "unedited":
             out["drift_from"] = "unedited"
+        elif key == "anchor":
+            out["norm_anchor"] = True
         elif key == "preserve":
             out["preserve_general"] = int(val)
         elif key == "w":
@@ -147,7 +161,12 @@ def plot(doc, path):
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6))
     for ax, (key, title) in zip(axes, panels):
-        for scen, marker in (("daily", "o"), ("stream", "s")):
+        for scen, marker in (
+            ("daily", "o"),
+            ("stream", "s"),
+            ("wiki-daily", "^"),
+            ("wiki-stream", "v"),
+        ):
             for name, r in doc["scenarios"].get(scen, {}).get("configs", {}).items():
                 x, y = r["metrics"].get(key), r["metrics"].get("ES_gen")
                 if x is None or y is None:
@@ -188,17 +207,19 @@ def main(argv=None):
     if os.path.exists(args.output):
         doc = json.load(open(args.output))
     for scen in args.scenarios.split(","):
-        turns, per_turn, offset = SCENARIOS[scen]
+        turns, per_turn, offset, data = SCENARIOS[scen]
+        if not os.path.exists(data):
+            raise SystemExit(f"{data} is absent (../shared/data): nothing to measure")
         if args.quick:  # a check that the script runs, not a measurement
             turns, per_turn = 2, 5
-        reqs = list(load_requests(COUNTERFACT, "auto", offset=offset, limit=turns * per_turn))
+        reqs = list(load_requests(data, "auto", offset=offset, limit=turns * per_turn))
         t0 = time.perf_counter()
         base = capture_baseline(model0, tok, reqs, batch_size=64, health=GENERAL)
         entry = doc["scenarios"].setdefault(scen, {"configs": {}})
         entry.update(
             turns=turns,
             edits_per_turn=per_turn,
-            records=f"counterfact_easyedit_train-10k.json[{offset}:{offset + turns * per_turn}]",
+            records=f"{os.path.basename(data)}[{offset}:{offset + turns * per_turn}]",
             baseline_seconds=time.perf_counter() - t0,
         )
         for name in args.configs.split(","):

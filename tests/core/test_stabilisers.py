@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny, random_requests
 from ultraedit_fast import UltraEditor
 from ultraedit_fast.core.preserve import GeneralKeys
-from ultraedit_fast.core.solve import ShiftSolver
+from ultraedit_fast.core.solve import ShiftSolver, norm_anchored
 from ultraedit_fast.model.targets import resolve_targets
 
 
@@ -126,3 +126,44 @@ def test_the_drift_windows_are_never_preserved(toy_tokenizer):
     preserved = {tuple(keys.windows[w].tolist()) for w in used}
     assert drift.shape[0] == 4
     assert not preserved & {tuple(row.tolist()) for row in drift}
+
+
+@pytest.mark.parametrize("transposed, with_bias", [(False, False), (True, True)])
+def test_norm_anchoring_never_lengthens_an_output(transposed, with_bias):
+    """Rows whose target ``o + v`` is longer than ``o`` are rescaled to ``|o|`` along the
+    same direction; the others are left as they are (fp64 oracle)."""
+    g = torch.Generator().manual_seed(31)
+    n, d_in, d_out = 23, 9, 7
+    k = torch.randn(n, d_in, generator=g)
+    w = (
+        torch.randn(d_in, d_out, generator=g)
+        if transposed
+        else torch.randn(d_out, d_in, generator=g)
+    )
+    b = torch.randn(d_out, generator=g) if with_bias else None
+    v = 0.3 * torch.randn(n, d_out, generator=g)
+    out, rescaled = norm_anchored(k, v, w, b, transposed)
+    w64 = w.double() if transposed else w.double().t()
+    o = k.double() @ w64 + (b.double() if with_bias else 0)
+    t, t2 = o + v.double(), o + out.double()
+    longer = t.norm(dim=1) > o.norm(dim=1)
+    assert 0 < int(longer.sum()) < n and rescaled == int(longer.sum())
+    assert torch.allclose(t2[longer].norm(dim=1), o[longer].norm(dim=1), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(t2[longer], t[longer], dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-6)
+    assert torch.equal(out[~longer], v[~longer])
+
+
+def test_norm_anchor_in_a_turn(toy_tokenizer):
+    model, modules = make_tiny("llama")
+    reqs = random_requests(8, seed=32)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    r0 = UltraEditor(a, toy_tokenizer, modules=modules, lr=0.5).edit(reqs)
+    r1 = UltraEditor(b, toy_tokenizer, modules=modules, lr=0.5, norm_anchor=True).edit(reqs)
+    assert r0.stabilisers == [] and r1.stabilisers == ["norm_anchor"]
+    moved = [
+        float((b.get_submodule(n).weight - model.get_submodule(n).weight).norm())
+        / float((a.get_submodule(n).weight - model.get_submodule(n).weight).norm())
+        for n in modules
+    ]
+    assert all(0 < m < 1.5 for m in moved) and any(abs(m - 1) > 1e-3 for m in moved), moved

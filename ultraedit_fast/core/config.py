@@ -275,6 +275,14 @@ class EditorConfig:
         "package's sample)",
         cli={"help": "stabiliser: UTF-8 file the preserved keys come from"},
     )
+    norm_anchor: bool = _option(
+        False,
+        check_bool,
+        "stabiliser: rescale each value row so that the module's target output at its key is "
+        "no longer than its output there now (norm anchoring in NAS's manner; "
+        "ultraedit_fast.core.solve.norm_anchored); off: the paper's values",
+        cli={"action": "store_true", "help": "stabiliser: targets never lengthen an output"},
+    )
     null_space: Optional[float] = _option(
         None,
         check_optional_fraction,
@@ -440,6 +448,7 @@ class EditorOptions(TypedDict, total=False):
     preserve_general: int
     preserve_weight: float
     preserve_text: Optional[str]
+    norm_anchor: bool
     null_space: Optional[float]
     measure_memory: bool
 

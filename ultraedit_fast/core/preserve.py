@@ -171,12 +171,15 @@ def stabiliser_inputs(tokenizer, config, targets) -> Dict[str, object]:
     """What the stabilisers of ``config`` read before any turn (the preserved keys' text
     positions, the drift windows), as :class:`~ultraedit_fast.editors.turn.Setup` fields;
     ``ValueError`` naming the module where one cannot apply."""
-    if config.null_space is not None:
+    for name, on in (
+        ("null_space", config.null_space is not None),
+        ("norm_anchor", config.norm_anchor),
+    ):
         for t in targets:
-            if t.tp is not None:
+            if on and t.tp is not None:
                 raise ValueError(
-                    f"null_space: module {t.name!r} is tensor-parallel; the null-space "
-                    "projection supports unsharded modules only"
+                    f"{name}: module {t.name!r} is tensor-parallel; this stabiliser "
+                    "supports unsharded modules only"
                 )
     return {
         "general": general_keys_for(tokenizer, config, targets),

@@ -82,3 +82,31 @@ class ShiftSolver:
         if self._eye is None:
             self._eye = torch.eye(self.k.shape[1], dtype=self.k.dtype, device=self.k.device)
         return delta, self._eye
+
+
+def norm_anchored(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    transposed: bool = False,
+) -> Tuple[torch.Tensor, int]:
+    """``norm_anchor``: each value row rescaled so that the module's target output
+    ``o + v`` at its key is no longer than the output ``o`` the module gives there now
+    (NAS, arXiv 2602.02543, anchors each edit's target to the unedited model's norms; here
+    the anchor is each row's own output): ``v' = s (o + v) - o`` with
+    ``s = |o| / |o + v|`` where that is below 1, ``v`` elsewhere. An edit may turn an
+    output, not lengthen it. Returns ``(v', rows rescaled)``; ``k`` ``N x d_in``, ``v``
+    ``N x d_out`` fp32, ``weight`` ``d_out x d_in`` (``d_in x d_out`` when
+    ``transposed``)."""
+    w = weight.detach().to(torch.float32)
+    o = k @ (w if transposed else w.t())
+    if bias is not None:
+        o = o + bias.detach().to(torch.float32)
+    # |o + v|^2 - |o|^2 = 2 o.v + v.v, without the cancellation of the difference of norms
+    grow = 2 * (o * v).sum(dim=1, keepdim=True) + (v * v).sum(dim=1, keepdim=True)
+    n_t = (o + v).norm(dim=1, keepdim=True)
+    n_o = o.norm(dim=1, keepdim=True)
+    longer = grow > 0
+    shrink = torch.where(longer, grow / ((n_t + n_o) * n_t).clamp_min(1e-30), 0.0)  # 1 - s
+    return v * (1 - shrink) - shrink * o, int(longer.sum())

@@ -31,7 +31,7 @@ from ..core.normalizer import NormalizerState
 from ..core.nullspace import NullSpace
 from ..core.preserve import GeneralDrift, GeneralKeys
 from ..core.report import PHASES
-from ..core.solve import ShiftSolver, SolveError
+from ..core.solve import ShiftSolver, SolveError, norm_anchored
 from ..core.step_search import StepResult, StepSearch
 from ..kernels import Backend
 from ..model.forward import input_device, preserved_model_state, rows_only_modules, supports_packing
@@ -185,12 +185,22 @@ class Turn:
             v = self._values(
                 t, solver, torch.cat(cap.grads[t.name]), states[self.setup.normalizer_key(t)], row
             )
+            if self.config.norm_anchor:
+                v = self._anchored(t, solver.k, v)
             updates.append((t, *solver.factors(v)))
             if keep_values:
                 values.append((solver, v))
         self._check_finite(updates, states)
         self.lap("solve")
         return Plan(updates, values)
+
+    def _anchored(self, t: EditTarget, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``norm_anchor``: no value row lengthens the module's output at its key."""
+        bias = getattr(t.module, "bias", None)
+        v, n = norm_anchored(k, v, t.weight, bias, t.transposed)
+        if n and "norm_anchor" not in self.stabilisers:
+            self.stabilisers.append("norm_anchor")
+        return v
 
     def _projection(self, t: EditTarget):
         """``null_space``: the projection of ``t``'s keys (``None``: the paper's solve)."""
