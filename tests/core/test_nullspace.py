@@ -161,3 +161,13 @@ def test_the_paper_turn_is_untouched_with_null_space_off(toy_tokenizer):
     UltraEditor(a, toy_tokenizer, modules=modules, lr=0.5).edit(reqs)
     UltraEditor(b, toy_tokenizer, modules=modules, lr=0.5, null_space=None).edit(reqs)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_modules_with_the_same_inputs_share_one_basis(toy_tokenizer):
+    model, _ = make_tiny("llama")
+    modules = ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    ns = NullSpace.build(model, toy_tokenizer, resolve_targets(model, modules), 0.05)
+    assert ns.bases[modules[0]][1] is ns.bases[modules[1]][1]
+    b = ns.bases[modules[0]][1]
+    assert ns.nbytes() == b.numel() * 4
+    assert len(ns.tensors()) == 2

@@ -18,8 +18,9 @@ edits in its system; UltraEdit keeps none (memory-free), and neither does this.
 ``P`` is held in the cheaper of two equal forms: an orthonormal basis ``U`` of the null
 space (``P = U U^T``) or one of its complement ``Q`` (``P = I - Q Q^T``), so at most
 ``d_in / 2`` columns of ``d_in``: for a 14336-wide input, at most 14336 x 7168 fp32 =
-411 MB per module, never the 822 MB of a ``d_in x d_in`` projector. It depends on the
-model it was built on, so it is part of the editor's saved state
+411 MB per module, never the 822 MB of a ``d_in x d_in`` projector; modules with the same
+inputs (a layer's gate and up projections) share one basis. It depends on the model it was
+built on, so it is part of the editor's saved state
 (:mod:`ultraedit_fast.storage.checkpoint`): a resumed run projects with the same ``P``.
 """
 
@@ -58,8 +59,12 @@ class NullSpace:
         (``reserve``: the text's last windows are the drift budget's, kept out)."""
         keys = GeneralKeys(tokenizer, NULL_SPACE_KEYS, path, reserve, "null_space")
         keys = keys.keys(model, targets)
-        bases = {}
-        for t in targets:
+        bases: Dict[str, Tuple[str, torch.Tensor]] = {}
+        for i, t in enumerate(targets):
+            same = next((u for u in targets[:i] if torch.equal(keys[u.name], keys[t.name])), None)
+            if same is not None:  # the same inputs (a layer's gate and up projections):
+                bases[t.name] = bases[same.name]  # one basis, held once
+                continue
             k = keys[t.name].double()
             evals, evecs = torch.linalg.eigh(k.t() @ k / k.shape[0])
             null = evals <= threshold * evals[-1].clamp_min(0)
@@ -89,7 +94,9 @@ class NullSpace:
         return out
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for _, b in self.bases.values())
+        """Bytes held (a basis shared by modules with the same inputs counted once)."""
+        held = {id(b): b for _, b in self.bases.values()}
+        return sum(b.numel() * b.element_size() for b in held.values())
 
     def projector(self, name: str, device) -> "Projection":
         kind, b = self.bases[name]
@@ -98,7 +105,8 @@ class NullSpace:
     # ---------------------------------------------------------------- checkpoints
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The bases by checkpoint tensor name (``nullspace.<kind>.<module>``)."""
-        return {f"nullspace.{kind}.{name}": b for name, (kind, b) in self.bases.items()}
+        # a basis two modules share is written twice (a file holds no aliases)
+        return {f"nullspace.{kind}.{name}": b.clone() for name, (kind, b) in self.bases.items()}
 
     @classmethod
     def from_tensors(
@@ -120,7 +128,10 @@ class NullSpace:
                     f"null_space: the checkpoint's basis for module {t.name!r} has shape "
                     f"{tuple(b.shape)} ({b.dtype}), expected {d_in} x r fp32"
                 )
-            bases[t.name] = (found[0], b)
+            held = next(
+                (x for x in bases.values() if x[0] == found[0] and torch.equal(x[1], b)), None
+            )
+            bases[t.name] = held if held is not None else (found[0], b)
         return cls(bases, threshold)
 
 
