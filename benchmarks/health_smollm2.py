@@ -49,6 +49,7 @@ from ultraedit_fast import capture_baseline  # noqa: E402
 from ultraedit_fast.data.datasets import load_requests  # noqa: E402
 from ultraedit_fast.lifelong import run_lifelong  # noqa: E402
 from ultraedit_fast.model.loading import load_model  # noqa: E402
+from ultraedit_fast.scoring.health import read_health_text  # noqa: E402
 from ultraedit_fast.utils.environment import environment  # noqa: E402
 from ultraedit_fast.utils.files import atomic_write_json  # noqa: E402
 
@@ -144,6 +145,8 @@ def run_config(model0, tok, reqs, base, turns, per_turn, name):
         "scoring_seconds": res["timing"]["eval_seconds"],
         "wall_seconds": time.perf_counter() - t0,
         "config": {k: res["config"][k] for k in ("modules", "lr", "preset")},
+        # the package's general-text sample (preserved keys, null space, drift windows)
+        "package_sample_chars": len(read_health_text(None)[0]),
     }
 
 
