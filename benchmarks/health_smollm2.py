@@ -9,7 +9,9 @@ targets, and the WikiBigEdit sample; nothing in the package was tuned on them):
 - ``daily``: 30 turns x 10 facts, records 5000-5299 (the facts regime's defaults);
 - ``stream``: 10 turns x 100 facts, records 6000-6999 (the stream preset);
 - ``wiki-daily`` / ``wiki-stream``: the same on the WikiBigEdit sample
-  (``../shared/data/wikibigedit``, real Wikidata updates), records 0-299 / 1000-1999.
+  (``../shared/data/wikibigedit``, real Wikidata updates), records 0-299 / 1000-1999;
+- ``daily-tune`` / ``stream-tune``: the same on CounterFact's tuning split, records 0-299 /
+  1000-1999, where a default is chosen before the held-out scenarios confirm it.
 
 Each configuration edits a fresh copy of the unedited model and is scored once, after the
 last turn, on every edit of the run against the unedited model's baseline (captured once
@@ -64,6 +66,9 @@ SCENARIOS = {
     "stream": (10, 100, 6000, COUNTERFACT),
     "wiki-daily": (30, 10, 0, WIKI),
     "wiki-stream": (10, 100, 1000, WIKI),
+    # the tuning split (CounterFact records 0-4999): where defaults are chosen
+    "daily-tune": (30, 10, 0, COUNTERFACT),
+    "stream-tune": (10, 100, 1000, COUNTERFACT),
 }
 KEYS = (
     "ES",

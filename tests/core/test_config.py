@@ -124,3 +124,20 @@ def test_every_option_with_a_flag_is_accepted_by_run():
             argv.append(values[name])
         args = build_parser().parse_args(argv)
         assert getattr(args, name) is not None, name
+
+
+def test_null_space_auto_is_the_presets_choice(monkeypatch):
+    from ultraedit_fast.core import presets
+
+    model, _ = make_tiny("llama")
+    monkeypatch.setattr(presets, "NULL_SPACE", {"stream": 0.02})
+    assert EditorConfig().null_space == "auto"
+    assert resolve_config(model, EditorConfig(), "stream")[0].null_space == 0.02
+    assert resolve_config(model, EditorConfig(), "facts")[0].null_space is None
+    assert resolve_config(model, EditorConfig(lr=1e-3), "stream")[0].null_space is None
+    assert resolve_config(model, EditorConfig(null_space="off"), "stream")[0].null_space is None
+    assert resolve_config(model, EditorConfig(null_space=0.3), "facts")[0].null_space == 0.3
+    with pytest.raises(ValueError, match="null_space: expected 'auto', 'off'"):
+        EditorConfig(null_space="sometimes")
+    with pytest.raises(ValueError, match="null_space"):
+        EditorConfig(null_space=1.5)

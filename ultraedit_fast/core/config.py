@@ -33,6 +33,7 @@ from .options import (
     check_fraction,
     check_lr,
     check_modules,
+    check_null_space,
     check_optional_fraction,
     check_positive_count,
     check_regime,
@@ -45,6 +46,7 @@ from .options import (
     cli_fraction,
     cli_int_at_least,
     cli_modules,
+    cli_null_space,
     cli_positive_float,
 )
 
@@ -283,18 +285,21 @@ class EditorConfig:
         "ultraedit_fast.core.solve.norm_anchored); off: the paper's values",
         cli={"action": "store_true", "help": "stabiliser: targets never lengthen an output"},
     )
-    null_space: Optional[float] = _option(
-        None,
-        check_optional_fraction,
+    null_space: Union[float, str, None] = _option(
+        "auto",
+        check_null_space,
         "stabiliser: solve every turn with its keys projected onto the null space of the "
         "edited modules' inputs on general text (preserve_text), measured before the first "
         "turn: the directions whose eigenvalue is at most this share of the largest "
-        "(AlphaEdit's projection; ultraedit_fast.core.nullspace); None: off (the paper's solve)",
+        "(AlphaEdit's projection; ultraedit_fast.core.nullspace); None or 'off': the paper's "
+        "solve; 'auto': the preset's choice (ultraedit_fast.core.presets.NULL_SPACE), off "
+        "whenever lr is given",
         load=FIXED,
         cli={
-            "type": cli_fraction,
+            "type": cli_null_space,
             "help": "stabiliser: project updates onto the null space of general text's "
-            "inputs (eigenvalues at most this share of the largest; default: off)",
+            "inputs (eigenvalues at most this share of the largest), 'off', or 'auto' "
+            "(default: the preset's choice)",
         },
     )
     measure_memory: bool = _option(
@@ -449,7 +454,7 @@ class EditorOptions(TypedDict, total=False):
     preserve_weight: float
     preserve_text: Optional[str]
     norm_anchor: bool
-    null_space: Optional[float]
+    null_space: Union[float, str, None]
     measure_memory: bool
 
 

@@ -129,6 +129,26 @@ def check_optional_fraction(name: str, v):
     return None if v is None else check_fraction(name, v)
 
 
+def check_null_space(name: str, v):
+    """``"auto"`` (the preset's choice), ``None`` or ``"off"``, or a share in [0, 1]."""
+    if isinstance(v, str) and v.lower() in ("auto", "off"):
+        return "auto" if v.lower() == "auto" else None
+    try:
+        return check_optional_fraction(name, v)
+    except ValueError:
+        raise ValueError(
+            f"{name}: expected 'auto', 'off' (or None), or a number in [0, 1], got {v!r}"
+        ) from None
+
+
+def cli_null_space(text: str):
+    """``auto``, ``off``, or a share in [0, 1] (kept as given: the option's check maps
+    ``off`` to ``None``)."""
+    if text.lower() in ("auto", "off"):
+        return text.lower()
+    return cli_fraction(text)
+
+
 def check_count(name: str, v):
     """An int >= 0 (0: off)."""
     return check_positive_int(name, v, minimum=0)

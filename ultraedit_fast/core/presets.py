@@ -263,20 +263,30 @@ def choose_regime(requested: EditorConfig, first_turn_size: Optional[int] = None
     return "stream"
 
 
+# null_space="auto": the threshold each regime's presets use (none: off), chosen on the
+# tuning split of benchmarks/health_smollm2.py (results/health-smollm2-cpu.json)
+NULL_SPACE: Dict[str, float] = {}
+
+
 def resolve_config(model, requested: EditorConfig, regime: str) -> Tuple[EditorConfig, str]:
-    """``(config, preset)``: ``requested`` with ``modules``, ``lr``, ``step`` and ``regime``
-    filled from the model's preset for ``regime``. Pure: it reads the model and changes
-    nothing. ``step`` left open is ``"auto"`` in the facts regime with the preset's lr,
-    ``"paper"`` otherwise."""
+    """``(config, preset)``: ``requested`` with ``modules``, ``lr``, ``step``, ``regime``
+    and ``null_space`` filled from the model's preset for ``regime``. Pure: it reads the
+    model and changes nothing. ``step`` left open is ``"auto"`` in the facts regime with the
+    preset's lr, ``"paper"`` otherwise; ``null_space="auto"`` is :data:`NULL_SPACE`'s
+    threshold for the regime with the preset's lr, off otherwise."""
     chosen = resolve_edit_config(model, requested.modules, requested.lr, regime)
     step = requested.step or (
         "auto" if requested.lr is None and chosen.regime == "facts" else "paper"
     )
     from_preset = requested.lr is None or requested.modules is None
+    null = requested.null_space
+    if null == "auto":
+        null = NULL_SPACE.get(chosen.regime) if requested.lr is None else None
     config = requested.replace(
         modules=tuple(chosen.modules),
         lr=chosen.lr,
         step=step,
         regime=chosen.regime if from_preset else requested.regime,
+        null_space=null,
     )
     return config, chosen.preset

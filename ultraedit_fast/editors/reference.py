@@ -67,7 +67,7 @@ class ReferenceEditor:
     ):
         cfg = EditorConfig.build(config, overrides, owner="ReferenceEditor", reference=True)
         resolved = resolve_edit_config(model, cfg.modules, cfg.lr)
-        self.config = cfg.replace(modules=tuple(resolved.modules), lr=resolved.lr)
+        self.config = cfg.replace(modules=tuple(resolved.modules), lr=resolved.lr, null_space=None)
         self.model = model
         self.tokenizer = tokenizer
         self.module_names: List[str] = list(resolved.modules)
