@@ -130,7 +130,7 @@ def test_null_space_auto_is_the_presets_choice(monkeypatch):
     from ultraedit_fast.core import presets
 
     model, _ = make_tiny("llama")
-    monkeypatch.setattr(presets, "NULL_SPACE", {"stream": 0.02})
+    monkeypatch.setattr(presets, "NULL_SPACE", {("generic:llama", "stream"): 0.02})
     assert EditorConfig().null_space == "auto"
     assert resolve_config(model, EditorConfig(), "stream")[0].null_space == 0.02
     assert resolve_config(model, EditorConfig(), "facts")[0].null_space is None

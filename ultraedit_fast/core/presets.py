@@ -263,9 +263,12 @@ def choose_regime(requested: EditorConfig, first_turn_size: Optional[int] = None
     return "stream"
 
 
-# null_space="auto": the threshold each regime's presets use (none: off), chosen on the
-# tuning split of benchmarks/health_smollm2.py (results/health-smollm2-cpu.json)
-NULL_SPACE: Dict[str, float] = {}
+# null_space="auto": the threshold of a (preset, regime) measured with it (any other: off),
+# chosen on the tuning split of benchmarks/health_smollm2.py (results/health-smollm2-cpu.json)
+NULL_SPACE: Dict[Tuple[str, str], float] = {
+    ("SmolLM2-135M-Instruct", "stream"): 0.01,
+    ("SmolLM2-135M-Instruct (facts)", "facts"): 0.01,
+}
 
 
 def resolve_config(model, requested: EditorConfig, regime: str) -> Tuple[EditorConfig, str]:
@@ -281,7 +284,7 @@ def resolve_config(model, requested: EditorConfig, regime: str) -> Tuple[EditorC
     from_preset = requested.lr is None or requested.modules is None
     null = requested.null_space
     if null == "auto":
-        null = NULL_SPACE.get(chosen.regime) if requested.lr is None else None
+        null = NULL_SPACE.get((chosen.preset, chosen.regime)) if requested.lr is None else None
     config = requested.replace(
         modules=tuple(chosen.modules),
         lr=chosen.lr,
