@@ -21,7 +21,9 @@ edited records' locality prompts keep their unedited greedy answer), and the hea
 ratio and next-token agreement on held-out general text (``../shared/data/general``, the
 Lee news corpus; the preserved keys come from the package's own sample, a different text).
 
-Configurations (``--configs``, see :func:`options`): ``defaults`` (no option), ``paper``
+Configurations (``--configs``, see :func:`options`; each with ``null_space`` off unless
+it names one, so ``defaults`` is the defaults before the null space became one and
+``null0.01`` today's): ``defaults`` (no option), ``paper``
 (``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``w<W>`` (``preserve_weight``),
 ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (the step search's locality budget),
 ``max<S>`` (its largest scale), ``drift<X>`` (its budget of general text's next tokens
@@ -87,10 +89,13 @@ def options(name):
     ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
     ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
-    text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor)."""
+    text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor).
+    Every configuration has ``null_space`` off unless a ``null<X>`` part sets it: the names
+    are options on top of the defaults as they were before the null space became one
+    (``null0.01`` is today's defaults)."""
+    out = {"null_space": None}
     if name == "defaults":
-        return {}
-    out = {}
+        return out
     for part in name.split("+"):
         m = re.fullmatch(
             r"(paper|unedited|anchor|preserve|w|ridge|lb|max|drift|null)([0-9.]*)", part
@@ -174,6 +179,8 @@ def plot(doc, path):
             ("stream", "s"),
             ("wiki-daily", "^"),
             ("wiki-stream", "v"),
+            ("daily-tune", "<"),
+            ("stream-tune", ">"),
         ):
             for name, r in doc["scenarios"].get(scen, {}).get("configs", {}).items():
                 x, y = r["metrics"].get(key), r["metrics"].get("ES_gen")
@@ -183,11 +190,13 @@ def plot(doc, path):
                 ax.annotate(
                     f"{scen}:{name}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
                 )
+        if key == "health_ppl_ratio":  # a wrecked model is thousands of times worse
+            ax.set_xscale("log")
         ax.set_xlabel(title)
         ax.set_ylabel("ES_gen over all edits")
         ax.grid(alpha=0.3)
     fig.suptitle(
-        f"SmolLM2-135M-Instruct, CounterFact held-out: ES_gen against health "
+        f"SmolLM2-135M-Instruct, CounterFact (held-out, tuning) and WikiBigEdit: ES_gen against health "
         f"({doc['environment'].get('device_name', 'CPU')})",
         fontsize=10,
     )
