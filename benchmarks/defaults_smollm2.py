@@ -7,7 +7,8 @@ tuning set and the demo's facts), from the unedited model:
 
 - ``fast_edit(model, tok, requests)`` with no option: one turn;
 - the README's example: ``UltraEditor(model, tok, undo=True).edit(requests)``;
-- the published fixed step on the same layers (``step="paper"``), for comparison;
+- the published fixed step on the same layers (``step="paper"``, no null space: the
+  published algorithm), for comparison;
 
 and scores each with ``evaluate`` against the unedited model's baseline: teacher-forced and
 generation-based, among them ES_gen (the target generated after the edit prompt) and
@@ -74,8 +75,9 @@ def main(argv=None):
     ways = {
         "fast_edit()": lambda r: fast_edit(model, tok, r),
         "README: UltraEditor(undo=True)": lambda r: UltraEditor(model, tok, undo=True).edit(r),
+        # the published algorithm: its fixed step, no stabiliser
         "same layers, step='paper'": lambda r: UltraEditor(
-            model, tok, regime="facts", step="paper"
+            model, tok, regime="facts", step="paper", null_space=None
         ).edit(r),
     }
     rows = []
