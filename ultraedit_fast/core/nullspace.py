@@ -57,8 +57,8 @@ class NullSpace:
     ) -> "NullSpace":
         """Measure the general text's inputs of ``targets`` on ``model`` as it is now
         (``reserve``: the text's last windows are the drift budget's, kept out)."""
-        keys = GeneralKeys(tokenizer, NULL_SPACE_KEYS, path, reserve, "null_space")
-        keys = keys.keys(model, targets)
+        general = GeneralKeys(tokenizer, NULL_SPACE_KEYS, path, reserve, "null_space")
+        keys = general.keys(model, targets)
         bases: Dict[str, Tuple[str, torch.Tensor]] = {}
         for i, t in enumerate(targets):
             same = next((u for u in targets[:i] if torch.equal(keys[u.name], keys[t.name])), None)
@@ -116,7 +116,7 @@ class NullSpace:
         when it does not cover the edited modules with bases of their input width."""
         if not any(n.startswith("nullspace.") for n in tensors):
             return None
-        bases = {}
+        bases: Dict[str, Tuple[str, torch.Tensor]] = {}
         for t in targets:
             found = [k for k in _KINDS if f"nullspace.{k}.{t.name}" in tensors]
             if len(found) != 1:
