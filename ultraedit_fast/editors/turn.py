@@ -123,6 +123,14 @@ class Turn:
         self.seconds[phase] += now - self._t
         self._t = now
 
+    def take_null_space(self) -> None:
+        """``null_space``: the projection, built on the pre-turn model where the editor has
+        none yet; committed with the turn (:meth:`committed`)."""
+        if self.config.null_space is None or self.setup.null is not None:
+            return
+        self.setup = replace(self.setup, null=NullSpace.of(self.model, self.tokenizer, self.setup))
+        self.lap("solve")
+
     # ------------------------------------------------------------------ 1. capture
     def capture(self) -> Captured:
         model, targets = self.model, self.setup.targets

@@ -46,7 +46,6 @@ from ..core.config import (
 )
 from ..core.hparams import to_options
 from ..core.normalizer import NormalizerState
-from ..core.nullspace import NullSpace
 from ..core.presets import choose_regime, regime_is_open, resolve_config
 from ..core.report import EditReport
 from ..core.undo import UndoLog
@@ -352,11 +351,7 @@ class UltraEditor(LifelongState):
         )
         peak = PeakMemory(turn.device, cfg.measure_memory)
         sent0 = COUNTER.bytes
-        if cfg.null_space is not None and setup.null is None:  # on the pre-turn model,
-            setup = turn.setup = replace(
-                setup, null=NullSpace.of(model, self.tokenizer, setup)
-            )  # committed
-            turn.lap("solve")  # with the turn
+        turn.take_null_space()  # before turn 1, on the pre-turn model
         cap = turn.capture()
         n_tokens = cap.n_tokens
         new_states = turn.statistics(cap)
