@@ -21,6 +21,19 @@ def _share(reference, model, toy_tokenizer, modules):
     return float((now != reference).double().mean())
 
 
+def _unedited_budget(model, toy_tokenizer, modules):
+    """An editor whose (generous) drift budget counts from the unedited model."""
+    return UltraEditor(
+        model,
+        toy_tokenizer,
+        modules=modules,
+        drift_from="unedited",
+        lr=0.5,
+        step="auto",
+        drift_budget=1.0,
+    )
+
+
 def test_the_first_turn_is_the_turn_budgets(toy_tokenizer):
     model, modules = make_tiny("llama")
     reqs = random_requests(6, seed=21)
@@ -36,15 +49,7 @@ def test_later_turns_count_from_the_unedited_model(toy_tokenizer):
     before turn 1, as a fresh check on copies finds it."""
     model, modules = make_tiny("llama")
     unedited = GeneralDrift(GeneralDrift.windows_of(toy_tokenizer), copy.deepcopy(model)).reference
-    ed = UltraEditor(
-        model,
-        toy_tokenizer,
-        modules=modules,
-        drift_from="unedited",
-        lr=0.5,
-        step="auto",
-        drift_budget=1.0,
-    )
+    ed = _unedited_budget(model, toy_tokenizer, modules)
     ed.edit(random_requests(6, seed=22))
     rep = ed.edit(random_requests(6, seed=23))
     s = rep.step_search
@@ -59,15 +64,7 @@ def test_later_turns_count_from_the_unedited_model(toy_tokenizer):
 
 def test_a_spent_budget_keeps_the_published_step(toy_tokenizer):
     model, modules = make_tiny("llama")
-    ed = UltraEditor(
-        model,
-        toy_tokenizer,
-        modules=modules,
-        drift_from="unedited",
-        lr=0.5,
-        step="auto",
-        drift_budget=1.0,
-    )
+    ed = _unedited_budget(model, toy_tokenizer, modules)
     ed.edit(random_requests(6, seed=24))
     ed.configure(drift_budget=0.0)
     rep = ed.edit(random_requests(6, seed=25))

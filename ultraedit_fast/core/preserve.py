@@ -148,7 +148,6 @@ class GeneralDrift:
                 f"drift windows of preserve_text have {now.numel()} (another text?)"
             )
         self.reference = now if reference is None else reference
-        self.before = float((now != self.reference).double().mean())  # pre-turn drift
 
     @classmethod
     def windows_of(cls, tokenizer, path: Optional[str] = None) -> torch.Tensor:

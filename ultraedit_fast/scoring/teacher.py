@@ -34,8 +34,13 @@ def argmax_at_answers(
 ) -> List[Tuple[List[int], List[int]]]:
     """For each (prompt, answer): (predicted ids, label ids) at the answer tokens.
     ``names``: what to call each pair in an error (default ``pairs[i]``)."""
-    limit = context_length(model)
-    toks = [
+    toks = _tokenized(tokenizer, pairs, context_length(model), names, chat_template)
+    return predictions_at_labels(model, toks, batch_size)
+
+
+def _tokenized(tokenizer, pairs, limit, names, chat_template) -> List[TokenizedRequest]:
+    """The (prompt, answer) pairs tokenised as for editing (``names`` in errors)."""
+    return [
         tokenize_pair(
             tokenizer,
             p,
@@ -46,7 +51,6 @@ def argmax_at_answers(
         )
         for i, (p, a) in enumerate(pairs)
     ]
-    return predictions_at_labels(model, toks, batch_size)
 
 
 @torch.no_grad()
@@ -95,15 +99,7 @@ def argmax_with_next(
     comes after them, and causal attention does not look ahead)."""
     limit = context_length(model)
     toks, probe = [], []
-    for i, (p, a) in enumerate(pairs):
-        t = tokenize_pair(
-            tokenizer,
-            p,
-            a,
-            limit,
-            where=names[i] if names is not None else f"pairs[{i}]",
-            chat_template=chat_template,
-        )
+    for t in _tokenized(tokenizer, pairs, limit, names, chat_template):
         probe.append(limit is None or len(t.input_ids) < limit)
         if probe[-1]:
             t = TokenizedRequest(t.input_ids + t.labels[-1:], t.labels + [0])
