@@ -30,8 +30,10 @@ it names one, so ``defaults`` is the defaults before the null space became one a
 changed per turn), ``null<X>`` (``null_space``: the updates projected onto the null space
 of general text's inputs, eigenvalues under ``X`` of the largest), ``unedited``
 (``drift_from="unedited"``: the drift budget counts all turns so far), ``anchor``
-(``norm_anchor``: no target lengthens an output), joined with ``+`` on
-top of the defaults.
+(``norm_anchor``: no target lengthens an output), ``whiten`` (``whiten_values``:
+StableEdit's normaliser), ``preheat<N>`` (StableEdit's preheat: the normaliser's statistics
+warmed on N records of the scenario's data that no scenario edits, ``PREHEAT``, before the
+first turn), joined with ``+`` on top of the defaults.
 Results: one JSON (appended per configuration, so a stopped run keeps what it measured)
 and a PNG of ES_gen against each health figure, one point per configuration.
 """
@@ -49,7 +51,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from ultraedit_fast import capture_baseline  # noqa: E402
+from ultraedit_fast import UltraEditor, capture_baseline  # noqa: E402
 from ultraedit_fast.data.datasets import load_requests  # noqa: E402
 from ultraedit_fast.lifelong import run_lifelong  # noqa: E402
 from ultraedit_fast.model.loading import load_model  # noqa: E402
@@ -72,6 +74,8 @@ SCENARIOS = {
     "daily-tune": (30, 10, 0, COUNTERFACT),
     "stream-tune": (10, 100, 1000, COUNTERFACT),
 }
+# preheat<N>: records of each data file that no scenario edits (first record, how many)
+PREHEAT = {COUNTERFACT: (2000, 2000), WIKI: (300, 700)}
 KEYS = (
     "ES",
     "ES_gen",
@@ -89,7 +93,8 @@ def options(name):
     ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
     ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
-    text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor).
+    text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor),
+    ``whiten`` (whiten_values); ``preheat<N>`` is not an option (:func:`preheat_of`).
     Every configuration has ``null_space`` off unless a ``null<X>`` part sets it: the names
     are options on top of the defaults as they were before the null space became one
     (``null0.01`` is today's defaults)."""
@@ -98,9 +103,11 @@ def options(name):
         return out
     for part in name.split("+"):
         m = re.fullmatch(
-            r"(paper|unedited|anchor|preserve|w|ridge|lb|max|drift|null)([0-9.]*)", part
+            r"(paper|unedited|anchor|whiten|preheat|preserve|w|ridge|lb|max|drift|null)([0-9.]*)",
+            part,
         )
-        if not m or (m.group(1) not in ("paper", "unedited", "anchor")) != bool(m.group(2)):
+        bare = ("paper", "unedited", "anchor", "whiten")
+        if not m or (m.group(1) not in bare) != bool(m.group(2)):
             raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
         key, val = m.groups()
         if key == "paper":
@@ -109,6 +116,10 @@ def options(name):
             out["drift_from"] = "unedited"
         elif key == "anchor":
             out["norm_anchor"] = True
+        elif key == "whiten":
+            out["whiten_values"] = True
+        elif key == "preheat":
+            continue
         elif key == "preserve":
             out["preserve_general"] = int(val)
         elif key == "w":
@@ -126,13 +137,31 @@ def options(name):
     return out
 
 
-def run_config(model0, tok, reqs, base, turns, per_turn, name):
+def preheat_of(name):
+    """The number of records a configuration preheats the normaliser with (0: none)."""
+    m = re.search(r"(?:^|\+)preheat([0-9]+)(?:\+|$)", name)
+    return int(m.group(1)) if m else 0
+
+
+def run_config(model0, tok, reqs, base, turns, per_turn, name, data):
     model = copy.deepcopy(model0)
     t0 = time.perf_counter()
+    editor, preheat = "fast", {}
+    n_pre = preheat_of(name)
+    if n_pre:  # the regime must be fixed before the first turn: the one its size picks
+        first, most = PREHEAT[data]
+        pre = list(load_requests(data, "auto", offset=first, limit=min(n_pre, most)))
+        regime = "facts" if per_turn <= 32 else "stream"
+        editor = UltraEditor(model, tok, regime=regime, **options(name))
+        t1 = time.perf_counter()
+        rows = editor.preheat(pre)
+        preheat = {"records": len(pre), "first": first, "rows": rows}
+        preheat["seconds"] = time.perf_counter() - t1
     res = run_lifelong(
         model,
         tok,
         reqs,
+        editor=editor,
         turns=turns,
         edits_per_turn=per_turn,
         eval_before=False,
@@ -140,13 +169,14 @@ def run_config(model0, tok, reqs, base, turns, per_turn, name):
         progress=False,
         plot=False,
         eval_batch_size=64,
-        **options(name),
+        **({} if n_pre else options(name)),
     )
     m = res["metrics"]
     rows = [r for r in res["turns"] if r["refused"] is None]
     acted = sorted({s for r in rows for s in r.get("stabilisers") or []})
     return {
         "options": options(name),
+        "preheat": preheat or None,
         "metrics": {k: m.get(k) for k in KEYS},
         "stabilisers_acted": acted,
         "refused_turns": res["refused_turns"],
@@ -241,7 +271,9 @@ def main(argv=None):
         )
         for name in args.configs.split(","):
             print(f"{scen}: {name} ...", file=sys.stderr, flush=True)
-            entry["configs"][name] = run_config(model0, tok, reqs, base, turns, per_turn, name)
+            entry["configs"][name] = run_config(
+                model0, tok, reqs, base, turns, per_turn, name, data
+            )
             print(json.dumps(entry["configs"][name]["metrics"]), file=sys.stderr, flush=True)
             atomic_write_json(args.output, doc)
     plot(doc, args.output.replace(".json", ".png"))

@@ -206,6 +206,16 @@ def test_bad_dtype(capsys, small_zsre, tmp_path):
             "need 6 records",
         ),
         (
+            ["run", "--data", "{data}", "--turns", "2", "--edits-per-turn", "2"]
+            + ["--output-dir", "x", "--preheat", "3"],
+            "edits and --preheat 3 need 7 records",
+        ),
+        (
+            ["run", "--data", "{data}", "--turns", "1", "--edits-per-turn", "1"]
+            + ["--output-dir", "x", "--preheat", "-1"],
+            "--preheat",
+        ),
+        (
             [
                 "run",
                 "--data",

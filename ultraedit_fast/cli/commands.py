@@ -165,6 +165,7 @@ def cmd_run(args) -> int:
         save_editor=args.save_editor,
         resume=args.resume,
         health=False if args.no_health else (args.health_text or True),
+        preheat=args.preheat,
         **options_from_cli(args),
     )
     _report_run(args, res, name, reader, t0)
@@ -181,18 +182,19 @@ def _run_inputs(args):
     from ..utils.files import check_output_dir
 
     _check_device(args.device)
-    reader = _reader(args, args.turns * args.edits_per_turn)  # checks file/format first
+    n = args.turns * args.edits_per_turn + args.preheat  # the preheat's records follow
+    reader = _reader(args, n)  # checks file/format first
     # every output path is checked before the first turn, not found unusable after the last
     check_output_dir(args.output_dir, "--output-dir")
     _check_tensor_parallel_outputs(args)
     for flag in ("save_model", "save_editor", "export_patch", "export_lora"):
         if getattr(args, flag):
             check_output_dir(getattr(args, flag), "--" + flag.replace("_", "-"))
-    n = args.turns * args.edits_per_turn
     examples = list(reader.examples())  # malformed data fails here, before the slow load
     if len(examples) < n:
+        more = f" and --preheat {args.preheat}" if args.preheat else ""
         raise ValueError(
-            f"data: {args.turns} turns x {args.edits_per_turn} edits need {n} "
+            f"data: {args.turns} turns x {args.edits_per_turn} edits{more} need {n} "
             f"records, {args.data} has {len(examples)} from offset {args.offset}"
             + (f" ({reader.stats.skipped} malformed skipped)" if reader.stats.skipped else "")
         )

@@ -161,6 +161,14 @@ def _run_parser(sub) -> None:
         action="store_true",
         help="teacher-forced scores only (no greedy decoding)",
     )
+    r.add_argument(
+        "--preheat",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="warm the lifelong normaliser on the N records that follow the run's "
+        "(never edited) before the first turn (StableEdit's preheat; default 0)",
+    )
     _health_args(r)
     _run_output_args(r)
 

@@ -285,6 +285,15 @@ class EditorConfig:
         "ultraedit_fast.core.solve.norm_anchored); off: the paper's values",
         cli={"action": "store_true", "help": "stabiliser: targets never lengthen an output"},
     )
+    whiten_values: bool = _option(
+        False,
+        check_bool,
+        "stabiliser: whiten the output gradients with their running covariance instead of "
+        "dividing each coordinate by its standard deviation (StableEdit's lifelong "
+        "normaliser; ultraedit_fast.core.whiten); off: the paper's normaliser",
+        load=FIXED,
+        cli={"action": "store_true", "help": "stabiliser: StableEdit's whitening normaliser"},
+    )
     null_space: Union[float, str, None] = _option(
         "auto",
         check_null_space,
@@ -454,6 +463,7 @@ class EditorOptions(TypedDict, total=False):
     preserve_weight: float
     preserve_text: Optional[str]
     norm_anchor: bool
+    whiten_values: bool
     null_space: Union[float, str, None]
     measure_memory: bool
 

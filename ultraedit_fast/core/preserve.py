@@ -173,6 +173,7 @@ def stabiliser_inputs(tokenizer, config, targets) -> Dict[str, object]:
     for name, on in (
         ("null_space", config.null_space is not None),
         ("norm_anchor", config.norm_anchor),
+        ("whiten_values", config.whiten_values),
     ):
         for t in targets:
             if on and t.tp is not None:

@@ -1,7 +1,7 @@
 """What :class:`~ultraedit_fast.editors.ultraedit.UltraEditor` writes to disk and reads back:
 its lifelong state (``save``/``load``, :mod:`ultraedit_fast.storage.checkpoint`) and its
-edits as a weight patch or a LoRA adapter (:mod:`ultraedit_fast.storage.export`). The
-editor's methods hold its lock and call these."""
+edits as a weight patch or a LoRA adapter (:mod:`ultraedit_fast.storage.export`), and the
+state's warm start (``preheat``). The editor's methods hold its lock and call these."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import torch
 
 from ..core.config import check_overrides
 from ..core.nullspace import NullSpace
+from ..model.requests import as_requests, context_length, make_minibatches
 from ..model.targets import resolve_target
 from ..parallel.concurrency import model_locks
 from ..storage import checkpoint as ckpt
+from .turn import Turn
 from ..storage.export import delta_factors, exact_factors, weight_sha256, write_lora, write_patch
 
 
@@ -245,12 +247,55 @@ class LifelongState:
         not exist. Reads JSON and safetensors only: loading never runs code."""
         return _load(cls, path, model, tokenizer, overrides)
 
+    def preheat(self, requests) -> int:
+        """Warm the lifelong normaliser before the edits it should normalise (StableEdit's
+        preheat): the keys and output gradients of ``requests`` at their answer tokens,
+        captured on the model as it is, merged into the statistics as a turn's would be,
+        and nothing written into the model (StableEdit also edits the preheat requests in;
+        here they only shape the statistics). Returns the rows merged per module.
+
+        The editor's regime must be fixed (``regime``, ``modules`` and ``lr`` or a first
+        turn), since it decides which modules' statistics are warmed."""
+        requests = as_requests(requests)
+        self._weights_lock.refuse_writer_inside_reading("preheat")
+        with self._lock:
+            if self._regime_open and not self.turns:
+                raise ValueError(
+                    "preheat: the editor's regime follows its first turn's size; pass "
+                    "regime='stream' or 'facts' (or modules and lr) to the editor first"
+                )
+            setup, model = self._setup, self.model
+            cfg = setup.config
+            batches = make_minibatches(
+                self.tokenizer, requests, cfg.batch_size, context_length(model), cfg.chat_template
+            )
+            turn = Turn(
+                model,
+                self.tokenizer,
+                requests,
+                batches,
+                setup,
+                self._backend,
+                lambda t: self._state(t, setup),
+            )
+            with self._weights_lock.writing():  # its hooks must not meet a serving forward
+                cap = turn.capture()
+                self.normalizers.update(turn.statistics(cap))
+            return cap.n_tokens
+
     def _restore(self, saved) -> None:
         """Take the lifelong state of a loaded checkpoint (``load``'s last step)."""
         setup = _restored_setup(self._setup, saved)
         devices = {self.normalizer_key(t): t.weight.device for t in reversed(self.targets)}
         shapes = {self.normalizer_key(t): t.local_shape for t in self.targets}
         normalizers = saved.normalizers(shapes, devices)
+        whiten = self._setup.config.whiten_values
+        if any((s.scatter is not None) != whiten for s in normalizers.values()):
+            raise ValueError(
+                f"{saved.manifest_path}: whiten_values is {whiten} but the checkpoint's "
+                "normaliser states were written with it "
+                f"{'off' if whiten else 'on'} (their scatter matrices)"
+            )
         undo = None if self._undo is None else saved.undo(self.targets, shapes, devices)
         with self._lock, self._weights_lock.writing():
             self._setup = setup

@@ -33,6 +33,7 @@ from ..core.preserve import GeneralDrift, GeneralKeys
 from ..core.report import PHASES
 from ..core.solve import ShiftSolver, SolveError, norm_anchored
 from ..core.step_search import StepResult, StepSearch
+from ..core.whiten import value_transform
 from ..kernels import Backend
 from ..model.forward import input_device, preserved_model_state, rows_only_modules, supports_packing
 from ..model.requests import MiniBatch, context_length, pack_minibatches
@@ -110,6 +111,7 @@ class Turn:
         self.extra_rows = 0  # value rows of zero added to the system (preserved keys)
         self.stabilisers: List[str] = []  # those that acted in this turn
         self.drift_reference: Optional[torch.Tensor] = None  # new state, taken this turn
+        self._whitening: Dict[int, Optional[torch.Tensor]] = {}  # whiten_values, per state
         self._t = time.perf_counter()
 
     def restart(self) -> None:
@@ -232,7 +234,17 @@ class Turn:
         lr = self.config.lr
         if row:
             return row_shift_values(solver.k, grads, mean, std, lr, t.tp)
-        return self.backend(t.weight.device).shift_values(solver.k, grads, mean, std, lr)
+        v = self.backend(t.weight.device).shift_values(solver.k, grads, mean, std, lr)
+        if state.scatter is None:
+            return v
+        if id(state) not in self._whitening:  # modules sharing a state share its transform
+            self._whitening[id(state)] = value_transform(state)
+        m = self._whitening[id(state)]
+        if m is None:  # too few rows yet: the paper's normaliser
+            return v
+        if "whiten_values" not in self.stabilisers:
+            self.stabilisers.append("whiten_values")
+        return v @ m.to(v.device, non_blocking=True)
 
     def _check_finite(self, updates: List[Update], states: Dict[object, NormalizerState]):
         device = self.device

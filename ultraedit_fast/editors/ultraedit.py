@@ -315,7 +315,9 @@ class UltraEditor(LifelongState):
         # turn leaves ``normalizers`` exactly as it was.
         state = self.normalizers.get(setup.normalizer_key(target))
         if state is None:
-            state = NormalizerState.zeros(*target.local_shape, target.weight.device)
+            state = NormalizerState.zeros(
+                *target.local_shape, target.weight.device, scatter=setup.config.whiten_values
+            )
         return state
 
     # ------------------------------------------------------------------ the turn

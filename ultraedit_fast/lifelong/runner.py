@@ -145,6 +145,16 @@ def _label_and_chat(model, editor, cfg: Optional[EditorConfig], resume) -> Tuple
     return editor.name, bool(getattr(editor.config, "chat_template", False))
 
 
+def _check_health_and_preheat(health, preheat, editor) -> None:
+    """A bad health text, or a preheat the editor cannot do, refused before any work."""
+    if health is not False:
+        read_health_text(None if health is True else health)
+    if preheat and editor == "reference":
+        raise ValueError("preheat: the reference editor has no preheat; use editor='fast'")
+    if preheat and not isinstance(editor, str) and not hasattr(editor, "preheat"):
+        raise ValueError(f"preheat: the built editor {editor.name!r} has no preheat")
+
+
 def _check_outputs(out: _Outputs) -> None:
     for what, d in (
         ("export_patch", out.export_patch),
@@ -157,18 +167,22 @@ def _check_outputs(out: _Outputs) -> None:
         check_output_dir(out.output_dir)  # before the first turn, not after the last
 
 
-def _take(examples_or_requests, turns: int, edits_per_turn: int):
-    """``(requests, extras, seconds)``: the stream's first ``turns * edits_per_turn`` items."""
+def _take(examples_or_requests, turns: int, edits_per_turn: int, preheat: int = 0):
+    """``(requests, extras, preheat requests, seconds)``: the stream's first
+    ``turns * edits_per_turn`` items, then ``preheat`` more."""
+    check_positive_int("preheat", preheat, minimum=0)
     n_total = turns * edits_per_turn
     t0 = time.perf_counter()
-    items = list(itertools.islice(iter(examples_or_requests), n_total))
-    if len(items) < n_total:
+    items = list(itertools.islice(iter(examples_or_requests), n_total + preheat))
+    if len(items) < n_total + preheat:
+        more = f" and preheat {preheat} more" if preheat else ""
         raise ValueError(
-            f"examples_or_requests: {turns} turns x {edits_per_turn} edits need "
-            f"{n_total} requests, the data gave {len(items)}"
+            f"examples_or_requests: {turns} turns x {edits_per_turn} edits{more} need "
+            f"{n_total + preheat} requests, the data gave {len(items)}"
         )
-    requests, extras = _split(items)
-    return requests, extras, time.perf_counter() - t0
+    requests, extras = _split(items[:n_total])
+    warm = _split(items[n_total:])[0] if preheat else []
+    return requests, extras, warm, time.perf_counter() - t0
 
 
 def _make_editor(model, tokenizer, editor, cfg: Optional[EditorConfig], edits_per_turn: int):
@@ -236,6 +250,7 @@ def run_lifelong(
     save_editor: Optional[str] = None,
     resume: Optional[str] = None,
     health: Union[bool, str] = True,
+    preheat: int = 0,
     **options,
 ) -> Dict[str, Any]:
     """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it.
@@ -247,16 +262,15 @@ def run_lifelong(
         turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor, options, out
     )
     label, chat = _label_and_chat(model, editor, cfg, resume)
-    if health is not False:  # a bad health text is refused before any work
-        read_health_text(None if health is True else health)
-    requests, extras, seconds_load = _take(examples_or_requests, turns, edits_per_turn)
+    _check_health_and_preheat(health, preheat, editor)
+    requests, extras, warm, t_load = _take(examples_or_requests, turns, edits_per_turn, preheat)
     prior = read_interrupted(resume, turns, edits_per_turn, label) if resume else None
-    settings = {"eval_every": eval_every, "eval_sample": eval_sample}
+    settings = {"eval_every": eval_every, "eval_sample": eval_sample, "preheat": preheat}
     settings.update(eval_batch_size=eval_batch_size, generation=generation)
     scorer = Scorer(model, tokenizer, requests, extras, generation, eval_batch_size, chat, health)
-    timing = {"load_seconds": seconds_load}
+    timing = {"load_seconds": t_load}
     ed, originals = _editor_and_base(
-        model, tokenizer, (editor, cfg, edits_per_turn), prior, out, scorer, timing, base
+        model, tokenizer, (editor, cfg, edits_per_turn, warm), prior, out, scorer, timing, base
     )
     results = _header(model, ed, turns, edits_per_turn, settings, dict(config_extra or {}))
     metrics_before = _score_before(scorer, eval_before, prior, timing)
@@ -278,7 +292,7 @@ def _editor_and_base(model, tokenizer, spec, prior, out, scorer, timing, base):
     written: a resumed run writes its saved patch only after that); with ``export_lora``,
     host copies of the edited weights before any turn."""
     if prior is None:  # built first: a bad option fails before the baseline's scoring
-        ed = _make_editor(model, tokenizer, *spec)
+        ed = _make_editor(model, tokenizer, *spec[:3])
     timing["base_predictions_seconds"] = scorer.capture_base(base)
     if prior is not None:
         names = prior["config"]["modules"]
@@ -291,6 +305,10 @@ def _editor_and_base(model, tokenizer, spec, prior, out, scorer, timing, base):
             else None
         )
         return restore_editor(model, tokenizer, prior), originals
+    if spec[3]:  # preheat (a resumed editor's statistics hold it already)
+        t0 = time.perf_counter()
+        ed.preheat(spec[3])
+        timing["preheat_seconds"] = time.perf_counter() - t0
     return ed, (_originals(ed) if out.export_lora is not None else None)
 
 
@@ -365,6 +383,9 @@ run_lifelong.__doc__ = (
         health: measure the model's health against the unedited model at every checkpoint
             (:mod:`ultraedit_fast.scoring.health`): ``True`` on the package's general-text
             sample, a path on that text file, ``False`` not at all.
+        preheat: warm the lifelong normaliser's statistics on the ``preheat`` items of
+            ``examples_or_requests`` that follow the run's (never edited) before the first
+            turn (:meth:`UltraEditor.preheat`, StableEdit's preheat).
         resume: the output directory of an interrupted run of the same shape
             (:mod:`ultraedit_fast.lifelong.resume`): it goes on from the next turn; an
             interrupted run (KeyboardInterrupt) writes its partial results there and raises

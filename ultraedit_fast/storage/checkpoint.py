@@ -155,8 +155,13 @@ def _pack_tensors(
         j = pool.get(id(state))
         if j is None:
             j = pool[id(state)] = len(states_meta)
-            states_meta.append({"d_in": state.d_in, "d_out": state.d_out, "n": int(state.n)})
-            for part in ("mean", "acc", "std"):
+            meta = {"d_in": state.d_in, "d_out": state.d_out, "n": int(state.n)}
+            parts = ["mean", "acc", "std"]
+            if state.scatter is not None:  # whiten_values
+                meta["scatter"] = True
+                parts.append("scatter")
+            states_meta.append(meta)
+            for part in parts:
                 tensors[f"state.{j}.{part}"] = (
                     getattr(state, part).detach().to("cpu", torch.float32).contiguous()
                 )
@@ -375,6 +380,9 @@ class Checkpoint:
                 self._tensor(f"state.{j}.{p}", (d_in + d_out,)).to(devices[key], copy=True)
                 for p in ("mean", "acc", "std")
             ]
+            if m.get("scatter"):  # whiten_values
+                s = self._tensor(f"state.{j}.scatter", (d_out, d_out))
+                parts.append(s.to(devices[key], copy=True))
             self._pool[j] = NormalizerState(d_in, d_out, n, *parts)
         return self._pool[j]
 
