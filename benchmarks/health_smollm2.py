@@ -21,12 +21,13 @@ edited records' locality prompts keep their unedited greedy answer), and the hea
 ratio and next-token agreement on held-out general text (``../shared/data/general``, the
 Lee news corpus; the preserved keys come from the package's own sample, a different text).
 
-Configurations (``--configs``, see :func:`options`; each with ``null_space`` off unless
-it names one, so ``defaults`` is the defaults before the null space became one and
-``null0.01`` today's): ``defaults`` (no option), ``paper``
+Configurations (``--configs``, see :func:`options`; each with ``null_space`` and
+``whiten_values`` off and ``max_step_scale`` 64 unless it names them, so ``defaults`` is the
+defaults before these became a preset's, ``whiten+null0.01`` today's stream defaults and
+``null0.01+max8+first64`` today's facts defaults): ``defaults`` (no option), ``paper``
 (``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``w<W>`` (``preserve_weight``),
 ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (the step search's locality budget),
-``max<S>`` (its largest scale), ``drift<X>`` (its budget of general text's next tokens
+``max<S>`` (its largest scale; with ``first<S>``, on the editor's first turn), ``drift<X>`` (its budget of general text's next tokens
 changed per turn), ``null<X>`` (``null_space``: the updates projected onto the null space
 of general text's inputs, eigenvalues under ``X`` of the largest), ``unedited``
 (``drift_from="unedited"``: the drift budget counts all turns so far), ``anchor``
@@ -95,15 +96,17 @@ def options(name):
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
     text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor),
     ``whiten`` (whiten_values); ``preheat<N>`` is not an option (:func:`preheat_of`).
-    Every configuration has ``null_space`` off unless a ``null<X>`` part sets it: the names
-    are options on top of the defaults as they were before the null space became one
-    (``null0.01`` is today's defaults)."""
-    out = {"null_space": None}
+    Every configuration has ``null_space`` and ``whiten_values`` off and ``max_step_scale``
+    64 unless a part sets them: the names are options on top of the defaults as they were
+    before these became a preset's (``whiten+null0.01`` is today's stream defaults,
+    ``null0.01+max8+first64`` today's facts defaults)."""
+    out = {"null_space": None, "max_step_scale": 64.0, "whiten_values": False}
     if name == "defaults":
         return out
     for part in name.split("+"):
         m = re.fullmatch(
-            r"(paper|unedited|anchor|whiten|preheat|preserve|w|ridge|lb|max|drift|null)([0-9.]*)",
+            r"(paper|unedited|anchor|whiten|preheat|preserve|w|ridge|lb|max|first|drift|null)"
+            r"([0-9.]*)",
             part,
         )
         bare = ("paper", "unedited", "anchor", "whiten")
@@ -128,6 +131,8 @@ def options(name):
             out["locality_budget"] = float(val)
         elif key == "max":
             out["max_step_scale"] = float(val)
+        elif key == "first":
+            out["first_step_scale"] = float(val)
         elif key == "drift":
             out["drift_budget"] = float(val)
         elif key == "null":

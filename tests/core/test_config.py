@@ -99,6 +99,7 @@ def test_every_option_with_a_flag_is_accepted_by_run():
         "step_target": "0.5",
         "locality_budget": "0.1",
         "max_step_scale": "4",
+        "first_step_scale": "16",
         "drift_budget": "0.1",
         "ridge": "2",
         "preserve_general": "4",
@@ -106,6 +107,7 @@ def test_every_option_with_a_flag_is_accepted_by_run():
         "preserve_text": "x.txt",
         "null_space": "0.01",
         "drift_from": "unedited",
+        "whiten_values": "off",
     }
     for name in cli_option_names():
         argv = [
@@ -141,3 +143,42 @@ def test_null_space_auto_is_the_presets_choice(monkeypatch):
         EditorConfig(null_space="sometimes")
     with pytest.raises(ValueError, match="null_space"):
         EditorConfig(null_space=1.5)
+
+
+def test_max_step_scale_left_open_is_the_presets_choice(monkeypatch):
+    from ultraedit_fast.core import presets
+
+    model, _ = make_tiny("llama")
+    monkeypatch.setattr(presets, "MAX_STEP_SCALE", {("generic:llama", "facts"): 4.0})
+    monkeypatch.setattr(presets, "FIRST_STEP_SCALE", {("generic:llama", "facts"): 32.0})
+    assert EditorConfig().max_step_scale is None and EditorConfig().first_step_scale is None
+    facts = resolve_config(model, EditorConfig(), "facts")[0]
+    assert (facts.max_step_scale, facts.first_step_scale) == (4.0, 32.0)
+    given = resolve_config(model, EditorConfig(max_step_scale=8), "facts")[0]
+    assert (given.max_step_scale, given.first_step_scale) == (8.0, 8.0)
+    first = resolve_config(model, EditorConfig(first_step_scale=2), "stream")[0]
+    assert (first.max_step_scale, first.first_step_scale) == (64.0, 2.0)
+    assert resolve_config(model, EditorConfig(), "stream")[0].max_step_scale == 64.0
+    assert resolve_config(model, EditorConfig(lr=1e-3), "facts")[0].max_step_scale == 64.0
+    assert resolve_config(model, EditorConfig(max_step_scale=16), "facts")[0].max_step_scale == 16
+    with pytest.raises(ValueError, match="max_step_scale: expected a finite number >= 1"):
+        EditorConfig(max_step_scale=0.5)
+
+
+def test_whiten_values_auto_is_the_presets_choice(monkeypatch):
+    from ultraedit_fast.core import presets
+
+    model, _ = make_tiny("llama")
+    monkeypatch.setattr(presets, "WHITEN_VALUES", {("generic:llama", "stream")})
+    assert EditorConfig().whiten_values == "auto"
+    assert resolve_config(model, EditorConfig(), "stream")[0].whiten_values is True
+    assert resolve_config(model, EditorConfig(), "facts")[0].whiten_values is False
+    assert resolve_config(model, EditorConfig(lr=1e-3), "stream")[0].whiten_values is False
+    off = EditorConfig(whiten_values="off")
+    assert (
+        off.whiten_values is False
+        and resolve_config(model, off, "stream")[0].whiten_values is False
+    )
+    assert resolve_config(model, EditorConfig(whiten_values=True), "facts")[0].whiten_values is True
+    with pytest.raises(ValueError, match="whiten_values: expected 'auto', True or False"):
+        EditorConfig(whiten_values="sometimes")

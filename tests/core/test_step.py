@@ -138,3 +138,19 @@ def test_given_modules_or_lr_keep_the_paper_step():
         UltraEditor(model, ToyTokenizer(), modules=modules, lr=LR, step="bigger")
     with pytest.raises(ValueError, match="locality_budget"):
         UltraEditor(model, ToyTokenizer(), modules=modules, lr=LR, locality_budget=1.5)
+
+
+def test_the_first_turn_searches_wider_than_the_later_ones(toy_tokenizer):
+    """first_step_scale caps the editor's first turn, max_step_scale every later one (a
+    loaded editor's turns count: its next turn is a later one)."""
+    model, modules = make_tiny("llama")
+    opts = dict(modules=modules, lr=1e-4, step="auto", locality_budget=0.5)
+    ed = UltraEditor(model, toy_tokenizer, max_step_scale=2.0, first_step_scale=256.0, **opts)
+    assert (ed.config.max_step_scale, ed.config.first_step_scale) == (2.0, 256.0)
+    first = ed.edit(random_requests(8, seed=9))
+    later = ed.edit(random_requests(8, seed=10))
+    assert first.step_scale > 2.0  # as in the test above: these edits need more than 2x
+    assert max(later.step_search["scales"] or [1.0]) <= 2.0
+    assert max(t["mean_scale"] for t in later.step_search["trials"]) <= 2.0
+    same = UltraEditor(clone_model(model), toy_tokenizer, max_step_scale=2.0, **opts)
+    assert same.config.first_step_scale == 2.0  # a cap given alone caps every turn

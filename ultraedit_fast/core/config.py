@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from ..kernels import BACKENDS
 from ..utils.checks import check_bool
+from .option_types import EditorOptions  # noqa: F401  (re-exported: editors' **overrides)
 from .options import (
     DEFAULT_TOKENS_PER_PASS,
     DRIFT_FROM,
@@ -37,7 +38,9 @@ from .options import (
     check_optional_fraction,
     check_positive_count,
     check_regime,
-    check_scale,
+    check_optional_scale,
+    check_auto_bool,
+    cli_auto_bool,
     check_step,
     check_text_path,
     check_tokens_per_pass,
@@ -190,11 +193,28 @@ class EditorConfig:
             "help": "step auto: largest share of locality prompts whose answer may change (default 0.2)",
         },
     )
-    max_step_scale: float = _option(
-        64.0,
-        check_scale,
-        "step='auto': the largest scale of the published step tried",
-        cli={"type": cli_positive_float, "help": "step auto: largest scale tried (default 64)"},
+    max_step_scale: Optional[float] = _option(
+        None,
+        check_optional_scale,
+        "step='auto': the largest scale of the published step tried (None: the preset's, "
+        "ultraedit_fast.core.presets.MAX_STEP_SCALE, where it sets the layers and lr; else 64)",
+        cli={
+            "type": cli_positive_float,
+            "help": "step auto: largest scale tried (default: the preset's, else 64)",
+        },
+    )
+    first_step_scale: Optional[float] = _option(
+        None,
+        check_optional_scale,
+        "step='auto': the largest scale tried on the editor's first turn, whose step has no "
+        "earlier turns' to compound with (None: the preset's, "
+        "ultraedit_fast.core.presets.FIRST_STEP_SCALE, where it sets the layers and lr; "
+        "else max_step_scale)",
+        cli={
+            "type": cli_positive_float,
+            "help": "step auto: largest scale tried on the first turn (default: the "
+            "preset's, else --max-step-scale)",
+        },
     )
     preserve_locality: bool = _option(
         True,
@@ -285,14 +305,20 @@ class EditorConfig:
         "ultraedit_fast.core.solve.norm_anchored); off: the paper's values",
         cli={"action": "store_true", "help": "stabiliser: targets never lengthen an output"},
     )
-    whiten_values: bool = _option(
-        False,
-        check_bool,
+    whiten_values: Union[bool, str] = _option(
+        "auto",
+        check_auto_bool,
         "stabiliser: whiten the output gradients with their running covariance instead of "
         "dividing each coordinate by its standard deviation (StableEdit's lifelong "
-        "normaliser; ultraedit_fast.core.whiten); off: the paper's normaliser",
+        "normaliser; ultraedit_fast.core.whiten); False: the paper's normaliser; 'auto': "
+        "the preset's choice (ultraedit_fast.core.presets.WHITEN_VALUES), off whenever lr "
+        "is given",
         load=FIXED,
-        cli={"action": "store_true", "help": "stabiliser: StableEdit's whitening normaliser"},
+        cli={
+            "type": cli_auto_bool,
+            "help": "stabiliser: StableEdit's whitening normaliser: on, off or auto "
+            "(default: the preset's choice)",
+        },
     )
     null_space: Union[float, str, None] = _option(
         "auto",
@@ -436,38 +462,6 @@ def check_overrides(overrides: Mapping[str, Any], what: str = "load") -> None:
 
 
 # ----------------------------------------------------------------------------- signatures
-class EditorOptions(TypedDict, total=False):
-    """The options as keyword arguments (``**overrides`` of an editor), for type checkers;
-    ``tests/core/test_config.py`` checks that it lists exactly :class:`EditorConfig`'s
-    fields."""
-
-    modules: Optional[Sequence[str]]
-    lr: Optional[float]
-    batch_size: int
-    backend: Optional[str]
-    share_normalizer: bool
-    transactional: bool
-    undo: Union[bool, int]
-    tokens_per_pass: Optional[int]
-    regime: Optional[str]
-    step: Optional[str]
-    step_target: float
-    locality_budget: float
-    max_step_scale: float
-    preserve_locality: bool
-    chat_template: bool
-    ridge: float
-    drift_budget: Optional[float]
-    drift_from: str
-    preserve_general: int
-    preserve_weight: float
-    preserve_text: Optional[str]
-    norm_anchor: bool
-    whiten_values: bool
-    null_space: Union[float, str, None]
-    measure_memory: bool
-
-
 def editor_signature(*, reference: bool = False) -> inspect.Signature:
     """``(self, model, tokenizer, config=None, *, <every option with its default>)``: what
     ``help()`` and ``inspect.signature`` show for an editor's constructor."""

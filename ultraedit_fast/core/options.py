@@ -95,6 +95,10 @@ def check_scale(name: str, v):
     return float(v)
 
 
+def check_optional_scale(name: str, v):
+    return None if v is None else check_scale(name, v)
+
+
 def cli_fraction(text: str) -> float:
     try:
         v = float(text)
@@ -147,6 +151,21 @@ def cli_null_space(text: str):
     if text.lower() in ("auto", "off"):
         return text.lower()
     return cli_fraction(text)
+
+
+def check_auto_bool(name: str, v):
+    """``"auto"`` (the preset's choice), or ``True``/``False`` (also ``"on"``/``"off"``)."""
+    if isinstance(v, str) and v.lower() in ("auto", "on", "off"):
+        return {"auto": "auto", "on": True, "off": False}[v.lower()]
+    if not isinstance(v, bool):
+        raise ValueError(f"{name}: expected 'auto', True or False ('on', 'off'), got {v!r}")
+    return v
+
+
+def cli_auto_bool(text: str) -> str:
+    if text.lower() not in ("auto", "on", "off"):
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return text.lower()
 
 
 def check_count(name: str, v):

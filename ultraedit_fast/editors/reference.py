@@ -67,7 +67,9 @@ class ReferenceEditor:
     ):
         cfg = EditorConfig.build(config, overrides, owner="ReferenceEditor", reference=True)
         resolved = resolve_edit_config(model, cfg.modules, cfg.lr)
-        self.config = cfg.replace(modules=tuple(resolved.modules), lr=resolved.lr, null_space=None)
+        self.config = cfg.replace(
+            modules=tuple(resolved.modules), lr=resolved.lr, null_space=None, whiten_values=False
+        )
         self.model = model
         self.tokenizer = tokenizer
         self.module_names: List[str] = list(resolved.modules)

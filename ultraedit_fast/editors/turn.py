@@ -112,6 +112,7 @@ class Turn:
         self.stabilisers: List[str] = []  # those that acted in this turn
         self.drift_reference: Optional[torch.Tensor] = None  # new state, taken this turn
         self._whitening: Dict[int, Optional[torch.Tensor]] = {}  # whiten_values, per state
+        self.first = False  # the editor's first turn (step="auto": first_step_scale)
         self._t = time.perf_counter()
 
     def restart(self) -> None:
@@ -390,7 +391,9 @@ class Turn:
                 restore,
                 target=self.config.step_target,
                 budget=self.config.locality_budget,
-                max_scale=self.config.max_step_scale,
+                max_scale=self.config.first_step_scale
+                if self.first
+                else self.config.max_step_scale,
             )
         if step.scales is not None:
             plan = Plan(rescaled(plan, rows, step.scales), plan.values)

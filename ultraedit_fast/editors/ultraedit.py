@@ -351,6 +351,7 @@ class UltraEditor(LifelongState):
             lambda d: _backend_of(setup, d),
             lambda t: self._state(t, setup),
         )
+        turn.first = not self.turns
         peak = PeakMemory(turn.device, cfg.measure_memory)
         sent0 = COUNTER.bytes
         turn.take_null_space()  # before turn 1, on the pre-turn model
