@@ -14,10 +14,11 @@ answers kept, perplexity ratio and next-token agreement on the Lee news text of
 edits; peak memory is the process's peak RSS during the turns (the CPU's figure).
 
 Methods (``--methods``): ``ultraedit`` (the package's defaults), ``ultraedit-paper``
-(``step="paper"``), ``locft-bf`` (:class:`~ultraedit_fast.baselines.LocFTEditor`, fine-tuned
+(the published algorithm: ``step="paper"``, no stabiliser), ``locft-bf`` (:class:`~ultraedit_fast.baselines.LocFTEditor`, fine-tuned
 turn by turn), ``alphaedit`` and ``memit`` (:mod:`ultraedit_fast.baselines.alphaedit`, the
 requests' CounterFact subjects given). Results: one JSON (rewritten after each method, so a
-stopped run keeps what it measured), a Markdown table and a PNG beside it.
+stopped run keeps what it measured; a stream's methods not run again keep their results and
+dates), a Markdown table and a PNG beside it.
 """
 
 import argparse
@@ -76,7 +77,9 @@ def run_method(name, model0, tok, examples, base, turns, per_turn):
     kw.update(progress=False, plot=False, eval_batch_size=64, health=GENERAL)
     t0 = time.perf_counter()
     if name.startswith("ultraedit"):
-        opts = {"step": "paper"} if name == "ultraedit-paper" else {}
+        # ultraedit-paper: the published algorithm (no stabiliser of the presets)
+        paper = {"step": "paper", "null_space": None, "whiten_values": False}
+        opts = paper if name == "ultraedit-paper" else {}
         res = run_lifelong(model, tok, reqs, **kw, **opts)
     else:
         res = run_lifelong(model, tok, reqs, editor=_baseline(name, model, tok, subjects), **kw)
@@ -94,6 +97,7 @@ def run_method(name, model0, tok, examples, base, turns, per_turn):
         "process_peak_rss_bytes": timing["process_peak_rss_bytes"],
         "scoring_seconds": timing["eval_seconds"],
         "wall_seconds": time.perf_counter() - t0,
+        "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
 
 
@@ -172,13 +176,15 @@ def main(argv=None):
     doc = {"schema": "ultraedit_fast.peers/1", "environment": environment("cpu"), "streams": {}}
     if os.path.exists(args.output):  # one file, a stream per run of the script
         doc = json.load(open(args.output))
+    kept = doc["streams"].get(f"{args.turns}x{args.edits}", {}).get("methods", {})
     stream = doc["streams"][f"{args.turns}x{args.edits}"] = {
         "command": "python benchmarks/peers_smollm2.py " + " ".join(sys.argv[1:]),
         "records": f"counterfact_easyedit_train-10k.json[{OFFSET}:{OFFSET + n}]",
         "turns": args.turns,
         "edits_per_turn": args.edits,
         "baseline_seconds": time.perf_counter() - t0,
-        "methods": {},
+        # methods not run this time keep their results (each says its date)
+        "methods": {k: v for k, v in kept.items() if k not in args.methods.split(",")},
     }
     for name in args.methods.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
