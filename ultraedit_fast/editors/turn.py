@@ -126,9 +126,12 @@ class Turn:
         self.seconds[phase] += now - self._t
         self._t = now
 
-    def take_null_space(self) -> None:
-        """``null_space``: the projection, built on the pre-turn model where the editor has
-        none yet; committed with the turn (:meth:`committed`)."""
+    def begin(self, first: bool) -> None:
+        """The turn's start, on the pre-turn model: whether it is the editor's ``first``
+        (``step="auto"`` searches to ``first_step_scale`` then), and, with ``null_space``,
+        the projection built where the editor has none yet, committed with the turn
+        (:meth:`committed`)."""
+        self.first = first
         if self.config.null_space is None or self.setup.null is not None:
             return
         self.setup = replace(self.setup, null=NullSpace.of(self.model, self.tokenizer, self.setup))

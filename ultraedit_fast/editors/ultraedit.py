@@ -351,10 +351,9 @@ class UltraEditor(LifelongState):
             lambda d: _backend_of(setup, d),
             lambda t: self._state(t, setup),
         )
-        turn.first = not self.turns
         peak = PeakMemory(turn.device, cfg.measure_memory)
         sent0 = COUNTER.bytes
-        turn.take_null_space()  # before turn 1, on the pre-turn model
+        turn.begin(first=not self.turns)  # the null space: built before turn 1
         cap = turn.capture()
         n_tokens = cap.n_tokens
         new_states = turn.statistics(cap)
