@@ -14,11 +14,10 @@ import torch
 
 from ..core.config import check_overrides
 from ..core.nullspace import NullSpace
-from ..model.requests import as_requests, context_length, make_minibatches
+from ..model.requests import as_requests
 from ..model.targets import resolve_target
 from ..parallel.concurrency import model_locks
 from ..storage import checkpoint as ckpt
-from .turn import Turn
 from ..storage.export import delta_factors, exact_factors, weight_sha256, write_lora, write_patch
 
 
@@ -264,20 +263,7 @@ class LifelongState:
                     "preheat: the editor's regime follows its first turn's size; pass "
                     "regime='stream' or 'facts' (or modules and lr) to the editor first"
                 )
-            setup, model = self._setup, self.model
-            cfg = setup.config
-            batches = make_minibatches(
-                self.tokenizer, requests, cfg.batch_size, context_length(model), cfg.chat_template
-            )
-            turn = Turn(
-                model,
-                self.tokenizer,
-                requests,
-                batches,
-                setup,
-                self._backend,
-                lambda t: self._state(t, setup),
-            )
+            turn = self._turn(requests, self._setup)
             with self._weights_lock.writing():  # its hooks must not meet a serving forward
                 cap = turn.capture()
                 self.normalizers.update(turn.statistics(cap))

@@ -331,26 +331,24 @@ class UltraEditor(LifelongState):
         with self._lock:
             return self._edit(requests)
 
+    def _turn(self, requests, setup: Setup) -> Turn:
+        """A turn over ``requests`` on ``setup``, its mini-batches made."""
+        cfg = setup.config
+        batches = make_minibatches(
+            self.tokenizer, requests, cfg.batch_size, context_length(self.model), cfg.chat_template
+        )
+        backend, state = (lambda d: _backend_of(setup, d)), (lambda t: self._state(t, setup))
+        return Turn(self.model, self.tokenizer, requests, batches, setup, backend, state)
+
     def _edit(self, requests) -> EditReport:
         setup = self._setup_for(len(requests))
-        cfg, model = setup.config, self.model
-        batches = make_minibatches(
-            self.tokenizer, requests, cfg.batch_size, context_length(model), cfg.chat_template
-        )
+        cfg = setup.config
         base_sha = self._base_sha
         if not self.turns and not base_sha:  # what a patch will name as its base
             with torch.no_grad():
                 base_sha = {t.name: weight_sha256(t.weight) for t in setup.targets}
         pre_states = dict(self.normalizers)  # committed states are never changed in place
-        turn = Turn(
-            model,
-            self.tokenizer,
-            requests,
-            batches,
-            setup,
-            lambda d: _backend_of(setup, d),
-            lambda t: self._state(t, setup),
-        )
+        turn = self._turn(requests, setup)
         peak = PeakMemory(turn.device, cfg.measure_memory)
         sent0 = COUNTER.bytes
         turn.begin(first=not self.turns)  # the null space: built before turn 1
