@@ -290,9 +290,11 @@ def run_lifelong(
 def _editor_and_base(model, tokenizer, spec, prior, out, scorer, timing, base):
     """The run's editor and the unedited model's answers (captured before any edit is
     written: a resumed run writes its saved patch only after that); with ``export_lora``,
-    host copies of the edited weights before any turn."""
+    host copies of the edited weights before any turn; with ``warm`` requests, the new
+    editor's statistics preheated on them (a resumed editor's state holds its preheat)."""
+    editor, cfg, edits_per_turn, warm = spec
     if prior is None:  # built first: a bad option fails before the baseline's scoring
-        ed = _make_editor(model, tokenizer, *spec[:3])
+        ed = _make_editor(model, tokenizer, editor, cfg, edits_per_turn)
     timing["base_predictions_seconds"] = scorer.capture_base(base)
     if prior is not None:
         names = prior["config"]["modules"]
@@ -305,9 +307,9 @@ def _editor_and_base(model, tokenizer, spec, prior, out, scorer, timing, base):
             else None
         )
         return restore_editor(model, tokenizer, prior), originals
-    if spec[3]:  # preheat (a resumed editor's statistics hold it already)
+    if warm:
         t0 = time.perf_counter()
-        ed.preheat(spec[3])
+        ed.preheat(warm)
         timing["preheat_seconds"] = time.perf_counter() - t0
     return ed, (_originals(ed) if out.export_lora is not None else None)
 
