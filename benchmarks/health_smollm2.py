@@ -32,7 +32,7 @@ changed per turn), ``null<X>`` (``null_space``: the updates projected onto the n
 of general text's inputs, eigenvalues under ``X`` of the largest), ``unedited``
 (``drift_from="unedited"``: the drift budget counts all turns so far), ``anchor``
 (``norm_anchor``: no target lengthens an output), ``whiten`` (``whiten_values``:
-StableEdit's normaliser), ``preheat<N>`` (StableEdit's preheat: the normaliser's statistics
+StableEdit's normaliser), ``answer`` (``locality_check="answer"``), ``preheat<N>`` (StableEdit's preheat: the normaliser's statistics
 warmed on N records of the scenario's data that no scenario edits, ``PREHEAT``, before the
 first turn), joined with ``+`` on top of the defaults.
 Results: one JSON (appended per configuration, so a stopped run keeps what it measured)
@@ -95,7 +95,7 @@ def options(name):
     ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
     text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor),
-    ``whiten`` (whiten_values); ``preheat<N>`` is not an option (:func:`preheat_of`).
+    ``whiten`` (whiten_values), ``answer`` (locality_check); ``preheat<N>`` is not an option (:func:`preheat_of`).
     Every configuration has ``null_space`` and ``whiten_values`` off and ``max_step_scale``
     64 unless a part sets them: the names are options on top of the defaults as they were
     before these became a preset's (``whiten+null0.01`` is today's stream defaults,
@@ -105,11 +105,11 @@ def options(name):
         return out
     for part in name.split("+"):
         m = re.fullmatch(
-            r"(paper|unedited|anchor|whiten|preheat|preserve|w|ridge|lb|max|first|drift|null)"
+            r"(paper|unedited|anchor|whiten|answer|preheat|preserve|w|ridge|lb|max|first|drift|null)"
             r"([0-9.]*)",
             part,
         )
-        bare = ("paper", "unedited", "anchor", "whiten")
+        bare = ("paper", "unedited", "anchor", "whiten", "answer")
         if not m or (m.group(1) not in bare) != bool(m.group(2)):
             raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
         key, val = m.groups()
@@ -121,6 +121,8 @@ def options(name):
             out["norm_anchor"] = True
         elif key == "whiten":
             out["whiten_values"] = True
+        elif key == "answer":
+            out["locality_check"] = "answer"
         elif key == "preheat":
             continue
         elif key == "preserve":

@@ -108,6 +108,7 @@ def test_every_option_with_a_flag_is_accepted_by_run():
         "null_space": "0.01",
         "drift_from": "unedited",
         "whiten_values": "off",
+        "locality_check": "answer",
     }
     for name in cli_option_names():
         argv = [

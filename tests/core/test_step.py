@@ -2,6 +2,8 @@
 each request's part of the solved update until the edits take within the locality budget,
 and the preset's regime is chosen from the first turn's size."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,16 +93,72 @@ def test_auto_step_lands_more_edits_and_keeps_the_budget(toy_tokenizer):
 def test_the_search_checks_what_greedy_decoding_produces(toy_tokenizer):
     model, modules = make_tiny("llama")
     reqs = random_requests(6, seed=2)
-    search = StepSearch(model, toy_tokenizer, reqs)
+    targets = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR).targets
+    search = StepSearch(
+        model,
+        toy_tokenizer,
+        reqs,
+        taps={t.name: t.module for t in targets},
+        locality_check="decoded",
+    )
     taken, changed = search.measure()
     assert changed == 0.0  # the pre-turn model keeps its own continuations
     m = evaluate(model, toy_tokenizer, reqs)
     assert sum(taken) / len(taken) == pytest.approx(m["ES_gen"], abs=1 / len(reqs))
     none = StepSearch(model, toy_tokenizer, [r.__class__(r.prompt, r.target) for r in reqs])
     assert none.locality_kind == "anchors" and none.locality
-    keys = search.locality_keys(UltraEditor(model, toy_tokenizer, modules=modules, lr=LR).targets)
+    keys = search.locality_keys()
     n_rows = sum(sum(l != -100 for l in t.labels) for t in search.locality + search.preserved)
     assert {k: v.shape[0] for k, v in keys.items()} == {n: n_rows for n in modules}
+
+
+def test_answer_checks_what_greedy_decoding_is_proved_to_produce(toy_tokenizer, monkeypatch):
+    """locality_check="answer": each locality row is its prompt and the tokens the pre-turn
+    model's full pass proves greedy decoding produces (its given answer's tokens up to the
+    first it does not predict, and its own token there); no decoding runs."""
+    from ultraedit_fast.core import step_search
+    from ultraedit_fast.scoring.generation import greedy_decode
+
+    # the toy tokenizer gives every answer a leading space token the tiny model never
+    # predicts: draft the answer without it, so that a draft can be accepted
+    monkeypatch.setattr(
+        step_search, "_answer_ids", lambda tok, a: tok(a, add_special_tokens=False)["input_ids"]
+    )
+    model, modules = make_tiny("llama", seed=1)
+    reqs = random_requests(6, seed=5)
+    own = None
+    for i, r in enumerate(reqs):  # one locality answer is the model's own continuation
+        ids = toy_tokenizer(r.locality_prompt)["input_ids"]
+        g = greedy_decode(model, toy_tokenizer, [ids], [3], stop_at_eos=False)[0]
+        if min(g) >= 3:
+            own = reqs[i] = dataclasses.replace(r, locality_answer=toy_tokenizer.decode(g))
+            break
+    assert own is not None
+    targets = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR).targets
+    search = StepSearch(
+        model,
+        toy_tokenizer,
+        reqs,
+        taps={t.name: t.module for t in targets},
+        locality_check="answer",
+    )
+    assert search.measure()[1] == 0.0 and not search.preserved
+    for r, row in zip(reqs, search.locality):
+        labelled = [lab for lab in row.labels if lab != -100]
+        prompt = row.input_ids[: len(row.input_ids) - len(labelled) + 1]
+        assert prompt == toy_tokenizer(r.locality_prompt)["input_ids"]
+        got = greedy_decode(model, toy_tokenizer, [prompt], [len(labelled)], stop_at_eos=False)
+        assert got[0] == labelled
+        answer = toy_tokenizer(r.locality_answer, add_special_tokens=False)["input_ids"]
+        assert labelled[:-1] == answer[: len(labelled) - 1]  # the accepted draft
+        if r is own:
+            assert len(labelled) == 4  # the whole answer accepted, and the token after it
+    # the keys: at every drafted position (the given answer and the token after it)
+    n_rows = sum(len(r.locality_answer) + 1 for r in reqs)
+    keys = search.locality_keys()
+    assert {k: v.shape[0] for k, v in keys.items()} == {n: n_rows for n in modules}
+    with pytest.raises(ValueError, match="locality_check"):
+        StepSearch(model, toy_tokenizer, reqs, locality_check="greedy")
 
 
 def test_rescaled_with_all_ones_is_the_plan():

@@ -92,3 +92,118 @@ def test_forward_until_stops_above_the_highest_module(arch):
         assert len(seen[n]) == 2 and torch.equal(seen[n][1], full[n])
     # a module the pass never reaches: the whole pass runs, and it says so
     assert forward_until(model, [torch.nn.Linear(2, 2)], input_ids=ids) is False
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_small_changes_skip_the_output_layer_and_keep_every_argmax(arch, toy_tokenizer):
+    """The bound of the module docstring answers the rows a small change cannot flip without
+    the output layer; every answer still equals the full pass's, and a large change sends
+    the rows through the output layer again."""
+    model, modules = make_tiny(arch, seed=6)
+    start = lowest_block(model, [model.get_submodule(m) for m in modules])
+    toks = _toks(toy_tokenizer, 11, seed=8)
+    checks = ResumedForward(model, toks, start, batch_size=64)
+    assert checks.resumed and checks._wn is not None
+    _perturb(model, modules, 3, scale=1e-5)
+    assert checks.predictions() == predictions_at_labels(model, toks, 4)
+    assert checks.settled > 0  # some rows answered by the bound: not vacuous
+    small = checks.settled
+    _perturb(model, modules, 4, scale=1.0)
+    full = predictions_at_labels(model, toks, 4)
+    assert checks.predictions() == full
+    assert checks.settled < small
+
+
+def test_batches_hold_a_token_budget():
+    from ultraedit_fast.model.partial import token_batches
+
+    lengths = [5, 9, 3, 9, 7, 2, 30]
+    groups = token_batches(lengths, batch_size=3, tokens=20)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert len(g) <= 3 and (len(g) == 1 or len(g) * longest <= 20)
+    assert [6] in groups  # longer than the budget: alone
+    padded = token_batches(lengths, batch_size=4, tokens=20)
+    packed = token_batches(lengths, batch_size=4, tokens=20, packed=True)
+    assert sorted(i for g in packed for i in g) == list(range(len(lengths)))
+    for g in packed:
+        assert len(g) <= 4 and (len(g) == 1 or sum(lengths[i] for i in g) <= 20)
+    assert len(packed) < len(padded)  # no padding: fewer groups
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_taps_keep_the_inputs_at_the_tapped_labelled_positions(arch, toy_tokenizer):
+    """The full pass's taps equal each module's input in a plain forward at the labelled
+    positions of the sequences from ``tap_from`` on, ``extra`` ones included (the mistral
+    tiny model edits its last block's MLP, which the pass runs on labelled rows only)."""
+    model, modules = make_tiny(arch, seed=2)
+    mods = {m: model.get_submodule(m) for m in modules}
+    toks, extra = _toks(toy_tokenizer, 7, seed=3), _toks(toy_tokenizer, 4, seed=4)
+    start = lowest_block(model, list(mods.values()))
+    checks = ResumedForward(model, toks, start, batch_size=3, extra=extra, taps=mods, tap_from=5)
+    want = {m: [] for m in modules}
+    seen = {}
+    handles = [
+        mod.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0][0]))
+        for n, mod in mods.items()
+    ]
+    try:
+        with torch.no_grad():
+            for t in (toks + extra)[5:]:
+                model(input_ids=torch.tensor([t.input_ids]), use_cache=False)
+                at = torch.tensor(t.labels) != -100
+                for n in modules:
+                    want[n].append(seen[n][at].float())
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(checks.keys) == set(modules)
+    for n in modules:
+        got, exp = checks.keys[n], torch.cat(want[n])
+        assert got.shape == exp.shape
+        # rows in the checks' batch order: compare as sets of rows
+        d = torch.cdist(got, exp, compute_mode="donot_use_mm_for_euclid_dist")
+        assert float(d.min(dim=1).values.max()) < 1e-4 * float(exp.norm(dim=1).max())
+
+
+def test_restrict_checks_the_kept_prefix_of_each_sequence(toy_tokenizer):
+    from ultraedit_fast.model.requests import TokenizedRequest
+
+    model, modules = make_tiny("llama", seed=5)
+    start = lowest_block(model, [model.get_submodule(m) for m in modules])
+    toks = _toks(toy_tokenizer, 6, seed=7)
+    checks = ResumedForward(model, toks, start, batch_size=4)
+    keep = {1: [7], 4: [9, 11]}
+    checks.restrict(keep)
+    cut = []
+    for i, t in enumerate(toks):
+        if i in keep:
+            n0 = next(j for j, l in enumerate(t.labels) if l != -100)
+            k = len(keep[i])
+            cut.append(TokenizedRequest(t.input_ids[: n0 + k], [-100] * n0 + keep[i]))
+        else:
+            cut.append(t)
+    assert [lab for _, lab in checks.first] == [[l for l in t.labels if l != -100] for t in cut]
+    _perturb(model, modules, 2)
+    assert checks.predictions() == predictions_at_labels(model, cut, 4)
+    with pytest.raises(ValueError, match="keep"):
+        checks.restrict({0: [1] * 99})
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_packed_and_padded_checks_agree(packed, toy_tokenizer, monkeypatch):
+    """The checks' sequences run packed (one row, positions restarting) where the model
+    supports it, padded otherwise: both give the full pass's argmax, also after a change."""
+    from ultraedit_fast.model import partial
+
+    model, modules = make_tiny("llama", seed=7)
+    if not packed:
+        monkeypatch.setattr(partial, "supports_packing", lambda m: False)
+    toks = _toks(toy_tokenizer, 9, seed=1)
+    checks = ResumedForward(model, toks, 1, batch_size=64)
+    assert checks.resumed
+    assert (checks._inputs[0][2] is not None) == packed  # position ids: packed
+    assert checks.first == predictions_at_labels(model, toks, 4)
+    _perturb(model, modules, 5)
+    assert checks.predictions() == predictions_at_labels(model, toks, 4)

@@ -26,11 +26,13 @@ from .option_types import EditorOptions  # noqa: F401  (re-exported: editors' **
 from .options import (
     DEFAULT_TOKENS_PER_PASS,
     DRIFT_FROM,
+    LOCALITY_CHECKS,
     REGIMES,
     STEPS,
     check_backend,
     check_count,
     check_drift_from,
+    check_locality_check,
     check_fraction,
     check_lr,
     check_modules,
@@ -223,6 +225,21 @@ class EditorConfig:
         "zero (the regularised least squares then also keeps the edited layers' outputs at "
         "those prompts), so that larger steps leave them alone; a departure from the paper, "
         "never made with step='paper'",
+    )
+    locality_check: str = _option(
+        "decoded",
+        check_locality_check,
+        "step='auto': what a locality prompt must keep. 'decoded': the pre-turn model's "
+        "greedy continuation (len(answer) + 3 tokens, decoded before the search, what the "
+        "generated scores compare); 'answer': the tokens one full pass over the prompt and "
+        "its given answer proves greedy decoding produces (the answer's tokens it predicts, "
+        "to the first it does not, and that one; an anchor prompt: its next token), no "
+        "decoding: about a third of the facts turn's time on a CPU, a weaker check",
+        cli={
+            "choices": LOCALITY_CHECKS,
+            "help": "step auto: locality prompts keep their decoded continuation "
+            "(decoded, default) or their verified answer tokens (answer: faster, weaker)",
+        },
     )
     chat_template: bool = _option(
         False,

@@ -25,6 +25,7 @@ class EditorOptions(TypedDict, total=False):
     max_step_scale: Optional[float]
     first_step_scale: Optional[float]
     preserve_locality: bool
+    locality_check: str
     chat_template: bool
     ridge: float
     drift_budget: Optional[float]

@@ -59,12 +59,20 @@ def check_backend(name: str, v):
 STEPS = ("auto", "paper")
 REGIMES = ("stream", "facts")
 DRIFT_FROM = ("turn", "unedited")
+LOCALITY_CHECKS = ("decoded", "answer")
 
 
-def check_drift_from(name: str, v):
-    if not isinstance(v, str) or v.lower() not in DRIFT_FROM:
-        raise ValueError(f"{name}: expected one of {list(DRIFT_FROM)}, got {v!r}")
-    return v.lower()
+def _one_of(choices):
+    def check(name: str, v):
+        if not isinstance(v, str) or v.lower() not in choices:
+            raise ValueError(f"{name}: expected one of {list(choices)}, got {v!r}")
+        return v.lower()
+
+    return check
+
+
+check_drift_from = _one_of(DRIFT_FROM)
+check_locality_check = _one_of(LOCALITY_CHECKS)
 
 
 def check_regime(name: str, v):

@@ -15,10 +15,16 @@ produce:
 
 - an edit *takes* when the argmax at every answer token of ``prompt + target`` is the target
   token (then greedy decoding from the prompt produces the target);
-- a locality prompt *keeps its answer* when, fed the pre-turn model's own greedy
-  continuation (of ``len(answer tokens) + 3`` tokens, or 4 for an anchor), the argmax at
-  each position is that continuation's next token (then greedy decoding produces the same
-  continuation).
+- a locality prompt *keeps its answer* when the argmax at each position of what it checks
+  is the token there: with ``locality_check="decoded"`` (the default) the pre-turn model's
+  greedy continuation (``len(answer tokens) + 3`` tokens, or 4 for an anchor, decoded
+  first: what the generated scores compare); with ``"answer"`` the tokens the pre-turn
+  model's full pass over ``prompt + given answer`` proves greedy decoding produces (the
+  answer's tokens up to the first it does not predict, and its own token there; for an
+  anchor prompt, its next token), found in the same full pass that prepares the checks, so
+  no decoding runs (a third of the facts turn's time on a CPU; a weaker check: the tokens
+  after those are not checked). Either way, greedy decoding then produces the checked
+  tokens.
 
 The locality set is the turn's locality prompts, or, when the requests have none, a fixed
 set of unrelated anchor prompts (:data:`ANCHOR_PROMPTS`, minus any that is an edit prompt).
@@ -33,11 +39,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..parallel.concurrency import ThreadOwned
-from ..model.forward import forward_until, input_device, preserved_model_state
 from ..model.partial import ResumedForward, lowest_block
+from .options import LOCALITY_CHECKS
 from ..scoring.generation import EXTRA_TOKENS, greedy_decode, spread
-from ..model.requests import IGNORE, TokenizedRequest, pad_batch, prompt_ids, tokenize_pair
+from ..model.requests import IGNORE, TokenizedRequest, prompt_ids, tokenize_pair
 
 SCALE_FACTOR = 2.0
 ANCHOR_TOKENS = 4
@@ -170,17 +175,22 @@ class StepSearch:
         tokenizer,
         requests,
         *,
-        batch_size: int = 16,
+        batch_size: int = 64,
         chat_template: bool = False,
         max_length: Optional[int] = None,
         drift=None,
         drift_budget: Optional[float] = None,
         modules: Sequence[torch.nn.Module] = (),
+        taps: Optional[Dict[str, torch.nn.Module]] = None,
+        locality_check: str = "decoded",
     ):
+        if locality_check not in LOCALITY_CHECKS:
+            raise ValueError(
+                f"locality_check: expected one of {LOCALITY_CHECKS}, got {locality_check!r}"
+            )
         warn_conflicts(requests)
         self.model = model
         self.drift, self.drift_budget = drift, drift_budget
-        self.batch_size = batch_size
         self.n_requests = len(requests)
         self.checked = spread(range(len(requests)), CHECK_SAMPLE)  # request indices
         self.edits = [
@@ -202,59 +212,29 @@ class StepSearch:
             ],
             CHECK_SAMPLE,
         )
-        self.locality_kind, prompts, budgets = _locality_prompts(tokenizer, requests, given)
-        ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
-        conts = greedy_decode(model, tokenizer, ids, budgets, batch_size)
-        # the keys to preserve (locality_keys): at the model's own continuation and, for the
-        # requests' locality prompts, at their given answer too
-        self.preserved: List[TokenizedRequest] = _given_answers(
-            tokenizer, given, max_length, chat_template
+        self.locality_kind, self.locality, self.preserved = _locality_set(
+            model, tokenizer, requests, given, locality_check, max_length, chat_template
         )
-        self.locality: List[TokenizedRequest] = _continuations(ids, conts, max_length)
+        n = len(self.edits)
         # every try changes only the edited ``modules``: the checks run from the lowest
         # block holding one of them, on the state the pre-turn model leaves there
         self.checks = ResumedForward(
-            model, self.edits + self.locality, lowest_block(model, modules), batch_size
+            model,
+            self.edits + self.locality,
+            lowest_block(model, modules),
+            batch_size,
+            extra=self.preserved,
+            taps=taps,
+            tap_from=n,
         )
+        if locality_check == "answer":
+            self.locality = _verified(self.checks, n, self.locality)
 
-    @torch.no_grad()
-    def locality_keys(self, targets) -> Dict[str, torch.Tensor]:
-        """Each target module's input (fp32) at the labelled positions of the locality set:
-        the keys the turn's update should leave alone (see ``preserve`` in the editor)."""
-        out: Dict[str, List[torch.Tensor]] = {t.name: [] for t in targets}
-        rows = self.locality + self.preserved
-        if not rows:
-            return {}
-        thread = ThreadOwned()
-        mask_box: Dict[str, torch.Tensor] = {}
-
-        def hook(name):
-            def keep(module, args, *rest):
-                if thread.owns():
-                    x = args[0]
-                    out[name].append(x[mask_box["m"].to(x.device)].float())
-
-            return keep
-
-        handles = [t.module.register_forward_hook(hook(t.name)) for t in targets]
-        device = input_device(self.model)
-        try:
-            with preserved_model_state(self.model):
-                self.model.eval()
-                for s in range(0, len(rows), self.batch_size):
-                    idx = list(range(s, min(s + self.batch_size, len(rows))))
-                    batch = pad_batch([rows[i] for i in idx], idx).to(device)
-                    mask_box["m"] = batch.labels != IGNORE
-                    forward_until(  # the top of the network does not change the keys
-                        self.model,
-                        [t.module for t in targets],
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                    )
-        finally:
-            for h in handles:
-                h.remove()
-        return {n: torch.cat(v) for n, v in out.items() if v}
+    def locality_keys(self) -> Dict[str, torch.Tensor]:
+        """Each tapped module's input (fp32) at the labelled positions of the locality set
+        (and of the given answers): the keys the turn's update should leave alone (see
+        ``preserve_locality``); taken in the checks' full pass, empty without ``taps``."""
+        return self.checks.keys
 
     def measure(self) -> Tuple[List[bool], float]:
         """(whether each checked edit takes, share of locality prompts whose answer
@@ -334,6 +314,26 @@ class StepSearch:
         return None if out == scales else out
 
 
+def _locality_set(
+    model, tokenizer, requests, given, locality_check: str, max_length, chat_template: bool
+) -> Tuple[str, List[TokenizedRequest], List[TokenizedRequest]]:
+    """``(kind, locality rows, preserved rows)``: the locality set's prompts (see
+    :func:`_locality_prompts`) with what they check, and the given answers whose keys are
+    preserved too (``"decoded"``; in ``"answer"`` the rows are the given answers)."""
+    kind, prompts, budgets = _locality_prompts(tokenizer, requests, given)
+    ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]
+    if locality_check == "answer":
+        # each prompt fed its given answer (none for an anchor): one full pass says which
+        # of those tokens greedy decoding produces, and the first it does not
+        drafts = [_answer_ids(tokenizer, a) for _, a in given] or [[] for _ in ids]
+        return kind, _drafted(ids, drafts, max_length), []
+    conts = greedy_decode(model, tokenizer, ids, budgets, CHECK_SAMPLE)
+    # the keys to preserve: at the model's own continuation and, for the requests' locality
+    # prompts, at their given answer too
+    preserved = _given_answers(tokenizer, given, max_length, chat_template)
+    return kind, _continuations(ids, conts, max_length), preserved
+
+
 def _locality_prompts(
     tokenizer, requests, given: List[Tuple[str, str]]
 ) -> Tuple[str, List[str], List[int]]:
@@ -378,4 +378,46 @@ def _continuations(
         if max_length is not None and len(p) + len(c) - 1 > max_length:
             continue
         out.append(TokenizedRequest(list(p) + list(c[:-1]), [IGNORE] * (len(p) - 1) + list(c)))
+    return out
+
+
+def _answer_ids(tokenizer, answer: str) -> List[int]:
+    return list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+
+
+def _drafted(
+    ids: List[List[int]], drafts: List[List[int]], max_length: Optional[int]
+) -> List[TokenizedRequest]:
+    """``locality_check="answer"``: each locality prompt followed by its draft (its given
+    answer), labelled at the prompt's last token and at every draft token (the labels are
+    placeholders until :func:`_verified`); prompts too long for the context left out."""
+    out: List[TokenizedRequest] = []
+    for p, d in zip(ids, drafts):
+        if max_length is not None and len(p) + len(d) > max_length:
+            continue
+        out.append(TokenizedRequest(list(p) + list(d), [IGNORE] * (len(p) - 1) + list(d) + [0]))
+    return out
+
+
+def _verified(
+    checks: ResumedForward, first: int, rows: List[TokenizedRequest]
+) -> List[TokenizedRequest]:
+    """Each drafted locality row cut to what the pre-turn model's greedy decoding is known
+    to produce from its full pass: the draft tokens it predicts, up to the first it does
+    not, and its own token there. ``checks`` is restricted to those positions, labelled
+    with those tokens; returns the rows as checked."""
+    assert checks.first is not None
+    keep: Dict[int, List[int]] = {}
+    out: List[TokenizedRequest] = []
+    for k, row in enumerate(rows):
+        pred, lab = checks.first[first + k]
+        a = 0
+        while a < len(lab) - 1 and pred[a] == lab[a]:
+            a += 1
+        known = list(pred[: a + 1])
+        keep[first + k] = known
+        n_prompt = len(row.input_ids) - len(lab) + 1
+        ids = row.input_ids[: n_prompt + len(known) - 1]
+        out.append(TokenizedRequest(ids, [IGNORE] * (n_prompt - 1) + known))
+    checks.restrict(keep)
     return out

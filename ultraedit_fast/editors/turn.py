@@ -293,17 +293,20 @@ class Turn:
             self.model,
             self.tokenizer,
             self.requests,
-            batch_size=16,
             chat_template=self.config.chat_template,
             max_length=context_length(self.model),
             drift=self._drift(),
             drift_budget=self.config.drift_budget,
             modules=[t.module for t in self.setup.targets],
+            taps={t.name: t.module for t in self.setup.targets}
+            if self.config.preserve_locality
+            else None,
+            locality_check=self.config.locality_check,
         )
         if self.setup.drift_windows is not None:
             self.stabilisers.append("drift_budget")
         if self.config.preserve_locality:
-            plan, n_loc = self._preserving(cap, plan, search.locality_keys(self.setup.targets))
+            plan, n_loc = self._preserving(cap, plan, search.locality_keys())
             rows = torch.cat([rows, torch.zeros(n_loc, dtype=torch.long)])
         self.seconds["step"] += time.perf_counter() - t0
         self._t = time.perf_counter()
