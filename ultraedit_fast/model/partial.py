@@ -283,7 +283,8 @@ class ResumedForward:
             if ok:
                 _VERIFIED.setdefault(self.model, set()).add(way)
         _, head, softcap = _split(self.model)  # type: ignore[misc]
-        if ok and isinstance(head, torch.nn.Linear) and softcap is None:
+        plain = isinstance(head, torch.nn.Linear) and type(head.weight.data) is torch.Tensor
+        if ok and plain and softcap is None:  # not a sharded (DTensor) output layer
             if all(b.n0 is not None and b.y0 is not None for b in self.batches):
                 self._wn = head_row_norms(head)
         return ok
