@@ -159,6 +159,10 @@ def test_answer_checks_what_greedy_decoding_is_proved_to_produce(toy_tokenizer, 
     assert {k: v.shape[0] for k, v in keys.items()} == {n: n_rows for n in modules}
     with pytest.raises(ValueError, match="locality_check"):
         StepSearch(model, toy_tokenizer, reqs, locality_check="greedy")
+    # no edited modules known (checks run full passes) and no taps: the same rows
+    bare = StepSearch(model, toy_tokenizer, reqs, locality_check="answer")
+    assert not bare.checks.resumed and not bare.locality_keys()
+    assert [r.labels for r in bare.locality] == [r.labels for r in search.locality]
 
 
 def test_rescaled_with_all_ones_is_the_plan():

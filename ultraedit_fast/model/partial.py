@@ -55,8 +55,8 @@ from .requests import IGNORE, TokenizedRequest, pad_batch
 
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm")
 TOKENS_PER_BATCH = 2048  # padded tokens per batch of a check, at most (one row at least)
-_HEAD_NORMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# model -> the (start, packed) ways whose resumed pass matched the full pass once
+# model -> the ways (start, packing, dtype, device, attention) whose resumed pass matched the
+# full pass once
 _VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -90,21 +90,25 @@ def lowest_block(model, modules: Sequence[torch.nn.Module]) -> Optional[int]:
 
 
 def head_row_norms(head: torch.nn.Linear) -> torch.Tensor:
-    """``|W_v|`` (float32) for every row of the output layer's weight, cached per layer
-    while its weight is the same tensor, not written to since."""
+    """``|W_v|`` (float32) for every row of the output layer's weight (taken per check set:
+    a weight written through ``.data`` does not say so, so nothing is cached)."""
     w = head.weight
-    hit = _HEAD_NORMS.get(head)
-    if hit is not None and hit[0] is w and hit[1] == w._version:
-        return hit[2]
     with torch.no_grad():
-        norms = torch.cat(
+        return torch.cat(
             [
                 torch.linalg.vector_norm(w[s : s + 8192].float(), dim=1)
                 for s in range(0, w.shape[0], 8192)
             ]
         )
-    _HEAD_NORMS[head] = (w, w._version, norms)
-    return norms
+
+
+def _boundable(head) -> bool:
+    """Whether the output layer is a plain dense ``y = W x (+ b)`` whose weight is here:
+    not sharded (DTensor), offloaded (meta, accelerate's hooks) or quantized."""
+    if not isinstance(head, torch.nn.Linear) or hasattr(head, "_hf_hook"):
+        return False
+    w = head.weight
+    return type(w.data) is torch.Tensor and not w.is_meta and w.dtype.is_floating_point
 
 
 def token_batches(
@@ -134,6 +138,18 @@ def _packed(items: Sequence[TokenizedRequest]) -> Tuple[torch.Tensor, torch.Tens
     pos = [p for t in items for p in range(len(t.input_ids))]
     labels = [lab for t in items for lab in t.labels]
     return torch.tensor([ids]), torch.tensor([pos]), torch.tensor([labels])
+
+
+def _rounding(rows: torch.Tensor) -> float:
+    """The relative rounding allowed in the output layer's logits: fp32 on the CPU or with
+    full-precision matmuls 1e-4, TF32 2e-3, half precision 2e-2."""
+    if rows.dtype != torch.float32:
+        return 2e-2
+    if rows.is_cuda and (
+        torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    ):
+        return 2e-3
+    return 1e-4
 
 
 class _Batch:
@@ -215,7 +231,7 @@ class ResumedForward:
         self.settled = 0  # rows the last predictions answered without the output layer
         resume = start is not None and split is not None and bool(self.batches)
         self.resumed = False
-        if resume or taps:
+        if self.batches:  # one full pass: ``first``, the taps, the state to resume from
             self.resumed = self._capture(resume, taps or {}, extra_batches)
 
     # ------------------------------------------------------------------ the full pass
@@ -271,10 +287,13 @@ class ResumedForward:
 
     def _verify(self, full: torch.Tensor) -> bool:
         """Whether the resumed pass gives the full pass's logits ``full`` on the first
-        batch (checked once per model, start and packing); with the output layer's row
+        batch (checked once per model and way of running it); with the output layer's row
         norms taken where its argmax can be bounded."""
         ok = all(b.hidden is not None and b.hidden.shape[:2] == b.mask.shape for b in self.batches)
-        way = (self.start, self._packed)
+        emb = self.model.get_input_embeddings().weight
+        cfg = getattr(self.model, "config", None)
+        attention = getattr(cfg, "_attn_implementation", None)
+        way = (self.start, self._packed, str(emb.dtype), str(emb.device), attention)
         if ok and way not in _VERIFIED.get(self.model, ()):
             try:
                 ok = self._close(self._logits(self.batches[0]).float(), full)
@@ -283,8 +302,7 @@ class ResumedForward:
             if ok:
                 _VERIFIED.setdefault(self.model, set()).add(way)
         _, head, softcap = _split(self.model)  # type: ignore[misc]
-        plain = isinstance(head, torch.nn.Linear) and type(head.weight.data) is torch.Tensor
-        if ok and plain and softcap is None:  # not a sharded (DTensor) output layer
+        if ok and softcap is None and _boundable(head):
             if all(b.n0 is not None and b.y0 is not None for b in self.batches):
                 self._wn = head_row_norms(head)
         return ok
@@ -368,7 +386,7 @@ class ResumedForward:
         wmax = wn.max()
         dn = torch.linalg.vector_norm(rows.float() - b.n0.to(rows.device), dim=1)
         y0, m0 = b.y0.to(rows.device), b.m0.to(rows.device)
-        tol = 1e-4 if rows.dtype == torch.float32 else 2e-2
+        tol = _rounding(rows)
         slack = tol * wmax * torch.linalg.vector_norm(b.n0.to(rows.device), dim=1)
         settled = m0 > (wn[y0] + wmax) * dn + slack
         self.settled += int(settled.sum())
@@ -376,7 +394,7 @@ class ResumedForward:
         todo = ~settled
         if bool(todo.any()):
             _, head, _ = _split(self.model)  # type: ignore[misc]
-            pred[todo] = head(rows[todo]).argmax(-1)
+            pred[todo] = head(rows[todo]).argmax(-1).to(pred.device)
         return pred
 
     def _collect(self, preds: List[torch.Tensor]) -> List[Tuple[List[int], List[int]]]:
@@ -393,6 +411,10 @@ class ResumedForward:
         """From now on check, of sequence ``i`` in ``keep``, only its first
         ``len(keep[i])`` labelled positions, with labels ``keep[i]`` (the other sequences as
         they are); ``first`` follows."""
+        for b in self.batches:  # checked before anything changes
+            for i, c in zip(b.idx, b.counts):
+                if i in keep and len(keep[i]) > c:
+                    raise ValueError(f"keep[{i}]: {len(keep[i])} labels for {c} labelled positions")
         for b in self.batches:
             lab = b.labels.tolist()
             sel: List[bool] = []
@@ -402,8 +424,6 @@ class ResumedForward:
             for i, c in zip(b.idx, b.counts):
                 k = len(keep[i]) if i in keep else c
                 counts.append(k)
-                if k > c:
-                    raise ValueError(f"keep[{i}]: {k} labels for {c} labelled positions")
                 sel += [True] * k + [False] * (c - k)
                 labels += keep[i] if i in keep else lab[start : start + c]
                 start += c
