@@ -90,17 +90,17 @@ def test_auto_step_lands_more_edits_and_keeps_the_budget(toy_tokenizer):
     assert rep.step_scale > 1.0 and es_auto > es_paper
 
 
+def _tapped_search(model, modules, tok, reqs, locality_check):
+    """A turn's step search, its locality keys taken at the editor's modules."""
+    targets = UltraEditor(model, tok, modules=modules, lr=LR).targets
+    taps = {t.name: t.module for t in targets}
+    return StepSearch(model, tok, reqs, taps=taps, locality_check=locality_check)
+
+
 def test_the_search_checks_what_greedy_decoding_produces(toy_tokenizer):
     model, modules = make_tiny("llama")
     reqs = random_requests(6, seed=2)
-    targets = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR).targets
-    search = StepSearch(
-        model,
-        toy_tokenizer,
-        reqs,
-        taps={t.name: t.module for t in targets},
-        locality_check="decoded",
-    )
+    search = _tapped_search(model, modules, toy_tokenizer, reqs, "decoded")
     taken, changed = search.measure()
     assert changed == 0.0  # the pre-turn model keeps its own continuations
     m = evaluate(model, toy_tokenizer, reqs)
@@ -134,14 +134,7 @@ def test_answer_checks_what_greedy_decoding_is_proved_to_produce(toy_tokenizer, 
             own = reqs[i] = dataclasses.replace(r, locality_answer=toy_tokenizer.decode(g))
             break
     assert own is not None
-    targets = UltraEditor(model, toy_tokenizer, modules=modules, lr=LR).targets
-    search = StepSearch(
-        model,
-        toy_tokenizer,
-        reqs,
-        taps={t.name: t.module for t in targets},
-        locality_check="answer",
-    )
+    search = _tapped_search(model, modules, toy_tokenizer, reqs, "answer")
     assert search.measure()[1] == 0.0 and not search.preserved
     for r, row in zip(reqs, search.locality):
         labelled = [lab for lab in row.labels if lab != -100]
