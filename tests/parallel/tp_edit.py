@@ -82,3 +82,9 @@ if rank == 0:
         )
 dist.barrier()
 dist.destroy_process_group()
+# Leave without the interpreter's teardown: once in a while a gloo thread still joinable
+# there aborts the process ("terminate called without an active exception") after every
+# result above was written and the group destroyed.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
