@@ -342,10 +342,7 @@ def _locality_prompts(
     prompt's greedy continuation to check."""
     if given:
         prompts = [p for p, _ in given]
-        budgets = [
-            len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) + EXTRA_TOKENS
-            for _, a in given
-        ]
+        budgets = [len(_answer_ids(tokenizer, a)) + EXTRA_TOKENS for _, a in given]
         return "requests", prompts, budgets
     edit_prompts = {r.prompt.strip() for r in requests}
     prompts = spread([p for p in ANCHOR_PROMPTS if p.strip() not in edit_prompts], CHECK_SAMPLE)

@@ -165,6 +165,9 @@ class _Batch:
         self.n0: Optional[torch.Tensor] = None
         self.y0: Optional[torch.Tensor] = None
         self.m0: Optional[torch.Tensor] = None
+        # per labelled row, taken once: |W_y0| + max_v |W_v|, and |n0|
+        self.reach: Optional[torch.Tensor] = None
+        self.n0_norm: Optional[torch.Tensor] = None
         self.tap: Optional[torch.Tensor] = None  # the tapped labelled positions (full pass)
 
 
@@ -228,6 +231,7 @@ class ResumedForward:
         self.first: Optional[List[Tuple[List[int], List[int]]]] = None
         self.keys: Dict[str, torch.Tensor] = {}
         self._wn: Optional[torch.Tensor] = None  # |W_v| of the output layer, when pruning
+        self._wmax = 0.0
         self.settled = 0  # rows the last predictions answered without the output layer
         resume = start is not None and split is not None and bool(self.batches)
         self.resumed = False
@@ -305,6 +309,12 @@ class ResumedForward:
         if ok and softcap is None and _boundable(head):
             if all(b.n0 is not None and b.y0 is not None for b in self.batches):
                 self._wn = head_row_norms(head)
+                wmax = self._wn.max()
+                for b in self.batches:
+                    assert b.n0 is not None and b.y0 is not None
+                    b.reach = self._wn.to(b.y0.device)[b.y0] + wmax.to(b.y0.device)
+                    b.n0_norm = torch.linalg.vector_norm(b.n0, dim=1)
+                self._wmax = float(wmax)
         return ok
 
     def _block_hook(self, i: int, thread: ThreadOwned, box: dict):
@@ -379,16 +389,14 @@ class ResumedForward:
     def _argmax(self, b: _Batch) -> torch.Tensor:
         """The argmax at ``b``'s labelled rows; through the output layer only where the
         bound of the module docstring does not settle it."""
-        if self._wn is None or b.n0 is None or b.y0 is None or b.m0 is None:
+        if b.n0 is None or b.y0 is None or b.m0 is None or b.reach is None or b.n0_norm is None:
             return self._logits(b).argmax(-1)
         rows = self._rows(b)
-        wn = self._wn.to(rows.device)
-        wmax = wn.max()
-        dn = torch.linalg.vector_norm(rows.float() - b.n0.to(rows.device), dim=1)
-        y0, m0 = b.y0.to(rows.device), b.m0.to(rows.device)
-        tol = _rounding(rows)
-        slack = tol * wmax * torch.linalg.vector_norm(b.n0.to(rows.device), dim=1)
-        settled = m0 > (wn[y0] + wmax) * dn + slack
+        dev = rows.device
+        dn = torch.linalg.vector_norm(rows.float() - b.n0.to(dev), dim=1)
+        y0, m0 = b.y0.to(dev), b.m0.to(dev)
+        slack = _rounding(rows) * self._wmax * b.n0_norm.to(dev)
+        settled = m0 > b.reach.to(dev) * dn + slack
         self.settled += int(settled.sum())
         pred = y0.clone()
         todo = ~settled
@@ -432,7 +440,7 @@ class ResumedForward:
             mask[b.mask] = chosen
             b.mask, b.counts = mask, counts
             b.labels = torch.tensor(labels, dtype=b.labels.dtype, device=b.labels.device)
-            for name in ("n0", "y0", "m0"):
+            for name in ("n0", "y0", "m0", "reach", "n0_norm"):
                 v = getattr(b, name)
                 if v is not None:
                     setattr(b, name, v[chosen.to(v.device)])
