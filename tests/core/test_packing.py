@@ -122,17 +122,21 @@ def test_bf16_packed_turn_is_close_to_padded():
 
 def test_probe_refuses_packing_when_requests_would_attend_to_each_other(monkeypatch, passes_seen):
     """Without transformers' packed-sequence masks (as in its older versions), one
-    request would see the one before it: the probe must notice and the editor pad."""
+    request would see the one before it under an attention that reads the mask (eager):
+    the probe must notice and the editor pad. Under sdpa the package's grouped attention
+    (model/packed_attention.py) keeps requests apart without the mask: packing stays."""
     import transformers.masking_utils as mu
 
     if not hasattr(mu, "find_packed_sequence_indices"):
         pytest.skip("this transformers has no packed-sequence masks")
     model, modules = make_tiny("llama", seed=1)
     assert forward.supports_packing(model)
-    other = clone_model(model)
+    other, grouped = clone_model(model), clone_model(model)
+    other.config._attn_implementation = "eager"
     monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
     assert not forward.supports_packing(other)  # a fresh probe, on a fresh model
     assert forward.supports_packing(model)  # cached per model
+    assert forward.supports_packing(grouped)  # sdpa: grouped, the mask not needed
     ed = UltraEditor(other, ToyTokenizer(), modules=modules, lr=LR, batch_size=3)
     ed.edit(random_requests(9, seed=2))
     assert len(passes_seen) == 3  # padded mini-batches

@@ -84,7 +84,9 @@ def test_a_whitened_turn_is_the_paper_turn_times_the_transform(toy_tokenizer):
         db = b.get_submodule(name).weight - w0
         assert float(db.detach().norm()) > 0
         want = m.t() @ da
-        assert torch.allclose(db, want, atol=1e-5 * float(want.abs().max())), name
+        # fp32 rounding through C^-1/2: ~1e-5 of the largest entry (9e-6 to 1.1e-5 seen,
+        # depending on how the attention sums), against >1e-3 for the paper's update
+        assert torch.allclose(db, want, atol=3e-5 * float(want.abs().max())), name
         assert not torch.allclose(db, da, atol=1e-3 * float(da.abs().max()))
 
 

@@ -32,6 +32,7 @@ from typing import Optional, Set
 import torch
 
 from ..parallel.concurrency import ThreadOwned
+from .packed_attention import packed_attention
 
 # model_type -> the ForCausalLM forward is decoder + lm_head (+ softcap), and the last
 # decoder block ends "... + mlp(norm(h))" (GPT-J: attention and MLP in parallel) with only
@@ -181,9 +182,10 @@ def supports_packing(model) -> bool:
         with torch.no_grad():
             apart = [base(input_ids=s[None], use_cache=False).last_hidden_state[0] for s in seqs]
             pos = torch.cat([torch.arange(n, device=emb.device) for n in _PROBE_LENGTHS])
-            packed = base(
-                input_ids=torch.cat(seqs)[None], position_ids=pos[None], use_cache=False
-            ).last_hidden_state[0]
+            with packed_attention(model, pos[None]):  # the way packed passes run
+                packed = base(
+                    input_ids=torch.cat(seqs)[None], position_ids=pos[None], use_cache=False
+                ).last_hidden_state[0]
         apart = torch.cat(apart).float()
         err = (packed.float() - apart).abs().max() / apart.abs().max().clamp_min(1e-30)
         tol = 1e-3 if emb.dtype == torch.float32 else 5e-2
@@ -207,13 +209,15 @@ def answer_logits(
     for models where :func:`supports_packing` holds."""
     split = _split(model)
     kw = {} if position_ids is None else {"position_ids": position_ids}
+    packed = packed_attention(model, position_ids, attention_mask)
     if split is None:
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw
-        ).logits
+        with packed:
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw
+            ).logits
         return logits[on_device(mask, logits)]
     base, head, softcap = split
-    with _mlp_on_rows(_last_mlp(base), mask):
+    with packed, _mlp_on_rows(_last_mlp(base), mask):
         hidden = base(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw
         ).last_hidden_state
@@ -243,8 +247,10 @@ def forward_until(model, modules, **inputs) -> bool:
                 raise _Reached
 
     handles = [m.register_forward_hook(seen) for m in {id(m): m for m in modules}.values()]
+    packed = packed_attention(model, inputs.get("position_ids"), inputs.get("attention_mask"))
     try:
-        model(**inputs, use_cache=False)
+        with packed:
+            model(**inputs, use_cache=False)
     except _Reached:
         return True
     finally:
