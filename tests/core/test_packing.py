@@ -56,10 +56,18 @@ def passes_seen(monkeypatch):
     """The input shapes of the editor's forward passes, as they run."""
     import ultraedit_fast.core.capture as E
 
-    calls, orig = [], forward.answer_logits
+    calls, orig, orig_split = [], forward.answer_logits, E.split_for
     monkeypatch.setattr(
         E, "answer_logits", lambda *a, **k: calls.append(a[1].shape) or orig(*a, **k)
     )
+
+    def split_for(*a, **k):  # a packed pass split at its answers (model/prefix.py)
+        split = orig_split(*a, **k)
+        if split is not None:
+            calls.append(a[1].shape)
+        return split
+
+    monkeypatch.setattr(E, "split_for", split_for)
     return calls
 
 

@@ -35,12 +35,15 @@ def test_another_threads_forward_during_capture_is_untouched(monkeypatch):
     """A forward pass in a second thread, run while the editor's hooks are in place (from
     inside the capture loop), gets the unhooked model's logits bit for bit."""
     import ultraedit_fast.core.capture as C
+    import ultraedit_fast.model.forward as F
+    from ultraedit_fast.model.prefix import supports_split
 
     model, modules = make_tiny("llama")
     ids = _ids()
     expected = _forward(model, ids)
+    assert supports_split(model)  # probed now, not inside the capture
     seen = {}
-    real = C.answer_logits
+    real = F.answer_logits
 
     def answer_logits(*a, **k):
         if "logits" not in seen:  # the hooks are registered now: serve from another thread
@@ -49,7 +52,9 @@ def test_another_threads_forward_during_capture_is_untouched(monkeypatch):
             t.join()
         return real(*a, **k)
 
+    # the whole pass calls it from the capture, a split pass for its answer rows
     monkeypatch.setattr(C, "answer_logits", answer_logits)
+    monkeypatch.setattr(F, "answer_logits", answer_logits)
     ed = UltraEditor(model, ToyTokenizer(), modules=modules, lr=LR, batch_size=4)
     ed.edit(random_requests(12, seed=1))  # must not fail ("ran twice")
     assert torch.equal(seen["logits"], expected)

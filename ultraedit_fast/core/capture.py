@@ -5,11 +5,14 @@ forward with hooks on the edited modules (:class:`Capture`), then ``torch.autogr
 the loss with respect to their outputs only. No parameter requires grad during the pass, and
 the output of the lowest edited module is made a leaf, so backward stops there and no weight
 gradient exists. Keys and gradients are kept at answer tokens only (``docs/algorithm.md``
-section 2), one block per (mini-batch, module).
+section 2), one block per (mini-batch, module). A packed pass runs split at the answers
+where the model allows (:mod:`ultraedit_fast.model.prefix`): the prompts first, without a
+graph and with the hooks paused, then the answer rows on their cached keys and values.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -17,8 +20,14 @@ import torch.nn.functional as F
 
 from ..parallel.concurrency import ThreadOwned
 from ..model.forward import answer_logits, on_device
+from ..model.prefix import split_for
 from ..model.requests import IGNORE
 from ..model.targets import EditTarget
+
+
+# packed passes run split at the answers where the model allows (model/prefix.py); False:
+# the whole pass (for measurements)
+SPLIT = True
 
 
 class Capture:
@@ -38,6 +47,16 @@ class Capture:
         self.outputs: Dict[str, torch.Tensor] = {}
         self._by_input: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: List[Any] = []
+        self._paused = False
+
+    @contextmanager
+    def paused(self):
+        """Inside, the hooks let passes through untouched (a split pass's prompts, a probe)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def __enter__(self):
         self._thread = ThreadOwned()
@@ -72,7 +91,7 @@ class Capture:
         def hook(module, args, *rest):
             # (kwargs, output); another thread may see the hook without its kwargs flag
             # while it is being removed, so only the owner thread reads ``rest``
-            if not self._thread.owns():
+            if self._paused or not self._thread.owns():
                 return None
             kwargs, output = rest
             if name in self.outputs:
@@ -115,10 +134,17 @@ def capture_passes(
         counts = batch.counts or [batch.n_tokens]  # answer tokens per mini-batch, counted
         batch = batch.to(device)  # on the host: no device sync per pass
         mask = batch.labels != IGNORE
-        cap.mask, cap.n_rows = mask, sum(counts)
-        logits = answer_logits(
-            model, batch.input_ids, batch.attention_mask, mask, batch.position_ids
-        )
+        with cap.paused():  # split_for may probe the model once
+            halves = split_for(model, batch.input_ids, batch.position_ids, mask) if SPLIT else None
+        cap.n_rows = sum(counts)
+        if halves is None:
+            cap.mask = mask
+            logits = answer_logits(
+                model, batch.input_ids, batch.attention_mask, mask, batch.position_ids
+            )
+        else:  # the prompts without a graph, then the answer rows (model/prefix.py)
+            cap.mask = halves.suffix_mask
+            logits = halves.logits(model, quiet=cap.paused())
         labels = batch.labels[mask].to(logits.device)
         if batch.token_weights is None:  # one mini-batch: its mean
             loss = F.cross_entropy(logits.float(), labels)

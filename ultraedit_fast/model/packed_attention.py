@@ -71,11 +71,19 @@ class Segments:
         pos = position_ids.reshape(-1).to("cpu", torch.long)
         n = int(pos.numel())
         starts = torch.nonzero(torch.diff(pos, prepend=pos[:1] - 2) != 1).reshape(-1)
-        lengths = torch.diff(starts, append=torch.tensor([n]))
-        steps = torch.arange(int(lengths.max()) if n else 0)
+        return cls.of_lengths(torch.diff(starts, append=torch.tensor([n])), position_ids.device)
+
+    @classmethod
+    def of_lengths(cls, lengths: torch.Tensor, device) -> "Segments":
+        """Requests of ``lengths`` tokens (some may be 0), one after another."""
+        lengths = lengths.to("cpu", torch.long)
+        n = int(lengths.sum())
+        starts = torch.cumsum(lengths, 0) - lengths
+        steps = torch.arange(max(int(lengths.max()), 1) if len(lengths) else 0)
         valid = steps[None] < lengths[:, None]
-        index = torch.where(valid, starts[:, None] + steps[None], starts[:, None])
-        device = position_ids.device
+        index = torch.where(
+            valid, starts[:, None] + steps[None], starts.clamp(max=max(n - 1, 0))[:, None]
+        )
         return cls(n, index.to(device), valid.to(device))
 
 
@@ -85,9 +93,25 @@ def _sdpa():
     return sdpa_attention_forward
 
 
+def grouped(seg: Segments, x: torch.Tensor) -> torch.Tensor:
+    """``[1, H, T, D]`` -> ``[S, H, L, D]``: each request's rows, right-padded."""
+    s, L = seg.index.shape
+    flat = seg.index.reshape(-1).to(x.device)
+    return x[0].index_select(1, flat).reshape(x.shape[1], s, L, x.shape[3]).transpose(0, 1)
+
+
+def ungrouped(seg: Segments, out: torch.Tensor) -> torch.Tensor:
+    """``[S, L, H, D]`` (an attention's output) -> ``[1, T, H, D]``: the real rows, in order."""
+    s, L = seg.index.shape
+    return out.reshape(s * L, *out.shape[2:])[seg.valid.reshape(-1).to(out.device)].unsqueeze(0)
+
+
 def _attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' attention-function signature: ``[B, H, T, D]`` in, ``([B, T, H, D],
     None)`` out."""
+    split = getattr(_LOCAL, "split", None)
+    if split is not None:  # a pass split at the answers (model/prefix.py): never falls back
+        return split.attend(module, query, key, value, kwargs)
     seg: Optional[Segments] = getattr(_LOCAL, "segments", None)
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if (
@@ -100,18 +124,10 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         COUNTS["fallback"] += 1
         return _sdpa()(module, query, key, value, attention_mask, **kwargs)
     COUNTS["segments"] += 1
-    s, L = seg.index.shape
-    flat = seg.index.reshape(-1).to(query.device)
-
-    def grouped(x):  # [1, H, T, D] -> [S, H, L, D]
-        return x[0].index_select(1, flat).reshape(x.shape[1], s, L, x.shape[3]).transpose(0, 1)
-
     kwargs.pop("is_causal", None)
-    out, _ = _sdpa()(
-        module, grouped(query), grouped(key), grouped(value), None, is_causal=True, **kwargs
-    )  # [S, L, H, D]
-    out = out.reshape(s * L, *out.shape[2:])[seg.valid.reshape(-1).to(out.device)]
-    return out.unsqueeze(0), None
+    q, k, v = (grouped(seg, x) for x in (query, key, value))
+    out, _ = _sdpa()(module, q, k, v, None, is_causal=True, **kwargs)  # [S, L, H, D]
+    return ungrouped(seg, out), None
 
 
 def _register() -> None:
