@@ -198,6 +198,7 @@ def main(argv=None):
         ref = r["seconds_per_edit"] if name == "ultraedit" else ref
         # the defaults' time per edit measured in the same run (None: not run with it)
         r["ultraedit_seconds_per_edit_same_run"] = ref
+        r["run_command"] = stream["command"]
         stream["methods"][name] = r
         print(f"  {r['seconds_per_edit']:.4f} s/edit {json.dumps(r['metrics'])}", flush=True)
         atomic_write_json(args.output, doc)
