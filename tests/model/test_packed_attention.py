@@ -174,3 +174,39 @@ def test_the_implementation_is_restored_after_an_error():
     assert model.config._attn_implementation == "sdpa"
     assert getattr(PA._LOCAL, "segments", None) is None
     assert supports_packing(model)
+
+
+def test_sub_configs_keep_their_own_attention():
+    from types import SimpleNamespace
+
+    import transformers as T
+
+    cfg = T.Gemma3Config()
+    cfg.text_config._attn_implementation_internal = "sdpa"
+    cfg.vision_config._attn_implementation_internal = "eager"
+    cfg._attn_implementation_internal = "sdpa"
+    tree = PA._tree(SimpleNamespace(config=cfg))
+    assert {id(c) for c in tree} == {id(cfg), id(cfg.text_config), id(cfg.vision_config)}
+    PA._enter(tree)
+    PA._enter(tree)  # a second thread
+    assert cfg._attn_implementation == cfg.text_config._attn_implementation == PA.NAME
+    assert cfg.vision_config._attn_implementation == "eager"
+    PA._leave(tree)
+    assert cfg.text_config._attn_implementation == PA.NAME  # one thread is still inside
+    PA._leave(tree)
+    assert cfg._attn_implementation == cfg.text_config._attn_implementation == "sdpa"
+    assert cfg.vision_config._attn_implementation == "eager"
+
+
+def test_one_long_request_among_short_ones_keeps_the_masked_pass():
+    model, _ = make_tiny("llama", seed=13)
+    lengths = (60,) + (1,) * 40  # 41 x 60^2 scores padded, against 100^2 for the square
+    seqs, ids, pos = _packed(model.config.vocab_size, seed=14, lengths=lengths)
+    assert not PA.Segments.of(pos).cheaper and PA.Segments.of(_packed(101)[2]).cheaper
+    with torch.no_grad():
+        masked = _hidden(model, ids, pos)
+        PA.COUNTS.update(segments=0, fallback=0)
+        with PA.packed_attention(model, pos):
+            got = _hidden(model, ids, pos)
+    assert PA.COUNTS["segments"] == 0 and PA.COUNTS["fallback"] > 0
+    assert torch.equal(got, masked)

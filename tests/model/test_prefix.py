@@ -125,20 +125,30 @@ def test_one_token_prompts_only():
 
 
 def _turn(model, modules, split, monkeypatch):
+    """Two turns, with the capture split at the answers or not; returns the editor and how
+    many of its passes ran split."""
     import ultraedit_fast.core.capture as C
 
     monkeypatch.setattr(C, "SPLIT", split)
+    runs, real = [], P.PrefixSplit.logits
+    monkeypatch.setattr(
+        P.PrefixSplit, "logits", lambda s, *a, **k: runs.append(1) or real(s, *a, **k)
+    )
     ed = UltraEditor(model, ToyTokenizer(), modules=modules, lr=1e-3, batch_size=4)
     for s in range(2):
         ed.edit(random_requests(10, seed=20 + s))
-    return ed
+    return ed, len(runs)
 
 
 def test_a_split_turn_writes_the_whole_pass_turn(monkeypatch):
     model, modules = make_tiny("llama", seed=7)
     before = {n: model.get_submodule(n).weight.detach().clone() for n in modules}
     a, b = clone_model(model), clone_model(model)
-    ea, eb = _turn(a, modules, True, monkeypatch), _turn(b, modules, False, monkeypatch)
+    (ea, split_runs), (eb, whole_runs) = (
+        _turn(a, modules, True, monkeypatch),
+        _turn(b, modules, False, monkeypatch),
+    )
+    assert split_runs >= 2 and whole_runs == 0  # the probe's run counted only once, if at all
     for n in modules:
         da = a.get_submodule(n).weight.detach() - before[n]
         db = b.get_submodule(n).weight.detach() - before[n]
@@ -161,4 +171,22 @@ def test_a_model_the_probe_refuses_runs_the_whole_pass(monkeypatch):
 
     monkeypatch.setattr(P.PrefixSplit, "attend", wrong)
     assert not P.supports_split(model)
+    assert P.split_for(model, ids, pos, mask) is None
+
+
+def test_a_pass_whose_attention_changed_midway_is_an_error(monkeypatch):
+    model, _ = make_tiny("llama", seed=9)
+    ids, pos, mask = _row()
+    split = P.split_for(model, ids, pos, mask)
+    assert split is not None
+    monkeypatch.setattr(P.PA, "applies", lambda m: False)  # e.g. another thread set eager
+    with pytest.raises(RuntimeError, match="attention implementation changed"):
+        with torch.no_grad():
+            split.logits(model)
+
+
+def test_length_dependent_rope_keeps_the_whole_pass():
+    model, _ = make_tiny("llama", seed=10)
+    ids, pos, mask = _row()
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
     assert P.split_for(model, ids, pos, mask) is None

@@ -52,11 +52,11 @@ class Capture:
     @contextmanager
     def paused(self):
         """Inside, the hooks let passes through untouched (a split pass's prompts, a probe)."""
-        self._paused = True
+        outer, self._paused = self._paused, True
         try:
             yield
         finally:
-            self._paused = False
+            self._paused = outer
 
     def __enter__(self):
         self._thread = ThreadOwned()

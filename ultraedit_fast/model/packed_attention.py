@@ -64,6 +64,12 @@ class Segments:
     def longest(self) -> int:
         return int(self.index.shape[1])
 
+    @property
+    def cheaper(self) -> bool:
+        """Whether the padded batch computes fewer scores than the pass's square (one
+        long request among short ones can make it more)."""
+        return self.index.numel() * self.longest <= self.n * self.n
+
     @classmethod
     def of(cls, position_ids: torch.Tensor) -> "Segments":
         """The requests of a ``[1, T]`` packed row: a new one wherever a position is not
@@ -120,6 +126,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         or query.shape[2] != seg.n
         or key.shape[2] != seg.n
         or (window is not None and seg.longest >= int(window))
+        or not seg.cheaper
     ):
         COUNTS["fallback"] += 1
         return _sdpa()(module, query, key, value, attention_mask, **kwargs)
@@ -154,13 +161,40 @@ def _configs(model):
     return out
 
 
+def _tree(model):
+    """The model's config and all its sub-configs, each once."""
+    out, todo = [], [getattr(model, "config", None)]
+    while todo:
+        cfg = todo.pop()
+        if cfg is None or any(cfg is c for c in out):
+            continue
+        out.append(cfg)
+        todo += [getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", None) or {}]
+    return out
+
+
+def _get(cfg):
+    return getattr(cfg, "_attn_implementation_internal", getattr(cfg, "_attn_implementation", None))
+
+
+def _set(cfg, value) -> None:
+    # transformers 5's ``_attn_implementation`` setter also writes every sub-config: each
+    # config is written alone, so that one whose attention is not sdpa keeps its own
+    if hasattr(cfg, "_attn_implementation_internal"):
+        cfg._attn_implementation_internal = value
+    else:
+        cfg._attn_implementation = value
+
+
 def _enter(configs) -> None:
+    """Every sdpa config of ``configs`` names this attention (counted per config)."""
     with _LOCK:
         for cfg in configs:
             slot = _INSIDE.setdefault(id(cfg), [0, None])
             if slot[0] == 0:
-                slot[1] = cfg._attn_implementation
-                cfg._attn_implementation = NAME
+                slot[1] = _get(cfg)
+                if slot[1] == "sdpa":
+                    _set(cfg, NAME)
             slot[0] += 1
 
 
@@ -170,7 +204,7 @@ def _leave(configs) -> None:
             slot = _INSIDE[id(cfg)]
             slot[0] -= 1
             if slot[0] == 0:
-                cfg._attn_implementation = slot[1]
+                _set(cfg, slot[1])
                 del _INSIDE[id(cfg)]
 
 
@@ -206,10 +240,11 @@ def packed_attention(
     _register()
     if callable(getattr(type(model), "get_base_model", None)):
         model = model.get_base_model()
-    configs = _configs(model)
-    outer = getattr(_LOCAL, "segments", None)
-    _LOCAL.segments = Segments.of(position_ids)
+    configs = _tree(model)
+    segments = Segments.of(position_ids)
     _enter(configs)
+    outer = getattr(_LOCAL, "segments", None)
+    _LOCAL.segments = segments
     try:
         yield
     finally:

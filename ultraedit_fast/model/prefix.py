@@ -66,6 +66,12 @@ class PrefixSplit:
         self.prefix = PA.Segments.of_lengths(torch.tensor(plen), dev)
         self.suffix = PA.Segments.of_lengths(torch.tensor(slen), dev)
         self.longest = max(p + s for p, s in zip(plen, slen))
+        whole = PA.Segments.of_lengths(torch.tensor(plen) + torch.tensor(slen), "cpu")
+        # padded per request, at most 4x the scores of the whole pass's square (one long
+        # request among many short ones can make it far more; the split saves the prompts'
+        # graph and backward, worth more than their attention)
+        self.cheaper = whole.index.numel() * whole.longest <= 4 * whole.n**2
+        self.calls = [0, 0]  # attention calls of the answers' pass, of the prompts' pass
         self._ids, self._pos, self._mask = input_ids, position_ids, mask
         self.kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._recording = False
@@ -89,6 +95,7 @@ class PrefixSplit:
         if window is not None and self.longest >= int(window):
             raise RuntimeError("split pass: a request is longer than the sliding window")
         kwargs.pop("is_causal", None)
+        self.calls[self._recording] += 1
         q, k, v = (PA.grouped(seg, x) for x in (query, key, value))
         if self._recording:  # the prompts: causal within each, keys and values kept
             self.kv[id(module)] = (k, v)
@@ -126,6 +133,7 @@ class PrefixSplit:
         split = _split(model)
         base = split[0] if split is not None else model
         self.kv.clear()
+        self.calls = [0, 0]
         try:
             if self.prefix.n:
                 ids, pos = (
@@ -140,9 +148,18 @@ class PrefixSplit:
                 self.rows(self._pos, self.suffix_index),
             )
             with self._active(False):
-                return answer_logits(model, ids, None, self.suffix_mask, pos)
+                logits = answer_logits(model, ids, None, self.suffix_mask, pos)
         finally:
             self.kv.clear()
+        # each pass went through every layer's attention here, or the answers would have
+        # run without their prompts (the model's attention changed since split_for)
+        if not self.calls[0] or (self.prefix.n and self.calls[1] != self.calls[0]):
+            raise RuntimeError(
+                f"split pass: the attention ran {self.calls[1]} times for the prompts and "
+                f"{self.calls[0]} for the answers; the model's attention implementation "
+                "changed during the pass"
+            )
+        return logits
 
 
 def split_for(model, input_ids, position_ids, mask) -> Optional[PrefixSplit]:
@@ -157,9 +174,20 @@ def split_for(model, input_ids, position_ids, mask) -> Optional[PrefixSplit]:
         split = PrefixSplit(input_ids, position_ids, mask)
     except ValueError:
         return None
-    if any(split.longest >= w for w in _windows(model)):
+    if any(split.longest >= w for w in _windows(model)) or not split.cheaper:
+        return None
+    if _rope_type(model) in ("dynamic", "longrope"):  # frequencies from the longest position
         return None
     return split
+
+
+def _rope_type(model):
+    cfg = getattr(model, "config", None)
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = getattr(cfg, name, None)
+        if isinstance(rope, dict):
+            return rope.get("rope_type", rope.get("type"))
+    return None
 
 
 _PROBE = ((6, 3), (4, 1), (5, 2))  # (tokens, first answer row) of the probe's requests
