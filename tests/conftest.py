@@ -134,6 +134,23 @@ def make_tiny(arch, seed=0, dtype=torch.float32):
     return model, modules
 
 
+def make_windowed_mistral(window, seed=0):
+    """A tiny two-layer Mistral whose attention has a sliding window of ``window`` tokens."""
+    import transformers as T
+
+    cfg = T.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=window,
+    )
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
 def clone_model(model):
     import copy
 

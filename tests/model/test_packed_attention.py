@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny
+from conftest import ARCHS, make_tiny, make_windowed_mistral
 from ultraedit_fast.model import packed_attention as PA
 from ultraedit_fast.model.forward import answer_logits, supports_packing
 
@@ -100,25 +100,8 @@ def test_logits_and_gradients_equal_the_masked_pass(dtype, tol):
         assert float((g - w).abs().max() / w.abs().max()) < tol
 
 
-def test_a_sliding_window_shorter_than_a_request_falls_back():
-    import transformers as T
-
-    from conftest import VOCAB
-
-    cfg = T.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=40,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=4,
-    )
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
-    if not PA.applies(model):
-        pytest.skip("this transformers gives Mistral another attention")
-    _, ids, pos = _packed(VOCAB, seed=7)
+def _falls_back(model, ids, pos):
+    """The pass inside the context takes the masked path alone and equals it exactly."""
     with torch.no_grad():
         masked = _hidden(model, ids, pos)
         PA.COUNTS.update(segments=0, fallback=0)
@@ -126,6 +109,14 @@ def test_a_sliding_window_shorter_than_a_request_falls_back():
             got = _hidden(model, ids, pos)
     assert PA.COUNTS["segments"] == 0 and PA.COUNTS["fallback"] > 0
     assert torch.equal(got, masked)
+
+
+def test_a_sliding_window_shorter_than_a_request_falls_back():
+    model = make_windowed_mistral(4)
+    if not PA.applies(model):
+        pytest.skip("this transformers gives Mistral another attention")
+    _, ids, pos = _packed(model.config.vocab_size, seed=7)
+    _falls_back(model, ids, pos)
 
 
 def test_other_threads_and_padded_batches_are_untouched():
@@ -203,10 +194,4 @@ def test_one_long_request_among_short_ones_keeps_the_masked_pass():
     lengths = (60,) + (1,) * 40  # 41 x 60^2 scores padded, against 100^2 for the square
     seqs, ids, pos = _packed(model.config.vocab_size, seed=14, lengths=lengths)
     assert not PA.Segments.of(pos).cheaper and PA.Segments.of(_packed(101)[2]).cheaper
-    with torch.no_grad():
-        masked = _hidden(model, ids, pos)
-        PA.COUNTS.update(segments=0, fallback=0)
-        with PA.packed_attention(model, pos):
-            got = _hidden(model, ids, pos)
-    assert PA.COUNTS["segments"] == 0 and PA.COUNTS["fallback"] > 0
-    assert torch.equal(got, masked)
+    _falls_back(model, ids, pos)

@@ -5,7 +5,15 @@ gradients, and the editor's turn the same update, on every family."""
 import pytest
 import torch
 
-from conftest import ARCHS, ToyTokenizer, VOCAB, clone_model, make_tiny, random_requests
+from conftest import (
+    ARCHS,
+    VOCAB,
+    ToyTokenizer,
+    clone_model,
+    make_tiny,
+    make_windowed_mistral,
+    random_requests,
+)
 from ultraedit_fast import UltraEditor
 from ultraedit_fast.model import prefix as P
 from ultraedit_fast.model.forward import answer_logits
@@ -97,18 +105,7 @@ def test_where_the_whole_pass_runs():
     eager = clone_model(model)
     eager.config._attn_implementation = "eager"
     assert P.split_for(eager, ids, pos, mask) is None
-    import transformers as T
-
-    cfg = T.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=40,
-        intermediate_size=72,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=10,
-    )
-    windowed = T.AutoModelForCausalLM.from_config(cfg).eval()
+    windowed = make_windowed_mistral(10)
     assert P.split_for(windowed, ids, pos, mask) is None  # a request of 12 tokens
     short = [(5, 1, 3), (6, 2, 4)]
     assert P.split_for(windowed, *_row(short)) is not None
