@@ -54,11 +54,14 @@ COUNTS: Dict[str, int] = {"segments": 0, "fallback": 0}
 @dataclass(frozen=True)
 class Segments:
     """Where the requests of a packed row of ``n`` tokens lie: ``index`` ``[S, L]`` (each
-    request's positions, right-padded with its first), ``valid`` ``[S, L]`` bool."""
+    request's positions, right-padded with its first), ``valid`` ``[S, L]`` bool, and
+    ``real`` ``[n]``: the flat positions of ``valid``'s true entries (found once, so that
+    no layer indexes with a boolean mask: a host sync on a GPU)."""
 
     n: int
     index: torch.Tensor
     valid: torch.Tensor
+    real: torch.Tensor
 
     @property
     def longest(self) -> int:
@@ -68,7 +71,7 @@ class Segments:
     def cheaper(self) -> bool:
         """Whether the padded batch computes fewer scores than the pass's square (one
         long request among short ones can make it more)."""
-        return self.index.numel() * self.longest <= self.n * self.n
+        return scores_padded(self.index.shape[0], self.longest) <= self.n * self.n
 
     @classmethod
     def of(cls, position_ids: torch.Tensor) -> "Segments":
@@ -90,7 +93,13 @@ class Segments:
         index = torch.where(
             valid, starts[:, None] + steps[None], starts.clamp(max=max(n - 1, 0))[:, None]
         )
-        return cls(n, index.to(device), valid.to(device))
+        real = torch.nonzero(valid.reshape(-1)).reshape(-1)
+        return cls(n, index.to(device), valid.to(device), real.to(device))
+
+
+def scores_padded(requests: int, longest: int) -> int:
+    """Attention scores of ``requests`` requests padded to ``longest`` tokens each."""
+    return requests * longest * longest
 
 
 def _sdpa():
@@ -109,7 +118,7 @@ def grouped(seg: Segments, x: torch.Tensor) -> torch.Tensor:
 def ungrouped(seg: Segments, out: torch.Tensor) -> torch.Tensor:
     """``[S, L, H, D]`` (an attention's output) -> ``[1, T, H, D]``: the real rows, in order."""
     s, L = seg.index.shape
-    return out.reshape(s * L, *out.shape[2:])[seg.valid.reshape(-1).to(out.device)].unsqueeze(0)
+    return out.reshape(s * L, *out.shape[2:]).index_select(0, seg.real.to(out.device))[None]
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):

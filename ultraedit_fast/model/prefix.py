@@ -66,15 +66,16 @@ class PrefixSplit:
         self.prefix = PA.Segments.of_lengths(torch.tensor(plen), dev)
         self.suffix = PA.Segments.of_lengths(torch.tensor(slen), dev)
         self.longest = max(p + s for p, s in zip(plen, slen))
-        whole = PA.Segments.of_lengths(torch.tensor(plen) + torch.tensor(slen), "cpu")
         # padded per request, at most 4x the scores of the whole pass's square (one long
         # request among many short ones can make it far more; the split saves the prompts'
         # graph and backward, worth more than their attention)
-        self.cheaper = whole.index.numel() * whole.longest <= 4 * whole.n**2
+        total = sum(plen) + sum(slen)
+        self.cheaper = PA.scores_padded(len(plen), self.longest) <= 4 * total * total
         self.calls = [0, 0]  # attention calls of the answers' pass, of the prompts' pass
         self._ids, self._pos, self._mask = input_ids, position_ids, mask
         self.kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._recording = False
+        self._mask_on: Optional[torch.Tensor] = None
 
     def rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, index.to(x.device))
@@ -105,13 +106,19 @@ class PrefixSplit:
             out, _ = PA._sdpa()(module, q, k, v, None, is_causal=True, **kwargs)
             return PA.ungrouped(seg, out), None
         pk, pv = self.kv[id(module)]
-        n_pre, n_suf = pk.shape[2], q.shape[2]
-        seen = self.prefix.valid.to(q.device)[:, None, None, :].expand(-1, 1, n_suf, n_pre)
-        causal = torch.ones(n_suf, n_suf, dtype=torch.bool, device=q.device).tril()
-        mask = torch.cat([seen, causal.expand(seen.shape[0], 1, n_suf, n_suf)], dim=-1)
         k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
-        out, _ = PA._sdpa()(module, q, k, v, mask, **kwargs)
+        out, _ = PA._sdpa()(module, q, k, v, self._answer_mask(q.device), **kwargs)
         return PA.ungrouped(seg, out), None
+
+    def _answer_mask(self, device) -> torch.Tensor:
+        """``[S, 1, answers, prompt + answers]`` bool: each request's answer rows see its
+        prompt's cached rows and, causally, its own (built once per pass and device)."""
+        if self._mask_on is None or self._mask_on.device != device:
+            n_pre, n_suf = self.prefix.longest, self.suffix.longest
+            seen = self.prefix.valid.to(device)[:, None, None, :].expand(-1, 1, n_suf, n_pre)
+            causal = torch.ones(n_suf, n_suf, dtype=torch.bool, device=device).tril()
+            self._mask_on = torch.cat([seen, causal.expand(len(seen), 1, n_suf, n_suf)], dim=-1)
+        return self._mask_on
 
     @contextmanager
     def _active(self, recording: bool):
