@@ -25,7 +25,8 @@ Configurations (``--configs``, see :func:`options`; each with ``null_space`` and
 ``whiten_values`` off and ``max_step_scale`` 64 unless it names them, so ``defaults`` is the
 defaults before these became a preset's, ``whiten+null0.01`` today's stream defaults and
 ``null0.01+max8+first64`` today's facts defaults): ``defaults`` (no option), ``paper``
-(``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``w<W>`` (``preserve_weight``),
+(``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``keep<W>``
+(``preserve_edits=W``: earlier turns' keys kept in every solve), ``w<W>`` (``preserve_weight``),
 ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (the step search's locality budget),
 ``max<S>`` (its largest scale; with ``first<S>``, on the editor's first turn), ``drift<X>`` (its budget of general text's next tokens
 changed per turn), ``null<X>`` (``null_space``: the updates projected onto the null space
@@ -91,7 +92,8 @@ KEYS = (
 
 def options(name):
     """The editor options of a configuration name: ``defaults``, or ``+``-joined parts
-    ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``w<W>`` (its weight),
+    ``paper`` (step="paper"), ``preserve<N>`` (preserve_general), ``keep<W>``
+    (preserve_edits), ``w<W>`` (its weight),
     ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (step="auto"'s locality budget),
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
     text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor),
@@ -105,7 +107,7 @@ def options(name):
         return out
     for part in name.split("+"):
         m = re.fullmatch(
-            r"(paper|unedited|anchor|whiten|answer|preheat|preserve|w|ridge|lb|max|first|drift|null)"
+            r"(paper|unedited|anchor|whiten|answer|preheat|preserve|keep|w|ridge|lb|max|first|drift|null)"
             r"([0-9.]*)",
             part,
         )
@@ -127,6 +129,8 @@ def options(name):
             continue
         elif key == "preserve":
             out["preserve_general"] = int(val)
+        elif key == "keep":
+            out["preserve_edits"] = float(val)
         elif key == "w":
             out["preserve_weight"] = float(val)
         elif key == "lb":

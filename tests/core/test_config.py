@@ -104,6 +104,7 @@ def test_every_option_with_a_flag_is_accepted_by_run():
         "ridge": "2",
         "preserve_general": "4",
         "preserve_weight": "2",
+        "preserve_edits": "0.5",
         "preserve_text": "x.txt",
         "null_space": "0.01",
         "drift_from": "unedited",

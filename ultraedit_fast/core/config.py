@@ -16,7 +16,6 @@ field here plus its use. The checks and flag parsers the fields name are in
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -48,6 +47,7 @@ from .options import (
     check_tokens_per_pass,
     check_undo,
     check_weight,
+    check_optional_weight,
     cli_fraction,
     cli_int_at_least,
     cli_modules,
@@ -314,6 +314,19 @@ class EditorConfig:
         "package's sample)",
         cli={"help": "stabiliser: UTF-8 file the preserved keys come from"},
     )
+    preserve_edits: Optional[float] = _option(
+        None,
+        check_optional_weight,
+        "stabiliser: keep earlier turns' edits: every turn's solve asks the edited modules to "
+        "leave the keys of all earlier turns alone, with this weight against its own edits "
+        "(their Gram, d_in x d_in per module, kept in the lifelong state; AlphaEdit's term "
+        "for past edits; ultraedit_fast.core.normalizer); None: the paper's solve",
+        load=FIXED,
+        cli={
+            "type": cli_positive_float,
+            "help": "stabiliser: weight of earlier turns' keys in every solve (default: off)",
+        },
+    )
     norm_anchor: bool = _option(
         False,
         check_bool,
@@ -429,13 +442,13 @@ class EditorConfig:
             if reference and not f.metadata["reference"]:
                 continue
             v = getattr(self, f.name)
-            if only_set and v == _default_of(f):
+            if only_set and v == default_of(f):
                 continue
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
 
-def _default_of(f) -> Any:
+def default_of(f) -> Any:
     if f.default is MISSING:  # pragma: no cover - every option has a default
         return None
     return f.metadata["check"](f.name, f.default)
@@ -449,16 +462,6 @@ def option_names(*, reference: bool = False, load: Optional[str] = None) -> Tupl
         if (not reference or f.metadata["reference"])
         and (load is None or f.metadata["load"] == load)
     )
-
-
-def options_doc(*, reference: bool = False) -> str:
-    """One line per option, for docstrings and help texts."""
-    lines = []
-    for f in fields(EditorConfig):
-        if reference and not f.metadata["reference"]:
-            continue
-        lines.append(f"    {f.name} (default {_default_of(f)!r}): {f.metadata['doc']}")
-    return "\n".join(lines)
 
 
 def check_overrides(overrides: Mapping[str, Any], what: str = "load") -> None:
@@ -476,21 +479,3 @@ def check_overrides(overrides: Mapping[str, Any], what: str = "load") -> None:
                 f"{what}() got an unexpected option {k!r}; options that may be "
                 f"overridden: {list(overridable)}"
             )
-
-
-# ----------------------------------------------------------------------------- signatures
-def editor_signature(*, reference: bool = False) -> inspect.Signature:
-    """``(self, model, tokenizer, config=None, *, <every option with its default>)``: what
-    ``help()`` and ``inspect.signature`` show for an editor's constructor."""
-    P = inspect.Parameter
-    params = [
-        P("self", P.POSITIONAL_OR_KEYWORD),
-        P("model", P.POSITIONAL_OR_KEYWORD),
-        P("tokenizer", P.POSITIONAL_OR_KEYWORD),
-        P("config", P.POSITIONAL_OR_KEYWORD, default=None, annotation="Optional[EditorConfig]"),
-    ]
-    for f in fields(EditorConfig):
-        if reference and not f.metadata["reference"]:
-            continue
-        params.append(P(f.name, P.KEYWORD_ONLY, default=_default_of(f), annotation=f.type))
-    return inspect.Signature(params)

@@ -11,7 +11,7 @@ references to older states for free.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -25,6 +25,10 @@ class NormalizerState:
     ``mean``, ``acc``, ``std``: ``d_in + d_out`` fp32 on the module's device; ``n``: rows seen.
     ``scatter`` (``whiten_values`` only): the ``d_out x d_out`` scatter matrix of the ``g``
     part about its running mean (:mod:`ultraedit_fast.core.whiten`); ``None`` otherwise.
+    ``grams`` (``preserve_edits`` only): per edited module sharing the state, the ``d_in x
+    d_in`` fp32 Gram ``sum k^T k`` of the keys of every turn so far (see
+    :meth:`with_grams`); ``None`` otherwise. A state is never changed in place: its tensors
+    are shared by the states made from it.
     """
 
     d_in: int
@@ -34,6 +38,7 @@ class NormalizerState:
     acc: torch.Tensor
     std: torch.Tensor
     scatter: Optional[torch.Tensor] = None
+    grams: Optional[Dict[str, torch.Tensor]] = None
 
     @classmethod
     def zeros(cls, d_in: int, d_out: int, device, scatter: bool = False) -> "NormalizerState":
@@ -43,8 +48,16 @@ class NormalizerState:
 
     def clone(self) -> "NormalizerState":
         s = None if self.scatter is None else self.scatter.clone()
+        g = None if self.grams is None else dict(self.grams)  # (never changed in place)
         return NormalizerState(
-            self.d_in, self.d_out, self.n, self.mean.clone(), self.acc.clone(), self.std.clone(), s
+            self.d_in,
+            self.d_out,
+            self.n,
+            self.mean.clone(),
+            self.acc.clone(),
+            self.std.clone(),
+            s,
+            g,
         )
 
     def merged(
@@ -58,3 +71,20 @@ class NormalizerState:
         if self.scatter is not None:
             out.scatter = scatter_merged(self.scatter, self.n, self.mean[self.d_in :], gs)
         return out
+
+    def with_grams(self, keys: Mapping[str, Sequence[torch.Tensor]]) -> "NormalizerState":
+        """``preserve_edits``: this state (a new one, made by :meth:`merged`) with each
+        module's Gram grown by its turn's key blocks ``keys[name]`` (new tensors; modules
+        given the same key blocks, which share their input, share one Gram)."""
+        grams = dict(self.grams or {})
+        done: Dict[tuple, torch.Tensor] = {}
+        for name, blocks in keys.items():
+            same = tuple(id(b) for b in blocks)
+            if same not in done:
+                g = grams.get(name)
+                k = torch.cat([b.to(torch.float32) for b in blocks])
+                g = k.t() @ k if g is None else torch.addmm(g.to(k.device), k.t(), k)
+                done[same] = g
+            grams[name] = done[same]
+        self.grams = grams
+        return self

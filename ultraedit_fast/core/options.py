@@ -185,6 +185,10 @@ def check_weight(name: str, v):
     return check_positive_float(name, v)
 
 
+def check_optional_weight(name: str, v):
+    return None if v is None else check_positive_float(name, v)
+
+
 def check_text_path(name: str, v):
     """``None`` (the package's general-text sample) or the path of a text file (read, and
     checked, when the editor is built)."""

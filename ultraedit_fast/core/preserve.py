@@ -174,6 +174,7 @@ def stabiliser_inputs(tokenizer, config, targets) -> Dict[str, object]:
         ("null_space", config.null_space is not None),
         ("norm_anchor", config.norm_anchor),
         ("whiten_values", config.whiten_values),
+        ("preserve_edits", config.preserve_edits is not None),
     ):
         for t in targets:
             if on and t.tp is not None:

@@ -52,7 +52,12 @@ class ShiftSolver:
 
     ``project``: ``K -> K P`` (``null_space``, :mod:`ultraedit_fast.core.nullspace`): the
     system is solved with the projected keys, so every update's rows lie in the range of
-    ``P``; ``k`` stays the keys as captured (the shift values are computed from them)."""
+    ``P``; ``k`` stays the keys as captured (the shift values are computed from them).
+
+    ``extra``: a ``d_in x d_in`` Gram ``G = K_p^T K_p`` of keys whose outputs should stay
+    as they are (``preserve_edits``: earlier turns' keys, weighted), as if ``K_p`` had
+    joined ``k`` with values zero: ``Delta = (K^T K + G + r I)^-1 K^T V``, always in the
+    primal form (projected as ``P G P``)."""
 
     def __init__(
         self,
@@ -60,16 +65,23 @@ class ShiftSolver:
         reduce: Optional[Callable] = None,
         ridge: float = 1.0,
         project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        extra: Optional[torch.Tensor] = None,
     ):
+        if extra is not None and reduce is not None:
+            raise ValueError("extra: a preserved Gram needs the primal system (unsharded keys)")
         self.k = k
         self.reduce = reduce
         self.ridge = ridge
         self.project = project
+        self.extra = extra
         self.kp = k if project is None else project(k)
         n, d_in = k.shape
-        self.dual = n <= d_in or reduce is not None
+        self.dual = (n <= d_in or reduce is not None) and extra is None
         kp = self.kp
         gram = kp @ kp.t() if self.dual else kp.t() @ kp
+        if extra is not None:
+            g = extra.to(gram.device, gram.dtype)
+            gram += g if project is None else project(project(g).t())
         if reduce is not None:
             reduce(gram)
         self.factor = _cholesky_plus_identity(gram, ridge)

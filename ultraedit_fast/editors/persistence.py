@@ -282,6 +282,7 @@ class LifelongState:
                 "normaliser states were written with it "
                 f"{'off' if whiten else 'on'} (their scatter matrices)"
             )
+        _check_grams(saved.manifest_path, self._setup.config.preserve_edits, normalizers, self)
         undo = None if self._undo is None else saved.undo(self.targets, shapes, devices)
         with self._lock, self._weights_lock.writing():
             self._setup = setup
@@ -310,3 +311,18 @@ class LifelongState:
         ``{"rank", "relative_error", "bytes", "files"}`` (per-module ranks and errors)."""
         with self._weights_lock.reading():
             return _export_lora(self, path, rank, base)
+
+
+def _check_grams(path, preserve_edits, normalizers, editor) -> None:
+    """``preserve_edits``: every loaded state keeps the Gram of each of its modules when
+    the option is on, none when it is off."""
+    for t in editor.targets:
+        state = normalizers.get(editor.normalizer_key(t))
+        if state is None:
+            continue
+        has = state.grams is not None and t.name in state.grams
+        if has != (preserve_edits is not None):
+            raise ValueError(
+                f"{path}: preserve_edits is {preserve_edits} but the checkpoint's normaliser "
+                f"state for module {t.name!r} {'has' if has else 'lacks'} its keys' Gram"
+            )

@@ -18,7 +18,8 @@ from typing_extensions import Unpack
 import torch
 import torch.nn.functional as F
 
-from ..core.config import EditorConfig, EditorOptions, editor_signature, options_doc
+from ..core.config import EditorConfig, EditorOptions
+from ..core.signature import editor_signature, options_doc
 from ..utils.environment import PeakMemory
 from ..model.forward import input_device, preserved_model_state
 from ..kernels.formulas import EPS, normalizer_merge, shift_values  # noqa: F401

@@ -170,6 +170,8 @@ class Turn:
                     ks.append(cap.keys[t.name][b].to(home, non_blocking=True))
                     gs.append(cap.grads[t.name][b].to(home, non_blocking=True))
             new_states[key] = state.merged(ks, gs, self.backend(home).normalizer_update_)
+            if self.config.preserve_edits is not None:  # the keys of every turn so far
+                new_states[key].with_grams({t.name: cap.keys[t.name] for t in members})
         self.lap("statistics")
         return new_states
 
@@ -190,6 +192,7 @@ class Turn:
                         reduce=t.tp.all_reduce_ if row else None,
                         ridge=self.config.ridge,
                         project=self._projection(t),
+                        extra=self._earlier_edits(t),
                     )
                 except SolveError as e:
                     raise EditRefused(
@@ -215,6 +218,17 @@ class Turn:
         if n and "norm_anchor" not in self.stabilisers:
             self.stabilisers.append("norm_anchor")
         return v
+
+    def _earlier_edits(self, t: EditTarget) -> Optional[torch.Tensor]:
+        """``preserve_edits``: the weighted Gram of the keys of ``t``'s earlier turns, from
+        the pre-turn state (``None``: the paper's solve, or no turn yet)."""
+        w = self.config.preserve_edits
+        grams = self.state(t).grams if w is not None else None
+        if not grams or t.name not in grams:
+            return None
+        if "preserve_edits" not in self.stabilisers:
+            self.stabilisers.append("preserve_edits")
+        return grams[t.name] * w
 
     def _projection(self, t: EditTarget):
         """``null_space``: the projection of ``t``'s keys (``None``: the paper's solve)."""
@@ -351,7 +365,11 @@ class Turn:
                 kl = loc_keys[t.name].to(solver.k.device, torch.float32)
                 try:
                     solvers[shared] = ShiftSolver(
-                        torch.cat([solver.k, kl]), solver.reduce, solver.ridge, solver.project
+                        torch.cat([solver.k, kl]),
+                        solver.reduce,
+                        solver.ridge,
+                        solver.project,
+                        solver.extra,
                     )
                 except SolveError as e:
                     raise EditRefused(
@@ -442,25 +460,6 @@ class Turn:
                 "(overflow of their dtype: lr too large); the model and the editor state are "
                 "unchanged"
             )
-
-
-def tensor_parallel_of(targets):
-    """The tensor-parallel group the edited modules are sharded over (``None``: not
-    sharded); ``ValueError`` when they are not all over one group of ranks."""
-    groups = {(t.tp.world, id(t.tp.group)) for t in targets if t.tp is not None}
-    if len(groups) > 1:
-        raise ValueError(
-            "modules: the edited modules are sharded over different groups of "
-            "ranks; the editor supports one tensor-parallel group"
-        )
-    if any(t.tp is None for t in targets) and groups:
-        plain = [t.name for t in targets if t.tp is None]
-        raise ValueError(
-            f"modules: {plain} are plain tensors while the others are sharded "
-            "DTensors; edit the modules of one layout"
-        )
-    tp = next((t.tp for t in targets if t.tp is not None), None)
-    return tp if tp is not None and tp.world > 1 else None
 
 
 def sync(device) -> None:

@@ -41,9 +41,8 @@ from ..core.config import (
     EditorConfig,
     EditorOptions,
     check_overrides,
-    editor_signature,
-    options_doc,
 )
+from ..core.signature import editor_signature, options_doc
 from ..core.hparams import to_options
 from ..core.normalizer import NormalizerState
 from ..core.presets import choose_regime, regime_is_open, resolve_config
@@ -58,7 +57,8 @@ from ..storage.export import weight_sha256
 from ..utils.environment import PeakMemory
 from .persistence import LifelongState
 from ..core.preserve import stabiliser_inputs
-from .turn import EditRefused, Setup, Turn, tensor_parallel_of
+from ..parallel.distributed import tensor_parallel_of
+from .turn import EditRefused, Setup, Turn
 
 __all__ = ["UltraEditor", "EditRefused", "SharedModelWarning", "fast_edit"]
 

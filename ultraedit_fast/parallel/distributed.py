@@ -168,3 +168,22 @@ def launched_ranks() -> "tuple[int, int]":
             "torchrun sets them), got "
             f"{os.environ.get('RANK')!r} / {os.environ.get('WORLD_SIZE')!r}"
         ) from None
+
+
+def tensor_parallel_of(targets):
+    """The tensor-parallel group the edited modules are sharded over (``None``: not
+    sharded); ``ValueError`` when they are not all over one group of ranks."""
+    groups = {(t.tp.world, id(t.tp.group)) for t in targets if t.tp is not None}
+    if len(groups) > 1:
+        raise ValueError(
+            "modules: the edited modules are sharded over different groups of "
+            "ranks; the editor supports one tensor-parallel group"
+        )
+    if any(t.tp is None for t in targets) and groups:
+        plain = [t.name for t in targets if t.tp is None]
+        raise ValueError(
+            f"modules: {plain} are plain tensors while the others are sharded "
+            "DTensors; edit the modules of one layout"
+        )
+    tp = next((t.tp for t in targets if t.tp is not None), None)
+    return tp if tp is not None and tp.world > 1 else None

@@ -160,11 +160,15 @@ def _pack_tensors(
             if state.scatter is not None:  # whiten_values
                 meta["scatter"] = True
                 parts.append("scatter")
+            if state.grams is not None:  # preserve_edits (a shared Gram is written twice)
+                meta["grams"] = sorted(state.grams)
             states_meta.append(meta)
             for part in parts:
                 tensors[f"state.{j}.{part}"] = (
                     getattr(state, part).detach().to("cpu", torch.float32).contiguous()
                 )
+            for name, g in (state.grams or {}).items():
+                tensors[f"state.{j}.gram.{name}"] = g.detach().to("cpu", torch.float32, copy=True)
         return j
 
     entries = [{"key": encode_key(k), "state": put_state(s)} for k, s in normalizers.items()]
@@ -383,7 +387,17 @@ class Checkpoint:
             if m.get("scatter"):  # whiten_values
                 s = self._tensor(f"state.{j}.scatter", (d_out, d_out))
                 parts.append(s.to(devices[key], copy=True))
-            self._pool[j] = NormalizerState(d_in, d_out, n, *parts)
+            else:
+                parts.append(None)
+            grams = m.get("grams")
+            if grams is not None:  # preserve_edits
+                if not isinstance(grams, list) or not all(isinstance(g, str) for g in grams):
+                    raise bad(self.manifest_path, f"state {j}: field 'grams': expected names")
+                grams = {
+                    g: self._tensor(f"state.{j}.gram.{g}", (d_in, d_in)).to(devices[key], copy=True)
+                    for g in grams
+                }
+            self._pool[j] = NormalizerState(d_in, d_out, n, *parts, grams)
         return self._pool[j]
 
     def _states(self, entries, shapes, devices) -> Dict[object, NormalizerState]:

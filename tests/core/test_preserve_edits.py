@@ -1,0 +1,136 @@
+"""``preserve_edits``: every turn's solve asks the edited modules to leave the keys of the
+earlier turns alone; their Gram is lifelong state (saved, loaded, rolled back)."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny, random_requests
+from ultraedit_fast import UltraEditor
+from ultraedit_fast.core.solve import ShiftSolver
+
+
+def _delta(solver, v):
+    a, kk = solver.factors(v)
+    return (a.t() @ kk).t().double()  # d_in x d_out
+
+
+def _grams(editor):
+    """Every edited module's Gram, over the editor's normaliser states."""
+    out = {}
+    for s in editor.normalizers.values():
+        out.update(s.grams)
+    return out
+
+
+@pytest.mark.parametrize("n, m, d", [(5, 9, 13), (21, 4, 11)])
+def test_a_preserved_gram_is_the_keys_as_rows_of_value_zero(n, m, d):
+    """``extra=w G`` with ``G = K_p^T K_p`` solves the system with ``sqrt(w) K_p`` joined
+    to the keys and values zero, whichever side (dual, primal) the plain solve takes, and
+    with a projection too."""
+    g = torch.Generator().manual_seed(n * m)
+    k = torch.randn(n, d, generator=g, dtype=torch.float64).float()
+    kp = torch.randn(m, d, generator=g, dtype=torch.float64).float()
+    v = torch.randn(n, 3, generator=g, dtype=torch.float64).float()
+    w = 2.5
+    q, _ = torch.linalg.qr(torch.randn(d, d // 2, generator=g, dtype=torch.float64))
+    proj = (torch.eye(d, dtype=torch.float64) - q @ q.t()).float()
+    for project in (None, lambda x: x @ proj):
+        got = _delta(ShiftSolver(k, project=project, extra=w * kp.t() @ kp), v)
+        rows = torch.cat([k, w**0.5 * kp])
+        zeros = torch.cat([v, v.new_zeros(m, 3)])
+        want = _delta(ShiftSolver(rows, project=project), zeros)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        plain = _delta(ShiftSolver(k, project=project), v)
+        assert (got - plain).abs().max() > 1e-3  # the Gram changed the solve
+
+
+def test_a_preserved_gram_needs_unsharded_keys():
+    k = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="primal"):
+        ShiftSolver(k, reduce=lambda t: t, extra=torch.eye(6))
+
+
+def test_later_turns_leave_earlier_keys_alone(toy_tokenizer):
+    """Turn 1 is the paper's (nothing earlier); with a heavy weight (against the ridge of
+    1: the tiny model's keys are small), turn 2's update moves the modules' outputs at turn
+    1's keys by a hundredth of what it does without the option; the Gram grows by turn 2's
+    ``K^T K``."""
+    model, modules = make_tiny("llama")
+    first, second = random_requests(6, seed=1), random_requests(6, seed=2)
+
+    def run(**kw):
+        m = copy.deepcopy(model)
+        ed = UltraEditor(m, toy_tokenizer, modules=modules, lr=0.5, step="paper", **kw)
+        r1 = ed.edit(first)
+        w1 = {n: m.get_submodule(n).weight.detach().clone() for n in modules}
+        r2 = ed.edit(second)
+        dw = {n: m.get_submodule(n).weight.detach() - w1[n] for n in modules}
+        return ed, r1, r2, dw
+
+    plain_ed, _, _, plain = run()
+    ed, r1, r2, kept = run(preserve_edits=1e6)
+    assert r1.stabilisers == [] and r2.stabilisers == ["preserve_edits"]
+    assert all(s.grams is None for s in plain_ed.normalizers.values())
+    one = UltraEditor(
+        copy.deepcopy(model),
+        toy_tokenizer,
+        modules=modules,
+        lr=0.5,
+        step="paper",
+        preserve_edits=1e6,
+    )
+    one.edit(first)
+    g1, g2 = _grams(one), _grams(ed)
+    for n in modules:
+        # after two turns the Gram grew by turn 2's K^T K: symmetric, positive semidefinite
+        grown = (g2[n] - g1[n]).double()
+        assert torch.allclose(grown, grown.t(), atol=1e-4)
+        assert torch.linalg.eigvalsh(grown).min() > -1e-3 * grown.abs().max()
+        assert grown.abs().max() > 0
+        # |K1 dW^T|_F^2 = tr(dW G1 dW^T): turn 2's update at turn 1's keys
+        hit_plain = float(torch.trace(plain[n] @ g1[n] @ plain[n].t()))
+        hit_kept = float(torch.trace(kept[n] @ g1[n] @ kept[n].t()))
+        assert hit_kept < 0.01 * hit_plain, (n, hit_kept, hit_plain)
+
+
+def test_the_gram_is_saved_loaded_and_rolled_back(toy_tokenizer, tmp_path):
+    model, modules = make_tiny("llama")
+    ed = UltraEditor(
+        model,
+        toy_tokenizer,
+        modules=modules,
+        lr=0.5,
+        step="paper",
+        preserve_edits=1.0,
+        undo=True,
+    )
+    ed.edit(random_requests(5, seed=3))
+    after1 = _grams(ed)
+    assert set(after1) == set(modules)
+    ed.edit(random_requests(5, seed=4))
+    ed.save(tmp_path / "ck")
+    loaded = UltraEditor.load(tmp_path / "ck", copy.deepcopy(model), toy_tokenizer)
+    for key, s in ed.normalizers.items():
+        got = loaded.normalizers[key].grams
+        assert set(got) == set(s.grams)
+        assert all(torch.equal(got[n], s.grams[n]) for n in s.grams)
+    assert any(not torch.equal(_grams(ed)[n], after1[n]) for n in modules)
+    ed.rollback(1)
+    assert all(torch.equal(_grams(ed)[n], g) for n, g in after1.items())
+
+
+def test_a_tensor_parallel_module_is_refused_with_preserve_edits(toy_tokenizer):
+    from ultraedit_fast.core.preserve import stabiliser_inputs
+    from ultraedit_fast.core.config import EditorConfig
+
+    class Target:
+        name, tp = "model.layers.0.mlp.down_proj", object()
+
+    with pytest.raises(ValueError, match="preserve_edits: module 'model.layers.0.mlp.down_proj'"):
+        stabiliser_inputs(
+            toy_tokenizer,
+            EditorConfig(preserve_edits=1.0, null_space=None, whiten_values=False),
+            [Target()],
+        )
