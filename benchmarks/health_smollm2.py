@@ -21,8 +21,8 @@ edited records' locality prompts keep their unedited greedy answer), and the hea
 ratio and next-token agreement on held-out general text (``../shared/data/general``, the
 Lee news corpus; the preserved keys come from the package's own sample, a different text).
 
-Configurations (``--configs``, see :func:`options`; each with ``null_space`` and
-``whiten_values`` off and ``max_step_scale`` 64 unless it names them, so ``defaults`` is the
+Configurations (``--configs``, see :func:`options`; each with ``null_space``,
+``whiten_values`` and ``preserve_edits`` off and ``max_step_scale`` 64 unless it names them, so ``defaults`` is the
 defaults before these became a preset's, ``whiten+null0.01`` today's stream defaults and
 ``null0.01+max8+first64`` today's facts defaults): ``defaults`` (no option), ``paper``
 (``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``keep<W>``
@@ -98,11 +98,16 @@ def options(name):
     ``max<S>`` (step="auto"'s largest scale), ``drift<X>`` (its drift budget on general
     text), ``null<X>`` (null_space), ``unedited`` (drift_from), ``anchor`` (norm_anchor),
     ``whiten`` (whiten_values), ``answer`` (locality_check); ``preheat<N>`` is not an option (:func:`preheat_of`).
-    Every configuration has ``null_space`` and ``whiten_values`` off and ``max_step_scale``
-    64 unless a part sets them: the names are options on top of the defaults as they were
+    Every configuration has ``null_space``, ``whiten_values`` and ``preserve_edits`` off and
+    ``max_step_scale`` 64 unless a part sets them: the names are options on top of the defaults as they were
     before these became a preset's (``whiten+null0.01`` is today's stream defaults,
     ``null0.01+max8+first64`` today's facts defaults)."""
-    out = {"null_space": None, "max_step_scale": 64.0, "whiten_values": False}
+    out = {
+        "null_space": None,
+        "max_step_scale": 64.0,
+        "whiten_values": False,
+        "preserve_edits": None,
+    }
     if name == "defaults":
         return out
     for part in name.split("+"):

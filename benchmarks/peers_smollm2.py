@@ -78,7 +78,12 @@ def run_method(name, model0, tok, examples, base, turns, per_turn):
     t0 = time.perf_counter()
     if name.startswith("ultraedit"):
         # ultraedit-paper: the published algorithm (no stabiliser of the presets)
-        paper = {"step": "paper", "null_space": None, "whiten_values": False}
+        paper = {
+            "step": "paper",
+            "null_space": None,
+            "whiten_values": False,
+            "preserve_edits": None,
+        }
         opts = paper if name == "ultraedit-paper" else {}
         res = run_lifelong(model, tok, reqs, **kw, **opts)
     else:

@@ -96,7 +96,8 @@ def test_fast_matches_reference_on_the_real_model(fresh_smollm2):
 
 def test_the_presets_stabilisers_on_the_real_model(smollm2):
     """What SmolLM2's presets resolve to with no option: the null space in both regimes,
-    the step search capped at 8x in the facts regime after a first turn's 64x, whitening in the stream regime
+    the step search capped at 8x in the facts regime after a first turn's 64x and earlier
+    turns' keys kept there (weight 0.1), whitening in the stream regime
     (benchmarks/health_smollm2.py)."""
     from ultraedit_fast.core.config import EditorConfig
     from ultraedit_fast.core.presets import resolve_config
@@ -105,9 +106,11 @@ def test_the_presets_stabilisers_on_the_real_model(smollm2):
     facts, preset = resolve_config(model, EditorConfig(), "facts")
     assert preset == "SmolLM2-135M-Instruct (facts)" and facts.step == "auto"
     assert (facts.null_space, facts.max_step_scale, facts.first_step_scale) == (0.01, 8.0, 64.0)
+    assert facts.preserve_edits == 0.1
     stream, preset = resolve_config(model, EditorConfig(), "stream")
     assert preset == "SmolLM2-135M-Instruct" and stream.step == "paper"
-    assert (stream.null_space, stream.whiten_values) == (0.01, True)
+    assert (stream.null_space, stream.whiten_values, stream.preserve_edits) == (0.01, True, None)
     assert facts.whiten_values is False
     given = resolve_config(model, EditorConfig(lr=1e-4), "facts")[0]
     assert (given.null_space, given.max_step_scale, given.whiten_values) == (None, 64.0, False)
+    assert given.preserve_edits is None

@@ -167,6 +167,23 @@ def test_max_step_scale_left_open_is_the_presets_choice(monkeypatch):
         EditorConfig(max_step_scale=0.5)
 
 
+def test_preserve_edits_auto_is_the_presets_choice(monkeypatch):
+    from ultraedit_fast.core import presets
+
+    model, _ = make_tiny("llama")
+    monkeypatch.setattr(presets, "PRESERVE_EDITS", {("generic:llama", "facts"): 2.0})
+    assert EditorConfig().preserve_edits == "auto"
+    assert resolve_config(model, EditorConfig(), "facts")[0].preserve_edits == 2.0
+    assert resolve_config(model, EditorConfig(), "stream")[0].preserve_edits is None
+    assert resolve_config(model, EditorConfig(lr=1e-3), "facts")[0].preserve_edits is None
+    assert EditorConfig(preserve_edits="off").preserve_edits is None
+    given = EditorConfig(preserve_edits=0.5)
+    assert resolve_config(model, given, "stream")[0].preserve_edits == 0.5
+    for bad in ("sometimes", 0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="preserve_edits: expected 'auto', 'off'"):
+            EditorConfig(preserve_edits=bad)
+
+
 def test_whiten_values_auto_is_the_presets_choice(monkeypatch):
     from ultraedit_fast.core import presets
 

@@ -47,7 +47,8 @@ from .options import (
     check_tokens_per_pass,
     check_undo,
     check_weight,
-    check_optional_weight,
+    check_auto_weight,
+    cli_auto_weight,
     cli_fraction,
     cli_int_at_least,
     cli_modules,
@@ -314,17 +315,20 @@ class EditorConfig:
         "package's sample)",
         cli={"help": "stabiliser: UTF-8 file the preserved keys come from"},
     )
-    preserve_edits: Optional[float] = _option(
-        None,
-        check_optional_weight,
+    preserve_edits: Union[float, str, None] = _option(
+        "auto",
+        check_auto_weight,
         "stabiliser: keep earlier turns' edits: every turn's solve asks the edited modules to "
         "leave the keys of all earlier turns alone, with this weight against its own edits "
         "(their Gram, d_in x d_in per module, kept in the lifelong state; AlphaEdit's term "
-        "for past edits; ultraedit_fast.core.normalizer); None: the paper's solve",
+        "for past edits; ultraedit_fast.core.normalizer); None or 'off': the paper's solve; "
+        "'auto': the preset's choice (ultraedit_fast.core.presets.PRESERVE_EDITS), off "
+        "whenever lr is given",
         load=FIXED,
         cli={
-            "type": cli_positive_float,
-            "help": "stabiliser: weight of earlier turns' keys in every solve (default: off)",
+            "type": cli_auto_weight,
+            "help": "stabiliser: weight of earlier turns' keys in every solve, 'off', or "
+            "'auto' (default: the preset's choice)",
         },
     )
     norm_anchor: bool = _option(

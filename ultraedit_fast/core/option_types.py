@@ -33,7 +33,7 @@ class EditorOptions(TypedDict, total=False):
     preserve_general: int
     preserve_weight: float
     preserve_text: Optional[str]
-    preserve_edits: Optional[float]
+    preserve_edits: Union[float, str, None]
     norm_anchor: bool
     whiten_values: Union[bool, str]
     null_space: Union[float, str, None]

@@ -185,8 +185,26 @@ def check_weight(name: str, v):
     return check_positive_float(name, v)
 
 
-def check_optional_weight(name: str, v):
-    return None if v is None else check_positive_float(name, v)
+def check_auto_weight(name: str, v):
+    """``"auto"`` (the preset's choice), ``None`` or ``"off"``, or a positive weight."""
+    if isinstance(v, str) and v.lower() in ("auto", "off"):
+        return "auto" if v.lower() == "auto" else None
+    if v is None:
+        return None
+    try:
+        return check_positive_float(name, v)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}: expected 'auto', 'off' (or None), or a positive number, got {v!r}"
+        ) from None
+
+
+def cli_auto_weight(text: str):
+    """``auto``, ``off``, or a positive number (kept as given: the option's check maps
+    ``off`` to ``None``)."""
+    if text.lower() in ("auto", "off"):
+        return text.lower()
+    return cli_positive_float(text)
 
 
 def check_text_path(name: str, v):

@@ -69,7 +69,11 @@ class ReferenceEditor:
         cfg = EditorConfig.build(config, overrides, owner="ReferenceEditor", reference=True)
         resolved = resolve_edit_config(model, cfg.modules, cfg.lr)
         self.config = cfg.replace(
-            modules=tuple(resolved.modules), lr=resolved.lr, null_space=None, whiten_values=False
+            modules=tuple(resolved.modules),
+            lr=resolved.lr,
+            null_space=None,
+            whiten_values=False,
+            preserve_edits=None,
         )
         self.model = model
         self.tokenizer = tokenizer
