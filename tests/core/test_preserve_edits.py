@@ -121,6 +121,32 @@ def test_the_gram_is_saved_loaded_and_rolled_back(toy_tokenizer, tmp_path):
     assert all(torch.equal(_grams(ed)[n], g) for n, g in after1.items())
 
 
+def test_a_preheat_is_no_edit_to_keep(toy_tokenizer, tmp_path):
+    """The preheat's keys shape the statistics only: no Gram until the first turn, and a
+    checkpoint saved in between loads."""
+    model, modules = make_tiny("llama")
+    ed = UltraEditor(
+        model, toy_tokenizer, modules=modules, lr=0.5, step="paper", preserve_edits=1.0
+    )
+    ed.preheat(random_requests(6, seed=7))
+    assert ed.normalizers and all(s.grams is None for s in ed.normalizers.values())
+    ed.save(tmp_path / "pre")
+    again = UltraEditor.load(tmp_path / "pre", copy.deepcopy(model), toy_tokenizer)
+    assert again.edit(random_requests(4, seed=8)).stabilisers == []  # nothing earlier to keep
+    assert set(_grams(again)) == set(modules)
+
+
+def test_a_checkpoint_whose_grams_do_not_match_the_option_is_refused(toy_tokenizer, tmp_path):
+    model, modules = make_tiny("llama")
+    ed = UltraEditor(model, toy_tokenizer, modules=modules, lr=0.5, step="paper")
+    ed.edit(random_requests(4, seed=9))
+    for s in ed.normalizers.values():  # as a hand-edited checkpoint would have them
+        s.grams = {n: torch.eye(s.d_in) for n in modules}
+    ed.save(tmp_path / "ck")
+    with pytest.raises(ValueError, match="preserve_edits is None but .* has its keys' Gram"):
+        UltraEditor.load(tmp_path / "ck", copy.deepcopy(model), toy_tokenizer)
+
+
 def test_a_tensor_parallel_module_is_refused_with_preserve_edits(toy_tokenizer):
     from ultraedit_fast.core.preserve import stabiliser_inputs
     from ultraedit_fast.core.config import EditorConfig

@@ -141,24 +141,34 @@ def check_optional_fraction(name: str, v):
     return None if v is None else check_fraction(name, v)
 
 
-def check_null_space(name: str, v):
-    """``"auto"`` (the preset's choice), ``None`` or ``"off"``, or a share in [0, 1]."""
+def _auto_off_or(name: str, v, check, what: str, errors=(ValueError,)):
+    """``"auto"`` (the preset's choice), ``None`` or ``"off"`` (``None``), or what
+    ``check`` accepts; its ``errors`` become one ``ValueError`` naming all three."""
     if isinstance(v, str) and v.lower() in ("auto", "off"):
         return "auto" if v.lower() == "auto" else None
+    if v is None:
+        return None
     try:
-        return check_optional_fraction(name, v)
-    except ValueError:
+        return check(name, v)
+    except errors:
         raise ValueError(
-            f"{name}: expected 'auto', 'off' (or None), or a number in [0, 1], got {v!r}"
+            f"{name}: expected 'auto', 'off' (or None), or {what}, got {v!r}"
         ) from None
 
 
-def cli_null_space(text: str):
-    """``auto``, ``off``, or a share in [0, 1] (kept as given: the option's check maps
-    ``off`` to ``None``)."""
-    if text.lower() in ("auto", "off"):
-        return text.lower()
-    return cli_fraction(text)
+def _cli_auto_off_or(parse):
+    """``auto``, ``off`` (kept as given: the option's check maps ``off`` to ``None``), or
+    what ``parse`` accepts."""
+
+    def cli(text: str):
+        return text.lower() if text.lower() in ("auto", "off") else parse(text)
+
+    return cli
+
+
+def check_null_space(name: str, v):
+    """``"auto"``, ``None`` or ``"off"``, or a share in [0, 1]."""
+    return _auto_off_or(name, v, check_fraction, "a number in [0, 1]")
 
 
 def check_auto_bool(name: str, v):
@@ -186,25 +196,10 @@ def check_weight(name: str, v):
 
 
 def check_auto_weight(name: str, v):
-    """``"auto"`` (the preset's choice), ``None`` or ``"off"``, or a positive weight."""
-    if isinstance(v, str) and v.lower() in ("auto", "off"):
-        return "auto" if v.lower() == "auto" else None
-    if v is None:
-        return None
-    try:
-        return check_positive_float(name, v)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name}: expected 'auto', 'off' (or None), or a positive number, got {v!r}"
-        ) from None
-
-
-def cli_auto_weight(text: str):
-    """``auto``, ``off``, or a positive number (kept as given: the option's check maps
-    ``off`` to ``None``)."""
-    if text.lower() in ("auto", "off"):
-        return text.lower()
-    return cli_positive_float(text)
+    """``"auto"``, ``None`` or ``"off"``, or a positive weight."""
+    return _auto_off_or(
+        name, v, check_positive_float, "a positive number", errors=(TypeError, ValueError)
+    )
 
 
 def check_text_path(name: str, v):
@@ -247,3 +242,7 @@ def cli_int_at_least(low: int, what: str) -> Callable[[str], int]:
         return v
 
     return parse
+
+
+cli_null_space = _cli_auto_off_or(cli_fraction)  # auto, off, or a share in [0, 1]
+cli_auto_weight = _cli_auto_off_or(cli_positive_float)  # auto, off, or a positive number

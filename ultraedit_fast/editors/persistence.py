@@ -266,7 +266,7 @@ class LifelongState:
             turn = self._turn(requests, self._setup)
             with self._weights_lock.writing():  # its hooks must not meet a serving forward
                 cap = turn.capture()
-                self.normalizers.update(turn.statistics(cap))
+                self.normalizers.update(turn.statistics(cap, edits=False))
             return cap.n_tokens
 
     def _restore(self, saved) -> None:
@@ -282,7 +282,7 @@ class LifelongState:
                 "normaliser states were written with it "
                 f"{'off' if whiten else 'on'} (their scatter matrices)"
             )
-        _check_grams(saved.manifest_path, self._setup.config.preserve_edits, normalizers, self)
+        _check_grams(saved, self._setup.config.preserve_edits, normalizers, self)
         undo = None if self._undo is None else saved.undo(self.targets, shapes, devices)
         with self._lock, self._weights_lock.writing():
             self._setup = setup
@@ -313,16 +313,18 @@ class LifelongState:
             return _export_lora(self, path, rank, base)
 
 
-def _check_grams(path, preserve_edits, normalizers, editor) -> None:
-    """``preserve_edits``: every loaded state keeps the Gram of each of its modules when
-    the option is on, none when it is off."""
+def _check_grams(saved, preserve_edits, normalizers, editor) -> None:
+    """``preserve_edits``: after a turn, every loaded state keeps the Gram of each of its
+    modules when the option is on (a preheat alone grows none); none when it is off."""
     for t in editor.targets:
         state = normalizers.get(editor.normalizer_key(t))
         if state is None:
             continue
         has = state.grams is not None and t.name in state.grams
-        if has != (preserve_edits is not None):
+        on = preserve_edits is not None
+        if (has and not on) or (on and not has and saved.turns):
             raise ValueError(
-                f"{path}: preserve_edits is {preserve_edits} but the checkpoint's normaliser "
-                f"state for module {t.name!r} {'has' if has else 'lacks'} its keys' Gram"
+                f"{saved.manifest_path}: preserve_edits is {preserve_edits} but the "
+                f"checkpoint's normaliser state for module {t.name!r} "
+                f"{'has' if has else 'lacks'} its keys' Gram"
             )

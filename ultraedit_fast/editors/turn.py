@@ -155,8 +155,10 @@ class Turn:
         return Captured(keys, grads, n_tokens)
 
     # ------------------------------------------------------------------ 2. statistics
-    def statistics(self, cap: Captured) -> Dict[object, NormalizerState]:
-        """The normaliser states after this turn's blocks, merged on copies."""
+    def statistics(self, cap: Captured, edits: bool = True) -> Dict[object, NormalizerState]:
+        """The normaliser states after this turn's blocks, merged on copies (with
+        ``preserve_edits``, the keys' Grams grown too, unless the blocks are no ``edits``:
+        a preheat's)."""
         groups: Dict[object, List[EditTarget]] = {}
         for t in self.setup.targets:
             groups.setdefault(self.setup.normalizer_key(t), []).append(t)
@@ -170,7 +172,7 @@ class Turn:
                     ks.append(cap.keys[t.name][b].to(home, non_blocking=True))
                     gs.append(cap.grads[t.name][b].to(home, non_blocking=True))
             new_states[key] = state.merged(ks, gs, self.backend(home).normalizer_update_)
-            if self.config.preserve_edits is not None:  # the keys of every turn so far
+            if edits and self.config.preserve_edits is not None:  # every turn's keys so far
                 new_states[key].with_grams({t.name: cap.keys[t.name] for t in members})
         self.lap("statistics")
         return new_states
