@@ -206,48 +206,59 @@ def run_config(model0, tok, reqs, base, turns, per_turn, name, data):
     }
 
 
+PPL_CLIP = 2.0  # perplexity ratios beyond this are drawn at it (a wrecked model: 6,560x)
+
+
 def plot(doc, path):
+    """ES_gen against each health figure, one point per scenario and configuration; the
+    held-out CounterFact scenarios' points are named (the others are many and crowd it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("health_ppl_ratio", "perplexity ratio, general text (lower is better)"),
+        (
+            "health_ppl_ratio",
+            f"perplexity ratio, general text (lower is better; > {PPL_CLIP} drawn at it)",
+        ),
         ("health_top1", "next token unchanged, general text"),
         ("health_unrelated_kept", "unrelated prompts: greedy answer kept"),
         ("LS_gen_unedited", "edited records' locality prompts kept"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6))
-    for ax, (key, title) in zip(axes, panels):
-        for scen, marker in (
-            ("daily", "o"),
-            ("stream", "s"),
-            ("wiki-daily", "^"),
-            ("wiki-stream", "v"),
-            ("daily-tune", "<"),
-            ("stream-tune", ">"),
-        ):
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    markers = {
+        "daily": "o",
+        "stream": "s",
+        "wiki-daily": "^",
+        "wiki-stream": "v",
+        "daily-tune": "<",
+        "stream-tune": ">",
+    }
+    for ax, (key, title) in zip(axes.flat, panels):
+        for scen, marker in markers.items():
+            xs, ys = [], []
             for name, r in doc["scenarios"].get(scen, {}).get("configs", {}).items():
                 x, y = r["metrics"].get(key), r["metrics"].get("ES_gen")
                 if x is None or y is None:
                     continue
-                ax.scatter([x], [y], marker=marker)
-                ax.annotate(
-                    f"{scen}:{name}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                )
-        if key == "health_ppl_ratio":  # a wrecked model is thousands of times worse
-            ax.set_xscale("log")
+                x = min(x, PPL_CLIP) if key == "health_ppl_ratio" else x
+                xs.append(x)
+                ys.append(y)
+                if scen in ("daily", "stream"):
+                    ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.scatter(xs, ys, marker=marker, label=scen, alpha=0.75)
         ax.set_xlabel(title)
         ax.set_ylabel("ES_gen over all edits")
         ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle(
-        f"SmolLM2-135M-Instruct, CounterFact (held-out, tuning) and WikiBigEdit: ES_gen against health "
-        f"({doc['environment'].get('device_name', 'CPU')})",
+        "SmolLM2-135M-Instruct, CounterFact (held-out, tuning) and WikiBigEdit: ES_gen against "
+        f"health ({doc['environment'].get('device_name', 'CPU')})",
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None):
