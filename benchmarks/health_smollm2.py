@@ -207,11 +207,55 @@ def run_config(model0, tok, reqs, base, turns, per_turn, name, data):
 
 
 PPL_CLIP = 2.0  # perplexity ratios beyond this are drawn at it (a wrecked model: 6,560x)
+# the frontier of each mechanism: (label, scenario, configurations along its knob)
+SWEEPS = (
+    (
+        "step cap 4/8/16x (daily-tune)",
+        "daily-tune",
+        ("null0.01+max4", "null0.01+max8", "null0.01+max16"),
+    ),
+    (
+        "step cap 4/6/8x, earlier keys kept (daily-tune)",
+        "daily-tune",
+        (
+            "null0.01+max4+first64+keep1",
+            "null0.01+max6+first64+keep0.1",
+            "null0.01+max8+first64+keep0.1",
+        ),
+    ),
+    (
+        "drift budget 0.05/0.1/none, keys kept (daily-tune)",
+        "daily-tune",
+        (
+            "null0.01+max8+first64+keep0.1+drift0.05+unedited",
+            "null0.01+max8+first64+keep0.1+drift0.1+unedited",
+            "null0.01+max8+first64+keep0.1",
+        ),
+    ),
+    ("drift budget 0.005/0.02/none (daily)", "daily", ("drift0.005", "drift0.02", "defaults")),
+    ("null space 0.001/0.01/0.05 (stream)", "stream", ("null0.001", "null0.01", "null0.05")),
+    (
+        "earlier keys' weight 0/0.01/0.1/1 (stream-tune)",
+        "stream-tune",
+        (
+            "whiten+null0.01",
+            "whiten+null0.01+keep0.01",
+            "whiten+null0.01+keep0.1",
+            "whiten+null0.01+keep1",
+        ),
+    ),
+    (
+        "preserved general keys 0/512/1024, w10 (stream)",
+        "stream",
+        ("defaults", "preserve512+w10", "preserve1024+w10"),
+    ),
+)
 
 
 def plot(doc, path):
-    """ES_gen against each health figure, one point per scenario and configuration; the
-    held-out CounterFact scenarios' points are named (the others are many and crowd it)."""
+    """ES_gen against each health figure, one point per scenario and configuration (the
+    held-out CounterFact scenarios' points named: the others are many and crowd it), and
+    one curve per mechanism through the configurations along its knob (:data:`SWEEPS`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,11 +291,21 @@ def plot(doc, path):
                 ys.append(y)
                 if scen in ("daily", "stream"):
                     ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-            ax.scatter(xs, ys, marker=marker, label=scen, alpha=0.75)
+            ax.scatter(xs, ys, marker=marker, label=scen, alpha=0.6)
+        for label, scen, names in SWEEPS:  # one curve per mechanism, along its knob
+            configs = doc["scenarios"].get(scen, {}).get("configs", {})
+            pts = [
+                (configs[n]["metrics"].get(key), configs[n]["metrics"].get("ES_gen"))
+                for n in names
+                if n in configs
+            ]
+            pts = [(min(x, PPL_CLIP) if key == "health_ppl_ratio" else x, y) for x, y in pts]
+            if len(pts) > 1:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-", lw=1.2, label=label)
         ax.set_xlabel(title)
         ax.set_ylabel("ES_gen over all edits")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(
         "SmolLM2-135M-Instruct, CounterFact (held-out, tuning) and WikiBigEdit: ES_gen against "
         f"health ({doc['environment'].get('device_name', 'CPU')})",
