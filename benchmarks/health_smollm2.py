@@ -25,7 +25,7 @@ Configurations (``--configs``, see :func:`options`; each with ``null_space``,
 ``whiten_values`` and ``preserve_edits`` off and ``max_step_scale`` 64 unless it names them, so ``defaults`` is the
 defaults before these became a preset's, ``whiten+null0.01`` today's stream defaults and
 ``null0.01+max8+first64`` today's facts defaults): ``defaults`` (no option), ``paper``
-(``step="paper"``), ``preserve<N>`` (``preserve_general=N``), ``keep<W>``
+(``step="paper"``), ``auto`` (``step="auto"``: the step search, in the stream too), ``preserve<N>`` (``preserve_general=N``), ``keep<W>``
 (``preserve_edits=W``: earlier turns' keys kept in every solve), ``w<W>`` (``preserve_weight``),
 ``ridge<R>`` (the solve's regulariser), ``lb<X>`` (the step search's locality budget),
 ``max<S>`` (its largest scale; with ``first<S>``, on the editor's first turn), ``drift<X>`` (its budget of general text's next tokens
@@ -112,16 +112,16 @@ def options(name):
         return out
     for part in name.split("+"):
         m = re.fullmatch(
-            r"(paper|unedited|anchor|whiten|answer|preheat|preserve|keep|w|ridge|lb|max|first|drift|null)"
+            r"(paper|auto|unedited|anchor|whiten|answer|preheat|preserve|keep|w|ridge|lb|max|first|drift|null)"
             r"([0-9.]*)",
             part,
         )
-        bare = ("paper", "unedited", "anchor", "whiten", "answer")
+        bare = ("paper", "auto", "unedited", "anchor", "whiten", "answer")
         if not m or (m.group(1) not in bare) != bool(m.group(2)):
             raise SystemExit(f"--configs: unknown configuration part {part!r} in {name!r}")
         key, val = m.groups()
-        if key == "paper":
-            out["step"] = "paper"
+        if key in ("paper", "auto"):
+            out["step"] = key
         elif key == "unedited":
             out["drift_from"] = "unedited"
         elif key == "anchor":
