@@ -160,3 +160,36 @@ def test_a_tensor_parallel_module_is_refused_with_preserve_edits(toy_tokenizer):
             EditorConfig(preserve_edits=1.0, null_space=None, whiten_values=False),
             [Target()],
         )
+
+
+def test_the_step_search_keeps_earlier_keys_too(toy_tokenizer):
+    """With ``step="auto"`` the locality rows join a system that carries the earlier
+    turns' Gram: turn 2 still moves turn 1's keys far less than without the option."""
+    model, modules = make_tiny("llama")
+    first, second = random_requests(5, seed=11), random_requests(5, seed=12)
+
+    def second_turn(**kw):
+        m = copy.deepcopy(model)
+        ed = UltraEditor(m, toy_tokenizer, modules=modules, lr=0.5, step="auto", **kw)
+        ed.edit(first)
+        w1 = {n: m.get_submodule(n).weight.detach().clone() for n in modules}
+        rep = ed.edit(second)
+        return ed, rep, {n: m.get_submodule(n).weight.detach() - w1[n] for n in modules}
+
+    _, rep0, plain = second_turn()
+    ed, rep1, kept = second_turn(preserve_edits=1e6)
+    assert "preserve_edits" in rep1.stabilisers and "preserve_edits" not in rep0.stabilisers
+    g1 = UltraEditor(
+        copy.deepcopy(model),
+        toy_tokenizer,
+        modules=modules,
+        lr=0.5,
+        step="paper",
+        preserve_edits=1.0,
+    )
+    g1.edit(first)
+    grams = _grams(g1)
+    for n in modules:
+        hit_plain = float(torch.trace(plain[n] @ grams[n] @ plain[n].t()))
+        hit_kept = float(torch.trace(kept[n] @ grams[n] @ kept[n].t()))
+        assert hit_plain > 0 and hit_kept < 0.05 * hit_plain, (n, hit_kept, hit_plain)
