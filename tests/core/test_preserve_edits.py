@@ -16,6 +16,10 @@ def _delta(solver, v):
     return (a.t() @ kk).t().double()  # d_in x d_out
 
 
+def _d_in(model, name):
+    return model.get_submodule(name).weight.shape[1]
+
+
 def _grams(editor):
     """Every edited module's Gram, over the editor's normaliser states."""
     out = {}
@@ -48,7 +52,7 @@ def test_a_preserved_gram_is_the_keys_as_rows_of_value_zero(n, m, d):
 
 def test_a_preserved_gram_needs_unsharded_keys():
     k = torch.randn(4, 6)
-    with pytest.raises(ValueError, match="primal"):
+    with pytest.raises(ValueError, match="unsharded"):
         ShiftSolver(k, reduce=lambda t: t, extra=torch.eye(6))
 
 
@@ -141,9 +145,22 @@ def test_a_checkpoint_whose_grams_do_not_match_the_option_is_refused(toy_tokeniz
     ed = UltraEditor(model, toy_tokenizer, modules=modules, lr=0.5, step="paper")
     ed.edit(random_requests(4, seed=9))
     for s in ed.normalizers.values():  # as a hand-edited checkpoint would have them
-        s.grams = {n: torch.eye(s.d_in) for n in modules}
+        s.grams = {n: torch.eye(s.d_in) for n in modules if s.d_in == _d_in(model, n)}
     ed.save(tmp_path / "ck")
     with pytest.raises(ValueError, match="preserve_edits is None but .* has its keys' Gram"):
+        UltraEditor.load(tmp_path / "ck", copy.deepcopy(model), toy_tokenizer)
+
+
+def test_a_checkpoint_without_the_grams_the_option_needs_is_refused(toy_tokenizer, tmp_path):
+    model, modules = make_tiny("llama")
+    ed = UltraEditor(
+        model, toy_tokenizer, modules=modules, lr=0.5, step="paper", preserve_edits=1.0
+    )
+    ed.edit(random_requests(4, seed=10))
+    for s in ed.normalizers.values():  # as a damaged checkpoint would have them
+        s.grams = None
+    ed.save(tmp_path / "ck")
+    with pytest.raises(ValueError, match="preserve_edits is 1.0 but .* lacks its keys' Gram"):
         UltraEditor.load(tmp_path / "ck", copy.deepcopy(model), toy_tokenizer)
 
 
@@ -193,3 +210,28 @@ def test_the_step_search_keeps_earlier_keys_too(toy_tokenizer):
         hit_plain = float(torch.trace(plain[n] @ grams[n] @ plain[n].t()))
         hit_kept = float(torch.trace(kept[n] @ grams[n] @ kept[n].t()))
         assert hit_plain > 0 and hit_kept < 0.05 * hit_plain, (n, hit_kept, hit_plain)
+
+
+def test_the_undo_log_counts_the_grams_it_keeps(toy_tokenizer):
+    model, modules = make_tiny("llama")
+    sizes = {}
+    for keep in (None, 1.0):
+        ed = UltraEditor(
+            copy.deepcopy(model),
+            toy_tokenizer,
+            modules=modules,
+            lr=0.5,
+            step="paper",
+            preserve_edits=keep,
+            undo=True,
+        )
+        for seed in (21, 22):
+            ed.edit(random_requests(4, seed=seed))
+        sizes[keep] = ed.undo_memory()["turns"]
+    # turn 1's pre-state had no Gram; turn 2's holds turn 1's (one per distinct tensor:
+    # modules sharing an input share it); the factors are rank N either way (Woodbury)
+    held = {}
+    for state in ed._undo.turns[1].states.values():
+        held.update({id(g): g for g in state.grams.values()})
+    assert sizes[1.0][0] == sizes[None][0]
+    assert sizes[1.0][1] - sizes[None][1] == sum(g.numel() * 4 for g in held.values()) > 0

@@ -56,8 +56,11 @@ class ShiftSolver:
 
     ``extra``: a ``d_in x d_in`` Gram ``G = K_p^T K_p`` of keys whose outputs should stay
     as they are (``preserve_edits``: earlier turns' keys, weighted), as if ``K_p`` had
-    joined ``k`` with values zero: ``Delta = (K^T K + G + r I)^-1 K^T V``, always in the
-    primal form (projected as ``P G P``)."""
+    joined ``k`` with values zero: ``Delta = (K^T K + G + r I)^-1 K^T V`` (projected: ``G``
+    as ``P G P``). With ``N <= d_in`` it keeps the update of rank ``N`` by Woodbury's
+    identity: with ``A = G + r I``, ``Delta = A^-1 K^T (I + K A^-1 K^T)^-1 V``, so
+    ``a = (I + K A^-1 K^T)^-1 V`` and ``kk = K A^-1`` (``A`` is factorised once); else the
+    primal system."""
 
     def __init__(
         self,
@@ -68,7 +71,7 @@ class ShiftSolver:
         extra: Optional[torch.Tensor] = None,
     ):
         if extra is not None and reduce is not None:
-            raise ValueError("extra: a preserved Gram needs the primal system (unsharded keys)")
+            raise ValueError("extra: a preserved Gram needs unsharded keys")
         self.k = k
         self.reduce = reduce
         self.ridge = ridge
@@ -76,20 +79,29 @@ class ShiftSolver:
         self.extra = extra
         self.kp = k if project is None else project(k)
         n, d_in = k.shape
-        self.dual = (n <= d_in or reduce is not None) and extra is None
+        self.dual = n <= d_in or reduce is not None
         kp = self.kp
-        gram = kp @ kp.t() if self.dual else kp.t() @ kp
+        self.kk = kp  # the update's right factor in the dual form
+        g = None
         if extra is not None:
-            g = extra.to(gram.device, gram.dtype)
-            gram += g if project is None else project(project(g).t())
-        if reduce is not None:
-            reduce(gram)
-        self.factor = _cholesky_plus_identity(gram, ridge)
+            g = extra.to(kp.device, kp.dtype)
+            g = g if project is None else project(project(g).t())
+        if g is not None and self.dual:  # Woodbury: rank N, with A = G + r I inside
+            a_factor = _cholesky_plus_identity(g.clone(), ridge)
+            self.kk = torch.cholesky_solve(kp.t(), a_factor).t()  # K A^-1 (A symmetric)
+            self.factor = _cholesky_plus_identity(kp @ self.kk.t(), 1.0)
+        else:
+            gram = kp @ kp.t() if self.dual else kp.t() @ kp
+            if g is not None:
+                gram += g
+            if reduce is not None:
+                reduce(gram)
+            self.factor = _cholesky_plus_identity(gram, ridge)
         self._eye: Optional[torch.Tensor] = None
 
     def factors(self, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.dual:
-            return torch.cholesky_solve(v, self.factor), self.kp
+            return torch.cholesky_solve(v, self.factor), self.kk
         delta = torch.cholesky_solve(self.kp.t() @ v, self.factor)  # d_in x d_out
         if self._eye is None:
             self._eye = torch.eye(self.k.shape[1], dtype=self.k.dtype, device=self.k.device)

@@ -8,7 +8,9 @@ The log keeps, on the host,
   share theirs) and not at all when it is the identity (the primal solve),
 * each logged turn's normaliser states before the turn (references: the editor
   never changes a committed state in place, so these cost nothing extra but the
-  ``3 (d_in + d_out)`` floats per key and turn that the next turn would free).
+  ``3 (d_in + d_out)`` floats per key and turn that the next turn would free; with
+  ``preserve_edits``, also the ``d_in x d_in`` Gram of each module, on its device,
+  counted in :meth:`UndoLog.memory_bytes`: bound the log with ``undo=<turns>``).
 
 ``rollback(k)`` copies the base back into the edited weights and replays the
 kept turns' factors with the same rank-update kernel that applied them: on
@@ -46,7 +48,12 @@ class TurnRecord:
     keys: List[torch.Tensor] = field(default_factory=list)  # fp32, host
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self.a.values()) + self.keys)
+        """The factors' bytes, and the ``preserve_edits`` Grams of the states before the
+        turn (each tensor once; the editor's current states hold the newest ones)."""
+        tensors = {id(t): t for t in list(self.a.values()) + self.keys}
+        for state in self.states.values():
+            tensors.update({id(g): g for g in (getattr(state, "grams", None) or {}).values()})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:

@@ -315,7 +315,18 @@ class LifelongState:
 
 def _check_grams(saved, preserve_edits, normalizers, editor) -> None:
     """``preserve_edits``: after a turn, every loaded state keeps the Gram of each of its
-    modules when the option is on (a preheat alone grows none); none when it is off."""
+    modules when the option is on (a preheat alone grows none), none when it is off, and
+    none of a module that is not its own."""
+    members: dict = {}
+    for t in editor.targets:
+        members.setdefault(editor.normalizer_key(t), set()).add(t.name)
+    for key, state in normalizers.items():
+        stray = sorted(set(state.grams or ()) - members.get(key, set()))
+        if stray:
+            raise ValueError(
+                f"{saved.manifest_path}: the normaliser state {key!r} has Grams of modules "
+                f"{stray} that it does not normalise"
+            )
     for t in editor.targets:
         state = normalizers.get(editor.normalizer_key(t))
         if state is None:
