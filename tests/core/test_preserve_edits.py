@@ -20,6 +20,30 @@ def _d_in(model, name):
     return model.get_submodule(name).weight.shape[1]
 
 
+def _two_turns(model, modules, tok, first, second, step="paper", **kw):
+    """``(editor, [report 1, report 2], turn 2's weight change per module)`` on a copy."""
+    m = copy.deepcopy(model)
+    ed = UltraEditor(m, tok, modules=modules, lr=0.5, step=step, **kw)
+    r1 = ed.edit(first)
+    w1 = {n: m.get_submodule(n).weight.detach().clone() for n in modules}
+    r2 = ed.edit(second)
+    return ed, [r1, r2], {n: m.get_submodule(n).weight.detach() - w1[n] for n in modules}
+
+
+def _hits(dw, grams):
+    """``|K1 dW^T|_F^2 = tr(dW G1 dW^T)`` per module: a change at the keys behind ``G1``."""
+    return {n: float(torch.trace(d @ grams[n] @ d.t())) for n, d in dw.items()}
+
+
+def _first_grams(model, modules, tok, first):
+    """The Grams after one turn of ``first``: ``K1^T K1`` per module."""
+    ed = UltraEditor(
+        copy.deepcopy(model), tok, modules=modules, lr=0.5, step="paper", preserve_edits=1.0
+    )
+    ed.edit(first)
+    return _grams(ed)
+
+
 def _grams(editor):
     """Every edited module's Gram, over the editor's normaliser states."""
     out = {}
@@ -64,39 +88,21 @@ def test_later_turns_leave_earlier_keys_alone(toy_tokenizer):
     model, modules = make_tiny("llama")
     first, second = random_requests(6, seed=1), random_requests(6, seed=2)
 
-    def run(**kw):
-        m = copy.deepcopy(model)
-        ed = UltraEditor(m, toy_tokenizer, modules=modules, lr=0.5, step="paper", **kw)
-        r1 = ed.edit(first)
-        w1 = {n: m.get_submodule(n).weight.detach().clone() for n in modules}
-        r2 = ed.edit(second)
-        dw = {n: m.get_submodule(n).weight.detach() - w1[n] for n in modules}
-        return ed, r1, r2, dw
-
-    plain_ed, _, _, plain = run()
-    ed, r1, r2, kept = run(preserve_edits=1e6)
+    plain_ed, _, plain = _two_turns(model, modules, toy_tokenizer, first, second)
+    ed, (r1, r2), kept = _two_turns(
+        model, modules, toy_tokenizer, first, second, preserve_edits=1e6
+    )
     assert r1.stabilisers == [] and r2.stabilisers == ["preserve_edits"]
     assert all(s.grams is None for s in plain_ed.normalizers.values())
-    one = UltraEditor(
-        copy.deepcopy(model),
-        toy_tokenizer,
-        modules=modules,
-        lr=0.5,
-        step="paper",
-        preserve_edits=1e6,
-    )
-    one.edit(first)
-    g1, g2 = _grams(one), _grams(ed)
+    g1, g2 = _first_grams(model, modules, toy_tokenizer, first), _grams(ed)
+    hit_plain, hit_kept = _hits(plain, g1), _hits(kept, g1)
     for n in modules:
         # after two turns the Gram grew by turn 2's K^T K: symmetric, positive semidefinite
         grown = (g2[n] - g1[n]).double()
         assert torch.allclose(grown, grown.t(), atol=1e-4)
         assert torch.linalg.eigvalsh(grown).min() > -1e-3 * grown.abs().max()
         assert grown.abs().max() > 0
-        # |K1 dW^T|_F^2 = tr(dW G1 dW^T): turn 2's update at turn 1's keys
-        hit_plain = float(torch.trace(plain[n] @ g1[n] @ plain[n].t()))
-        hit_kept = float(torch.trace(kept[n] @ g1[n] @ kept[n].t()))
-        assert hit_kept < 0.01 * hit_plain, (n, hit_kept, hit_plain)
+        assert hit_kept[n] < 0.01 * hit_plain[n], (n, hit_kept[n], hit_plain[n])
 
 
 def test_the_gram_is_saved_loaded_and_rolled_back(toy_tokenizer, tmp_path):
@@ -185,31 +191,15 @@ def test_the_step_search_keeps_earlier_keys_too(toy_tokenizer):
     model, modules = make_tiny("llama")
     first, second = random_requests(5, seed=11), random_requests(5, seed=12)
 
-    def second_turn(**kw):
-        m = copy.deepcopy(model)
-        ed = UltraEditor(m, toy_tokenizer, modules=modules, lr=0.5, step="auto", **kw)
-        ed.edit(first)
-        w1 = {n: m.get_submodule(n).weight.detach().clone() for n in modules}
-        rep = ed.edit(second)
-        return ed, rep, {n: m.get_submodule(n).weight.detach() - w1[n] for n in modules}
-
-    _, rep0, plain = second_turn()
-    ed, rep1, kept = second_turn(preserve_edits=1e6)
-    assert "preserve_edits" in rep1.stabilisers and "preserve_edits" not in rep0.stabilisers
-    g1 = UltraEditor(
-        copy.deepcopy(model),
-        toy_tokenizer,
-        modules=modules,
-        lr=0.5,
-        step="paper",
-        preserve_edits=1.0,
+    _, (_, rep0), plain = _two_turns(model, modules, toy_tokenizer, first, second, step="auto")
+    _, (_, rep1), kept = _two_turns(
+        model, modules, toy_tokenizer, first, second, step="auto", preserve_edits=1e6
     )
-    g1.edit(first)
-    grams = _grams(g1)
+    assert "preserve_edits" in rep1.stabilisers and "preserve_edits" not in rep0.stabilisers
+    g1 = _first_grams(model, modules, toy_tokenizer, first)
+    hit_plain, hit_kept = _hits(plain, g1), _hits(kept, g1)
     for n in modules:
-        hit_plain = float(torch.trace(plain[n] @ grams[n] @ plain[n].t()))
-        hit_kept = float(torch.trace(kept[n] @ grams[n] @ kept[n].t()))
-        assert hit_plain > 0 and hit_kept < 0.05 * hit_plain, (n, hit_kept, hit_plain)
+        assert hit_plain[n] > 0 and hit_kept[n] < 0.05 * hit_plain[n], n
 
 
 def test_the_undo_log_counts_the_grams_it_keeps(toy_tokenizer):
