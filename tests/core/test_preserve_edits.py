@@ -225,3 +225,14 @@ def test_the_undo_log_counts_the_grams_it_keeps(toy_tokenizer):
         held.update({id(g): g for g in state.grams.values()})
     assert sizes[1.0][0] == sizes[None][0]
     assert sizes[1.0][1] - sizes[None][1] == sum(g.numel() * 4 for g in held.values()) > 0
+
+
+def test_a_bf16_model_keeps_fp32_grams(toy_tokenizer):
+    """bf16 keys grow an fp32 Gram; the second turn's update is finite and written."""
+    model, modules = make_tiny("llama", dtype=torch.bfloat16)
+    first, second = random_requests(4, seed=31), random_requests(4, seed=32)
+    ed, (_, r2), dw = _two_turns(model, modules, toy_tokenizer, first, second, preserve_edits=1.0)
+    assert r2.stabilisers == ["preserve_edits"]
+    assert all(g.dtype == torch.float32 for g in _grams(ed).values())
+    for n in modules:
+        assert torch.isfinite(dw[n].float()).all() and dw[n].abs().max() > 0, n
