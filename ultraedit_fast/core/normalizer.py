@@ -81,9 +81,16 @@ class NormalizerState:
         for name, blocks in keys.items():
             same = tuple(id(b) for b in blocks)
             if same not in done:
-                g = grams.get(name)
-                k = torch.cat([b.to(torch.float32) for b in blocks])
-                g = k.t() @ k if g is None else torch.addmm(g.to(k.device), k.t(), k)
+                old = grams.get(name)
+                dev = blocks[0].device
+                g = (
+                    torch.zeros(self.d_in, self.d_in, device=dev)
+                    if old is None
+                    else old.to(dev, copy=True)  # a new tensor: the old state keeps its own
+                )
+                for b in blocks:  # block by block: no concatenated copy of the turn's keys
+                    b = b.to(torch.float32)
+                    g.addmm_(b.t(), b)
                 done[same] = g
             grams[name] = done[same]
         self.grams = grams

@@ -87,7 +87,7 @@ class ShiftSolver:
             g = extra.to(kp.device, kp.dtype)
             g = g if project is None else project(project(g).t())
         if g is not None and self.dual:  # Woodbury: rank N, with A = G + r I inside
-            a_factor = _cholesky_plus_identity(g.clone(), ridge)
+            a_factor = _cholesky_plus_identity(g.clone() if g is extra else g, ridge)
             self.kk = torch.cholesky_solve(kp.t(), a_factor).t()  # K A^-1 (A symmetric)
             self.factor = _cholesky_plus_identity(kp @ self.kk.t(), 1.0)
         else:
