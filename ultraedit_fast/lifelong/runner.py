@@ -239,6 +239,7 @@ def run_lifelong(
     eval_batch_size: int = 32,
     generation: bool = True,
     eval_before: bool = True,
+    eval_resumed: bool = True,
     base=None,
     progress: bool = True,
     output_dir: Optional[str] = None,
@@ -267,11 +268,14 @@ def run_lifelong(
     prior = read_interrupted(resume, turns, edits_per_turn, label) if resume else None
     settings = {"eval_every": eval_every, "eval_sample": eval_sample, "preheat": preheat}
     settings.update(eval_batch_size=eval_batch_size, generation=generation)
+    settings["eval_resumed"] = bool(eval_resumed)
     scorer = Scorer(model, tokenizer, requests, extras, generation, eval_batch_size, chat, health)
     timing = {"load_seconds": t_load}
     ed, originals = _editor_and_base(
         model, tokenizer, (editor, cfg, edits_per_turn, warm), prior, out, scorer, timing, base
     )
+    if eval_resumed:
+        scorer.resume_below(ed)
     results = _header(model, ed, turns, edits_per_turn, settings, dict(config_extra or {}))
     metrics_before = _score_before(scorer, eval_before, prior, timing)
     stream = Stream(ed, requests, turns, edits_per_turn, eval_every, eval_sample, scorer)
@@ -283,6 +287,8 @@ def run_lifelong(
     except KeyboardInterrupt:
         _stop(results, stream, ed, out, timing, metrics_before, label)
     _finish(results, stream, timing, metrics_before, label)
+    if scorer.passes is not None:
+        results["eval_passes"] = dict(scorer.passes.counts, start_block=scorer.passes.start)
     _write_outputs(results, ed, out, originals)
     return results
 
@@ -371,6 +377,8 @@ run_lifelong.__doc__ = (
         eval_batch_size: sequences per forward pass when scoring.
         generation: the generation-based scores beside the teacher-forced ones.
         eval_before: score the unedited model on all the requests first (``metrics_before``).
+        eval_resumed: run every teacher-forced pass over a sequence scored before from the
+            lowest edited block up (:mod:`ultraedit_fast.scoring.resumed`; the same scores).
         base: the unedited model's answers on these requests
             (:func:`~ultraedit_fast.capture_baseline`), if already captured.
         progress: show a tqdm bar (edits/s) on stderr.

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .._log import log
 from ..model.requests import EditRequest, as_requests
 from ..scoring.health import capture_health
 from ..scoring.metrics import capture_baseline, evaluate, mean, token_accuracy
+from ..scoring.resumed import ResumedPasses
 
 
 def _split(items: Sequence[Any]):
@@ -78,7 +80,9 @@ def score(
 
 
 class Scorer:
-    """Scores subsets of the run's requests against the unedited model's baseline."""
+    """Scores subsets of the run's requests against the unedited model's baseline; once
+    :meth:`resume_below` has named the editor, every teacher-forced pass over a sequence
+    scored before runs from the lowest edited block up (:mod:`..scoring.resumed`)."""
 
     def __init__(
         self, model, tokenizer, requests, extras, generation, batch_size, chat, health=True
@@ -88,6 +92,21 @@ class Scorer:
         self.generation, self.batch_size, self.chat = generation, batch_size, chat
         self.health = health  # True: the package's general text; a path; False: none
         self.base = None
+        self.passes: Optional[ResumedPasses] = None
+
+    def resume_below(self, editor) -> None:
+        """Keep the state entering the lowest block ``editor`` writes for the sequences
+        scored (nothing when its modules cannot be told: every pass then runs in full)."""
+        names = getattr(editor, "module_names", None)
+        if names is None:
+            describe = getattr(editor, "describe", None)
+            names = (describe() or {}).get("modules") if callable(describe) else None
+        try:
+            modules = [self.model.get_submodule(n) for n in names or ()]
+        except AttributeError:  # a name that is no module of the model
+            return
+        if modules:
+            self.passes = ResumedPasses.for_modules(self.model, modules)
 
     def capture_base(self, base) -> float:
         """The unedited model's answers on every request (given, or captured now)."""
@@ -115,6 +134,10 @@ class Scorer:
 
     def at(self, idx) -> Dict[str, Any]:
         idx = list(idx)
+        with self.passes.active() if self.passes is not None else nullcontext():
+            return self._score(idx)
+
+    def _score(self, idx: List[int]) -> Dict[str, Any]:
         return score(
             self.model,
             self.tokenizer,

@@ -13,6 +13,7 @@ from ..model.forward import answer_logits, preserved_model_state
 from ..model.requests import IGNORE, TokenizedRequest, context_length, pad_batch, tokenize_pair
 from ..parallel.concurrency import model_locks
 from ..utils.display import bar
+from .resumed import active_for
 
 
 def _device(model):
@@ -58,7 +59,11 @@ def predictions_at_labels(
     model, toks: Sequence[TokenizedRequest], batch_size: int = 16
 ) -> List[Tuple[List[int], List[int]]]:
     """For each tokenised request: (argmax ids, label ids) at its labelled positions, with
-    teacher forcing, in batches of similar length."""
+    teacher forcing, in batches of similar length (or, inside an active
+    :class:`~.resumed.ResumedPasses` of the model, from its lowest edited block up)."""
+    passes = active_for(model)
+    if passes is not None:  # sequences seen before: from the lowest edited block up
+        return passes.predictions(toks, batch_size)
     device = _device(model)
     out: List[Optional[Tuple[List[int], List[int]]]] = [None] * len(toks)
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i].input_ids))

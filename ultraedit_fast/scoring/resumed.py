@@ -1,0 +1,191 @@
+"""Teacher-forced passes that start at the lowest edited block for sequences seen before.
+
+An editor writes its modules and nothing below them: the hidden state entering the lowest
+edited block, at every position of a sequence, is the same before the first turn and after
+the thousandth. A lifelong run scores the same sequences again and again (its requests'
+prompts with their answers, the locality prompts with the unedited model's continuations:
+before the first turn, along the stream, after the last), so :class:`ResumedPasses` keeps,
+the first time it is asked about a sequence, the state at that block (a
+:class:`~ultraedit_fast.model.partial.ResumedForward` over a group of sequences: its full
+pass answers that first question), and answers every later question about it from there:
+the blocks from the lowest edited one up, and the output layer only at the rows whose
+argmax the bound of :mod:`~ultraedit_fast.model.partial` leaves open. With SmolLM2's stream
+setting (blocks 18 to 22 of 30 edited) a later pass costs about 40% of a full one.
+
+Exact, and checked rather than assumed:
+
+- the blocks below (with the embeddings and everything else of the base model outside the
+  resumed blocks and the final norm) are fingerprinted (each tensor's storage, shape and
+  float64 sum) whenever the passes are made active; a change drops everything kept;
+- :class:`~ultraedit_fast.model.partial.ResumedForward` compares its resumed logits with the
+  full pass's the first time a model is resumed, and a model it cannot resume turns the
+  reuse off (every pass then runs in full, as without it).
+
+Only :func:`~ultraedit_fast.scoring.teacher.predictions_at_labels` consults it (every
+teacher-forced score, and the replays of the generated scores' shortcuts), for the thread
+inside :meth:`ResumedPasses.active` and the model it was built on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..model.forward import _split
+from ..model.partial import ResumedForward, _blocks, _final_norm, lowest_block
+from ..model.requests import TokenizedRequest
+from ..parallel.concurrency import model_locks
+
+GROUP = 128  # sequences per kept group: a later pass over any of them runs the group
+MAX_BYTES = 1 << 30  # kept hidden states, at most (sequences beyond run in full)
+
+_Key = Tuple[Tuple[int, ...], Tuple[int, ...]]
+_ACTIVE: "ContextVar[Optional[ResumedPasses]]" = ContextVar("ultraedit_resumed", default=None)
+
+
+def active_for(model) -> Optional["ResumedPasses"]:
+    """The passes active in this thread for ``model`` (``None`` when none is, or when it
+    has turned itself off)."""
+    passes = _ACTIVE.get()
+    if passes is None or passes.model is not model or not passes.enabled:
+        return None
+    return passes
+
+
+def lower_fingerprint(model, start: int) -> Optional[tuple]:
+    """What the hidden state entering block ``start`` depends on, in brief: each tensor of
+    the base model outside blocks ``start..`` and the final norm, as (name, storage, shape,
+    float64 sum). ``None`` when it cannot be read (no blocks found, weights offloaded or
+    sharded)."""
+    split = _split(model)
+    blocks = _blocks(split[0]) if split is not None else None
+    if split is None or blocks is None or not 0 < start < len(blocks):
+        return None
+    base = split[0]
+    upper = list(blocks[start:]) + [m for m in (_final_norm(base),) if m is not None]
+    skip = {id(t) for m in upper for t in itertools.chain(m.parameters(), m.buffers())}
+    out = []
+    with torch.no_grad():
+        for name, t in itertools.chain(base.named_parameters(), base.named_buffers()):
+            if id(t) in skip:
+                continue
+            if type(t.data) is not torch.Tensor or t.is_meta:  # sharded or offloaded
+                return None
+            total = t.sum(dtype=torch.float64) if t.dtype.is_floating_point else t.sum()
+            out.append((name, t.data_ptr(), tuple(t.shape), total.item()))
+    return tuple(out)
+
+
+def _key(t: TokenizedRequest) -> _Key:
+    return tuple(t.input_ids), tuple(t.labels)
+
+
+class ResumedPasses:
+    """Teacher-forced predictions of ``model`` that reuse, for every sequence asked about
+    before, the hidden state entering block ``start`` (see the module docstring). Build it
+    with ``start`` at or below the lowest block an editor writes (:meth:`for_modules`), and
+    score inside :meth:`active`.
+
+    ``max_bytes``: the kept states' size at most (sequences past it run in full each time);
+    ``group``: sequences kept together (a later pass over one of them runs its group).
+    ``counts``: sequences answered by a full pass (``"full"``) and from block ``start``
+    (``"resumed"``) so far."""
+
+    def __init__(self, model, start: int, *, max_bytes: int = MAX_BYTES, group: int = GROUP):
+        if not isinstance(start, int) or start < 1:
+            raise ValueError(f"start: expected a block index >= 1, got {start!r}")
+        if group < 1:
+            raise ValueError(f"group: expected a positive count, got {group!r}")
+        self.model, self.start = model, start
+        self.max_bytes, self.group = int(max_bytes), int(group)
+        self.enabled = True
+        self.nbytes = 0
+        self.counts = {"full": 0, "resumed": 0}
+        self._groups: List[ResumedForward] = []
+        self._where: Dict[_Key, Tuple[int, int]] = {}
+        self._print: Optional[tuple] = None
+
+    @classmethod
+    def for_modules(cls, model, modules: Sequence[torch.nn.Module], **kw):
+        """Passes resumed at the lowest block holding one of ``modules`` (``None`` when that
+        is the first block, or when the model's blocks cannot be found)."""
+        start = lowest_block(model, modules)
+        return cls(model, start, **kw) if start else None
+
+    def clear(self) -> None:
+        """Forget every kept state."""
+        self._groups, self._where, self.nbytes = [], {}, 0
+
+    @contextmanager
+    def active(self) -> Iterator["ResumedPasses"]:
+        """Route this thread's teacher-forced passes on the model through these (after
+        checking that the blocks below ``start`` are still those the kept states came
+        from)."""
+        if self.enabled:
+            now = lower_fingerprint(self.model, self.start)
+            if now is None:
+                self.enabled = False
+                self.clear()
+            elif now != self._print:
+                self.clear()
+                self._print = now
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    def predictions(
+        self, toks: Sequence[TokenizedRequest], batch_size: int
+    ) -> List[Tuple[List[int], List[int]]]:
+        """``(argmax ids, label ids)`` at each sequence's labelled positions, as
+        :func:`~ultraedit_fast.scoring.teacher.predictions_at_labels` gives them."""
+        keys = [_key(t) for t in toks]
+        first: Dict[_Key, TokenizedRequest] = {}
+        for k, t in zip(keys, toks):
+            if k not in self._where:
+                first.setdefault(k, t)
+        new = list(first)
+        touched = sorted({self._where[k][0] for k in keys if k in self._where})
+        got: Dict[_Key, Tuple[List[int], List[int]]] = {}
+        with model_locks(self.model).weights.reading():  # one whole model for the call
+            done = {g: self._groups[g].predictions() for g in touched}
+            for s in range(0, len(new), self.group):
+                chunk = new[s : s + self.group]
+                rf = ResumedForward(self.model, [first[k] for k in chunk], self.start, batch_size)
+                assert rf.first is not None
+                got.update(zip(chunk, rf.first))
+                self._keep(rf, chunk)
+        out = []
+        for k in keys:
+            if k in got:
+                out.append(got[k])
+            else:
+                g, j = self._where[k]
+                out.append(done[g][j])
+        self.counts["full"] += len(new)
+        self.counts["resumed"] += len(keys) - len(new)
+        return out
+
+    def _keep(self, rf: ResumedForward, chunk: List[_Key]) -> None:
+        if not rf.resumed:  # a model the resumed pass does not fit: every pass in full
+            self.enabled = False
+            self.clear()
+            return
+        size = sum(
+            b.hidden.numel() * b.hidden.element_size()
+            + (b.n0.numel() * b.n0.element_size() if b.n0 is not None else 0)
+            for b in rf.batches
+            if b.hidden is not None
+        )
+        if self.nbytes + size > self.max_bytes:
+            return
+        self.nbytes += size
+        self._groups.append(rf)
+        g = len(self._groups) - 1
+        for j, k in enumerate(chunk):
+            self._where[k] = (g, j)
