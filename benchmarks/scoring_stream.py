@@ -37,6 +37,7 @@ from ultraedit_fast.data.datasets import load_requests  # noqa: E402
 from ultraedit_fast.lifelong import run_lifelong  # noqa: E402
 from ultraedit_fast.model.loading import load_model  # noqa: E402
 from ultraedit_fast.scoring import shortcuts  # noqa: E402
+from ultraedit_fast.scoring.resumed import ResumedPasses  # noqa: E402
 from ultraedit_fast.scoring.teacher import argmax_with_next  # noqa: E402
 from ultraedit_fast.utils.environment import environment  # noqa: E402
 from ultraedit_fast.utils.files import atomic_write_json  # noqa: E402
@@ -65,7 +66,17 @@ def teacher_forced_passes(model, tok, reqs):
     return out
 
 
-def measure(model, tok, reqs, eval_every, turns, per_turn):
+def resumed_floor(model, tok, reqs, start):
+    """Seconds of the same passes from block ``start`` up, once a first pass has kept the
+    state there (:class:`~ultraedit_fast.scoring.resumed.ResumedPasses`)."""
+    passes = ResumedPasses(model, start)
+    with passes.active():
+        teacher_forced_passes(model, tok, reqs)
+    with passes.active():
+        return teacher_forced_passes(model, tok, reqs)
+
+
+def measure(model, tok, reqs, eval_every, turns, per_turn, resumed=True):
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     res = run_lifelong(
@@ -80,6 +91,7 @@ def measure(model, tok, reqs, eval_every, turns, per_turn):
         progress=False,
         plot=False,
         eval_batch_size=64,
+        eval_resumed=resumed,
     )
     t = res["timing"]
     scoring = {
@@ -92,10 +104,18 @@ def measure(model, tok, reqs, eval_every, turns, per_turn):
     passes = teacher_forced_passes(model, tok, reqs)
     n_evals = 1 + len(along)  # before, along, after
     floor = n_evals * sum(passes.values())
+    start = (res.get("eval_passes") or {}).get("start_block")
+    later = resumed_floor(model, tok, reqs, start) if start else None
     return {
+        "eval_resumed": resumed,
+        "eval_passes": res.get("eval_passes"),
         "teacher_forced_pass_seconds": passes,
         "teacher_forced_floor_seconds": floor,
         "teacher_forced_floor_over_editing": floor / t["edit_seconds"],
+        "resumed_pass_seconds": later,
+        "teacher_forced_floor_resumed_seconds": (
+            sum(passes.values()) + (n_evals - 1) * sum(later.values()) if later else None
+        ),
         "scoring_seconds": scoring,
         "evaluations_along_and_after": [
             {"after_turn": e["turn"], "edits": e["n_edits"], "seconds": e["seconds"]} for e in along
@@ -117,6 +137,11 @@ def main(argv=None):
     p.add_argument("--exact", action="store_true", help="full greedy decoding (the old way)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="2 turns x 5: a smoke test")
+    p.add_argument(
+        "--full-passes",
+        action="store_true",
+        help="every teacher-forced pass from the bottom (eval_resumed=False): the comparison",
+    )
     p.add_argument("--output", default=os.path.join(HERE, "results", "scoring-stream-cpu.json"))
     args = p.parse_args(argv)
     for path in (COUNTERFACT, GENERAL):
@@ -135,8 +160,9 @@ def main(argv=None):
         torch_threads=torch.get_num_threads(),
     )
     key = "full_decoding" if args.exact else "shortcuts"
+    key += "_full_passes" if args.full_passes else ""
     doc.setdefault("runs", {})[key] = r = measure(
-        model, tok, reqs, args.eval_every, turns, per_turn
+        model, tok, reqs, args.eval_every, turns, per_turn, not args.full_passes
     )
     print(json.dumps(r, indent=1), file=sys.stderr)
     if not args.quick:

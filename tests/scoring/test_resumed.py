@@ -177,3 +177,28 @@ def test_lifelong_scores_the_same_resumed(base_model, toy_tokenizer, one_thread)
     assert on["metrics"]["ES"] != on["metrics_before"]["ES"]  # the edits moved the scores
     assert on["eval_passes"]["start_block"] == 3 and on["eval_passes"]["resumed"] > 0
     assert "eval_passes" not in off and off["config"]["eval_resumed"] is False
+
+
+def test_an_unchanged_model_is_answered_from_the_last_pass(
+    model, toy_tokenizer, one_thread, monkeypatch
+):
+    toks = _toks(toy_tokenizer, 20)
+    runs = []
+    real = R.ResumedForward.predictions
+    monkeypatch.setattr(R.ResumedForward, "predictions", lambda self: runs.append(1) or real(self))
+    passes = R.ResumedPasses(model, 3, group=8)
+    with passes.active():
+        first = predictions_at_labels(model, toks, 8)
+        again = predictions_at_labels(model, toks[::-1], 8)
+    assert again == first[::-1] and runs == []  # nothing changed: no pass at all
+    _shift(model, [4], 0)
+    with passes.active():
+        got = predictions_at_labels(model, toks, 8)
+    assert len(runs) == -(-_unique(toks) // 8) > 1  # every kept group once
+    assert got == predictions_at_labels(model, toks, 8) != first
+    with torch.no_grad():  # the output layer: its argmax margins were kept
+        model.lm_head.weight[7] *= 3.0
+    with passes.active():
+        got = predictions_at_labels(model, toks, 8)
+    assert got == predictions_at_labels(model, toks, 8)
+    assert passes.counts["full"] == 2 * _unique(toks)  # everything kept was dropped

@@ -254,10 +254,8 @@ def run_lifelong(
     preheat: int = 0,
     **options,
 ) -> Dict[str, Any]:
-    """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it.
-
-    Returns the results dict (the JSON's content); ``results["files"]`` has the paths written.
-    """
+    """Edit ``model`` in ``turns`` turns of ``edits_per_turn`` requests and score it; returns
+    the results dict (the JSON's content; ``results["files"]``: the paths written)."""
     out = _Outputs(output_dir, plot, export_patch, export_lora, lora_rank, save_editor)
     cfg = _check_run(
         turns, edits_per_turn, eval_every, eval_sample, eval_batch_size, editor, options, out
@@ -268,14 +266,12 @@ def run_lifelong(
     prior = read_interrupted(resume, turns, edits_per_turn, label) if resume else None
     settings = {"eval_every": eval_every, "eval_sample": eval_sample, "preheat": preheat}
     settings.update(eval_batch_size=eval_batch_size, generation=generation)
-    settings["eval_resumed"] = bool(eval_resumed)
-    scorer = Scorer(model, tokenizer, requests, extras, generation, eval_batch_size, chat, health)
+    settings["eval_resumed"] = eval_resumed
+    scorer = Scorer.for_run(model, tokenizer, requests, extras, chat, health, settings)
     timing = {"load_seconds": t_load}
     ed, originals = _editor_and_base(
         model, tokenizer, (editor, cfg, edits_per_turn, warm), prior, out, scorer, timing, base
     )
-    if eval_resumed:
-        scorer.resume_below(ed)
     results = _header(model, ed, turns, edits_per_turn, settings, dict(config_extra or {}))
     metrics_before = _score_before(scorer, eval_before, prior, timing)
     stream = Stream(ed, requests, turns, edits_per_turn, eval_every, eval_sample, scorer)
@@ -287,8 +283,6 @@ def run_lifelong(
     except KeyboardInterrupt:
         _stop(results, stream, ed, out, timing, metrics_before, label)
     _finish(results, stream, timing, metrics_before, label)
-    if scorer.passes is not None:
-        results["eval_passes"] = dict(scorer.passes.counts, start_block=scorer.passes.start)
     _write_outputs(results, ed, out, originals)
     return results
 
@@ -301,6 +295,7 @@ def _editor_and_base(model, tokenizer, spec, prior, out, scorer, timing, base):
     editor, cfg, edits_per_turn, warm = spec
     if prior is None:  # built first: a bad option fails before the baseline's scoring
         ed = _make_editor(model, tokenizer, editor, cfg, edits_per_turn)
+        scorer.resume_below(ed)
     timing["base_predictions_seconds"] = scorer.capture_base(base)
     if prior is not None:
         names = prior["config"]["modules"]
@@ -312,7 +307,9 @@ def _editor_and_base(model, tokenizer, spec, prior, out, scorer, timing, base):
             if out.export_lora is not None
             else None
         )
-        return restore_editor(model, tokenizer, prior), originals
+        ed = restore_editor(model, tokenizer, prior)
+        scorer.resume_below(ed)  # from now on
+        return ed, originals
     if warm:
         t0 = time.perf_counter()
         ed.preheat(warm)
@@ -343,6 +340,9 @@ def _finish(results, stream: Stream, timing, metrics_before, editor: str) -> Non
         timing=timing_summary(stream, timing, editor),
         refused_turns=[r["turn"] for r in stream.rows if r["refused"] is not None],
     )
+    passes = stream.scorer.passes
+    if passes is not None:  # sequences scored in full / from what was kept
+        results["eval_passes"] = dict(passes.counts, start_block=passes.start)
 
 
 def _stop(results, stream: Stream, ed, out: _Outputs, timing, metrics_before, editor: str):

@@ -85,18 +85,38 @@ class Scorer:
     scored before runs from the lowest edited block up (:mod:`..scoring.resumed`)."""
 
     def __init__(
-        self, model, tokenizer, requests, extras, generation, batch_size, chat, health=True
+        self,
+        model,
+        tokenizer,
+        requests,
+        extras,
+        generation,
+        batch_size,
+        chat,
+        health=True,
+        resumed=True,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.requests, self.extras = requests, extras
         self.generation, self.batch_size, self.chat = generation, batch_size, chat
         self.health = health  # True: the package's general text; a path; False: none
         self.base = None
+        self.resumed = resumed  # keep the states for later passes (resume_below)
         self.passes: Optional[ResumedPasses] = None
+
+    @classmethod
+    def for_run(cls, model, tokenizer, requests, extras, chat, health, settings) -> "Scorer":
+        """The scorer of a run with ``settings`` (``generation``, ``eval_batch_size``,
+        ``eval_resumed``)."""
+        gen, size = settings["generation"], settings["eval_batch_size"]
+        resumed = settings["eval_resumed"]
+        return cls(model, tokenizer, requests, extras, gen, size, chat, health, resumed)
 
     def resume_below(self, editor) -> None:
         """Keep the state entering the lowest block ``editor`` writes for the sequences
         scored (nothing when its modules cannot be told: every pass then runs in full)."""
+        if not self.resumed or self.passes is not None:
+            return
         names = getattr(editor, "module_names", None)
         if names is None:
             describe = getattr(editor, "describe", None)
@@ -114,14 +134,15 @@ class Scorer:
         log.info("scoring the unedited model on the %d requests to edit ...", n)
         t0 = time.perf_counter()
         if base is None:
-            base = capture_baseline(
-                self.model,
-                self.tokenizer,
-                self.requests,
-                generation=self.generation,
-                batch_size=self.batch_size,
-                chat_template=self.chat,
-            )
+            with self._active():  # its locality pass is the unedited model's first scores'
+                base = capture_baseline(
+                    self.model,
+                    self.tokenizer,
+                    self.requests,
+                    generation=self.generation,
+                    batch_size=self.batch_size,
+                    chat_template=self.chat,
+                )
         if len(base) != n:
             raise ValueError(f"base: expected {n} entries, got {len(base)}")
         if self.health is not False and self.health is not None and base.health is None:
@@ -132,9 +153,12 @@ class Scorer:
         self.base = base
         return time.perf_counter() - t0
 
+    def _active(self):
+        return self.passes.active() if self.passes is not None else nullcontext()
+
     def at(self, idx) -> Dict[str, Any]:
         idx = list(idx)
-        with self.passes.active() if self.passes is not None else nullcontext():
+        with self._active():
             return self._score(idx)
 
     def _score(self, idx: List[int]) -> Dict[str, Any]:

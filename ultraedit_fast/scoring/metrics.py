@@ -66,7 +66,9 @@ def capture_predictions(
     which also captures what the generation-based scores need)."""
     requests = as_requests(requests)
     idx = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
-    res = _argmax_at_answers(
+    # the pass evaluate() runs on the locality prompts (with the position after the answer):
+    # an unchanged model's later evaluation finds it kept (scoring.resumed)
+    res = argmax_with_next(
         model,
         tokenizer,
         [(requests[i].locality_prompt, requests[i].locality_answer) for i in idx],
@@ -75,7 +77,7 @@ def capture_predictions(
         chat_template,
     )
     out: List[Optional[List[int]]] = [None] * len(requests)
-    for i, (pred, _) in zip(idx, res):
+    for i, (pred, _, _) in zip(idx, res):
         out[i] = pred
     return out
 

@@ -10,13 +10,17 @@ the first time it is asked about a sequence, the state at that block (a
 pass answers that first question), and answers every later question about it from there:
 the blocks from the lowest edited one up, and the output layer only at the rows whose
 argmax the bound of :mod:`~ultraedit_fast.model.partial` leaves open. With SmolLM2's stream
-setting (blocks 18 to 22 of 30 edited) a later pass costs about 40% of a full one.
+setting (blocks 18 to 22 of 30 edited) a later pass costs about 40% of a full one. Where the
+blocks above have not changed either since a group's last pass (the unedited model's
+baseline, then its scores before the first turn), that pass's answers are given again.
 
 Exact, and checked rather than assumed:
 
 - the blocks below (with the embeddings and everything else of the base model outside the
-  resumed blocks and the final norm) are fingerprinted (each tensor's storage, shape and
-  float64 sum) whenever the passes are made active; a change drops everything kept;
+  resumed blocks and the final norm) and the output layer (the bound keeps margins measured
+  with its weights) are fingerprinted (each tensor's storage, shape and float64 sum)
+  whenever the passes are made active; a change drops everything kept; the blocks above,
+  the final norm and the output layer likewise at every call;
 - :class:`~ultraedit_fast.model.partial.ResumedForward` compares its resumed logits with the
   full pass's the first time a model is resumed, and a model it cannot resume turns the
   reuse off (every pass then runs in full, as without it).
@@ -24,6 +28,15 @@ Exact, and checked rather than assumed:
 Only :func:`~ultraedit_fast.scoring.teacher.predictions_at_labels` consults it (every
 teacher-forced score, and the replays of the generated scores' shortcuts), for the thread
 inside :meth:`ResumedPasses.active` and the model it was built on.
+:func:`~ultraedit_fast.lifelong.run_lifelong` uses it (``eval_resumed=True``); by hand::
+
+    modules = [model.get_submodule(n) for n in editor.module_names]
+    passes = ResumedPasses.for_modules(model, modules)
+    with passes.active():
+        before = evaluate(model, tok, requests, base=base)  # full passes; states kept
+    editor.edit(requests)
+    with passes.active():
+        after = evaluate(model, tok, requests, base=base)  # from the lowest edited block
 """
 
 from __future__ import annotations
@@ -57,26 +70,49 @@ def active_for(model) -> Optional["ResumedPasses"]:
 
 
 def lower_fingerprint(model, start: int) -> Optional[tuple]:
-    """What the hidden state entering block ``start`` depends on, in brief: each tensor of
-    the base model outside blocks ``start..`` and the final norm, as (name, storage, shape,
-    float64 sum). ``None`` when it cannot be read (no blocks found, weights offloaded or
-    sharded)."""
+    """What the kept states depend on, in brief: each tensor of the base model outside
+    blocks ``start..`` and the final norm (what the hidden state entering block ``start``
+    comes from), and the output layer's (what the kept argmax margins were measured with),
+    as (name, storage, shape, float64 sum). ``None`` when it cannot be read (no blocks
+    found, weights offloaded or sharded)."""
     split = _split(model)
     blocks = _blocks(split[0]) if split is not None else None
     if split is None or blocks is None or not 0 < start < len(blocks):
         return None
-    base = split[0]
+    base, head = split[0], split[1]
     upper = list(blocks[start:]) + [m for m in (_final_norm(base),) if m is not None]
     skip = {id(t) for m in upper for t in itertools.chain(m.parameters(), m.buffers())}
+    # the output layer too: the kept margins of its argmax hold for its weights of then
+    named = itertools.chain(
+        base.named_parameters(),
+        base.named_buffers(),
+        (("output." + n, t) for n, t in head.named_parameters()),
+    )
     out = []
     with torch.no_grad():
-        for name, t in itertools.chain(base.named_parameters(), base.named_buffers()):
+        for name, t in named:
             if id(t) in skip:
                 continue
             if type(t.data) is not torch.Tensor or t.is_meta:  # sharded or offloaded
                 return None
             total = t.sum(dtype=torch.float64) if t.dtype.is_floating_point else t.sum()
             out.append((name, t.data_ptr(), tuple(t.shape), total.item()))
+    return tuple(out)
+
+
+def upper_fingerprint(model, start: int) -> tuple:
+    """The same for what comes after: blocks ``start..``, the final norm, the output layer
+    (an unchanged model's later pass over a kept group is answered with no model work)."""
+    split = _split(model)
+    assert split is not None
+    base, head, softcap = split
+    mods = list(_blocks(base)[start:]) + [m for m in (_final_norm(base), head) if m is not None]
+    out: list = [softcap]
+    with torch.no_grad():
+        for m in mods:
+            for t in itertools.chain(m.parameters(), m.buffers()):
+                total = t.sum(dtype=torch.float64) if t.dtype.is_floating_point else t.sum()
+                out.append((t.data_ptr(), tuple(t.shape), total.item()))
     return tuple(out)
 
 
@@ -92,8 +128,9 @@ class ResumedPasses:
 
     ``max_bytes``: the kept states' size at most (sequences past it run in full each time);
     ``group``: sequences kept together (a later pass over one of them runs its group).
-    ``counts``: sequences answered by a full pass (``"full"``) and from block ``start``
-    (``"resumed"``) so far."""
+    ``counts``: sequences answered by a full pass (``"full"``) and from what was kept
+    (``"resumed"``: from block ``start`` up, or, where nothing has changed since the group's
+    last pass, from that pass) so far."""
 
     def __init__(self, model, start: int, *, max_bytes: int = MAX_BYTES, group: int = GROUP):
         if not isinstance(start, int) or start < 1:
@@ -106,6 +143,8 @@ class ResumedPasses:
         self.nbytes = 0
         self.counts = {"full": 0, "resumed": 0}
         self._groups: List[ResumedForward] = []
+        # per group: (upper_fingerprint, predictions) of the last pass over it
+        self._last: List[Optional[tuple]] = []
         self._where: Dict[_Key, Tuple[int, int]] = {}
         self._print: Optional[tuple] = None
 
@@ -118,7 +157,7 @@ class ResumedPasses:
 
     def clear(self) -> None:
         """Forget every kept state."""
-        self._groups, self._where, self.nbytes = [], {}, 0
+        self._groups, self._last, self._where, self.nbytes = [], [], {}, 0
 
     @contextmanager
     def active(self) -> Iterator["ResumedPasses"]:
@@ -152,14 +191,20 @@ class ResumedPasses:
         new = list(first)
         touched = sorted({self._where[k][0] for k in keys if k in self._where})
         got: Dict[_Key, Tuple[List[int], List[int]]] = {}
+        done = {}
         with model_locks(self.model).weights.reading():  # one whole model for the call
-            done = {g: self._groups[g].predictions() for g in touched}
+            upper = upper_fingerprint(self.model, self.start)
+            for g in touched:
+                last = self._last[g]
+                if last is None or last[0] != upper:  # the model changed since: run it
+                    last = self._last[g] = (upper, self._groups[g].predictions())
+                done[g] = last[1]
             for s in range(0, len(new), self.group):
                 chunk = new[s : s + self.group]
                 rf = ResumedForward(self.model, [first[k] for k in chunk], self.start, batch_size)
                 assert rf.first is not None
                 got.update(zip(chunk, rf.first))
-                self._keep(rf, chunk)
+                self._keep(rf, chunk, (upper, rf.first))
         out = []
         for k in keys:
             if k in got:
@@ -171,7 +216,7 @@ class ResumedPasses:
         self.counts["resumed"] += len(keys) - len(new)
         return out
 
-    def _keep(self, rf: ResumedForward, chunk: List[_Key]) -> None:
+    def _keep(self, rf: ResumedForward, chunk: List[_Key], last) -> None:
         if not rf.resumed:  # a model the resumed pass does not fit: every pass in full
             self.enabled = False
             self.clear()
@@ -186,6 +231,7 @@ class ResumedPasses:
             return
         self.nbytes += size
         self._groups.append(rf)
+        self._last.append(last)
         g = len(self._groups) - 1
         for j, k in enumerate(chunk):
             self._where[k] = (g, j)
