@@ -66,14 +66,26 @@ def teacher_forced_passes(model, tok, reqs):
     return out
 
 
-def resumed_floor(model, tok, reqs, start):
+def resumed_floor(model, tok, reqs, start, modules):
     """Seconds of the same passes from block ``start`` up, once a first pass has kept the
-    state there (:class:`~ultraedit_fast.scoring.resumed.ResumedPasses`)."""
+    state there (:class:`~ultraedit_fast.scoring.resumed.ResumedPasses`), on a model whose
+    edited ``modules`` changed in between (as after a turn: unchanged, the kept answers
+    would be given again with no model work)."""
     passes = ResumedPasses(model, start)
     with passes.active():
         teacher_forced_passes(model, tok, reqs)
-    with passes.active():
-        return teacher_forced_passes(model, tok, reqs)
+    weights = [model.get_submodule(n).weight for n in modules]
+    kept = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for w in weights:
+            w.mul_(1.001)
+    try:
+        with passes.active():
+            return teacher_forced_passes(model, tok, reqs)
+    finally:
+        with torch.no_grad():
+            for w, k in zip(weights, kept):
+                w.copy_(k)
 
 
 def measure(model, tok, reqs, eval_every, turns, per_turn, resumed=True):
@@ -105,7 +117,8 @@ def measure(model, tok, reqs, eval_every, turns, per_turn, resumed=True):
     n_evals = 1 + len(along)  # before, along, after
     floor = n_evals * sum(passes.values())
     start = (res.get("eval_passes") or {}).get("start_block")
-    later = resumed_floor(model, tok, reqs, start) if start else None
+    modules = res["config"]["modules"]
+    later = resumed_floor(model, tok, reqs, start, modules) if start else None
     return {
         "eval_resumed": resumed,
         "eval_passes": res.get("eval_passes"),

@@ -202,3 +202,28 @@ def test_an_unchanged_model_is_answered_from_the_last_pass(
         got = predictions_at_labels(model, toks, 8)
     assert got == predictions_at_labels(model, toks, 8)
     assert passes.counts["full"] == 2 * _unique(toks)  # everything kept was dropped
+
+
+def test_whole_network_passes_given_again_while_nothing_changes(
+    model, toy_tokenizer, one_thread
+):
+    from ultraedit_fast.scoring import health as H
+    from ultraedit_fast.scoring.generation import next_token_logprobs
+
+    prompts = [r.prompt for r in random_requests(9, seed=2)]
+    windows = torch.randint(3, 101, (3, 12), generator=torch.Generator().manual_seed(0))
+    passes = R.ResumedPasses(model, 3)
+    with passes.active():
+        lp = next_token_logprobs(model, toy_tokenizer, prompts, 4)
+        nll, top = H._window_stats(model, windows, 2)
+        lp.zero_()  # a copy: what is kept stays as it was
+        again = next_token_logprobs(model, toy_tokenizer, prompts, 4)
+        assert torch.equal(H._window_stats(model, windows, 2)[0], nll)
+    assert passes.counts == {"full": 2, "resumed": 2}
+    assert torch.equal(again, next_token_logprobs(model, toy_tokenizer, prompts, 4))
+    _shift(model, [5], 0)
+    with passes.active():
+        after = next_token_logprobs(model, toy_tokenizer, prompts, 4)
+    assert passes.counts == {"full": 3, "resumed": 2}
+    assert torch.equal(after, next_token_logprobs(model, toy_tokenizer, prompts, 4))
+    assert not torch.equal(after, again)

@@ -142,6 +142,7 @@ def cmd_run(args) -> int:
         eval_sample=args.eval_sample,
         eval_batch_size=args.eval_batch_size,
         generation=not args.no_generation,
+        eval_resumed=not args.full_passes,
         progress=progress,
         output_dir=args.output_dir if _is_rank0() else None,
         plot=not args.no_plot,

@@ -162,6 +162,12 @@ def _run_parser(sub) -> None:
         help="teacher-forced scores only (no greedy decoding)",
     )
     r.add_argument(
+        "--full-passes",
+        action="store_true",
+        help="run every scoring pass from the bottom of the network (by default a "
+        "sequence scored before runs from the lowest edited block up: the same scores)",
+    )
+    r.add_argument(
         "--preheat",
         type=_nonneg_int,
         default=0,

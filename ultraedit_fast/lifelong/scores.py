@@ -133,16 +133,21 @@ class Scorer:
         n = len(self.requests)
         log.info("scoring the unedited model on the %d requests to edit ...", n)
         t0 = time.perf_counter()
+        with self._active():  # its passes are the unedited model's first scores'
+            self.base = self._capture(base)
+        return time.perf_counter() - t0
+
+    def _capture(self, base):
+        n = len(self.requests)
         if base is None:
-            with self._active():  # its locality pass is the unedited model's first scores'
-                base = capture_baseline(
-                    self.model,
-                    self.tokenizer,
-                    self.requests,
-                    generation=self.generation,
-                    batch_size=self.batch_size,
-                    chat_template=self.chat,
-                )
+            base = capture_baseline(
+                self.model,
+                self.tokenizer,
+                self.requests,
+                generation=self.generation,
+                batch_size=self.batch_size,
+                chat_template=self.chat,
+            )
         if len(base) != n:
             raise ValueError(f"base: expected {n} entries, got {len(base)}")
         if self.health is not False and self.health is not None and base.health is None:
@@ -150,8 +155,7 @@ class Scorer:
             base = dataclasses.replace(
                 base, health=capture_health(self.model, self.tokenizer, path)
             )
-        self.base = base
-        return time.perf_counter() - t0
+        return base
 
     def _active(self):
         return self.passes.active() if self.passes is not None else nullcontext()

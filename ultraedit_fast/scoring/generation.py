@@ -42,6 +42,7 @@ from ..parallel.concurrency import model_locks
 from ..utils.display import bar
 from ..model.forward import preserved_model_state
 from ..model.requests import context_length, prompt_ids
+from .resumed import active_for
 
 EXTRA_TOKENS = 3  # new tokens beyond the target's length
 FLUENCY_PROMPTS = 32
@@ -282,6 +283,16 @@ def next_token_logprobs(
 ) -> torch.Tensor:
     """``[len(prompts), vocab]`` float32 log-probabilities of the token after each prompt
     (on the CPU)."""
+    passes = active_for(model)
+    if passes is not None:  # the same model as last time: the same answer
+        key = ("next_token_logprobs", tuple(prompts), chat_template)
+        return passes.again(
+            key, lambda: _next_token_logprobs(model, tokenizer, prompts, batch_size, chat_template)
+        )
+    return _next_token_logprobs(model, tokenizer, prompts, batch_size, chat_template)
+
+
+def _next_token_logprobs(model, tokenizer, prompts, batch_size, chat_template) -> torch.Tensor:
     device = _device(model)
     pad = _pad_id(tokenizer)
     ids = [prompt_ids(tokenizer, p, chat_template) for p in prompts]

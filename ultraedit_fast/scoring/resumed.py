@@ -25,9 +25,12 @@ Exact, and checked rather than assumed:
   full pass's the first time a model is resumed, and a model it cannot resume turns the
   reuse off (every pass then runs in full, as without it).
 
-Only :func:`~ultraedit_fast.scoring.teacher.predictions_at_labels` consults it (every
+:func:`~ultraedit_fast.scoring.teacher.predictions_at_labels` consults it (every
 teacher-forced score, and the replays of the generated scores' shortcuts), for the thread
-inside :meth:`ResumedPasses.active` and the model it was built on.
+inside :meth:`ResumedPasses.active` and the model it was built on; so do the drift's
+next-token distributions and the health figures' windows of general text, through
+:meth:`ResumedPasses.again` (given again where the model has not changed since: the
+unedited model's scores after its baseline).
 :func:`~ultraedit_fast.lifelong.run_lifelong` uses it (``eval_resumed=True``); by hand::
 
     modules = [model.get_submodule(n) for n in editor.module_names]
@@ -44,7 +47,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -147,6 +150,7 @@ class ResumedPasses:
         self._last: List[Optional[tuple]] = []
         self._where: Dict[_Key, Tuple[int, int]] = {}
         self._print: Optional[tuple] = None
+        self._again: Dict[Hashable, tuple] = {}  # key -> (fingerprints, result): again()
 
     @classmethod
     def for_modules(cls, model, modules: Sequence[torch.nn.Module], **kw):
@@ -158,6 +162,7 @@ class ResumedPasses:
     def clear(self) -> None:
         """Forget every kept state."""
         self._groups, self._last, self._where, self.nbytes = [], [], {}, 0
+        self._again: Dict[Hashable, tuple] = {}
 
     @contextmanager
     def active(self) -> Iterator["ResumedPasses"]:
@@ -215,6 +220,22 @@ class ResumedPasses:
         self.counts["full"] += len(new)
         self.counts["resumed"] += len(keys) - len(new)
         return out
+
+    def again(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it gave the last time it was called with ``key`` when the
+        model has not changed since (any other pass over the whole network: the drift's
+        next-token distributions, the health windows); tensors come back as copies."""
+        now = (self._print, upper_fingerprint(self.model, self.start))
+        hit = self._again.get(key)
+        if hit is None or hit[0] != now:
+            hit = self._again[key] = (now, compute())
+            self.counts["full"] += 1
+        else:
+            self.counts["resumed"] += 1
+        out = hit[1]
+        if isinstance(out, tuple):
+            return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in out)
+        return out.clone() if isinstance(out, torch.Tensor) else out
 
     def _keep(self, rf: ResumedForward, chunk: List[_Key], last) -> None:
         if not rf.resumed:  # a model the resumed pass does not fit: every pass in full
