@@ -91,16 +91,8 @@ def lower_fingerprint(model, start: int) -> Optional[tuple]:
         base.named_buffers(),
         (("output." + n, t) for n, t in head.named_parameters()),
     )
-    out = []
-    with torch.no_grad():
-        for name, t in named:
-            if id(t) in skip:
-                continue
-            if type(t.data) is not torch.Tensor or t.is_meta:  # sharded or offloaded
-                return None
-            total = t.sum(dtype=torch.float64) if t.dtype.is_floating_point else t.sum()
-            out.append((name, t.data_ptr(), tuple(t.shape), total.item()))
-    return tuple(out)
+    out = [(name, _brief(t)) for name, t in named if id(t) not in skip]
+    return None if any(b is None for _, b in out) else tuple(out)
 
 
 def upper_fingerprint(model, start: int) -> tuple:
@@ -109,14 +101,21 @@ def upper_fingerprint(model, start: int) -> tuple:
     split = _split(model)
     assert split is not None
     base, head, softcap = split
-    mods = list(_blocks(base)[start:]) + [m for m in (_final_norm(base), head) if m is not None]
-    out: list = [softcap]
-    with torch.no_grad():
-        for m in mods:
-            for t in itertools.chain(m.parameters(), m.buffers()):
-                total = t.sum(dtype=torch.float64) if t.dtype.is_floating_point else t.sum()
-                out.append((t.data_ptr(), tuple(t.shape), total.item()))
-    return tuple(out)
+    blocks = _blocks(base)
+    assert blocks is not None
+    mods = list(blocks[start:]) + [m for m in (_final_norm(base), head) if m is not None]
+    tensors = (t for m in mods for t in itertools.chain(m.parameters(), m.buffers()))
+    return (softcap, *(_brief(t) for t in tensors))
+
+
+@torch.no_grad()
+def _brief(t: torch.Tensor) -> Optional[tuple]:
+    """``(storage, shape, sum)`` of a tensor (float64 sum of a floating one); ``None`` for
+    one that is not here (sharded, offloaded)."""
+    if type(t.data) is not torch.Tensor or t.is_meta:
+        return None
+    total = t.sum(dtype=torch.float64) if t.dtype.is_floating_point else t.sum()
+    return t.data_ptr(), tuple(t.shape), total.item()
 
 
 def _key(t: TokenizedRequest) -> _Key:
@@ -131,9 +130,9 @@ class ResumedPasses:
 
     ``max_bytes``: the kept states' size at most (sequences past it run in full each time);
     ``group``: sequences kept together (a later pass over one of them runs its group).
-    ``counts``: sequences answered by a full pass (``"full"``) and from what was kept
-    (``"resumed"``: from block ``start`` up, or, where nothing has changed since the group's
-    last pass, from that pass) so far."""
+    ``counts``: sequences (and :meth:`again`'s passes) answered by a full pass (``"full"``)
+    and from what was kept (``"resumed"``: from block ``start`` up, or, where nothing has
+    changed since the last pass, from that pass) so far."""
 
     def __init__(self, model, start: int, *, max_bytes: int = MAX_BYTES, group: int = GROUP):
         if not isinstance(start, int) or start < 1:
@@ -162,7 +161,7 @@ class ResumedPasses:
     def clear(self) -> None:
         """Forget every kept state."""
         self._groups, self._last, self._where, self.nbytes = [], [], {}, 0
-        self._again: Dict[Hashable, tuple] = {}
+        self._again = {}
 
     @contextmanager
     def active(self) -> Iterator["ResumedPasses"]:
