@@ -134,6 +134,23 @@ def make_tiny(arch, seed=0, dtype=torch.float32):
     return model, modules
 
 
+def tiny_llama(layers=4, seed=0):
+    """A tiny randomly initialised Llama (hidden 40, ``layers`` blocks), in eval mode."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
 def make_windowed_mistral(window, seed=0):
     """A tiny two-layer Mistral whose attention has a sliding window of ``window`` tokens."""
     import transformers as T

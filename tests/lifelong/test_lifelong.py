@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import random_requests
+from conftest import random_requests, tiny_llama
 from ultraedit_fast.data.datasets import Example
 from ultraedit_fast.scoring.metrics import token_accuracy
 from ultraedit_fast.lifelong.runner import (
@@ -23,22 +23,6 @@ from ultraedit_fast.core.report import PHASES
 MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"]
 LR = 1e-2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_llama(seed=0):
-    import transformers as T
-
-    cfg = T.LlamaConfig(
-        vocab_size=101,
-        hidden_size=40,
-        intermediate_size=72,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(seed)
-    return T.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")

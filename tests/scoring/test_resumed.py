@@ -9,31 +9,15 @@ import threading
 import pytest
 import torch
 
-from conftest import random_requests
+from conftest import random_requests, tiny_llama
 from ultraedit_fast.lifelong.runner import run_lifelong
 from ultraedit_fast.scoring import resumed as R
 from ultraedit_fast.scoring.teacher import _tokenized, predictions_at_labels
 
 
-def _llama(layers=6, seed=0):
-    import transformers as T
-
-    cfg = T.LlamaConfig(
-        vocab_size=101,
-        hidden_size=40,
-        intermediate_size=72,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(seed)
-    return T.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def base_model():
-    return _llama()
+    return tiny_llama(layers=6)
 
 
 @pytest.fixture
@@ -204,9 +188,7 @@ def test_an_unchanged_model_is_answered_from_the_last_pass(
     assert passes.counts["full"] == 2 * _unique(toks)  # everything kept was dropped
 
 
-def test_whole_network_passes_given_again_while_nothing_changes(
-    model, toy_tokenizer, one_thread
-):
+def test_whole_network_passes_given_again_while_nothing_changes(model, toy_tokenizer, one_thread):
     from ultraedit_fast.scoring import health as H
     from ultraedit_fast.scoring.generation import next_token_logprobs
 
