@@ -165,7 +165,8 @@ def _run_parser(sub) -> None:
         "--full-passes",
         action="store_true",
         help="run every scoring pass from the bottom of the network (by default a "
-        "sequence scored before runs from the lowest edited block up: the same scores)",
+        "sequence scored before runs from the lowest edited block up: the same scores up to "
+        "rounding)",
     )
     r.add_argument(
         "--preheat",

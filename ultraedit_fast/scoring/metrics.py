@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from . import generation as G
 from .generated import capture_generation, generation_scores
 from .health import HealthBaseline, capture_health, measure_health
-from . import shortcuts as S
 from .teacher import argmax_at_answers as _argmax_at_answers
 from .teacher import argmax_with_next
 from .teacher import mean, predictions_at_labels
@@ -174,14 +173,7 @@ def evaluate(
     requests = as_requests(requests)
     base, base_predictions = _resolve_base(base, len(requests))
     out, rows, tf = _teacher_forced_scores(
-        model,
-        tokenizer,
-        requests,
-        base_predictions,
-        batch_size,
-        chat_template,
-        per_request,
-        probe=generation and not S._EXACT_DECODE,
+        model, tokenizer, requests, base_predictions, batch_size, chat_template, per_request
     )
     if generation:
         gen = base.generation if base is not None else None
@@ -216,13 +208,14 @@ def _resolve_base(base, n: int) -> Tuple[Optional[Baseline], Optional[List[Optio
 
 
 def _teacher_forced_scores(
-    model, tokenizer, requests, base_predictions, batch_size, chat_template, per_request, probe
+    model, tokenizer, requests, base_predictions, batch_size, chat_template, per_request
 ) -> Tuple[Dict[str, object], Optional[List[dict]], tuple]:
     """``ES``, ``GS``, ``LS``, ``LS_unedited`` and ``n``, the per-request rows (``None``
-    unless ``per_request``), and the (argmax, answer ids) of the edit prompts, paraphrases
-    and locality prompts they come from (the generated scores reuse them); ``probe``: with
-    the argmax after the whole answer too (:func:`.teacher.argmax_with_next`)."""
-    teacher = argmax_with_next if probe else _argmax_at_answers
+    unless ``per_request``), and the (argmax, answer ids, the argmax after the whole answer)
+    of the edit prompts, paraphrases and locality prompts they come from (the generated
+    scores reuse them; :func:`.teacher.argmax_with_next`: the same pass as
+    :func:`capture_predictions`', so a kept one serves both, :mod:`.resumed`)."""
+    teacher = argmax_with_next
     gi = [i for i, r in enumerate(requests) if r.rephrase is not None]
     li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
     tf = tuple(

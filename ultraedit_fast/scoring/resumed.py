@@ -14,13 +14,15 @@ setting (blocks 18 to 22 of 30 edited) a later pass costs about 40% of a full on
 blocks above have not changed either since a group's last pass (the unedited model's
 baseline, then its scores before the first turn), that pass's answers are given again.
 
-Exact, and checked rather than assumed:
+The same answers as full passes up to rounding (the passes are batched differently: an
+argmax at a near tie can go either way, as with any change of batch), and checked rather
+than assumed:
 
 - the blocks below (with the embeddings and everything else of the base model outside the
   resumed blocks and the final norm) and the output layer (the bound keeps margins measured
   with its weights) are fingerprinted (each tensor's storage, shape and float64 sum)
-  whenever the passes are made active; a change drops everything kept; the blocks above,
-  the final norm and the output layer likewise at every call;
+  at every call; a change drops everything kept; the blocks above, the final norm and the
+  output layer likewise (a change reruns the kept groups);
 - :class:`~ultraedit_fast.model.partial.ResumedForward` compares its resumed logits with the
   full pass's the first time a model is resumed, and a model it cannot resume turns the
   reuse off (every pass then runs in full, as without it).
@@ -45,6 +47,7 @@ unedited model's scores after its baseline).
 from __future__ import annotations
 
 import itertools
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
@@ -118,6 +121,22 @@ def _brief(t: torch.Tensor) -> Optional[tuple]:
     return t.data_ptr(), tuple(t.shape), total.item()
 
 
+def _nbytes(obj) -> int:
+    """Bytes of the distinct tensors in ``obj`` (nested lists, tuples and dicts): what
+    keeping it keeps alive."""
+    seen: Dict[int, int] = {}
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            seen[id(x)] = x.numel() * x.element_size()
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+    return sum(seen.values())
+
+
 def _key(t: TokenizedRequest) -> _Key:
     return tuple(t.input_ids), tuple(t.labels)
 
@@ -130,9 +149,9 @@ class ResumedPasses:
 
     ``max_bytes``: the kept states' size at most (sequences past it run in full each time);
     ``group``: sequences kept together (a later pass over one of them runs its group).
-    ``counts``: sequences (and :meth:`again`'s passes) answered by a full pass (``"full"``)
-    and from what was kept (``"resumed"``: from block ``start`` up, or, where nothing has
-    changed since the last pass, from that pass) so far."""
+    ``counts``: sequences (and :meth:`again`'s passes) answered by a full pass (``"full"``),
+    from block ``start`` up (``"resumed"``), and, where nothing changed since their last
+    pass, by that pass's answers (``"again"``) so far. One thread at a time uses it."""
 
     def __init__(self, model, start: int, *, max_bytes: int = MAX_BYTES, group: int = GROUP):
         if not isinstance(start, int) or start < 1:
@@ -141,14 +160,15 @@ class ResumedPasses:
             raise ValueError(f"group: expected a positive count, got {group!r}")
         self.model, self.start = model, start
         self.max_bytes, self.group = int(max_bytes), int(group)
-        self.enabled = True
+        self._print = lower_fingerprint(model, start)
+        self.enabled = self._print is not None  # off where the blocks cannot be read
         self.nbytes = 0
-        self.counts = {"full": 0, "resumed": 0}
+        self.counts = {"full": 0, "resumed": 0, "again": 0}
+        self._lock = threading.RLock()
         self._groups: List[ResumedForward] = []
         # per group: (upper_fingerprint, predictions) of the last pass over it
         self._last: List[Optional[tuple]] = []
         self._where: Dict[_Key, Tuple[int, int]] = {}
-        self._print: Optional[tuple] = None
         self._again: Dict[Hashable, tuple] = {}  # key -> (fingerprints, result): again()
 
     @classmethod
@@ -165,88 +185,85 @@ class ResumedPasses:
 
     @contextmanager
     def active(self) -> Iterator["ResumedPasses"]:
-        """Route this thread's teacher-forced passes on the model through these (after
-        checking that the blocks below ``start`` are still those the kept states came
-        from)."""
-        if self.enabled:
-            now = lower_fingerprint(self.model, self.start)
-            if now is None:
-                self.enabled = False
-                self.clear()
-            elif now != self._print:
-                self.clear()
-                self._print = now
+        """Route this thread's teacher-forced passes on the model through these."""
         token = _ACTIVE.set(self)
         try:
             yield self
         finally:
             _ACTIVE.reset(token)
 
+    def _check(self) -> tuple:
+        """Drop what was kept if the blocks below ``start``, the embeddings or the output
+        layer changed since (turned off where they cannot be read); returns the fingerprint
+        of everything (an unreadable upper tensor counts as changed)."""
+        now = lower_fingerprint(self.model, self.start)
+        if now is None:
+            self.enabled = False
+        if now is None or now != self._print:
+            self.clear()
+            self._print = now
+        upper = upper_fingerprint(self.model, self.start)
+        return (now, upper) if None not in upper[1:] else (now, object())
+
     def predictions(
         self, toks: Sequence[TokenizedRequest], batch_size: int
     ) -> List[Tuple[List[int], List[int]]]:
         """``(argmax ids, label ids)`` at each sequence's labelled positions, as
-        :func:`~ultraedit_fast.scoring.teacher.predictions_at_labels` gives them."""
+        :func:`~ultraedit_fast.scoring.teacher.predictions_at_labels` gives them (up to
+        rounding: the passes are batched differently)."""
         keys = [_key(t) for t in toks]
-        first: Dict[_Key, TokenizedRequest] = {}
-        for k, t in zip(keys, toks):
-            if k not in self._where:
-                first.setdefault(k, t)
-        new = list(first)
-        touched = sorted({self._where[k][0] for k in keys if k in self._where})
         got: Dict[_Key, Tuple[List[int], List[int]]] = {}
-        done = {}
-        with model_locks(self.model).weights.reading():  # one whole model for the call
-            upper = upper_fingerprint(self.model, self.start)
-            for g in touched:
+        with self._lock, model_locks(self.model).weights.reading():  # one whole model
+            now = self._check()
+            where = {k: self._where[k] for k in keys if k in self._where}
+            first = {k: t for k, t in zip(keys, toks) if k not in where}
+            for g in sorted({g for g, _ in where.values()}):
                 last = self._last[g]
-                if last is None or last[0] != upper:  # the model changed since: run it
-                    last = self._last[g] = (upper, self._groups[g].predictions())
-                done[g] = last[1]
+                if last is None or last[0] != now:  # the model changed since: run it
+                    last = self._last[g] = (now, self._groups[g].predictions())
+                    self.counts["resumed"] += len(last[1])
+                else:
+                    self.counts["again"] += len(last[1])
+                got.update((k, last[1][j]) for k, (h, j) in where.items() if h == g)
+            new = list(first)
             for s in range(0, len(new), self.group):
                 chunk = new[s : s + self.group]
                 rf = ResumedForward(self.model, [first[k] for k in chunk], self.start, batch_size)
                 assert rf.first is not None
                 got.update(zip(chunk, rf.first))
-                self._keep(rf, chunk, (upper, rf.first))
-        out = []
-        for k in keys:
-            if k in got:
-                out.append(got[k])
-            else:
-                g, j = self._where[k]
-                out.append(done[g][j])
-        self.counts["full"] += len(new)
-        self.counts["resumed"] += len(keys) - len(new)
-        return out
+                self._keep(rf, chunk, (now, rf.first))
+            self.counts["full"] += len(new)
+        return [got[k] for k in keys]
 
     def again(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()``, or what it gave the last time it was called with ``key`` when the
         model has not changed since (any other pass over the whole network: the drift's
         next-token distributions, the health windows); tensors come back as copies."""
-        now = (self._print, upper_fingerprint(self.model, self.start))
-        hit = self._again.get(key)
-        if hit is None or hit[0] != now:
-            hit = self._again[key] = (now, compute())
-            self.counts["full"] += 1
-        else:
-            self.counts["resumed"] += 1
+        with self._lock, model_locks(self.model).weights.reading():
+            now = self._check()
+            hit = self._again.get(key)
+            if hit is None or hit[0] != now:
+                hit = (now, compute())
+                self.counts["full"] += 1
+                size = _nbytes(hit[1])
+                if self.enabled and self.nbytes + size <= self.max_bytes:
+                    self._again[key] = hit
+                    self.nbytes += size
+            else:
+                self.counts["again"] += 1
         out = hit[1]
         if isinstance(out, tuple):
             return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in out)
         return out.clone() if isinstance(out, torch.Tensor) else out
 
     def _keep(self, rf: ResumedForward, chunk: List[_Key], last) -> None:
+        if not self.enabled:
+            return
         if not rf.resumed:  # a model the resumed pass does not fit: every pass in full
             self.enabled = False
             self.clear()
             return
-        size = sum(
-            b.hidden.numel() * b.hidden.element_size()
-            + (b.n0.numel() * b.n0.element_size() if b.n0 is not None else 0)
-            for b in rf.batches
-            if b.hidden is not None
-        )
+        size = _nbytes([rf._inputs] + [list(vars(b).values()) for b in rf.batches])
         if self.nbytes + size > self.max_bytes:
             return
         self.nbytes += size
