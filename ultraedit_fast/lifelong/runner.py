@@ -378,7 +378,8 @@ run_lifelong.__doc__ = (
         generation: the generation-based scores beside the teacher-forced ones.
         eval_before: score the unedited model on all the requests first (``metrics_before``).
         eval_resumed: run every teacher-forced pass over a sequence scored before from the
-            lowest edited block up (:mod:`ultraedit_fast.scoring.resumed`; the same scores).
+            lowest edited block up (:mod:`ultraedit_fast.scoring.resumed`; the same scores up
+            to rounding).
         base: the unedited model's answers on these requests
             (:func:`~ultraedit_fast.capture_baseline`), if already captured.
         progress: show a tqdm bar (edits/s) on stderr.

@@ -163,16 +163,13 @@ class Scorer:
     def at(self, idx) -> Dict[str, Any]:
         idx = list(idx)
         with self._active():
-            return self._score(idx)
-
-    def _score(self, idx: List[int]) -> Dict[str, Any]:
-        return score(
-            self.model,
-            self.tokenizer,
-            [self.requests[i] for i in idx],
-            [self.extras[i] for i in idx],
-            base=self.base.subset(idx),
-            generation=self.generation,
-            batch_size=self.batch_size,
-            chat_template=self.chat,
-        )
+            return score(
+                self.model,
+                self.tokenizer,
+                [self.requests[i] for i in idx],
+                [self.extras[i] for i in idx],
+                base=self.base.subset(idx),
+                generation=self.generation,
+                batch_size=self.batch_size,
+                chat_template=self.chat,
+            )

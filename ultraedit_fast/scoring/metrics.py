@@ -215,11 +215,10 @@ def _teacher_forced_scores(
     of the edit prompts, paraphrases and locality prompts they come from (the generated
     scores reuse them; :func:`.teacher.argmax_with_next`: the same pass as
     :func:`capture_predictions`', so a kept one serves both, :mod:`.resumed`)."""
-    teacher = argmax_with_next
     gi = [i for i, r in enumerate(requests) if r.rephrase is not None]
     li = [i for i, r in enumerate(requests) if r.locality_prompt is not None]
     tf = tuple(
-        teacher(
+        argmax_with_next(
             model,
             tokenizer,
             [(getattr(requests[i], field), getattr(requests[i], answer)) for i in idx],

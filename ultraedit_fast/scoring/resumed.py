@@ -167,7 +167,7 @@ class ResumedPasses:
         self._lock = threading.RLock()
         self._groups: List[ResumedForward] = []
         # per group: (upper_fingerprint, predictions) of the last pass over it
-        self._last: List[Optional[tuple]] = []
+        self._last: List[tuple] = []
         self._where: Dict[_Key, Tuple[int, int]] = {}
         self._again: Dict[Hashable, tuple] = {}  # key -> (fingerprints, result): again()
 
@@ -219,7 +219,7 @@ class ResumedPasses:
             first = {k: t for k, t in zip(keys, toks) if k not in where}
             for g in sorted({g for g, _ in where.values()}):
                 last = self._last[g]
-                if last is None or last[0] != now:  # the model changed since: run it
+                if last[0] != now:  # the model changed since: run it
                     last = self._last[g] = (now, self._groups[g].predictions())
                     self.counts["resumed"] += len(last[1])
                 else:
